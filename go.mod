@@ -1,0 +1,18 @@
+module github.com/phaul/phaul
+
+go 1.26.8
+
+require (
+	github.com/checkpoint-restore/go-criu/v7 v7.2.0
+	github.com/coreos/go-systemd/v22 v22.7.0
+	github.com/spf13/cobra v1.10.2
+	go.uber.org/zap v1.28.0
+	golang.org/x/sys v0.50.0
+	google.golang.org/protobuf v1.34.2
+)
+
+require (
+	github.com/inconshreveable/mousetrap v1.1.0 // indirect
+	github.com/spf13/pflag v1.0.9 // indirect
+	go.uber.org/multierr v1.10.0 // indirect
+)
