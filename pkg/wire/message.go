@@ -1,0 +1,408 @@
+package wire
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"regexp"
+)
+
+// Type identifies a message. The numbers are part of the protocol: never
+// renumber a type, only add new ones.
+type Type uint8
+
+// Message types. Handshake messages open every connection; the others
+// travel on the rpc connection (commands and image files) or the mem
+// connection (page data) of a migration.
+const (
+	TypeHello      Type = 0x01
+	TypeHelloReply Type = 0x02
+
+	TypePrepare   Type = 0x10
+	TypeReady     Type = 0x11
+	TypeFileBegin Type = 0x12
+	TypeFileData  Type = 0x13
+	TypeFileEnd   Type = 0x14
+	TypeRestore   Type = 0x15
+	TypeRestored  Type = 0x16
+	TypeCommit    Type = 0x17
+	TypeCommitted Type = 0x18
+	TypeDone      Type = 0x19
+	TypeFail      Type = 0x1a
+	TypePing      Type = 0x1b
+	TypePong      Type = 0x1c
+
+	TypePageData Type = 0x30
+	TypePageEOF  Type = 0x31
+)
+
+// Channel is the connection a message travels on.
+type Channel uint8
+
+// Channels. A handshake decoder accepts only handshake messages; after the
+// handshake a connection is either rpc or mem.
+const (
+	Handshake Channel = 1 << iota
+	RPC
+	Mem
+)
+
+func (c Channel) String() string {
+	switch c {
+	case Handshake:
+		return "handshake"
+	case RPC:
+		return "rpc"
+	case Mem:
+		return "mem"
+	}
+	return fmt.Sprintf("channel(%d)", uint8(c))
+}
+
+// Message is anything that can be sent in a frame.
+type Message interface {
+	Type() Type
+}
+
+// validator is implemented by messages whose decoded fields need checks
+// beyond JSON syntax.
+type validator interface {
+	validate() error
+}
+
+// spec describes a message type: its name (for logs), its size limit, the
+// channels it may travel on, whether its payload is raw bytes rather than
+// JSON, and how to make an empty one to decode into.
+type spec struct {
+	name     string
+	max      int
+	channels Channel
+	raw      bool
+	new      func() Message
+}
+
+const (
+	smallMax   = 4 << 10
+	controlMax = 64 << 10
+)
+
+// specs is the table of every message type: the only way bytes from the
+// wire choose what gets decoded.
+var specs = [256]*spec{
+	TypeHello:      {name: "hello", max: smallMax, channels: Handshake, new: func() Message { return new(Hello) }},
+	TypeHelloReply: {name: "hello-reply", max: smallMax, channels: Handshake, new: func() Message { return new(HelloReply) }},
+	TypePrepare:    {name: "prepare", max: controlMax, channels: RPC, new: func() Message { return new(Prepare) }},
+	TypeReady:      {name: "ready", max: controlMax, channels: RPC, new: func() Message { return new(Ready) }},
+	TypeFileBegin:  {name: "file-begin", max: smallMax, channels: RPC, new: func() Message { return new(FileBegin) }},
+	TypeFileData:   {name: "file-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileData) }},
+	TypeFileEnd:    {name: "file-end", max: smallMax, channels: RPC, new: func() Message { return new(FileEnd) }},
+	TypeRestore:    {name: "restore", max: smallMax, channels: RPC, new: func() Message { return new(Restore) }},
+	TypeRestored:   {name: "restored", max: controlMax, channels: RPC, new: func() Message { return new(Restored) }},
+	TypeCommit:     {name: "commit", max: smallMax, channels: RPC, new: func() Message { return new(Commit) }},
+	TypeCommitted:  {name: "committed", max: smallMax, channels: RPC, new: func() Message { return new(Committed) }},
+	TypeDone:       {name: "done", max: smallMax, channels: RPC, new: func() Message { return new(Done) }},
+	TypeFail:       {name: "fail", max: controlMax, channels: RPC, new: func() Message { return new(Fail) }},
+	TypePing:       {name: "ping", max: smallMax, channels: RPC, new: func() Message { return new(Ping) }},
+	TypePong:       {name: "pong", max: smallMax, channels: RPC, new: func() Message { return new(Pong) }},
+	TypePageData:   {name: "page-data", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageData) }},
+	TypePageEOF:    {name: "page-eof", max: 0, channels: Mem, raw: true, new: func() Message { return new(PageEOF) }},
+}
+
+func (t Type) String() string {
+	if s := specs[t]; s != nil {
+		return s.name
+	}
+	return fmt.Sprintf("type(0x%02x)", uint8(t))
+}
+
+// rawMessage is a message whose payload is its bytes, not JSON.
+type rawMessage interface {
+	Message
+	bytes() []byte
+	setBytes([]byte)
+}
+
+func decode(t Type, payload []byte) (Message, error) {
+	s := specs[t]
+	m := s.new()
+	if s.raw {
+		m.(rawMessage).setBytes(payload)
+		return m, nil
+	}
+	if err := json.Unmarshal(payload, m); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrPayload, s.name, err)
+	}
+	if v, ok := m.(validator); ok {
+		if err := v.validate(); err != nil {
+			return nil, fmt.Errorf("%w: %s: %v", ErrPayload, s.name, err)
+		}
+	}
+	return m, nil
+}
+
+// Append appends m as one frame to b.
+func Append(b []byte, m Message) ([]byte, error) {
+	s := specs[m.Type()]
+	if s == nil {
+		return b, fmt.Errorf("%w 0x%02x", ErrType, byte(m.Type()))
+	}
+	var payload []byte
+	if s.raw {
+		payload = m.(rawMessage).bytes()
+	} else {
+		var err error
+		if payload, err = json.Marshal(m); err != nil {
+			return b, fmt.Errorf("encode %s: %w", s.name, err)
+		}
+	}
+	if len(payload) > s.max {
+		return b, fmt.Errorf("%w: %s of %d bytes (limit %d)", ErrTooLarge, s.name, len(payload), s.max)
+	}
+	b = AppendHeader(b, m.Type(), len(payload))
+	return append(b, payload...), nil
+}
+
+// Marshal returns m as one frame.
+func Marshal(m Message) ([]byte, error) { return Append(nil, m) }
+
+// SessionID names one migration on both daemons. It is chosen at random by
+// the source.
+type SessionID [16]byte
+
+// String returns the id as 32 lower-case hex digits.
+func (id SessionID) String() string { return hex.EncodeToString(id[:]) }
+
+// ParseSessionID parses the form String returns.
+func ParseSessionID(s string) (SessionID, error) {
+	var id SessionID
+	if len(s) != 2*len(id) {
+		return id, fmt.Errorf("session id %q: want %d hex digits", s, 2*len(id))
+	}
+	if _, err := hex.Decode(id[:], []byte(s)); err != nil {
+		return id, fmt.Errorf("session id %q: %w", s, err)
+	}
+	return id, nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (id SessionID) MarshalText() ([]byte, error) { return []byte(id.String()), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (id *SessionID) UnmarshalText(b []byte) error {
+	v, err := ParseSessionID(string(b))
+	if err != nil {
+		return err
+	}
+	*id = v
+	return nil
+}
+
+// Role is what a connection is for.
+type Role string
+
+// Roles of connections.
+const (
+	RoleRPC Role = "rpc"
+	RoleMem Role = "mem"
+)
+
+// Hello is the first message on every connection, sent by the dialing side.
+type Hello struct {
+	// Proto is the highest protocol version the sender speaks.
+	Proto   int       `json:"proto"`
+	Role    Role      `json:"role"`
+	Session SessionID `json:"session"`
+	// Daemon is the sender's software and version, for logs.
+	Daemon string `json:"daemon,omitempty"`
+}
+
+// HelloReply answers a Hello. When OK is false, Error says why and the
+// connection is closed.
+type HelloReply struct {
+	OK     bool   `json:"ok"`
+	Error  string `json:"error,omitempty"`
+	Daemon string `json:"daemon,omitempty"`
+}
+
+// Prepare opens a migration: the source tells the destination what it is
+// about to send, and the destination checks it can take it.
+type Prepare struct {
+	PID int `json:"pid"`
+	// CRIUVersion is the source's CRIU version as major*10000 +
+	// minor*100 + sublevel.
+	CRIUVersion int `json:"criu_version"`
+	// CPUInfo is the source's cpuinfo.img (from CRIU's cpuinfo dump), for
+	// the destination's cpuinfo check. Empty if the source could not make
+	// one.
+	CPUInfo []byte `json:"cpuinfo,omitempty"`
+}
+
+// Ready says the destination passed its checks and its page server is
+// listening on the mem connection.
+type Ready struct {
+	CRIUVersion int `json:"criu_version"`
+	// CPUCheck is "ok", or "skipped" when CRIU cannot compare CPUs here.
+	CPUCheck string `json:"cpu_check"`
+}
+
+// FileBegin starts an image file; FileData chunks and a FileEnd follow.
+type FileBegin struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+}
+
+// FileData is a chunk of the current image file.
+type FileData struct{ Data []byte }
+
+// FileEnd ends the current image file with the SHA-256 of its contents.
+type FileEnd struct {
+	SHA256 string `json:"sha256"`
+}
+
+// Restore asks the destination to restore, once it holds Files image files
+// and the page server has finished.
+type Restore struct {
+	Files int `json:"files"`
+}
+
+// Restored says the destination restored the tree, stopped, under PID.
+type Restored struct {
+	PID int `json:"pid"`
+	// RestoreMS is how long CRIU's restore took, as the destination saw it.
+	RestoreMS int64 `json:"restore_ms"`
+	// Stats are CRIU's restore statistics, when it wrote them.
+	Stats *RestoreStats `json:"stats,omitempty"`
+}
+
+// RestoreStats are CRIU's own restore figures.
+type RestoreStats struct {
+	PagesCompared   uint64 `json:"pages_compared"`
+	PagesSkippedCOW uint64 `json:"pages_skipped_cow"`
+	PagesRestored   uint64 `json:"pages_restored"`
+	ForkingUS       uint32 `json:"forking_us"`
+	RestoreUS       uint32 `json:"restore_us"`
+}
+
+// Commit asks the destination to commit: resume its copy and make the
+// migration final.
+type Commit struct{}
+
+// Committed says the destination recorded the commit and resumed PID.
+type Committed struct {
+	PID int `json:"pid"`
+}
+
+// Done ends a migration after Committed; both sides may forget it.
+type Done struct{}
+
+// Fail aborts a migration. Code is one of the control API's error codes.
+type Fail struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// Ping asks the peer to show it is alive; it answers with a Pong of the
+// same Seq.
+type Ping struct {
+	Seq uint64 `json:"seq"`
+}
+
+// Pong answers a Ping.
+type Pong struct {
+	Seq uint64 `json:"seq"`
+}
+
+// PageData is a chunk of CRIU's page-server stream, relayed as is.
+type PageData struct{ Data []byte }
+
+// PageEOF says the sender's side of the page-server stream has ended.
+type PageEOF struct{}
+
+// Type methods tie each struct to its number.
+
+func (*Hello) Type() Type      { return TypeHello }
+func (*HelloReply) Type() Type { return TypeHelloReply }
+func (*Prepare) Type() Type    { return TypePrepare }
+func (*Ready) Type() Type      { return TypeReady }
+func (*FileBegin) Type() Type  { return TypeFileBegin }
+func (*FileData) Type() Type   { return TypeFileData }
+func (*FileEnd) Type() Type    { return TypeFileEnd }
+func (*Restore) Type() Type    { return TypeRestore }
+func (*Restored) Type() Type   { return TypeRestored }
+func (*Commit) Type() Type     { return TypeCommit }
+func (*Committed) Type() Type  { return TypeCommitted }
+func (*Done) Type() Type       { return TypeDone }
+func (*Fail) Type() Type       { return TypeFail }
+func (*Ping) Type() Type       { return TypePing }
+func (*Pong) Type() Type       { return TypePong }
+func (*PageData) Type() Type   { return TypePageData }
+func (*PageEOF) Type() Type    { return TypePageEOF }
+
+func (m *FileData) bytes() []byte     { return m.Data }
+func (m *FileData) setBytes(b []byte) { m.Data = b }
+func (m *PageData) bytes() []byte     { return m.Data }
+func (m *PageData) setBytes(b []byte) { m.Data = b }
+func (m *PageEOF) bytes() []byte      { return nil }
+func (m *PageEOF) setBytes([]byte)    {}
+
+var fileName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
+
+// ValidFileName reports whether name may be used for an image file: a plain
+// name of letters, digits, '_', '-' and '.', not starting with '.', at most
+// 128 bytes. No separators, no "..", nothing hidden.
+func ValidFileName(name string) bool { return fileName.MatchString(name) }
+
+func (m *Hello) validate() error {
+	if m.Proto < 1 {
+		return fmt.Errorf("protocol version %d", m.Proto)
+	}
+	if m.Role != RoleRPC && m.Role != RoleMem {
+		return fmt.Errorf("unknown role %q", m.Role)
+	}
+	return nil
+}
+
+func (m *Prepare) validate() error {
+	if m.PID <= 0 {
+		return fmt.Errorf("pid %d", m.PID)
+	}
+	return nil
+}
+
+func (m *FileBegin) validate() error {
+	if !ValidFileName(m.Name) {
+		return fmt.Errorf("file name %q not allowed", m.Name)
+	}
+	if m.Size < 0 {
+		return fmt.Errorf("file %s: size %d", m.Name, m.Size)
+	}
+	return nil
+}
+
+func (m *FileEnd) validate() error {
+	if b, err := hex.DecodeString(m.SHA256); err != nil || len(b) != 32 {
+		return fmt.Errorf("sha256 %q", m.SHA256)
+	}
+	return nil
+}
+
+func (m *Restore) validate() error {
+	if m.Files < 0 {
+		return fmt.Errorf("files %d", m.Files)
+	}
+	return nil
+}
+
+func (m *Restored) validate() error {
+	if m.PID <= 0 {
+		return fmt.Errorf("pid %d", m.PID)
+	}
+	return nil
+}
+
+func (m *Committed) validate() error {
+	if m.PID <= 0 {
+		return fmt.Errorf("pid %d", m.PID)
+	}
+	return nil
+}

@@ -1,0 +1,200 @@
+package wire
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func sampleMessages() []Message {
+	id := SessionID{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}
+	return []Message{
+		&Hello{Proto: 1, Role: RoleRPC, Session: id, Daemon: "phauld/test"},
+		&HelloReply{OK: false, Error: "no"},
+		&Prepare{PID: 42, CRIUVersion: 40201, CPUInfo: []byte{1, 2, 3}},
+		&Ready{CRIUVersion: 40201, CPUCheck: "ok"},
+		&FileBegin{Name: "core-1.img", Size: 10},
+		&FileData{Data: []byte("0123456789")},
+		&FileEnd{SHA256: strings.Repeat("ab", 32)},
+		&Restore{Files: 3},
+		&Restored{PID: 7, RestoreMS: 12, Stats: &RestoreStats{PagesRestored: 5}},
+		&Commit{},
+		&Committed{PID: 7},
+		&Done{},
+		&Fail{Code: "aborted", Message: "restore failed"},
+		&Ping{Seq: 9},
+		&Pong{Seq: 9},
+		&PageData{Data: bytes.Repeat([]byte{0xaa}, 1000)},
+		&PageEOF{},
+	}
+}
+
+func channelOf(m Message) Channel {
+	return specs[m.Type()].channels
+}
+
+func TestRoundTrip(t *testing.T) {
+	for _, m := range sampleMessages() {
+		b, err := Marshal(m)
+		if err != nil {
+			t.Fatalf("Marshal(%T): %v", m, err)
+		}
+		d := NewDecoder(channelOf(m), 16)
+		// Byte by byte: a decoder must cope with any split.
+		var got Message
+		for i := range b {
+			d.Feed(b[i : i+1])
+			got, err = d.Next()
+			if err != nil {
+				t.Fatalf("%T: Next after %d bytes: %v", m, i+1, err)
+			}
+			if got != nil && i != len(b)-1 {
+				t.Fatalf("%T: message after %d of %d bytes", m, i+1, len(b))
+			}
+		}
+		if got == nil {
+			t.Fatalf("%T: no message after all bytes", m)
+		}
+		if !reflect.DeepEqual(got, m) {
+			t.Errorf("round trip %T: got %+v, want %+v", m, got, m)
+		}
+		again, err := ReadMessage(bytes.NewReader(b), channelOf(m))
+		if err != nil || !reflect.DeepEqual(again, got) {
+			t.Errorf("ReadMessage %T = %+v, %v; want %+v", m, again, err, got)
+		}
+	}
+}
+
+func TestDecoderManyFrames(t *testing.T) {
+	var stream []byte
+	var want []Message
+	for i := 0; i < 50; i++ {
+		m := &PageData{Data: bytes.Repeat([]byte{byte(i)}, DataChunk)}
+		var err error
+		if stream, err = Append(stream, m); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, m)
+	}
+	d := NewDecoder(Mem, 64<<10)
+	var got []Message
+	for off := 0; off < len(stream); {
+		sp := d.Space()
+		if len(sp) == 0 {
+			t.Fatal("Space returned an empty slice")
+		}
+		n := copy(sp, stream[off:min(len(stream), off+100_000)])
+		d.Commit(n)
+		off += n
+		for {
+			m, err := d.Next()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m == nil {
+				break
+			}
+			// Copy: the payload aliases the decoder's buffer.
+			p := m.(*PageData)
+			got = append(got, &PageData{Data: append([]byte(nil), p.Data...)})
+		}
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("decoded %d frames, want %d, or contents differ", len(got), len(want))
+	}
+	if d.Buffered() != 0 {
+		t.Fatalf("Buffered = %d after all frames", d.Buffered())
+	}
+}
+
+func TestHeaderErrors(t *testing.T) {
+	good, _ := Marshal(&Ping{Seq: 1})
+	cases := []struct {
+		name  string
+		frame []byte
+		ch    Channel
+		want  error
+	}{
+		{"magic", append([]byte("GET / HTTP/1.1\r\n"), good...), RPC, ErrMagic},
+		{"version", func() []byte { b := bytes.Clone(good); b[2] = 9; return b }(), RPC, ErrVersion},
+		{"type", func() []byte { b := bytes.Clone(good); b[3] = 0xee; return b }(), RPC, ErrType},
+		{"channel", good, Mem, ErrChannel},
+		{"handshake channel", good, Handshake, ErrChannel},
+		{"oversize", AppendHeader(nil, TypePing, smallMax+1), RPC, ErrTooLarge},
+		{"oversize page", AppendHeader(nil, TypePageData, MaxPayload+1), Mem, ErrTooLarge},
+		{"huge length", []byte{'P', 'H', 1, byte(TypeFileData), 0xff, 0xff, 0xff, 0xff}, RPC, ErrTooLarge},
+		{"eof with payload", AppendHeader(nil, TypePageEOF, 1), Mem, ErrTooLarge},
+		{"bad json", append(AppendHeader(nil, TypePing, 3), "{x}"...), RPC, ErrPayload},
+		{"bad hello role", mustFrame(t, TypeHello, `{"proto":1,"role":"admin"}`), Handshake, ErrPayload},
+		{"file name with slash", mustFrame(t, TypeFileBegin, `{"name":"../etc/passwd","size":1}`), RPC, ErrPayload},
+		{"hidden file name", mustFrame(t, TypeFileBegin, `{"name":".x","size":1}`), RPC, ErrPayload},
+		{"negative size", mustFrame(t, TypeFileBegin, `{"name":"a.img","size":-1}`), RPC, ErrPayload},
+		{"bad sha", mustFrame(t, TypeFileEnd, `{"sha256":"zz"}`), RPC, ErrPayload},
+		{"bad session", mustFrame(t, TypeHello, `{"proto":1,"role":"rpc","session":"abc"}`), Handshake, ErrPayload},
+	}
+	for _, c := range cases {
+		d := NewDecoder(c.ch, 64)
+		d.Feed(c.frame)
+		_, err := d.Next()
+		if !errors.Is(err, c.want) {
+			t.Errorf("%s: Next = %v, want %v", c.name, err, c.want)
+		}
+		if _, err := ReadMessage(bytes.NewReader(c.frame), c.ch); !errors.Is(err, c.want) {
+			t.Errorf("%s: ReadMessage = %v, want %v", c.name, err, c.want)
+		}
+	}
+}
+
+func mustFrame(t *testing.T, typ Type, payload string) []byte {
+	t.Helper()
+	return append(AppendHeader(nil, typ, len(payload)), payload...)
+}
+
+func TestReadMessageTruncated(t *testing.T) {
+	b, _ := Marshal(&Restore{Files: 2})
+	for n := 1; n < len(b); n++ {
+		_, err := ReadMessage(bytes.NewReader(b[:n]), RPC)
+		if !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Fatalf("truncated to %d bytes: %v, want io.ErrUnexpectedEOF", n, err)
+		}
+	}
+	if _, err := ReadMessage(bytes.NewReader(nil), RPC); err != io.EOF {
+		t.Fatalf("empty stream: %v, want io.EOF", err)
+	}
+}
+
+func TestAppendRejectsOversize(t *testing.T) {
+	_, err := Marshal(&FileData{Data: make([]byte, MaxPayload+1)})
+	if !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("Marshal oversize = %v, want ErrTooLarge", err)
+	}
+}
+
+func TestValidFileName(t *testing.T) {
+	for _, ok := range []string{"core-1.img", "pages-65537.img", "stats-dump", "a"} {
+		if !ValidFileName(ok) {
+			t.Errorf("ValidFileName(%q) = false", ok)
+		}
+	}
+	for _, bad := range []string{"", ".", "..", "../x", "a/b", ".hidden", "a\x00b", strings.Repeat("a", 129), "sp ace"} {
+		if ValidFileName(bad) {
+			t.Errorf("ValidFileName(%q) = true", bad)
+		}
+	}
+}
+
+func TestSessionID(t *testing.T) {
+	id := SessionID{0xde, 0xad}
+	got, err := ParseSessionID(id.String())
+	if err != nil || got != id {
+		t.Fatalf("ParseSessionID(%s) = %v, %v", id, got, err)
+	}
+	for _, bad := range []string{"", "xyz", strings.Repeat("g", 32), strings.Repeat("a", 31)} {
+		if _, err := ParseSessionID(bad); err == nil {
+			t.Errorf("ParseSessionID(%q) succeeded", bad)
+		}
+	}
+}
