@@ -1,0 +1,120 @@
+//go:build linux
+
+package criu
+
+import (
+	"os"
+
+	"github.com/checkpoint-restore/go-criu/v7/rpc"
+	"google.golang.org/protobuf/proto"
+)
+
+// DefaultLogLevel is CRIU's log verbosity unless a caller asks otherwise:
+// 4 (debug) makes a failed migration diagnosable from its log alone.
+const DefaultLogLevel = 4
+
+// Options are the CRIU options phaul uses, for every kind of request.
+type Options struct {
+	// ImagesDir is where CRIU reads or writes images; its logs and
+	// statistics go there too.
+	ImagesDir string
+	// LogFile is the log's name inside ImagesDir.
+	LogFile string
+	// LogLevel is CRIU's verbosity, 0-4; 0 means DefaultLogLevel.
+	LogLevel int
+	// PID is the root of the tree to dump.
+	PID int
+	// LeaveStopped leaves the tasks stopped (SIGSTOP) after a successful
+	// dump or restore, instead of killing (dump) or resuming (restore)
+	// them. phaul uses it on both sides so that the fate of each copy is
+	// its own decision, made after the commit.
+	LeaveStopped bool
+	// Notify makes CRIU stop at each notification (pre-dump, post-dump,
+	// post-restore, ...) until it is answered.
+	Notify bool
+	// PageServer is a connected stream socket: a dump writes pages to it,
+	// a page server reads them from it.
+	PageServer *os.File
+}
+
+// pageServerFd is the fd number PageServer has in the swrk process: after
+// the RPC socket at 3 (see Client.start).
+const pageServerFd = 4
+
+// rpcOpts turns o into CRIU's RPC options: the one place where phaul's
+// choices of CRIU behaviour are made.
+func (o *Options) rpcOpts() *rpc.CriuOpts {
+	level := o.LogLevel
+	if level == 0 {
+		level = DefaultLogLevel
+	}
+	r := &rpc.CriuOpts{
+		// images_dir_fd is required by the protocol; -1 means "use
+		// images_dir".
+		ImagesDirFd: proto.Int32(-1),
+		ImagesDir:   proto.String(o.ImagesDir),
+		LogLevel:    proto.Int32(int32(level)),
+		// The network is not locked: phaul does not move established
+		// TCP connections (CRIU refuses to dump them without
+		// tcp_established), and a lock left behind after a rollback
+		// would cut a resumed process off its network.
+		NetworkLock: rpc.CriuNetworkLockMethod_SKIP.Enum(),
+		// Restored tasks stay in the restoring daemon's cgroup; where
+		// they go from there is the daemon's business, not CRIU's.
+		ManageCgroupsMode: rpc.CriuCgMode_IGNORE.Enum(),
+	}
+	if o.LogFile != "" {
+		r.LogFile = proto.String(o.LogFile)
+	}
+	if o.PID != 0 {
+		r.Pid = proto.Int32(int32(o.PID))
+	}
+	if o.LeaveStopped {
+		r.LeaveStopped = proto.Bool(true)
+	}
+	if o.Notify {
+		r.NotifyScripts = proto.Bool(true)
+	}
+	if o.PageServer != nil {
+		r.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(pageServerFd)}
+	}
+	return r
+}
+
+func request(t rpc.CriuReqType, o *Options, keepOpen bool) *rpc.CriuReq {
+	req := &rpc.CriuReq{Type: t.Enum()}
+	if o != nil {
+		req.Opts = o.rpcOpts()
+	}
+	if keepOpen {
+		req.KeepOpen = proto.Bool(true)
+	}
+	return req
+}
+
+// StartDump dumps the tree rooted at o.PID, writing pages to
+// o.PageServer. With o.Notify and o.LeaveStopped, CRIU holds the frozen
+// tree at "post-dump" until answered: false resumes the tree, true leaves
+// it stopped.
+func (c *Client) StartDump(o Options) (*Op, error) {
+	return c.start("dump", &o, request(rpc.CriuReqType_DUMP, &o, false))
+}
+
+// StartPageServer starts a page server that reads a dump's pages from
+// o.PageServer into o.ImagesDir. The response carries the page server's
+// pid; the request stays open so that WaitPID can learn how it ended.
+func (c *Client) StartPageServer(o Options) (*Op, error) {
+	return c.start("page-server", &o, request(rpc.CriuReqType_PAGE_SERVER_CHLD, &o, true))
+}
+
+// StartRestore restores the tree whose images are in o.ImagesDir.
+func (c *Client) StartRestore(o Options) (*Op, error) {
+	return c.start("restore", &o, request(rpc.CriuReqType_RESTORE, &o, false))
+}
+
+// StartCPUInfoCheck checks that this host's CPU can run tasks dumped on
+// the host whose cpuinfo.img is in o.ImagesDir. A failure with Errno
+// ENOTSUP means CRIU cannot compare CPUs here.
+func (c *Client) StartCPUInfoCheck(o Options) (*Op, error) {
+	return c.start("cpuinfo-check", &o, request(rpc.CriuReqType_CPUINFO_CHECK, &o, false))
+}

@@ -1,0 +1,277 @@
+//go:build linux
+
+// Package proc reads what phauld needs to know about processes from /proc,
+// and signals process trees without racing against pid reuse.
+package proc
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrNotFound means there is no process with that pid (or it is not the
+// process that was meant: same pid, other start time).
+var ErrNotFound = errors.New("no such process")
+
+// pfKthread is PF_KTHREAD from the kernel's sched.h: the task is a kernel
+// thread.
+const pfKthread = 0x00200000
+
+// Info is a snapshot of one process.
+type Info struct {
+	PID  int
+	Comm string
+	// State is the one-letter state: R, S, D, T (stopped), t (traced), Z...
+	State byte
+	PPID  int
+	Flags uint64
+	// StartTime is when the process started, in clock ticks since boot.
+	// With PID it names a process uniquely.
+	StartTime uint64
+	// UID is the real user id.
+	UID int
+}
+
+// KernelThread reports whether the process is a kernel thread.
+func (i Info) KernelThread() bool { return i.Flags&pfKthread != 0 }
+
+// Stopped reports whether the process is stopped by a signal or a tracer.
+func (i Info) Stopped() bool { return i.State == 'T' || i.State == 't' }
+
+// Stat reads /proc/PID/stat and the uid from /proc/PID.
+func Stat(pid int) (Info, error) {
+	if pid <= 0 {
+		return Info{}, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
+	}
+	dir := "/proc/" + strconv.Itoa(pid)
+	b, err := os.ReadFile(dir + "/stat")
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH) {
+			return Info{}, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
+		}
+		return Info{}, err
+	}
+	info, err := parseStat(b)
+	if err != nil {
+		return Info{}, fmt.Errorf("pid %d: %w", pid, err)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(dir, &st); err != nil {
+		return Info{}, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
+	}
+	info.UID = int(st.Uid)
+	return info, nil
+}
+
+// parseStat parses the contents of /proc/PID/stat. The command name is
+// in parentheses and may itself hold spaces and parentheses, so fields are
+// counted from the last ')'.
+func parseStat(b []byte) (Info, error) {
+	open := bytes.IndexByte(b, '(')
+	end := bytes.LastIndexByte(b, ')')
+	if open < 0 || end < open {
+		return Info{}, fmt.Errorf("malformed stat %q", b)
+	}
+	pid, err := strconv.Atoi(string(bytes.TrimSpace(b[:open])))
+	if err != nil {
+		return Info{}, fmt.Errorf("malformed stat pid: %w", err)
+	}
+	// Fields from 3 (state) on; f[0] is field 3.
+	f := strings.Fields(string(b[end+1:]))
+	if len(f) < 20 {
+		return Info{}, fmt.Errorf("malformed stat: %d fields", len(f)+2)
+	}
+	info := Info{PID: pid, Comm: string(b[open+1 : end]), State: f[0][0]}
+	if info.PPID, err = strconv.Atoi(f[1]); err != nil {
+		return Info{}, fmt.Errorf("malformed stat ppid: %w", err)
+	}
+	if info.Flags, err = strconv.ParseUint(f[6], 10, 64); err != nil {
+		return Info{}, fmt.Errorf("malformed stat flags: %w", err)
+	}
+	if info.StartTime, err = strconv.ParseUint(f[19], 10, 64); err != nil {
+		return Info{}, fmt.Errorf("malformed stat starttime: %w", err)
+	}
+	return info, nil
+}
+
+// Children returns the children of every thread of pid.
+func Children(pid int) ([]int, error) {
+	taskDir := "/proc/" + strconv.Itoa(pid) + "/task"
+	tasks, err := os.ReadDir(taskDir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
+		}
+		return nil, err
+	}
+	var kids []int
+	for _, t := range tasks {
+		b, err := os.ReadFile(taskDir + "/" + t.Name() + "/children")
+		if err != nil {
+			continue // the thread ended
+		}
+		for _, s := range strings.Fields(string(b)) {
+			if k, err := strconv.Atoi(s); err == nil {
+				kids = append(kids, k)
+			}
+		}
+	}
+	return kids, nil
+}
+
+// Tree returns pid and all its descendants, parents before children.
+// Run it on a frozen or stopped tree for a stable answer.
+func Tree(pid int) ([]int, error) {
+	tree := []int{pid}
+	seen := map[int]bool{pid: true}
+	for i := 0; i < len(tree); i++ {
+		kids, err := Children(tree[i])
+		if err != nil {
+			if i == 0 {
+				return nil, err
+			}
+			continue
+		}
+		for _, k := range kids {
+			if !seen[k] {
+				seen[k] = true
+				tree = append(tree, k)
+			}
+		}
+	}
+	return tree, nil
+}
+
+// IsAncestor reports whether ancestor is pid itself or one of its
+// ancestors.
+func IsAncestor(ancestor, pid int) (bool, error) {
+	for p := pid; p > 0; {
+		if p == ancestor {
+			return true, nil
+		}
+		info, err := Stat(p)
+		if err != nil {
+			return false, err
+		}
+		p = info.PPID
+	}
+	return false, nil
+}
+
+// Process is a handle on one process that cannot be confused with a later
+// process of the same pid: it holds a pidfd.
+type Process struct {
+	PID       int
+	StartTime uint64
+	fd        int
+}
+
+// Open returns a handle on pid, checking that it is still the process that
+// started at startTime (0 accepts any).
+func Open(pid int, startTime uint64) (*Process, error) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		if err == unix.ESRCH {
+			return nil, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
+		}
+		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
+	}
+	// The pidfd pins the process: if its stat matches now, the fd refers
+	// to the process that was meant.
+	info, err := Stat(pid)
+	if err == nil && startTime != 0 && info.StartTime != startTime {
+		err = fmt.Errorf("pid %d started at %d, not %d: %w", pid, info.StartTime, startTime, ErrNotFound)
+	}
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	return &Process{PID: pid, StartTime: info.StartTime, fd: fd}, nil
+}
+
+// Signal sends sig to the process. A process that has already exited is
+// not an error.
+func (p *Process) Signal(sig syscall.Signal) error {
+	err := unix.PidfdSendSignal(p.fd, sig, nil, 0)
+	if err == unix.ESRCH {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("signal %v to pid %d: %w", sig, p.PID, err)
+	}
+	return nil
+}
+
+// Exited reports whether the process has exited (it may still be a zombie
+// waiting for its parent).
+func (p *Process) Exited() bool {
+	fds := []unix.PollFd{{Fd: int32(p.fd), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0
+}
+
+// Close releases the handle.
+func (p *Process) Close() error { return unix.Close(p.fd) }
+
+// OpenTree opens handles on pid and all its descendants. Call it on a
+// stopped tree.
+func OpenTree(pid int, startTime uint64) ([]*Process, error) {
+	root, err := Open(pid, startTime)
+	if err != nil {
+		return nil, err
+	}
+	pids, err := Tree(pid)
+	if err != nil {
+		root.Close()
+		return nil, err
+	}
+	tree := []*Process{root}
+	for _, p := range pids[1:] {
+		h, err := Open(p, 0)
+		if err != nil {
+			continue // it ended meanwhile
+		}
+		tree = append(tree, h)
+	}
+	return tree, nil
+}
+
+// CloseAll closes every handle.
+func CloseAll(tree []*Process) {
+	for _, p := range tree {
+		p.Close()
+	}
+}
+
+// SignalAll sends sig to every process, and returns the first error.
+func SignalAll(tree []*Process, sig syscall.Signal) error {
+	var first error
+	for _, p := range tree {
+		if err := p.Signal(sig); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// WaitExited waits until every process has exited, or timeout passes.
+func WaitExited(tree []*Process, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for _, p := range tree {
+		for !p.Exited() {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("pid %d still running after %v", p.PID, timeout)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	return nil
+}
