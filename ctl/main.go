@@ -1,0 +1,97 @@
+// Command phaulctl asks the local phauld to migrate processes and reports
+// what it is doing. Results go to stdout, progress and errors to stderr;
+// every failure exits non-zero.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/client"
+	"github.com/phaul/phaul/pkg/version"
+)
+
+func main() {
+	os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// cli holds what every command needs.
+type cli struct {
+	socket string
+	json   bool
+	stdout io.Writer
+	stderr io.Writer
+}
+
+func (c *cli) client() *client.Client { return client.New(c.socket) }
+
+// run runs phaulctl and returns its exit code.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM)
+	defer stop()
+	c := &cli{stdout: stdout, stderr: stderr}
+	root := newRoot(c)
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return 0
+	}
+	c.report(err)
+	return 1
+}
+
+func newRoot(c *cli) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "phaulctl",
+		Short: "Move running processes between hosts with phauld",
+		Long: `phaulctl asks the phauld on this host to migrate a running process tree
+to the phauld on another host, where it keeps running.
+
+  phaulctl migrate --pid 42 --to hostB
+
+Set up phauld on both hosts first: systemctl enable --now phauld.socket`,
+		Version:       version.Version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVar(&c.socket, "socket", api.DefaultSocket, "phauld's control socket")
+	root.AddCommand(newMigrate(c), newStatus(c))
+	return root
+}
+
+// report prints err as one line on stderr (and as JSON on stdout with
+// --json), with what to do about it.
+func (c *cli) report(err error) {
+	var un *client.UnreachableError
+	msg := err.Error()
+	if errors.As(err, &un) {
+		msg += "\nIs phauld running? Start it with 'systemctl start phauld.socket' (see 'systemctl status phauld.socket'), or pass --socket PATH."
+	}
+	fmt.Fprintln(c.stderr, "phaulctl: error:", msg)
+	if c.json {
+		e := api.AsError(err)
+		if un != nil {
+			e.Code = api.CodeUnavailable
+		}
+		json.NewEncoder(c.stdout).Encode(struct {
+			Error *api.Error `json:"error"`
+		}{e})
+	}
+}
+
+func (c *cli) printJSON(v any) error {
+	enc := json.NewEncoder(c.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}

@@ -1,0 +1,286 @@
+//go:build linux
+
+// Command phauld is phaul's daemon: it migrates processes to and from
+// other hosts' phauld with CRIU, and serves phaulctl on a control socket.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/control"
+	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/session"
+	"github.com/phaul/phaul/pkg/systemd"
+	"github.com/phaul/phaul/pkg/version"
+)
+
+func main() {
+	if err := run(context.Background(), os.Args[1:], os.Stderr); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "phauld:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+// options are phauld's command-line settings.
+type options struct {
+	listen      string
+	control     string
+	stateDir    string
+	criuPath    string
+	logLevel    zapcore.Level
+	stopTimeout time.Duration
+	pairTimeout time.Duration
+	keepImages  bool
+	showVersion bool
+}
+
+func parseFlags(args []string, out io.Writer) (options, error) {
+	o := options{logLevel: zapcore.InfoLevel}
+	fs := flag.NewFlagSet("phauld", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.Usage = func() {
+		fmt.Fprintf(out, `Usage: phauld [flags]
+
+phauld migrates running processes between hosts with CRIU. Run it on every
+host (systemctl enable --now phauld.socket); use phaulctl to drive it.
+
+When systemd passes sockets (LISTEN_FDS), phauld serves migrations on the
+TCP ones and the control API on the Unix one, and ignores --listen and
+--control for the kinds it was given.
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&o.listen, "listen", ":"+strconv.Itoa(api.DefaultPort), "`ADDR:PORT` to accept migrations on")
+	fs.StringVar(&o.control, "control", api.DefaultSocket, "`PATH` of the control socket")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/phauld", "`DIR` for session images and logs")
+	fs.StringVar(&o.criuPath, "criu", "criu", "CRIU binary (`PATH`, or a name looked up in PATH)")
+	fs.Var(&o.logLevel, "log-level", "log `LEVEL`: debug, info, warn, error")
+	fs.DurationVar(&o.stopTimeout, "stop-timeout", 60*time.Second, "on SIGTERM, how long to wait for migrations to end")
+	fs.DurationVar(&o.pairTimeout, "pair-timeout", 30*time.Second, "how long one connection of a migration waits for its pair")
+	fs.BoolVar(&o.keepImages, "keep-images", false, "keep the images of successful migrations under --state-dir")
+	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected argument %q (see phauld --help)", fs.Arg(0))
+	}
+	return o, nil
+}
+
+func newLogger(level zapcore.Level, w io.Writer) *zap.Logger {
+	enc := zap.NewDevelopmentEncoderConfig()
+	enc.EncodeTime = zapcore.ISO8601TimeEncoder
+	core := zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.Lock(zapcore.AddSync(w)), level)
+	return zap.New(core).Named("phauld")
+}
+
+// run is phauld's whole life. The order of its steps is deliberate:
+//
+//  1. signals are caught first, so a SIGTERM during start-up is not lost;
+//  2. CRIU is checked before any listener opens, so a host that cannot
+//     migrate never looks ready;
+//  3. listeners come from systemd when it passed them, else are opened;
+//  4. READY=1 only once the listeners serve and CRIU was checked;
+//  5. on SIGTERM: STOPPING=1, stop accepting, stop every session through
+//     its eventfd (each ends by its commit rule), wait up to
+//     --stop-timeout, flush the logs.
+func run(ctx context.Context, args []string, stderr io.Writer) error {
+	o, err := parseFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	if o.showVersion {
+		fmt.Fprintln(os.Stdout, version.Daemon())
+		return nil
+	}
+	ctx, stopSignals := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stopSignals()
+
+	log := newLogger(o.logLevel, stderr)
+	defer log.Sync()
+
+	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	cc := criu.New(o.criuPath)
+	probeDir, err := os.MkdirTemp(o.stateDir, "probe-")
+	if err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	probeCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	info, err := cc.Probe(probeCtx, probeDir)
+	cancel()
+	os.RemoveAll(probeDir)
+	if err != nil {
+		return fmt.Errorf("CRIU check: %w", err)
+	}
+	log.Info("CRIU checked", zap.String("path", cc.Path()), zap.Stringer("version", info.Version),
+		zap.Bool("mem_track", info.Features.MemTrack), zap.Bool("lazy_pages", info.Features.LazyPages),
+		zap.Bool("cpuinfo", info.CPUInfo != nil))
+
+	activated, err := systemd.Activated()
+	if err != nil {
+		return fmt.Errorf("socket activation: %w", err)
+	}
+	migLs, ctlL, err := systemd.Split(activated)
+	if err != nil {
+		return err
+	}
+	if len(migLs) > 0 || ctlL != nil {
+		log.Info("socket-activated", zap.Int("migration_sockets", len(migLs)), zap.Bool("control_socket", ctlL != nil))
+	}
+	if len(migLs) == 0 {
+		l, err := net.Listen("tcp", o.listen)
+		if err != nil {
+			return fmt.Errorf("listen for migrations: %w", err)
+		}
+		migLs = []net.Listener{l}
+	}
+	if ctlL == nil {
+		if ctlL, err = listenControl(o.control); err != nil {
+			closeAll(migLs)
+			return err
+		}
+	}
+
+	mgr, err := session.NewManager(session.Config{
+		Log:         log.Named("session"),
+		CRIU:        cc,
+		Info:        info,
+		StateDir:    o.stateDir,
+		PairTimeout: o.pairTimeout,
+		KeepImages:  o.keepImages,
+	})
+	if err != nil {
+		closeAll(migLs)
+		ctlL.Close()
+		return err
+	}
+	svc := &service{mgr: mgr, info: info, criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String()}
+	for _, l := range migLs {
+		svc.listen = append(svc.listen, l.Addr().String())
+	}
+	ctl := control.New(svc, log.Named("control"))
+
+	// Daemon-level parts fail together: if a listener dies, phauld stops.
+	serveErr := make(chan error, len(migLs)+1)
+	for _, l := range migLs {
+		go func() { serveErr <- mgr.Serve(l) }()
+	}
+	go func() { serveErr <- ctl.Serve(ctlL) }()
+
+	systemd.Notify("READY=1\nSTATUS=serving migrations on " + strings.Join(svc.listen, ", "))
+	log.Info("phauld ready", zap.String("version", version.Version), zap.Strings("listen", svc.listen),
+		zap.String("control", svc.control), zap.String("state_dir", o.stateDir))
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("stopping", zap.Duration("deadline", o.stopTimeout))
+	case runErr = <-serveErr:
+		log.Error("a listener failed; stopping", zap.Error(runErr))
+	}
+	systemd.Notify("STOPPING=1\nSTATUS=stopping")
+	stopCtx, cancelStop := context.WithTimeout(context.Background(), o.stopTimeout)
+	defer cancelStop()
+	if err := mgr.Shutdown(stopCtx); err != nil {
+		log.Error("stop deadline passed", zap.Error(err))
+		runErr = errors.Join(runErr, err)
+	}
+	if err := ctl.Shutdown(stopCtx); err != nil {
+		log.Warn("control API did not stop cleanly", zap.Error(err))
+	}
+	log.Info("phauld stopped")
+	return runErr
+}
+
+func closeAll(ls []net.Listener) {
+	for _, l := range ls {
+		l.Close()
+	}
+}
+
+// listenControl opens the control socket at path, replacing a stale socket
+// file left by a phauld that died, but never one in use.
+func listenControl(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("control socket directory: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("control socket %s exists and is not a socket; remove it", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("another phauld is serving %s; stop it first, or pass --control", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale control socket: %w", err)
+		}
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	return l, nil
+}
+
+// service is the daemon as the control API sees it.
+type service struct {
+	mgr      *session.Manager
+	info     criu.Info
+	criuPath string
+	stateDir string
+	control  string
+	listen   []string
+}
+
+func (s *service) Status(context.Context) api.Status {
+	return api.Status{
+		Version:  version.Version,
+		PID:      os.Getpid(),
+		Listen:   s.listen,
+		Control:  s.control,
+		StateDir: s.stateDir,
+		CRIU: api.CRIU{
+			Path:    s.criuPath,
+			Version: s.info.Version.String(),
+			Features: map[string]bool{
+				"mem_track":   s.info.Features.MemTrack,
+				"lazy_pages":  s.info.Features.LazyPages,
+				"pidfd_store": s.info.Features.PidfdStore,
+				"cpuinfo":     s.info.CPUInfo != nil,
+			},
+		},
+		Sessions: s.mgr.Sessions(),
+	}
+}
+
+func (s *service) Migrate(ctx context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error) {
+	return s.mgr.Migrate(ctx, caller, req, progress)
+}

@@ -1,0 +1,188 @@
+// Package api is phauld's control API: the JSON types exchanged over the
+// control socket under /v1/, and the error codes. phaulctl (through
+// pkg/client) and phauld (through pkg/control) both use it; docs/protocol.md
+// describes the endpoints.
+package api
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// DefaultPort is the migration port phauld listens on (P.Haul's).
+const DefaultPort = 12345
+
+// DefaultSocket is the control socket's path.
+const DefaultSocket = "/run/phauld/phauld.sock"
+
+// Code classifies an error. The set is closed: clients may switch on it.
+type Code string
+
+// Error codes.
+const (
+	// CodeInvalid: the request is malformed or names something that
+	// cannot be migrated (pid 1, a kernel thread, phauld itself).
+	CodeInvalid Code = "invalid_argument"
+	// CodeNotFound: no such process or session.
+	CodeNotFound Code = "not_found"
+	// CodePermission: the caller may not do this.
+	CodePermission Code = "permission_denied"
+	// CodeUnavailable: the peer daemon cannot be reached.
+	CodeUnavailable Code = "unavailable"
+	// CodePrecondition: a check failed (CRIU version, CPU, features).
+	CodePrecondition Code = "failed_precondition"
+	// CodeAborted: the migration failed and was rolled back; the process
+	// runs on the source.
+	CodeAborted Code = "aborted"
+	// CodeInDoubt: the outcome is not known yet; the process is held
+	// stopped on the source until the destination says.
+	CodeInDoubt Code = "in_doubt"
+	// CodeConflict: the request conflicts with the state (cancel after
+	// commit).
+	CodeConflict Code = "conflict"
+	// CodeInternal: a bug or an unexpected failure.
+	CodeInternal Code = "internal"
+)
+
+// Error is an error with a code, as the API returns it.
+type Error struct {
+	Code    Code   `json:"code"`
+	Message string `json:"message"`
+}
+
+func (e *Error) Error() string { return e.Message }
+
+// Errorf returns an *Error with code and a formatted message.
+func Errorf(code Code, format string, args ...any) *Error {
+	return &Error{Code: code, Message: fmt.Sprintf(format, args...)}
+}
+
+// CodeOf returns the code of the first *Error in err's chain, or
+// CodeInternal.
+func CodeOf(err error) Code {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return CodeInternal
+}
+
+// AsError returns err as an *Error: the first in its chain, with the whole
+// chain's message, or a CodeInternal one.
+func AsError(err error) *Error {
+	if err == nil {
+		return nil
+	}
+	return &Error{Code: CodeOf(err), Message: err.Error()}
+}
+
+// MigrateRequest asks the daemon to move a process tree to another host.
+type MigrateRequest struct {
+	PID int `json:"pid"`
+	// To is the destination daemon, HOST or HOST:PORT.
+	To string `json:"to"`
+}
+
+// Result describes a finished migration. Fields may be added, never
+// renamed.
+type Result struct {
+	ID        string `json:"id"`
+	SourcePID int    `json:"source_pid"`
+	DestPID   int    `json:"dest_pid"`
+	Dest      string `json:"dest"`
+	// FrozenMS is how long the process was frozen: from the start of the
+	// dump until the destination resumed it.
+	FrozenMS int64 `json:"frozen_ms"`
+	// TotalMS is the whole migration, checks and connection included.
+	TotalMS int64 `json:"total_ms"`
+	// Bytes is what crossed the network for this migration: page data
+	// and image files.
+	Bytes int64 `json:"bytes"`
+	// PageBytes is the part of Bytes that was page data.
+	PageBytes int64 `json:"page_bytes"`
+	// PhasesMS is how long each phase took.
+	PhasesMS map[string]int64 `json:"phases_ms,omitempty"`
+	// Dump and Restore are CRIU's own statistics.
+	Dump    *DumpStats    `json:"dump_stats,omitempty"`
+	Restore *RestoreStats `json:"restore_stats,omitempty"`
+}
+
+// DumpStats are CRIU's dump statistics (times in microseconds).
+type DumpStats struct {
+	FreezingUS         uint32 `json:"freezing_us"`
+	FrozenUS           uint32 `json:"frozen_us"`
+	MemdumpUS          uint32 `json:"memdump_us"`
+	MemwriteUS         uint32 `json:"memwrite_us"`
+	PagesScanned       uint64 `json:"pages_scanned"`
+	PagesSkippedParent uint64 `json:"pages_skipped_parent"`
+	PagesWritten       uint64 `json:"pages_written"`
+	PagesLazy          uint64 `json:"pages_lazy"`
+}
+
+// RestoreStats are CRIU's restore statistics (times in microseconds).
+type RestoreStats struct {
+	PagesCompared   uint64 `json:"pages_compared"`
+	PagesSkippedCOW uint64 `json:"pages_skipped_cow"`
+	PagesRestored   uint64 `json:"pages_restored"`
+	ForkingUS       uint32 `json:"forking_us"`
+	RestoreUS       uint32 `json:"restore_us"`
+}
+
+// Event is one line of a streamed response: progress, then exactly one
+// result or error.
+type Event struct {
+	// Event is "progress", "result" or "error".
+	Event string `json:"event"`
+	// ID is the session id, once there is one.
+	ID string `json:"id,omitempty"`
+	// Phase is the migration's phase (progress events).
+	Phase string `json:"phase,omitempty"`
+	// Bytes moved so far (progress events).
+	Bytes  int64   `json:"bytes,omitempty"`
+	Result *Result `json:"result,omitempty"`
+	Error  *Error  `json:"error,omitempty"`
+}
+
+// Event kinds.
+const (
+	EventProgress = "progress"
+	EventResult   = "result"
+	EventError    = "error"
+)
+
+// Session is a migration in progress, as `phaulctl status` lists it.
+type Session struct {
+	ID string `json:"id"`
+	// Direction is "out" (this daemon is the source) or "in".
+	Direction string    `json:"direction"`
+	PID       int       `json:"pid"`
+	Peer      string    `json:"peer"`
+	Phase     string    `json:"phase"`
+	Bytes     int64     `json:"bytes"`
+	Started   time.Time `json:"started"`
+	AgeMS     int64     `json:"age_ms"`
+}
+
+// CRIU describes the daemon's CRIU.
+type CRIU struct {
+	Path     string          `json:"path"`
+	Version  string          `json:"version"`
+	Features map[string]bool `json:"features"`
+}
+
+// Status is the daemon's state.
+type Status struct {
+	Version  string    `json:"version"`
+	PID      int       `json:"pid"`
+	Listen   []string  `json:"listen"`
+	Control  string    `json:"control"`
+	StateDir string    `json:"state_dir"`
+	CRIU     CRIU      `json:"criu"`
+	Sessions []Session `json:"sessions"`
+}
+
+// Caller is who asked, from the control socket's SO_PEERCRED.
+type Caller struct {
+	UID, GID, PID int
+}

@@ -1,0 +1,140 @@
+// Package client talks to phauld's control API over its Unix socket. It is
+// what phaulctl uses; other programs may use it too.
+package client
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+
+	"github.com/phaul/phaul/pkg/api"
+)
+
+// Client is a control API client.
+type Client struct {
+	socket string
+	http   *http.Client
+}
+
+// New returns a client for the control socket at path.
+func New(path string) *Client {
+	if path == "" {
+		path = api.DefaultSocket
+	}
+	return &Client{
+		socket: path,
+		http: &http.Client{Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", path)
+			},
+		}},
+	}
+}
+
+// UnreachableError means the daemon could not be reached at all.
+type UnreachableError struct {
+	Socket string
+	Err    error
+}
+
+func (e *UnreachableError) Error() string {
+	return fmt.Sprintf("cannot reach phauld at %s: %v", e.Socket, e.Err)
+}
+
+func (e *UnreachableError) Unwrap() error { return e.Err }
+
+func (c *Client) do(ctx context.Context, method, path string, body any) (*http.Response, error) {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return nil, err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://phauld"+path, rd)
+	if err != nil {
+		return nil, err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "dial" {
+			return nil, &UnreachableError{Socket: c.socket, Err: op.Err}
+		}
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		var e struct {
+			Error *api.Error `json:"error"`
+		}
+		if json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&e) == nil && e.Error != nil {
+			return nil, e.Error
+		}
+		return nil, fmt.Errorf("phauld answered %s", resp.Status)
+	}
+	return resp, nil
+}
+
+// Status returns the daemon's status.
+func (c *Client) Status(ctx context.Context) (api.Status, error) {
+	var st api.Status
+	resp, err := c.do(ctx, http.MethodGet, "/v1/status", nil)
+	if err != nil {
+		return st, err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		return st, fmt.Errorf("decode status: %w", err)
+	}
+	return st, nil
+}
+
+// Migrate asks the daemon to migrate and waits for the end. onEvent, if
+// set, gets every progress event.
+func (c *Client) Migrate(ctx context.Context, req api.MigrateRequest, onEvent func(api.Event)) (api.Result, error) {
+	resp, err := c.do(ctx, http.MethodPost, "/v1/migrate", req)
+	if err != nil {
+		return api.Result{}, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	for sc.Scan() {
+		var ev api.Event
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			return api.Result{}, fmt.Errorf("decode event: %w", err)
+		}
+		switch ev.Event {
+		case api.EventResult:
+			if ev.Result == nil {
+				return api.Result{}, errors.New("result event without a result")
+			}
+			return *ev.Result, nil
+		case api.EventError:
+			if ev.Error == nil {
+				return api.Result{}, errors.New("error event without an error")
+			}
+			return api.Result{}, ev.Error
+		default:
+			if onEvent != nil {
+				onEvent(ev)
+			}
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return api.Result{}, fmt.Errorf("phauld connection: %w", err)
+	}
+	return api.Result{}, errors.New("phauld ended the response without a result: it may have stopped; check 'journalctl -u phauld'")
+}

@@ -1,0 +1,168 @@
+//go:build linux
+
+// Package control serves phauld's control API: HTTP/JSON under /v1/ on a
+// Unix socket. Each request carries the caller's uid, gid and pid from
+// SO_PEERCRED. Long operations stream their progress as one JSON object
+// per line. docs/protocol.md lists the endpoints.
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/phaul/phaul/pkg/api"
+)
+
+// Service is what the control API exposes of the daemon.
+type Service interface {
+	Status(ctx context.Context) api.Status
+	Migrate(ctx context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error)
+}
+
+// Server is the control API server.
+type Server struct {
+	svc  Service
+	log  *zap.Logger
+	http *http.Server
+}
+
+type callerKey struct{}
+
+// New returns a server for svc.
+func New(svc Service, log *zap.Logger) *Server {
+	s := &Server{svc: svc, log: log}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", s.status)
+	mux.HandleFunc("POST /v1/migrate", s.migrate)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, api.Errorf(api.CodeNotFound, "no endpoint %s %s", r.Method, r.URL.Path))
+	})
+	s.http = &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, callerKey{}, peerCred(c))
+		},
+		ErrorLog: zap.NewStdLog(log),
+	}
+	return s
+}
+
+// peerCred reads the caller's credentials from the socket. A caller whose
+// credentials cannot be read is treated as uid -1: nobody.
+func peerCred(c net.Conn) api.Caller {
+	caller := api.Caller{UID: -1, GID: -1}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return caller
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return caller
+	}
+	raw.Control(func(fd uintptr) {
+		cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+		if err == nil {
+			caller = api.Caller{UID: int(cred.Uid), GID: int(cred.Gid), PID: int(cred.Pid)}
+		}
+	})
+	return caller
+}
+
+// CallerFrom returns the caller of a request.
+func CallerFrom(ctx context.Context) api.Caller {
+	if c, ok := ctx.Value(callerKey{}).(api.Caller); ok {
+		return c
+	}
+	return api.Caller{UID: -1, GID: -1}
+}
+
+// Serve serves the API on l until Shutdown.
+func (s *Server) Serve(l net.Listener) error {
+	err := s.http.Serve(l)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Shutdown stops accepting requests and waits for those in progress until
+// ctx ends.
+func (s *Server) Shutdown(ctx context.Context) error { return s.http.Shutdown(ctx) }
+
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, s.svc.Status(r.Context()))
+}
+
+func (s *Server) migrate(w http.ResponseWriter, r *http.Request) {
+	var req api.MigrateRequest
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	caller := CallerFrom(r.Context())
+	st := newStream(w)
+	res, err := s.svc.Migrate(r.Context(), caller, req, st.send)
+	if err != nil {
+		st.send(api.Event{Event: api.EventError, Error: api.AsError(err)})
+		return
+	}
+	st.send(api.Event{Event: api.EventResult, ID: res.ID, Result: &res})
+}
+
+// stream writes events as JSON lines, flushing each.
+type stream struct {
+	mu  sync.Mutex
+	w   http.ResponseWriter
+	enc *json.Encoder
+}
+
+func newStream(w http.ResponseWriter) *stream {
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	return &stream{w: w, enc: json.NewEncoder(w)}
+}
+
+func (s *stream) send(ev api.Event) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// A client that went away does not stop the migration.
+	if s.enc.Encode(ev) == nil {
+		if f, ok := s.w.(http.Flusher); ok {
+			f.Flush()
+		}
+	}
+}
+
+// maxBody bounds a request body.
+const maxBody = 1 << 20
+
+func decodeBody(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return api.Errorf(api.CodeInvalid, "bad request body: %v", err)
+	}
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, code int, err error) {
+	writeJSON(w, code, struct {
+		Error *api.Error `json:"error"`
+	}{api.AsError(err)})
+}

@@ -1,0 +1,122 @@
+//go:build linux
+
+package control
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/client"
+)
+
+type fakeService struct {
+	caller api.Caller
+	req    api.MigrateRequest
+	err    error
+}
+
+func (f *fakeService) Status(context.Context) api.Status {
+	return api.Status{Version: "test", Sessions: []api.Session{{ID: "s1", Direction: "out", PID: 42}}}
+}
+
+func (f *fakeService) Migrate(_ context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error) {
+	f.caller, f.req = caller, req
+	progress(api.Event{Event: api.EventProgress, Phase: "dump", Bytes: 10})
+	progress(api.Event{Event: api.EventProgress, Phase: "restore", Bytes: 20})
+	if f.err != nil {
+		return api.Result{}, f.err
+	}
+	return api.Result{ID: "s1", SourcePID: req.PID, DestPID: 77, Dest: req.To}, nil
+}
+
+func serve(t *testing.T, svc Service) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := New(svc, zaptest.NewLogger(t))
+	go s.Serve(l)
+	t.Cleanup(func() { s.Shutdown(context.Background()) })
+	return path
+}
+
+func TestStatusAndMigrate(t *testing.T) {
+	svc := &fakeService{}
+	c := client.New(serve(t, svc))
+	ctx := context.Background()
+
+	st, err := c.Status(ctx)
+	if err != nil || st.Version != "test" || len(st.Sessions) != 1 {
+		t.Fatalf("Status = %+v, %v", st, err)
+	}
+
+	var phases []string
+	res, err := c.Migrate(ctx, api.MigrateRequest{PID: 42, To: "hostB"}, func(ev api.Event) { phases = append(phases, ev.Phase) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.DestPID != 77 || res.SourcePID != 42 || res.Dest != "hostB" {
+		t.Fatalf("result = %+v", res)
+	}
+	if strings.Join(phases, ",") != "dump,restore" {
+		t.Fatalf("progress phases = %v", phases)
+	}
+	if svc.caller.UID != os.Getuid() || svc.caller.PID != os.Getpid() {
+		t.Fatalf("caller = %+v, want this process (uid %d, pid %d)", svc.caller, os.Getuid(), os.Getpid())
+	}
+}
+
+func TestMigrateErrorKeepsCode(t *testing.T) {
+	svc := &fakeService{err: api.Errorf(api.CodeNotFound, "no process with pid 42 on this host")}
+	c := client.New(serve(t, svc))
+	_, err := c.Migrate(context.Background(), api.MigrateRequest{PID: 42, To: "hostB"}, nil)
+	var e *api.Error
+	if !errors.As(err, &e) || e.Code != api.CodeNotFound || !strings.Contains(e.Message, "no process") {
+		t.Fatalf("Migrate error = %#v", err)
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	path := serve(t, &fakeService{})
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return net.Dial("unix", path)
+	}}}
+	for _, body := range []string{"{", `{"pid": "x"}`, `{"pid": 1, "to": "b", "evil": true}`} {
+		resp, err := hc.Post("http://phauld/v1/migrate", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("body %q: status %d, want 400", body, resp.StatusCode)
+		}
+	}
+	resp, err := hc.Get("http://phauld/v1/nothing")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("unknown endpoint: status %d, want 404", resp.StatusCode)
+	}
+}
+
+func TestUnreachable(t *testing.T) {
+	c := client.New(filepath.Join(t.TempDir(), "missing.sock"))
+	_, err := c.Status(context.Background())
+	var un *client.UnreachableError
+	if !errors.As(err, &un) {
+		t.Fatalf("Status on a missing socket = %v, want UnreachableError", err)
+	}
+}

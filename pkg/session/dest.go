@@ -1,0 +1,447 @@
+//go:build linux
+
+package session
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// dstState is where the destination is in a migration.
+type dstState int
+
+const (
+	// dstPrepare: waiting for Prepare.
+	dstPrepare dstState = iota
+	// dstChecks: CRIU's cpuinfo check is running.
+	dstChecks
+	// dstPageServer: the page server is starting.
+	dstPageServer
+	// dstReceive: pages and images are arriving; waiting for Restore.
+	dstReceive
+	// dstRestore: CRIU is restoring.
+	dstRestore
+	// dstRestored: the tree is restored, stopped; waiting for Commit.
+	dstRestored
+	// dstCommitted: committed and resumed; waiting for Done.
+	dstCommitted
+	// dstEnd: finished.
+	dstEnd
+)
+
+var dstStateNames = [...]string{"prepare", "checks", "page-server", "receive", "restore", "restored", "committed", "end"}
+
+func (s dstState) String() string { return dstStateNames[s] }
+
+type destParams struct {
+	log  *zap.Logger
+	criu *criu.Client
+	info criu.Info
+	dir  string
+}
+
+// dest is the state machine of the daemon a process arrives at. It is the
+// side that decides the commit: see docs/design.md.
+type dest struct {
+	s   *Session
+	p   destParams
+	log *zap.Logger
+
+	rpc, mem *conn
+	ph       *phaseTimer
+	state    dstState
+
+	srcPID   int
+	check    *criuWatch
+	ps       *criuWatch
+	psDone   bool
+	relay    *relay
+	recv     receiver
+	want     int // files the source said it sent; -1 until Restore
+	restoreW *criuWatch
+	tRestore time.Time
+
+	pid  int // root of the restored tree
+	tree []*proc.Process
+
+	failure error
+}
+
+func newDest(s *Session, p destParams, rpcFd, memFd int) (*dest, error) {
+	m := &dest{s: s, p: p, log: p.log, want: -1}
+	m.recv.dir = p.dir
+	m.ph = newPhaseTimer(s, p.log)
+	var err error
+	if m.rpc, err = newConn(s.l, "rpc", rpcFd, wire.RPC, 64<<10); err != nil {
+		closeFd(rpcFd)
+		closeFd(memFd)
+		return nil, err
+	}
+	if m.mem, err = newConn(s.l, "mem", memFd, wire.Mem, 4<<20); err != nil {
+		m.rpc.close()
+		closeFd(memFd)
+		return nil, err
+	}
+	// An error handling a message aborts the migration by the rule (and
+	// tells the peer why); it does not just drop the connection.
+	m.rpc.onMessage = func(msg wire.Message) error {
+		if err := m.onRPC(msg); err != nil {
+			m.abort(err)
+		}
+		return nil
+	}
+	m.rpc.onClose = m.onConnClose
+	m.mem.onClose = m.onConnClose
+	m.mem.onMessage = func(msg wire.Message) error {
+		if m.relay == nil {
+			return protocolErr("page data before the page server started")
+		}
+		return m.relay.fromPeer(msg)
+	}
+	return m, nil
+}
+
+func (m *dest) begin() error {
+	m.ph.enter("prepare")
+	return nil
+}
+
+func (m *dest) finished() bool { return m.state == dstEnd }
+
+func (m *dest) onRPC(msg wire.Message) error {
+	switch msg := msg.(type) {
+	case *wire.Ping:
+		return m.rpc.send(&wire.Pong{Seq: msg.Seq})
+	case *wire.Pong:
+		return nil
+	case *wire.Fail:
+		m.abort(api.Errorf(api.Code(msg.Code), "source: %s", msg.Message))
+		return nil
+	case *wire.Prepare:
+		if m.state != dstPrepare {
+			break
+		}
+		return m.prepare(msg)
+	case *wire.FileBegin:
+		if m.state != dstReceive {
+			break
+		}
+		return m.recv.begin(msg)
+	case *wire.FileData:
+		if m.state != dstReceive {
+			break
+		}
+		return m.recv.data(msg.Data)
+	case *wire.FileEnd:
+		if m.state != dstReceive {
+			break
+		}
+		return m.recv.end(msg)
+	case *wire.Restore:
+		if m.state != dstReceive || m.want >= 0 {
+			break
+		}
+		m.want = msg.Files
+		return m.maybeRestore()
+	case *wire.Commit:
+		if m.state != dstRestored {
+			break
+		}
+		return m.commit()
+	case *wire.Done:
+		if m.state != dstCommitted {
+			break
+		}
+		m.finish()
+		return nil
+	}
+	return protocolErr("unexpected %s in state %s", msg.Type(), m.state)
+}
+
+func (m *dest) prepare(p *wire.Prepare) error {
+	m.srcPID = p.PID
+	m.s.pid.Store(int64(p.PID))
+	m.log = m.log.With(zap.Int("source_pid", p.PID))
+	m.ph.log = m.log
+	mine := m.p.info.Version.Code()
+	if p.CRIUVersion > mine {
+		return api.Errorf(api.CodePrecondition,
+			"destination CRIU %s is older than the source's %s: images may not restore; install CRIU >= %s on the destination",
+			m.p.info.Version, criu.VersionFromCode(p.CRIUVersion), criu.VersionFromCode(p.CRIUVersion))
+	}
+	m.ph.enter("checks")
+	if len(p.CPUInfo) == 0 {
+		m.log.Warn("source sent no cpuinfo: CPU check skipped")
+		return m.startPageServer("skipped")
+	}
+	dir := filepath.Join(m.p.dir, "cpuinfo")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "cpuinfo.img"), p.CPUInfo, 0o600); err != nil {
+		return err
+	}
+	op, err := m.p.criu.StartCPUInfoCheck(criu.Options{ImagesDir: dir, LogFile: "cpuinfo-check.log"})
+	if err != nil {
+		return err
+	}
+	m.state = dstChecks
+	m.check, err = watchCRIU(m.s.l, op, 1, m.onCheck, m.abort)
+	return err
+}
+
+func (m *dest) onCheck(ev criu.Event) error {
+	var ce *criu.Error
+	switch {
+	case ev.Err == nil:
+		return m.startPageServer("ok")
+	case errors.As(ev.Err, &ce) && ce.Errno == unix.ENOTSUP:
+		m.log.Warn("CRIU cannot compare CPUs here: CPU check skipped")
+		return m.startPageServer("skipped")
+	default:
+		return api.Errorf(api.CodePrecondition, "this CPU cannot run tasks dumped on the source: %v", ev.Err)
+	}
+}
+
+func (m *dest) startPageServer(cpuCheck string) error {
+	local, theirs, err := newPageSocket()
+	if err != nil {
+		return err
+	}
+	defer theirs.Close()
+	if m.relay, err = newRelay(m.s.l, local, m.mem); err != nil {
+		return err
+	}
+	m.relay.onError = m.abort
+	op, err := m.p.criu.StartPageServer(criu.Options{ImagesDir: m.p.dir, LogFile: "page-server.log", PageServer: theirs})
+	if err != nil {
+		return err
+	}
+	m.state = dstPageServer
+	m.ph.enter("page-server")
+	m.ps, err = watchCRIU(m.s.l, op, 2, func(ev criu.Event) error { return m.onPageServer(ev, cpuCheck) }, m.abort)
+	return err
+}
+
+func (m *dest) onPageServer(ev criu.Event, cpuCheck string) error {
+	if ev.Err != nil {
+		return api.Errorf(api.CodeAborted, "page server: %v", ev.Err)
+	}
+	if ev.Notify != "" {
+		return m.ps.op.Reply(true)
+	}
+	if m.state == dstPageServer {
+		// Started: ask CRIU to tell us how it ends.
+		if err := m.ps.op.WaitPID(ev.PID); err != nil {
+			return err
+		}
+		m.state = dstReceive
+		m.ph.enter("receive")
+		return m.rpc.send(&wire.Ready{CRIUVersion: m.p.info.Version.Code(), CPUCheck: cpuCheck})
+	}
+	// WAIT_PID answered: the page server has exited.
+	if !ev.Status.Exited() || ev.Status.ExitStatus() != 0 {
+		return api.Errorf(api.CodeAborted, "page server ended with %s (log: %s)", waitStatus(ev.Status), m.ps.op.LogPath())
+	}
+	m.psDone = true
+	return m.maybeRestore()
+}
+
+func waitStatus(ws syscall.WaitStatus) string {
+	switch {
+	case ws.Exited():
+		return fmt.Sprintf("exit status %d", ws.ExitStatus())
+	case ws.Signaled():
+		return fmt.Sprintf("signal %v", ws.Signal())
+	}
+	return fmt.Sprintf("wait status %#x", int(ws))
+}
+
+// maybeRestore restores once all pages and all images are in.
+func (m *dest) maybeRestore() error {
+	if m.state != dstReceive || !m.psDone || m.want < 0 {
+		return nil
+	}
+	if m.recv.cur != nil || m.recv.files != m.want {
+		return protocolErr("restore asked with %d of %d image files received", m.recv.files, m.want)
+	}
+	m.ph.enter("restore")
+	m.tRestore = time.Now()
+	op, err := m.p.criu.StartRestore(criu.Options{
+		ImagesDir:    m.p.dir,
+		LogFile:      "restore.log",
+		LeaveStopped: true,
+		Notify:       true,
+	})
+	if err != nil {
+		return err
+	}
+	m.state = dstRestore
+	m.restoreW, err = watchCRIU(m.s.l, op, 1, m.onRestore, m.abort)
+	return err
+}
+
+func (m *dest) onRestore(ev criu.Event) error {
+	if ev.Notify != "" {
+		if ev.Notify == "post-restore" {
+			// The tree exists from here: remember its root, so an abort
+			// can remove it even if CRIU's answer never comes.
+			m.pid = ev.PID
+			m.log.Info("tree restored", zap.Int("pid", ev.PID))
+		}
+		return m.restoreW.op.Reply(m.state == dstRestore)
+	}
+	if ev.Err != nil {
+		m.pid = 0 // CRIU killed what it had restored
+		return api.Errorf(api.CodeAborted, "restore failed: %v", ev.Err)
+	}
+	if ev.PID != 0 {
+		m.pid = ev.PID
+	}
+	m.s.pid.Store(int64(m.pid))
+	tree, err := proc.OpenTree(m.pid, 0)
+	if err != nil {
+		return api.Errorf(api.CodeAborted, "restored tree: %v", err)
+	}
+	m.tree = tree
+	msg := &wire.Restored{PID: m.pid, RestoreMS: time.Since(m.tRestore).Milliseconds()}
+	if st, err := criu.ReadRestoreStats(m.p.dir); err == nil {
+		msg.Stats = &wire.RestoreStats{
+			PagesCompared: st.PagesCompared, PagesSkippedCOW: st.PagesSkippedCOW, PagesRestored: st.PagesRestored,
+			ForkingUS: st.ForkingUS, RestoreUS: st.RestoreUS,
+		}
+	}
+	m.state = dstRestored
+	m.ph.enter("wait-commit")
+	return m.rpc.send(msg)
+}
+
+// commit is the commit point: from here the migration is final and the
+// restored tree runs.
+func (m *dest) commit() error {
+	if err := proc.SignalAll(m.tree, syscall.SIGCONT); err != nil {
+		return api.Errorf(api.CodeAborted, "resume restored tree: %v", err)
+	}
+	m.state = dstCommitted
+	m.ph.enter("committed")
+	m.log.Info("migration committed: process runs here", zap.Int("pid", m.pid))
+	return m.rpc.send(&wire.Committed{PID: m.pid})
+}
+
+func (m *dest) finish() {
+	m.ph.enter("done")
+	m.state = dstEnd
+}
+
+func (m *dest) onConnClose(err error) {
+	if m.state == dstEnd {
+		return
+	}
+	if m.state == dstCommitted {
+		// Committed: the source only had Done left to say.
+		m.finish()
+		return
+	}
+	if errors.Is(err, io.EOF) {
+		err = errors.New("source closed the connection")
+	}
+	m.abort(api.Errorf(api.CodeAborted, "connection to source lost: %v", err))
+}
+
+// abort discards this side's copy: before the commit the process belongs
+// to the source.
+func (m *dest) abort(err error) {
+	if m.state == dstEnd {
+		return
+	}
+	if m.state == dstCommitted {
+		m.log.Warn("error after commit", zap.Error(err))
+		m.finish()
+		return
+	}
+	m.failure = err
+	m.log.Warn("migration aborted: discarding this copy", zap.Error(err))
+	if !m.rpc.closed {
+		e := api.AsError(err)
+		m.rpc.send(&wire.Fail{Code: string(e.Code), Message: e.Message})
+	}
+	m.discard()
+	m.state = dstEnd
+}
+
+// discard kills the restored tree, if any. A restore still running is told
+// no at its next notification (its socket closes), and CRIU kills what it
+// restored.
+func (m *dest) discard() {
+	if m.restoreW != nil {
+		m.restoreW.stop()
+	}
+	if m.tree == nil && m.pid != 0 {
+		if tree, err := proc.OpenTree(m.pid, 0); err == nil {
+			m.tree = tree
+		}
+	}
+	if m.tree != nil {
+		proc.SignalAll(m.tree, syscall.SIGKILL)
+		if err := proc.WaitExited(m.tree, 5*time.Second); err != nil {
+			m.log.Error("restored tree did not exit", zap.Error(err))
+		}
+		proc.CloseAll(m.tree)
+		m.tree = nil
+	}
+}
+
+func (m *dest) stop() {
+	m.abort(api.Errorf(api.CodeAborted, "destination phauld is shutting down"))
+}
+
+func (m *dest) cleanup() {
+	if m.state != dstEnd && m.state != dstCommitted {
+		m.discard()
+	}
+	m.recv.close()
+	for _, w := range []*criuWatch{m.check, m.ps, m.restoreW} {
+		if w != nil {
+			w.stop()
+		}
+	}
+	if m.relay != nil {
+		m.relay.close()
+	}
+	m.rpc.flush()
+	m.rpc.close()
+	m.mem.close()
+	proc.CloseAll(m.tree)
+}
+
+func (m *dest) outcome() (api.Result, error) {
+	if m.failure != nil {
+		return api.Result{}, m.failure
+	}
+	var pages int64
+	if m.relay != nil {
+		pages = m.relay.received
+	}
+	return api.Result{
+		ID:        m.s.ID.String(),
+		SourcePID: m.srcPID,
+		DestPID:   m.pid,
+		TotalMS:   time.Since(m.s.started).Milliseconds(),
+		Bytes:     m.rpc.bytesOut + m.rpc.bytesIn + m.mem.bytesOut + m.mem.bytesIn,
+		PageBytes: pages,
+		PhasesMS:  m.ph.took,
+	}, nil
+}

@@ -1,0 +1,620 @@
+//go:build linux
+
+package session
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/version"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// Config configures a Manager.
+type Config struct {
+	Log  *zap.Logger
+	CRIU *criu.Client
+	// Info is what criu.Probe found at start-up.
+	Info criu.Info
+	// StateDir holds a directory per session (images, CRIU logs).
+	StateDir string
+	// HandshakeTimeout bounds reading a connection's Hello and writing
+	// its reply.
+	HandshakeTimeout time.Duration
+	// PairTimeout is how long one connection of a pair waits for the
+	// other before it is dropped.
+	PairTimeout time.Duration
+	// DialTimeout bounds connecting to a destination.
+	DialTimeout time.Duration
+	// KeepImages keeps a successful session's directory; failed ones are
+	// always kept for inspection.
+	KeepImages bool
+}
+
+func (c *Config) setDefaults() {
+	if c.Log == nil {
+		c.Log = zap.NewNop()
+	}
+	if c.HandshakeTimeout == 0 {
+		c.HandshakeTimeout = 10 * time.Second
+	}
+	if c.PairTimeout == 0 {
+		c.PairTimeout = 30 * time.Second
+	}
+	if c.DialTimeout == 0 {
+		c.DialTimeout = 10 * time.Second
+	}
+}
+
+// Limits on connections that have not become a session yet, so that a
+// flood of handshakes cannot exhaust the daemon.
+const (
+	maxHandshakes = 256
+	maxHalves     = 128
+)
+
+// Manager owns every session of a daemon: it pairs incoming connections
+// into destination sessions, starts source sessions, and stops them all at
+// shutdown. Sessions are independent: one failing never cancels another.
+type Manager struct {
+	cfg Config
+	log *zap.Logger
+
+	mu        sync.Mutex
+	sessions  map[wire.SessionID]*Session
+	halves    map[wire.SessionID]*half
+	closing   bool
+	listeners []net.Listener
+
+	handshakes chan struct{} // semaphore
+	// shaking are the connections still in their handshake, closed at
+	// shutdown so that nobody waits for their timeout.
+	shaking map[net.Conn]struct{}
+	sessWG  sync.WaitGroup
+	connWG  sync.WaitGroup
+}
+
+// half is an incoming migration of which one connection (or both, before
+// their replies are written) has arrived.
+type half struct {
+	conns [2]net.Conn // by role: 0 rpc, 1 mem
+	ready [2]bool
+	timer *time.Timer
+}
+
+func roleIndex(r wire.Role) int {
+	if r == wire.RoleMem {
+		return 1
+	}
+	return 0
+}
+
+// NewManager returns a manager; call Serve for each migration listener.
+func NewManager(cfg Config) (*Manager, error) {
+	cfg.setDefaults()
+	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "sessions"), 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	return &Manager{
+		cfg:        cfg,
+		log:        cfg.Log,
+		sessions:   map[wire.SessionID]*Session{},
+		halves:     map[wire.SessionID]*half{},
+		handshakes: make(chan struct{}, maxHandshakes),
+		shaking:    map[net.Conn]struct{}{},
+	}, nil
+}
+
+// Serve accepts migration connections on l until Shutdown. It returns nil
+// after Shutdown, or the listener's error.
+func (m *Manager) Serve(l net.Listener) error {
+	m.mu.Lock()
+	if m.closing {
+		m.mu.Unlock()
+		l.Close()
+		return nil
+	}
+	m.listeners = append(m.listeners, l)
+	m.mu.Unlock()
+
+	var delay time.Duration
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			m.mu.Lock()
+			closing := m.closing
+			m.mu.Unlock()
+			if closing {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded) || isTemporary(err) {
+				// EMFILE and friends: back off rather than spin.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				m.log.Warn("accept failed; retrying", zap.Error(err), zap.Duration("delay", delay))
+				time.Sleep(delay)
+				continue
+			}
+			return fmt.Errorf("accept migration connection: %w", err)
+		}
+		delay = 0
+		select {
+		case m.handshakes <- struct{}{}:
+		default:
+			m.log.Warn("too many handshakes in progress; connection refused", zap.Stringer("remote", c.RemoteAddr()))
+			c.Close()
+			continue
+		}
+		m.mu.Lock()
+		m.shaking[c] = struct{}{}
+		m.connWG.Add(1)
+		m.mu.Unlock()
+		go func() {
+			defer m.connWG.Done()
+			defer func() {
+				m.mu.Lock()
+				delete(m.shaking, c)
+				m.mu.Unlock()
+				<-m.handshakes
+			}()
+			m.handshake(c)
+		}()
+	}
+}
+
+func isTemporary(err error) bool {
+	var t interface{ Temporary() bool }
+	return errors.As(err, &t) && t.Temporary()
+}
+
+// handshake reads a connection's Hello, answers it, and pairs the
+// connection with its sibling by session id. Pairing is never by arrival
+// order.
+func (m *Manager) handshake(c net.Conn) {
+	remote := c.RemoteAddr().String()
+	log := m.log.With(zap.String("remote", remote))
+	c.SetDeadline(time.Now().Add(m.cfg.HandshakeTimeout))
+	msg, err := wire.ReadMessage(c, wire.Handshake)
+	if err != nil {
+		log.Warn("handshake failed: connection dropped", zap.Error(err))
+		c.Close()
+		return
+	}
+	hello, ok := msg.(*wire.Hello)
+	if !ok {
+		log.Warn("handshake failed: connection dropped", zap.String("message", msg.Type().String()))
+		c.Close()
+		return
+	}
+	log = log.With(zap.Stringer("session", hello.Session), zap.String("role", string(hello.Role)))
+	role := roleIndex(hello.Role)
+
+	h, err := m.reserve(hello, c)
+	reply := &wire.HelloReply{OK: err == nil, Daemon: version.Daemon()}
+	if err != nil {
+		reply.Error = err.Error()
+	}
+	werr := wire.WriteMessage(c, reply)
+	if err != nil || werr != nil {
+		if err == nil {
+			err = werr
+			m.unreserve(hello.Session, h, role)
+		}
+		log.Warn("handshake refused", zap.Error(err))
+		c.Close()
+		return
+	}
+	c.SetDeadline(time.Time{})
+
+	m.mu.Lock()
+	h.ready[role] = true
+	complete := h.ready[0] && h.ready[1] && m.halves[hello.Session] == h && !m.closing
+	if complete {
+		delete(m.halves, hello.Session)
+		h.timer.Stop()
+	}
+	m.mu.Unlock()
+	log.Debug("connection accepted")
+	if complete {
+		m.startDest(hello.Session, h)
+	}
+}
+
+// reserve records c as the connection of its role for its session.
+func (m *Manager) reserve(hello *wire.Hello, c net.Conn) (*half, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closing {
+		return nil, errors.New("destination phauld is shutting down")
+	}
+	if hello.Proto < wire.Version {
+		return nil, fmt.Errorf("protocol version %d is not supported (this daemon speaks %d)", hello.Proto, wire.Version)
+	}
+	if _, ok := m.sessions[hello.Session]; ok {
+		return nil, fmt.Errorf("session %s is already running", hello.Session)
+	}
+	h := m.halves[hello.Session]
+	if h == nil {
+		if len(m.halves) >= maxHalves {
+			return nil, errors.New("too many unpaired connections")
+		}
+		h = &half{}
+		id := hello.Session
+		h.timer = time.AfterFunc(m.cfg.PairTimeout, func() { m.expire(id, h) })
+		m.halves[id] = h
+	}
+	role := roleIndex(hello.Role)
+	if h.conns[role] != nil {
+		return nil, fmt.Errorf("session %s already has its %s connection", hello.Session, hello.Role)
+	}
+	h.conns[role] = c
+	return h, nil
+}
+
+func (m *Manager) unreserve(id wire.SessionID, h *half, role int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	h.conns[role], h.ready[role] = nil, false
+	if h.conns[0] == nil && h.conns[1] == nil && m.halves[id] == h {
+		delete(m.halves, id)
+		h.timer.Stop()
+	}
+}
+
+// expire drops a connection whose sibling did not arrive in time.
+func (m *Manager) expire(id wire.SessionID, h *half) {
+	m.mu.Lock()
+	if m.halves[id] != h {
+		m.mu.Unlock()
+		return
+	}
+	delete(m.halves, id)
+	conns := h.conns
+	m.mu.Unlock()
+	for i, c := range conns {
+		if c != nil {
+			m.log.Warn("lone connection dropped: its pair never arrived",
+				zap.Stringer("session", id), zap.String("role", []string{"rpc", "mem"}[i]),
+				zap.Stringer("remote", c.RemoteAddr()), zap.Duration("waited", m.cfg.PairTimeout))
+			c.Close()
+		}
+	}
+}
+
+func (m *Manager) sessionDir(id wire.SessionID) string {
+	return filepath.Join(m.cfg.StateDir, "sessions", id.String())
+}
+
+// startDest turns a complete pair into a destination session.
+func (m *Manager) startDest(id wire.SessionID, h *half) {
+	peer := h.conns[0].RemoteAddr().String()
+	log := m.log.With(zap.Stringer("session", id), zap.String("peer", peer), zap.String("direction", Incoming))
+	fail := func(err error) {
+		log.Error("cannot start session", zap.Error(err))
+		for _, c := range h.conns {
+			c.Close()
+		}
+	}
+	dir := m.sessionDir(id)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		fail(err)
+		return
+	}
+	rpcFd, err := detach(h.conns[0])
+	if err != nil {
+		h.conns[1].Close()
+		fail(err)
+		return
+	}
+	memFd, err := detach(h.conns[1])
+	if err != nil {
+		closeFd(rpcFd)
+		fail(err)
+		return
+	}
+	s, err := newSession(id, Incoming, peer)
+	if err != nil {
+		closeFd(rpcFd)
+		closeFd(memFd)
+		fail(err)
+		return
+	}
+	d, err := newDest(s, destParams{log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir}, rpcFd, memFd)
+	if err != nil {
+		s.l.close()
+		fail(err)
+		return
+	}
+	log.Info("incoming migration")
+	if !m.spawn(s, d, log, dir) {
+		d.cleanup()
+		s.l.close()
+	}
+}
+
+// spawn registers s and runs its machine on a goroutine of its own. A
+// session's failure or panic ends that session only. It returns false if
+// the manager is shutting down.
+func (m *Manager) spawn(s *Session, mach machine, log *zap.Logger, dir string) bool {
+	m.mu.Lock()
+	if m.closing {
+		m.mu.Unlock()
+		return false
+	}
+	m.sessions[s.ID] = s
+	m.sessWG.Add(1)
+	m.mu.Unlock()
+	go func() {
+		defer m.sessWG.Done()
+		err := s.run(mach, log)
+		m.mu.Lock()
+		delete(m.sessions, s.ID)
+		m.mu.Unlock()
+		if err != nil {
+			log.Error("migration failed", zap.Error(err), zap.String("images", dir))
+			return
+		}
+		fields := []zap.Field{zap.Int("dest_pid", s.result.DestPID), zap.Int64("total_ms", s.result.TotalMS), zap.Int64("bytes", s.result.Bytes)}
+		if s.Direction == Outgoing {
+			fields = append(fields, zap.Int64("frozen_ms", s.result.FrozenMS))
+		}
+		log.Info("migration succeeded", fields...)
+		if !m.cfg.KeepImages {
+			removeAll(log, dir)
+		}
+	}()
+	return true
+}
+
+// Migrate moves the process tree rooted at req.PID to the daemon at
+// req.To, and returns when the migration has ended. progress receives
+// progress events; it is called from another goroutine than the session's
+// and may block.
+func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error) {
+	addr, err := destAddr(req.To)
+	if err != nil {
+		return api.Result{}, err
+	}
+	info, err := m.checkPID(req.PID)
+	if err != nil {
+		return api.Result{}, err
+	}
+	var id wire.SessionID
+	if _, err := rand.Read(id[:]); err != nil {
+		return api.Result{}, err
+	}
+	log := m.log.With(zap.Stringer("session", id), zap.Int("pid", req.PID), zap.String("peer", addr), zap.String("direction", Outgoing))
+	log.Info("outgoing migration", zap.Int("caller_uid", caller.UID))
+
+	rpcConn, err := m.dial(ctx, addr, id, wire.RoleRPC)
+	if err != nil {
+		return api.Result{}, err
+	}
+	memConn, err := m.dial(ctx, addr, id, wire.RoleMem)
+	if err != nil {
+		rpcConn.Close()
+		return api.Result{}, err
+	}
+	dir := m.sessionDir(id)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		rpcConn.Close()
+		memConn.Close()
+		return api.Result{}, err
+	}
+	rpcFd, err := detach(rpcConn)
+	if err != nil {
+		memConn.Close()
+		os.Remove(dir)
+		return api.Result{}, err
+	}
+	memFd, err := detach(memConn)
+	if err != nil {
+		closeFd(rpcFd)
+		os.Remove(dir)
+		return api.Result{}, err
+	}
+	s, err := newSession(id, Outgoing, addr)
+	if err != nil {
+		closeFd(rpcFd)
+		closeFd(memFd)
+		os.Remove(dir)
+		return api.Result{}, err
+	}
+	s.pid.Store(int64(req.PID))
+
+	// The loop must never block on a slow client: progress goes through a
+	// buffer, and when the buffer is full an update is dropped (the next
+	// one supersedes it).
+	events := make(chan api.Event, 64)
+	forwarded := make(chan struct{})
+	go func() {
+		defer close(forwarded)
+		for ev := range events {
+			if progress != nil {
+				progress(ev)
+			}
+		}
+	}()
+	src, err := newSource(s, sourceParams{
+		log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir, proc: info, dest: req.To,
+		progress: func(ev api.Event) {
+			select {
+			case events <- ev:
+			default:
+			}
+		},
+	}, rpcFd, memFd)
+	if err != nil {
+		s.l.close()
+		close(events)
+		return api.Result{}, err
+	}
+	if !m.spawn(s, src, log, dir) {
+		src.cleanup()
+		s.l.close()
+		close(events)
+		return api.Result{}, api.Errorf(api.CodeUnavailable, "phauld is shutting down")
+	}
+	<-s.Done()
+	close(events)
+	<-forwarded
+	return s.result, s.err
+}
+
+// destAddr turns HOST or HOST:PORT into HOST:PORT.
+func destAddr(to string) (string, error) {
+	if to == "" {
+		return "", api.Errorf(api.CodeInvalid, "no destination: give --to HOST[:PORT]")
+	}
+	if _, port, err := net.SplitHostPort(to); err == nil {
+		if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+			return "", api.Errorf(api.CodeInvalid, "destination %q: bad port", to)
+		}
+		return to, nil
+	}
+	return net.JoinHostPort(trimBrackets(to), strconv.Itoa(api.DefaultPort)), nil
+}
+
+func trimBrackets(s string) string {
+	if len(s) > 1 && s[0] == '[' && s[len(s)-1] == ']' {
+		return s[1 : len(s)-1]
+	}
+	return s
+}
+
+// checkPID refuses what must not or cannot be migrated, before anything is
+// touched.
+func (m *Manager) checkPID(pid int) (proc.Info, error) {
+	if pid <= 0 {
+		return proc.Info{}, api.Errorf(api.CodeInvalid, "pid %d: give the pid of a running process", pid)
+	}
+	if pid == 1 {
+		return proc.Info{}, api.Errorf(api.CodeInvalid, "pid 1 is this host's init: it cannot be migrated")
+	}
+	info, err := proc.Stat(pid)
+	if errors.Is(err, proc.ErrNotFound) {
+		return proc.Info{}, api.Errorf(api.CodeNotFound, "no process with pid %d on this host", pid)
+	}
+	if err != nil {
+		return proc.Info{}, err
+	}
+	if info.KernelThread() {
+		return proc.Info{}, api.Errorf(api.CodeInvalid, "pid %d (%s) is a kernel thread: it cannot be migrated", pid, info.Comm)
+	}
+	if info.State == 'Z' || info.State == 'X' {
+		return proc.Info{}, api.Errorf(api.CodeInvalid, "pid %d (%s) has exited (zombie)", pid, info.Comm)
+	}
+	self := os.Getpid()
+	if inside, err := proc.IsAncestor(pid, self); err == nil && inside {
+		if pid == self {
+			return proc.Info{}, api.Errorf(api.CodeInvalid, "pid %d is phauld itself", pid)
+		}
+		return proc.Info{}, api.Errorf(api.CodeInvalid,
+			"pid %d (%s) is an ancestor of phauld: dumping its tree would freeze phauld itself", pid, info.Comm)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, s := range m.sessions {
+		if s.Direction == Outgoing && int(s.pid.Load()) == pid {
+			return proc.Info{}, api.Errorf(api.CodeConflict, "pid %d is already being migrated (session %s)", pid, s.ID)
+		}
+	}
+	return info, nil
+}
+
+// dial opens one connection of a migration and does its handshake.
+func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role wire.Role) (net.Conn, error) {
+	unreachable := func(err error) error {
+		return api.Errorf(api.CodeUnavailable,
+			"cannot reach the destination phauld at %s: %v (is phauld running there? try 'systemctl status phauld.socket' on that host)", addr, err)
+	}
+	d := net.Dialer{Timeout: m.cfg.DialTimeout}
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, unreachable(err)
+	}
+	c.SetDeadline(time.Now().Add(m.cfg.HandshakeTimeout))
+	if err := wire.WriteMessage(c, &wire.Hello{Proto: wire.Version, Role: role, Session: id, Daemon: version.Daemon()}); err != nil {
+		c.Close()
+		return nil, unreachable(err)
+	}
+	msg, err := wire.ReadMessage(c, wire.Handshake)
+	if err != nil {
+		c.Close()
+		return nil, unreachable(fmt.Errorf("handshake: %w", err))
+	}
+	reply, ok := msg.(*wire.HelloReply)
+	if !ok {
+		c.Close()
+		return nil, unreachable(fmt.Errorf("handshake: got %s", msg.Type()))
+	}
+	if !reply.OK {
+		c.Close()
+		return nil, api.Errorf(api.CodeUnavailable, "the destination phauld at %s refused the %s connection: %s", addr, role, reply.Error)
+	}
+	c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+// Sessions lists the sessions in progress.
+func (m *Manager) Sessions() []api.Session {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	list := make([]api.Session, 0, len(m.sessions))
+	for _, s := range m.sessions {
+		list = append(list, s.Info())
+	}
+	return list
+}
+
+// Shutdown stops accepting connections, stops every session through its
+// eventfd (each ends by its commit rule) and waits for them until ctx ends.
+func (m *Manager) Shutdown(ctx context.Context) error {
+	m.mu.Lock()
+	m.closing = true
+	for _, l := range m.listeners {
+		l.Close()
+	}
+	for id, h := range m.halves {
+		h.timer.Stop()
+		for _, c := range h.conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+		delete(m.halves, id)
+	}
+	for c := range m.shaking {
+		c.Close()
+	}
+	for _, s := range m.sessions {
+		s.Stop()
+	}
+	m.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() {
+		m.sessWG.Wait()
+		m.connWG.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("sessions still running at the stop deadline: %w", ctx.Err())
+	}
+}

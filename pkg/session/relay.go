@@ -1,0 +1,274 @@
+//go:build linux
+
+package session
+
+import (
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/phaul/phaul/pkg/epoll"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// relay carries CRIU's page-server stream between a local socket, whose
+// other end CRIU holds, and the mem connection to the peer daemon. The
+// same relay runs on both sides: the source's CRIU dumps into it, the
+// destination's CRIU page server reads from it, and the page server's
+// acknowledgements travel back the same way. phauld sits in the middle of
+// the stream so that it can count it (and, later, encrypt it).
+type relay struct {
+	l     *loop
+	local int // our end of the socketpair; CRIU has the other
+	mem   *conn
+
+	localOut    [][]byte
+	localOutLen int
+	localPaused bool // reading local stopped: mem's queue is full
+	localEOF    bool // CRIU closed its side
+	remoteEOF   bool // the peer's CRIU closed its side
+	shutdown    bool // we shut down writing to CRIU
+	closed      bool
+
+	// sent and received count page-stream bytes (payload, not framing).
+	sent, received int64
+
+	// onError reports a failure of the local side. Failures of the mem
+	// side go to the mem conn's onClose.
+	onError func(error)
+	// onEnd runs once both directions have ended.
+	onEnd func()
+}
+
+// newPageSocket returns a connected pair of stream sockets: ours
+// (non-blocking, close-on-exec) and CRIU's, as a file to pass to it.
+func newPageSocket() (ours int, theirs *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, nil, fmt.Errorf("page socketpair: %w", err)
+	}
+	// Deep socket buffers let CRIU hand over a whole page pipe at once.
+	// SO_*BUFFORCE may exceed the sysctl limits; plain SO_*BUF if not root.
+	for _, fd := range fds {
+		for _, o := range [][2]int{{unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}, {unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}} {
+			if unix.SetsockoptInt(fd, unix.SOL_SOCKET, o[0], 4<<20) != nil {
+				unix.SetsockoptInt(fd, unix.SOL_SOCKET, o[1], 4<<20)
+			}
+		}
+	}
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		unix.Close(fds[0])
+		unix.Close(fds[1])
+		return -1, nil, err
+	}
+	return fds[0], os.NewFile(uintptr(fds[1]), "criu-pages"), nil
+}
+
+func newRelay(l *loop, local int, mem *conn) (*relay, error) {
+	r := &relay{l: l, local: local, mem: mem}
+	if err := l.watch(local, epoll.In|epoll.RDHup, r.handle); err != nil {
+		return nil, err
+	}
+	mem.onDrain = r.memDrained
+	return r, nil
+}
+
+func (r *relay) handle(events uint32) {
+	if r.closed {
+		return
+	}
+	if events&(epoll.In|epoll.Hup|epoll.Err|epoll.RDHup) != 0 && !r.localPaused && !r.localEOF {
+		r.readLocal()
+	}
+	if !r.closed && events&(epoll.Out|epoll.Err) != 0 {
+		r.flushLocal()
+	}
+}
+
+// readLocal forwards what CRIU wrote as PageData frames. Each read lands
+// behind room for the frame header, so the bytes are not copied again.
+func (r *relay) readLocal() {
+	for round := 0; round < readRounds && !r.localPaused && !r.closed; round++ {
+		buf := make([]byte, wire.HeaderLen+wire.DataChunk)
+		n, err := unix.Read(r.local, buf[wire.HeaderLen:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			break
+		}
+		if err != nil {
+			r.fail(fmt.Errorf("read page stream from criu: %w", err))
+			return
+		}
+		if n == 0 {
+			r.localEOF = true
+			r.mem.send(&wire.PageEOF{})
+			r.update()
+			r.checkEnd()
+			return
+		}
+		wire.PutHeader(buf, wire.TypePageData, n)
+		r.sent += int64(n)
+		r.mem.queue(buf[:wire.HeaderLen+n])
+		if r.mem.outLen >= highWater {
+			r.localPaused = true
+		}
+	}
+	r.update()
+}
+
+// memDrained restarts reading CRIU's side once the mem queue has room.
+func (r *relay) memDrained() {
+	if r.localPaused && !r.closed {
+		r.localPaused = false
+		r.update()
+	}
+}
+
+// fromPeer handles a page message from the mem connection.
+func (r *relay) fromPeer(m wire.Message) error {
+	switch m := m.(type) {
+	case *wire.PageData:
+		if r.remoteEOF {
+			return fmt.Errorf("page data after end of page stream")
+		}
+		r.received += int64(len(m.Data))
+		r.writeLocal(m.Data)
+	case *wire.PageEOF:
+		if r.remoteEOF {
+			return fmt.Errorf("second end of page stream")
+		}
+		r.remoteEOF = true
+		r.flushLocal()
+	default:
+		return fmt.Errorf("unexpected %s on mem connection", m.Type())
+	}
+	return nil
+}
+
+// writeLocal writes b to CRIU, queueing (a copy of) what does not fit now.
+// b may alias the mem decoder's buffer.
+func (r *relay) writeLocal(b []byte) {
+	if r.closed {
+		return
+	}
+	if r.localOutLen == 0 {
+		for len(b) > 0 {
+			n, err := unix.Write(r.local, b)
+			if err == unix.EINTR {
+				continue
+			}
+			if err == unix.EAGAIN {
+				break
+			}
+			if err != nil {
+				r.fail(fmt.Errorf("write page stream to criu: %w", err))
+				return
+			}
+			b = b[n:]
+		}
+	}
+	if len(b) > 0 {
+		r.localOut = append(r.localOut, append([]byte(nil), b...))
+		r.localOutLen += len(b)
+		if r.localOutLen >= highWater {
+			r.mem.pause(true)
+		}
+	}
+	r.update()
+}
+
+func (r *relay) flushLocal() {
+	for r.localOutLen > 0 && !r.closed {
+		iov := r.localOut
+		if len(iov) > maxIovecs {
+			iov = iov[:maxIovecs]
+		}
+		n, err := unix.Writev(r.local, iov)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			break
+		}
+		if err != nil {
+			r.fail(fmt.Errorf("write page stream to criu: %w", err))
+			return
+		}
+		r.localOutLen -= n
+		for n > 0 {
+			if n >= len(r.localOut[0]) {
+				n -= len(r.localOut[0])
+				r.localOut = r.localOut[1:]
+			} else {
+				r.localOut[0] = r.localOut[0][n:]
+				n = 0
+			}
+		}
+	}
+	if r.closed {
+		return
+	}
+	if r.localOutLen < lowWater {
+		r.mem.pause(false)
+	}
+	if r.remoteEOF && r.localOutLen == 0 && !r.shutdown {
+		r.shutdown = true
+		// CRIU may be gone already; then there is nobody to tell.
+		unix.Shutdown(r.local, unix.SHUT_WR)
+	}
+	r.update()
+	r.checkEnd()
+}
+
+func (r *relay) update() {
+	if r.closed {
+		return
+	}
+	var ev uint32
+	if !r.localPaused && !r.localEOF {
+		ev |= epoll.In | epoll.RDHup
+	}
+	if r.localOutLen > 0 {
+		ev |= epoll.Out
+	}
+	r.l.setEvents(r.local, ev)
+}
+
+func (r *relay) checkEnd() {
+	if r.localEOF && r.shutdown && r.onEnd != nil {
+		end := r.onEnd
+		r.onEnd = nil
+		end()
+	}
+}
+
+// done reports whether both directions of the page stream have ended.
+func (r *relay) done() bool { return r.localEOF && r.shutdown }
+
+func (r *relay) fail(err error) {
+	if r.closed {
+		return
+	}
+	r.close()
+	if r.onError != nil {
+		r.onError(err)
+	}
+}
+
+// close closes our end of the local socket: a CRIU still writing to it
+// fails, which is how a dump in progress is aborted.
+func (r *relay) close() {
+	if r.closed {
+		return
+	}
+	r.closed = true
+	r.l.unwatch(r.local)
+	unix.Close(r.local)
+	r.localOut, r.localOutLen = nil, 0
+	if r.mem.onDrain != nil {
+		r.mem.onDrain = nil
+	}
+}

@@ -1,0 +1,210 @@
+//go:build linux
+
+package session
+
+import (
+	"bytes"
+	"crypto/rand"
+	"io"
+	"os"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// runLoop runs l on a goroutine until stop is set; it returns a function
+// that stops it and waits.
+func runLoop(t *testing.T, l *loop) func() {
+	t.Helper()
+	var stop atomic.Bool
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for !stop.Load() {
+			if _, err := l.runOnce(); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	return func() {
+		stop.Store(true)
+		l.wake()
+		<-done
+		l.close()
+	}
+}
+
+func socketpair(t *testing.T) (int, *os.File) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		t.Fatal(err)
+	}
+	return fds[0], os.NewFile(uintptr(fds[1]), "far")
+}
+
+// TestRelayBothWays pushes 48 MiB each way through a relay: from "CRIU"
+// (the far end of the local socket) to the peer as page-data frames, and
+// from the peer to CRIU, with both ends reading slowly enough for flow
+// control to engage. Every byte must arrive, in order, and each side's
+// end of stream must reach the other.
+func TestRelayBothWays(t *testing.T) {
+	l, err := newLoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	local, criuEnd := newPageSocketForTest(t)
+	memFd, peer := socketpair(t)
+	defer criuEnd.Close()
+	defer peer.Close()
+
+	mem, err := newConn(l, "mem", memFd, wire.Mem, 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := make(chan struct{})
+	failed := make(chan error, 2)
+	r, err := newRelay(l, local, mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem.onMessage = r.fromPeer
+	mem.onClose = func(err error) {
+		if err != io.EOF {
+			failed <- err
+		}
+	}
+	r.onError = func(err error) { failed <- err }
+	r.onEnd = func() { close(ended) }
+	stop := runLoop(t, l)
+	defer stop()
+
+	const size = 48 << 20
+	up := make([]byte, size)
+	down := make([]byte, size)
+	rand.Read(up)
+	rand.Read(down)
+
+	// CRIU writes up, then closes its writing side.
+	go func() {
+		criuEnd.Write(up)
+		unix.Shutdown(int(criuEnd.Fd()), unix.SHUT_WR)
+	}()
+	// The peer sends down as frames, then page-eof.
+	go func() {
+		for off := 0; off < size; off += wire.DataChunk {
+			b, _ := wire.Marshal(&wire.PageData{Data: down[off:min(size, off+wire.DataChunk)]})
+			peer.Write(b)
+		}
+		b, _ := wire.Marshal(&wire.PageEOF{})
+		peer.Write(b)
+	}()
+	// CRIU reads down until EOF, slowly at first.
+	gotDown := make(chan []byte)
+	go func() {
+		var buf bytes.Buffer
+		chunk := make([]byte, 64<<10)
+		for i := 0; ; i++ {
+			if i < 50 {
+				time.Sleep(time.Millisecond)
+			}
+			n, err := criuEnd.Read(chunk)
+			buf.Write(chunk[:n])
+			if err != nil {
+				break
+			}
+		}
+		gotDown <- buf.Bytes()
+	}()
+	// The peer decodes up.
+	var gotUp bytes.Buffer
+	dec := wire.NewDecoder(wire.Mem, 1<<20)
+	sawEOF := false
+	for !sawEOF {
+		n, err := peer.Read(dec.Space())
+		if err != nil {
+			t.Fatalf("peer read after %d bytes: %v", gotUp.Len(), err)
+		}
+		dec.Commit(n)
+		for {
+			m, err := dec.Next()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m == nil {
+				break
+			}
+			switch m := m.(type) {
+			case *wire.PageData:
+				gotUp.Write(m.Data)
+			case *wire.PageEOF:
+				sawEOF = true
+			}
+		}
+	}
+	if !bytes.Equal(gotUp.Bytes(), up) {
+		t.Fatalf("peer got %d bytes, want the %d CRIU wrote, in order", gotUp.Len(), size)
+	}
+	select {
+	case d := <-gotDown:
+		if !bytes.Equal(d, down) {
+			t.Fatalf("CRIU got %d bytes, want the %d the peer sent, in order", len(d), size)
+		}
+	case err := <-failed:
+		t.Fatal(err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("CRIU side never saw the end of the stream")
+	}
+	select {
+	case <-ended:
+	case err := <-failed:
+		t.Fatal(err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("relay did not report its end")
+	}
+}
+
+// newPageSocketForTest is newPageSocket with the far end as a blocking
+// file the test can read and write.
+func newPageSocketForTest(t *testing.T) (int, *os.File) {
+	t.Helper()
+	ours, theirs, err := newPageSocket()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ours, theirs
+}
+
+// TestRelayCloseFailsCRIU checks the abort path: closing the relay makes a
+// CRIU still writing pages fail, which is how a dump is aborted.
+func TestRelayCloseFailsCRIU(t *testing.T) {
+	l, err := newLoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.close()
+	local, criuEnd := newPageSocketForTest(t)
+	defer criuEnd.Close()
+	memFd, peer := socketpair(t)
+	defer peer.Close()
+	mem, err := newConn(l, "mem", memFd, wire.Mem, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := newRelay(l, local, mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.close()
+	if _, err := criuEnd.Write(make([]byte, 1<<20)); err == nil {
+		t.Fatal("writing to a closed relay succeeded")
+	}
+}

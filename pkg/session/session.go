@@ -1,0 +1,227 @@
+//go:build linux
+
+// Package session runs migrations. A Manager accepts the pairs of
+// connections that peer daemons open (rpc and mem, paired by the session id
+// of their handshake), and starts outgoing migrations for the control API.
+// Each migration is a Session: one goroutine, supervised by the Manager,
+// whose loop waits with epoll on the session's sockets (the two
+// connections, the CRIU page socket, CRIU's RPC sockets) and on an eventfd
+// that stops it.
+//
+// docs/design.md describes the session lifecycle and the commit rule the
+// source and destination state machines follow.
+package session
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/epoll"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// Direction of a session as seen from this daemon.
+const (
+	Outgoing = "out"
+	Incoming = "in"
+)
+
+// Session is one migration on this daemon.
+type Session struct {
+	ID        wire.SessionID
+	Direction string
+	Peer      string
+	started   time.Time
+
+	// Fields below are written by the loop goroutine and read by others.
+	pid   atomic.Int64
+	phase atomic.Value // string
+	bytes atomic.Int64
+
+	l    *loop
+	done chan struct{}
+	// result and err are set before done is closed.
+	result api.Result
+	err    error
+}
+
+func newSession(id wire.SessionID, dir, peer string) (*Session, error) {
+	l, err := newLoop()
+	if err != nil {
+		return nil, err
+	}
+	s := &Session{ID: id, Direction: dir, Peer: peer, started: time.Now(), l: l, done: make(chan struct{})}
+	s.phase.Store("starting")
+	return s, nil
+}
+
+// Stop asks the session to stop: it ends as its commit rule says for the
+// phase it is in (rolled back before the commit). It does not wait; see
+// Done.
+func (s *Session) Stop() { s.l.requestStop() }
+
+// Done is closed when the session has ended.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Info describes the session for the control API.
+func (s *Session) Info() api.Session {
+	return api.Session{
+		ID:        s.ID.String(),
+		Direction: s.Direction,
+		PID:       int(s.pid.Load()),
+		Peer:      s.Peer,
+		Phase:     s.phase.Load().(string),
+		Bytes:     s.bytes.Load(),
+		Started:   s.started,
+		AgeMS:     time.Since(s.started).Milliseconds(),
+	}
+}
+
+// machine is a session's role-specific state machine: what the source or
+// the destination does. run drives it until it has finished.
+type machine interface {
+	// begin starts the machine on its loop.
+	begin() error
+	// finished reports whether the machine has reached an end state.
+	finished() bool
+	// stop handles Session.Stop: end by the commit rule.
+	stop()
+	// cleanup releases everything, making the outcome safe if the
+	// machine did not finish (a panic): it runs even then.
+	cleanup()
+	// outcome is the result, or the error that ended the machine.
+	outcome() (api.Result, error)
+}
+
+// run drives m on the session's loop until it finishes, then cleans up.
+// A panic is turned into the session's error after cleanup has made the
+// state safe.
+func (s *Session) run(m machine, log *zap.Logger) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("session panicked: %v", r)
+			log.Error("session panicked", zap.Any("panic", r), zap.Stack("stack"))
+		}
+		m.cleanup()
+		s.l.close()
+		if err != nil && s.err == nil {
+			s.err = err
+		}
+		close(s.done)
+	}()
+	if err := m.begin(); err != nil {
+		s.err = err
+		return err
+	}
+	stopped := false
+	for !m.finished() {
+		if _, err := s.l.runOnce(); err != nil {
+			return fmt.Errorf("session loop: %w", err)
+		}
+		if s.l.stopRequested() && !stopped {
+			stopped = true
+			m.stop()
+		}
+	}
+	s.result, s.err = m.outcome()
+	return s.err
+}
+
+// phaseTimer logs one line per phase with its duration.
+type phaseTimer struct {
+	s     *Session
+	log   *zap.Logger
+	name  string
+	start time.Time
+	// took records each finished phase's duration in milliseconds.
+	took map[string]int64
+}
+
+func newPhaseTimer(s *Session, log *zap.Logger) *phaseTimer {
+	return &phaseTimer{s: s, log: log, took: map[string]int64{}}
+}
+
+// enter ends the current phase (logging it) and starts the next.
+func (p *phaseTimer) enter(name string) {
+	now := time.Now()
+	if p.name != "" {
+		d := now.Sub(p.start)
+		p.took[p.name] += d.Milliseconds()
+		p.log.Info("phase done", zap.String("phase", p.name), zap.Duration("duration", d))
+	}
+	p.name, p.start = name, now
+	p.s.phase.Store(name)
+}
+
+// criuWatch drives a CRIU request from the loop: each event goes to fn.
+// It stops watching once CRIU has sent the number of responses the request
+// makes (notifications do not count), or failed.
+type criuWatch struct {
+	op        *criu.Op
+	l         *loop
+	fn        func(criu.Event) error
+	fail      func(error)
+	responses int
+	done      bool
+}
+
+// watchCRIU watches op, which will send responses responses (2 for a page
+// server: its start, then WaitPID's answer).
+func watchCRIU(l *loop, op *criu.Op, responses int, fn func(criu.Event) error, fail func(error)) (*criuWatch, error) {
+	w := &criuWatch{op: op, l: l, fn: fn, fail: fail, responses: responses}
+	if err := l.watch(op.Fd(), epoll.In, w.handle); err != nil {
+		return nil, err
+	}
+	return w, nil
+}
+
+func (w *criuWatch) handle(uint32) {
+	for !w.done {
+		ev, err := w.op.Next()
+		if errors.Is(err, criu.ErrAgain) {
+			return
+		}
+		if err != nil {
+			w.stop()
+			w.fail(err)
+			return
+		}
+		if ev.Notify == "" {
+			w.responses--
+			if w.responses <= 0 || ev.Err != nil {
+				w.stop()
+			}
+		}
+		if err := w.fn(ev); err != nil {
+			w.stop()
+			w.fail(err)
+			return
+		}
+	}
+}
+
+// stop stops watching and closes the RPC socket (CRIU then finishes on
+// its own; see criu.Op.Close).
+func (w *criuWatch) stop() {
+	if w.done {
+		return
+	}
+	w.done = true
+	w.l.unwatch(w.op.Fd())
+	w.op.Close()
+}
+
+// removeAll removes dir, logging (not returning) a failure: a left-over
+// directory is untidy, not harmful.
+func removeAll(log *zap.Logger, dir string) {
+	if err := os.RemoveAll(dir); err != nil {
+		log.Warn("cannot remove session directory", zap.String("dir", dir), zap.Error(err))
+	}
+}

@@ -1,0 +1,477 @@
+//go:build linux
+
+package session
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// srcState is where the source is in its migration. The order matters:
+// states from srcCommit on are past the point where the source may decide
+// alone.
+type srcState int
+
+const (
+	// srcPrepare: Prepare sent, waiting for Ready.
+	srcPrepare srcState = iota
+	// srcDump: CRIU is dumping; pages stream through the relay.
+	srcDump
+	// srcRestore: the tree is frozen, held by CRIU at post-dump; images
+	// sent; waiting for Restored.
+	srcRestore
+	// srcRelease: post-dump answered "go on": CRIU leaves the tree
+	// stopped; waiting for its final response.
+	srcRelease
+	// srcCommit: Commit sent; waiting for Committed. The destination
+	// decides from here: the tree stays stopped until it answers.
+	srcCommit
+	// srcAbort: rolling back; waiting for CRIU to resume the tree.
+	srcAbort
+	// srcEnd: finished, successfully or not.
+	srcEnd
+)
+
+var srcStateNames = [...]string{"prepare", "dump", "restore", "release", "commit", "abort", "end"}
+
+func (s srcState) String() string { return srcStateNames[s] }
+
+// sourceParams is what a source session needs to know.
+type sourceParams struct {
+	log      *zap.Logger
+	criu     *criu.Client
+	info     criu.Info
+	dir      string
+	proc     proc.Info
+	dest     string
+	progress func(api.Event)
+}
+
+// source is the state machine of the daemon a process leaves.
+type source struct {
+	s   *Session
+	p   sourceParams
+	log *zap.Logger
+
+	rpc, mem *conn
+	ph       *phaseTimer
+	state    srcState
+
+	dump     *criuWatch
+	relay    *relay
+	released bool // post-dump answered "go on": CRIU leaves the tree stopped
+	tree     []*proc.Process
+
+	destPID   int
+	restore   *wire.RestoreStats
+	dumpStats *criu.DumpStats
+	fileBytes int64
+
+	t0, tDump, tCommitted time.Time
+	progressTimer         *timer
+
+	failure error
+}
+
+func newSource(s *Session, p sourceParams, rpcFd, memFd int) (*source, error) {
+	m := &source{s: s, p: p, log: p.log, t0: s.started}
+	m.ph = newPhaseTimer(s, p.log)
+	var err error
+	if m.rpc, err = newConn(s.l, "rpc", rpcFd, wire.RPC, 64<<10); err != nil {
+		closeFd(rpcFd)
+		closeFd(memFd)
+		return nil, err
+	}
+	if m.mem, err = newConn(s.l, "mem", memFd, wire.Mem, 4<<20); err != nil {
+		m.rpc.close()
+		closeFd(memFd)
+		return nil, err
+	}
+	// An error handling a message aborts the migration by the rule (and
+	// tells the peer why); it does not just drop the connection.
+	m.rpc.onMessage = func(msg wire.Message) error {
+		if err := m.onRPC(msg); err != nil {
+			m.abort(err)
+		}
+		return nil
+	}
+	m.rpc.onClose = m.onConnClose
+	m.mem.onClose = m.onConnClose
+	m.mem.onMessage = func(msg wire.Message) error {
+		if m.relay == nil {
+			return protocolErr("page data before the dump started")
+		}
+		return m.relay.fromPeer(msg)
+	}
+	return m, nil
+}
+
+func (m *source) begin() error {
+	m.ph.enter("prepare")
+	m.emit()
+	return m.rpc.send(&wire.Prepare{
+		PID:         m.p.proc.PID,
+		CRIUVersion: m.p.info.Version.Code(),
+		CPUInfo:     m.p.info.CPUInfo,
+	})
+}
+
+func (m *source) finished() bool { return m.state == srcEnd }
+
+func (m *source) emit() {
+	if m.p.progress == nil {
+		return
+	}
+	var b int64
+	if m.relay != nil {
+		b = m.relay.sent
+	}
+	b += m.fileBytes
+	m.s.bytes.Store(b)
+	m.p.progress(api.Event{Event: api.EventProgress, ID: m.s.ID.String(), Phase: m.ph.name, Bytes: b})
+}
+
+func (m *source) onRPC(msg wire.Message) error {
+	switch msg := msg.(type) {
+	case *wire.Ping:
+		return m.rpc.send(&wire.Pong{Seq: msg.Seq})
+	case *wire.Pong:
+		return nil
+	case *wire.Fail:
+		code := api.Code(msg.Code)
+		if code == "" {
+			code = api.CodeAborted
+		}
+		m.abort(api.Errorf(code, "destination: %s", msg.Message))
+		return nil
+	case *wire.Ready:
+		if m.state != srcPrepare {
+			break
+		}
+		m.log.Info("destination ready", zap.Int("dest_criu", msg.CRIUVersion), zap.String("cpu_check", msg.CPUCheck))
+		return m.startDump()
+	case *wire.Restored:
+		if m.state != srcRestore {
+			break
+		}
+		m.destPID = msg.PID
+		m.restore = msg.Stats
+		m.log.Info("destination restored the tree, stopped", zap.Int("dest_pid", msg.PID))
+		// Release the tree from CRIU: it stays stopped, and from now on
+		// its fate is phauld's to decide, after the destination's commit.
+		m.state = srcRelease
+		m.released = true
+		m.ph.enter("commit")
+		return m.dump.op.Reply(true)
+	case *wire.Committed:
+		if m.state != srcCommit {
+			break
+		}
+		m.tCommitted = time.Now()
+		m.destPID = msg.PID
+		m.finishCommitted()
+		return nil
+	}
+	return protocolErr("unexpected %s in state %s", msg.Type(), m.state)
+}
+
+func (m *source) startDump() error {
+	local, theirs, err := newPageSocket()
+	if err != nil {
+		return err
+	}
+	// CRIU gets its own copy of the socket at exec; ours closes now.
+	defer theirs.Close()
+	m.relay, err = newRelay(m.s.l, local, m.mem)
+	if err != nil {
+		return err
+	}
+	m.relay.onError = m.abort
+	m.ph.enter("dump")
+	m.tDump = time.Now()
+	op, err := m.p.criu.StartDump(criu.Options{
+		ImagesDir:    m.p.dir,
+		LogFile:      "dump.log",
+		PID:          m.p.proc.PID,
+		LeaveStopped: true,
+		Notify:       true,
+		PageServer:   theirs,
+	})
+	if err != nil {
+		return api.Errorf(api.CodeAborted, "start criu dump: %v", err)
+	}
+	m.state = srcDump
+	m.dump, err = watchCRIU(m.s.l, op, 1, m.onDump, m.abort)
+	if err != nil {
+		op.Close()
+		return err
+	}
+	m.tickProgress()
+	return nil
+}
+
+func (m *source) tickProgress() {
+	m.emit()
+	if m.state == srcDump || m.state == srcRestore {
+		m.progressTimer = m.s.l.after(250*time.Millisecond, m.tickProgress)
+	}
+}
+
+func (m *source) onDump(ev criu.Event) error {
+	if ev.Notify != "" {
+		switch {
+		case m.state == srcAbort:
+			// Say no at the first chance: CRIU resumes the tree.
+			return m.dump.op.Reply(false)
+		case ev.Notify == "post-dump" && m.state == srcDump:
+			// Frozen and fully dumped; CRIU now waits for our word.
+			return m.shipImages()
+		default:
+			return m.dump.op.Reply(true)
+		}
+	}
+	// CRIU's final response.
+	switch m.state {
+	case srcRelease:
+		if ev.Err != nil {
+			// CRIU failed after post-dump and resumed the tree itself.
+			m.released = false
+			m.abort(api.Errorf(api.CodeAborted, "dump: %v", ev.Err))
+			return nil
+		}
+		m.readDumpStats()
+		tree, err := proc.OpenTree(m.p.proc.PID, m.p.proc.StartTime)
+		if err != nil {
+			m.abort(api.Errorf(api.CodeAborted, "source tree after dump: %v", err))
+			return nil
+		}
+		m.tree = tree
+		m.state = srcCommit
+		return m.rpc.send(&wire.Commit{})
+	case srcAbort:
+		m.end()
+		return nil
+	default:
+		// A response before post-dump: the dump failed and CRIU resumed
+		// the tree.
+		err := ev.Err
+		if err == nil {
+			err = errors.New("criu ended the dump without a post-dump notification")
+		}
+		m.state = srcAbort
+		m.failure = api.Errorf(api.CodeAborted, "dump: %v", err)
+		m.tellPeer(m.failure)
+		m.end()
+		return nil
+	}
+}
+
+func (m *source) readDumpStats() {
+	st, err := criu.ReadDumpStats(m.p.dir)
+	if err != nil {
+		m.log.Warn("no dump statistics", zap.Error(err))
+		return
+	}
+	m.dumpStats = &st
+}
+
+// shipImages sends the non-page images and asks the destination to
+// restore. The tree stays frozen meanwhile.
+func (m *source) shipImages() error {
+	m.ph.enter("images")
+	names, err := imageFiles(m.p.dir)
+	if err != nil {
+		return fmt.Errorf("list images: %w", err)
+	}
+	n, err := sendFiles(m.rpc, m.p.dir, names)
+	m.fileBytes = n
+	if err != nil {
+		return err
+	}
+	m.state = srcRestore
+	m.ph.enter("restore")
+	return m.rpc.send(&wire.Restore{Files: len(names)})
+}
+
+func (m *source) onConnClose(err error) {
+	if m.state == srcEnd {
+		return
+	}
+	if errors.Is(err, io.EOF) {
+		err = errors.New("destination closed the connection")
+	}
+	m.abort(api.Errorf(api.CodeAborted, "connection to destination lost: %v", err))
+}
+
+// abort rolls the migration back as the commit rule says for the current
+// state. Before the commit the tree is resumed on this host; once Commit is
+// sent the outcome is the destination's, and the tree stays stopped.
+func (m *source) abort(err error) {
+	if m.failure == nil {
+		m.failure = err
+	}
+	switch m.state {
+	case srcEnd, srcAbort:
+		return
+	case srcPrepare:
+		m.tellPeer(err)
+		m.state = srcAbort
+		m.end()
+	case srcDump:
+		m.log.Warn("aborting dump", zap.Error(err))
+		m.tellPeer(err)
+		m.state = srcAbort
+		// CRIU fails writing pages, or answers "no" at post-dump.
+		if m.relay != nil {
+			m.relay.close()
+		}
+		m.waitCRIU()
+	case srcRestore:
+		m.log.Warn("aborting before commit", zap.Error(err))
+		m.tellPeer(err)
+		m.state = srcAbort
+		if m.dump.done {
+			m.end()
+			return
+		}
+		if rerr := m.dump.op.Reply(false); rerr != nil {
+			// The swrk socket is gone: CRIU resumes on its own.
+			m.end()
+			return
+		}
+		m.waitCRIU()
+	case srcRelease:
+		m.log.Warn("aborting before commit", zap.Error(err))
+		m.tellPeer(err)
+		m.state = srcAbort
+		m.waitCRIU()
+	case srcCommit:
+		m.failure = api.Errorf(api.CodeInDoubt,
+			"%v; the commit was asked of the destination and its answer did not arrive: the process is held stopped here (pid %d) until the destination's outcome is known",
+			err, m.p.proc.PID)
+		m.log.Error("migration in doubt", zap.Error(err))
+		m.state = srcEnd
+	}
+}
+
+// waitCRIU ends the abort once CRIU has answered, or right away if it
+// already has.
+func (m *source) waitCRIU() {
+	if m.dump == nil || m.dump.done {
+		m.end()
+	}
+}
+
+// tellPeer sends Fail to the destination if the rpc connection is up.
+func (m *source) tellPeer(err error) {
+	if m.rpc.closed {
+		return
+	}
+	e := api.AsError(err)
+	m.rpc.send(&wire.Fail{Code: string(e.Code), Message: e.Message})
+}
+
+// end finishes an aborted migration: the tree must run here again.
+func (m *source) end() {
+	if m.released && m.tree == nil {
+		// CRIU left the tree stopped; resume it ourselves.
+		if tree, err := proc.OpenTree(m.p.proc.PID, m.p.proc.StartTime); err == nil {
+			m.tree = tree
+		}
+	}
+	if m.released && m.tree != nil {
+		if err := proc.SignalAll(m.tree, syscall.SIGCONT); err != nil {
+			m.log.Error("cannot resume the source tree", zap.Error(err))
+		}
+	}
+	m.state = srcEnd
+	if !m.tDump.IsZero() {
+		e := api.AsError(m.failure)
+		m.failure = api.Errorf(e.Code, "migration failed; the process was resumed here (pid %d): %s", m.p.proc.PID, e.Message)
+		m.log.Info("migration rolled back: process runs on the source", zap.Error(m.failure))
+	}
+}
+
+func (m *source) finishCommitted() {
+	// Commit is recorded on the destination and the tree runs there: the
+	// stopped copy here must go.
+	if err := proc.SignalAll(m.tree, syscall.SIGKILL); err != nil {
+		m.log.Error("cannot kill the source tree", zap.Error(err))
+	}
+	if err := proc.WaitExited(m.tree, 5*time.Second); err != nil {
+		m.log.Error("source tree did not exit", zap.Error(err))
+	}
+	m.rpc.send(&wire.Done{})
+	m.ph.enter("done")
+	m.state = srcEnd
+	m.emit()
+}
+
+func (m *source) stop() {
+	m.abort(api.Errorf(api.CodeAborted, "phauld is shutting down"))
+}
+
+func (m *source) cleanup() {
+	m.progressTimer.cancel()
+	if m.state != srcEnd {
+		// A panic mid-way: make the outcome safe. Closing the dump's
+		// socket makes CRIU resume a tree it still holds.
+		if m.released && m.state < srcCommit {
+			m.end()
+		}
+	}
+	if m.dump != nil {
+		m.dump.stop()
+	}
+	if m.relay != nil {
+		m.relay.close()
+	}
+	// Flush what we can (a final Done or Fail) without blocking.
+	m.rpc.flush()
+	m.rpc.close()
+	m.mem.close()
+	proc.CloseAll(m.tree)
+}
+
+func (m *source) outcome() (api.Result, error) {
+	if m.failure != nil && m.tCommitted.IsZero() {
+		return api.Result{}, m.failure
+	}
+	r := api.Result{
+		ID:        m.s.ID.String(),
+		SourcePID: m.p.proc.PID,
+		DestPID:   m.destPID,
+		Dest:      m.p.dest,
+		FrozenMS:  m.tCommitted.Sub(m.tDump).Milliseconds(),
+		TotalMS:   time.Since(m.t0).Milliseconds(),
+		Bytes:     m.rpc.bytesOut + m.rpc.bytesIn + m.mem.bytesOut + m.mem.bytesIn,
+		PhasesMS:  m.ph.took,
+	}
+	if m.relay != nil {
+		r.PageBytes = m.relay.sent
+	}
+	if d := m.dumpStats; d != nil {
+		r.Dump = &api.DumpStats{
+			FreezingUS: d.FreezingUS, FrozenUS: d.FrozenUS, MemdumpUS: d.MemdumpUS, MemwriteUS: d.MemwriteUS,
+			PagesScanned: d.PagesScanned, PagesSkippedParent: d.PagesSkippedParent,
+			PagesWritten: d.PagesWritten, PagesLazy: d.PagesLazy,
+		}
+	}
+	if rs := m.restore; rs != nil {
+		r.Restore = &api.RestoreStats{
+			PagesCompared: rs.PagesCompared, PagesSkippedCOW: rs.PagesSkippedCOW, PagesRestored: rs.PagesRestored,
+			ForkingUS: rs.ForkingUS, RestoreUS: rs.RestoreUS,
+		}
+	}
+	return r, nil
+}
