@@ -1,0 +1,62 @@
+SHELL := /bin/bash
+# phaul: live migration of Linux processes with CRIU.
+#
+#   make demo         two daemons, a real process migrated between them
+#   make test         every test: checks, unit tier, fuzzing, integration tier
+#   make build        bin/phauld and bin/phaulctl
+#   make criu         a working CRIU >= 4.2 as /usr/local/sbin/criu (root)
+#
+# The integration tier, the demo and `make criu` need root.
+
+GO      ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/phaul/phaul/pkg/version.Version=$(VERSION)
+FUZZTIME ?= 10s
+
+# Debian packages the tests and the demo use.
+DEB_PACKAGES := util-linux procps ca-certificates debian-archive-keyring
+
+.PHONY: all build criu deps test check unit fuzz-short fuzz integration demo clean
+
+all: build
+
+build:
+	$(GO) build -ldflags '$(LDFLAGS)' -o bin/phauld ./daemon
+	$(GO) build -ldflags '$(LDFLAGS)' -o bin/phaulctl ./ctl
+
+# Installs the Debian packages above that are missing (root only).
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+criu: deps
+	packaging/criu/install-criu.sh
+
+test: check unit fuzz-short integration
+
+check:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt would change:" $$unformatted; exit 1; fi
+	$(GO) vet ./...
+	$(GO) mod tidy -diff
+
+unit:
+	$(GO) test -race ./...
+
+fuzz-short:
+	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime $(FUZZTIME) ./pkg/wire
+
+fuzz:
+	$(MAKE) fuzz-short FUZZTIME=5m
+
+integration: criu
+	PHAUL_INTEGRATION=1 $(GO) test -count=1 -timeout 30m -v ./test/integration/...
+
+demo: criu build
+	scripts/demo.sh
+
+clean:
+	rm -rf bin

@@ -1,0 +1,235 @@
+// Command workload is the process phaul's tests and demo migrate.
+//
+// It holds --mem MiB of pseudo-random memory (test/pattern, seeded by
+// --seed), ticks a counter every --tick, and keeps the longest gap it saw
+// between two ticks (the pause a migration caused). On SIGUSR1 it writes its
+// state as JSON to --status: the counter, a random token chosen at start (so
+// a restarted process cannot pass for the old one), the checksum of its
+// memory now and at start, and its pid as the host sees it. With
+// --children N it starts N copies of itself as its children (a process
+// tree); child i writes to STATUS.child<i>.
+//
+// It opens no files between reports, so CRIU can dump it at any moment, and
+// it is meant to run as the init of its own pid namespace:
+//
+//	unshare -p -f -- setsid workload --mem 64 --status /tmp/w.json
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/rand"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/phaul/phaul/test/pattern"
+)
+
+// Status is what the workload reports on SIGUSR1.
+type Status struct {
+	Token    string `json:"token"`
+	Seq      uint64 `json:"seq"`
+	Counter  uint64 `json:"counter"`
+	Sum      string `json:"sum"`
+	Expect   string `json:"expect"`
+	HostPID  int    `json:"host_pid"`
+	NSPID    int    `json:"ns_pid"`
+	MaxGapNS int64  `json:"max_gap_ns"`
+	// GapNS is the longest gap since the previous report.
+	GapNS   int64  `json:"gap_ns"`
+	MemMiB  int    `json:"mem_mib"`
+	Seed    uint64 `json:"seed"`
+	Child   int    `json:"child"`
+	Written string `json:"written"`
+}
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "workload:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("workload", flag.ContinueOnError)
+	memMiB := fs.Int("mem", 64, "MiB of pseudo-random memory to hold")
+	seed := fs.Uint64("seed", 1, "seed of the memory contents")
+	tick := fs.Duration("tick", 10*time.Millisecond, "counter period")
+	status := fs.String("status", "", "file to write the state to on SIGUSR1 (required)")
+	children := fs.Int("children", 0, "number of child processes to start")
+	child := fs.Int("child", -1, "internal: index of this child")
+	marker := fs.String("marker", "", "a string written all over the memory (for capture tests)")
+	hold := fs.String("hold", "", "a file to keep open for the whole run")
+	listen := fs.String("listen", "", "a TCP address to listen on for the whole run")
+	dirty := fs.Int("dirty", 0, "MiB of memory to rewrite every tick (keeps pages dirty)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *status == "" {
+		return fmt.Errorf("--status is required")
+	}
+
+	mem := make([]byte, *memMiB<<20)
+	pattern.Fill(mem, *seed)
+	if *marker != "" {
+		m := []byte(*marker)
+		for off := 0; off+len(m) <= len(mem); off += 4096 {
+			copy(mem[off:], m)
+		}
+	}
+	expect := pattern.Sum(mem)
+
+	var token [8]byte
+	if _, err := rand.Read(token[:]); err != nil {
+		return err
+	}
+	w := &worker{
+		mem:    mem,
+		status: *status,
+		st: Status{
+			Token:  fmt.Sprintf("%x", token),
+			Expect: strconv.FormatUint(expect, 16),
+			MemMiB: *memMiB,
+			Seed:   *seed,
+			Child:  *child,
+		},
+		dirtyBytes: *dirty << 20,
+	}
+	if *hold != "" {
+		f, err := os.OpenFile(*hold, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+	}
+	if *listen != "" {
+		l, err := net.Listen("tcp", *listen)
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+	}
+
+	// Children are re-executions of this binary: Go cannot fork without exec.
+	for i := 0; i < *children; i++ {
+		cargs := []string{
+			"--mem", strconv.Itoa(*memMiB),
+			"--seed", strconv.FormatUint(*seed+uint64(i)+1, 10),
+			"--tick", tick.String(),
+			"--status", fmt.Sprintf("%s.child%d", *status, i),
+			"--child", strconv.Itoa(i),
+		}
+		cmd := exec.Command("/proc/self/exe", cargs...)
+		if err := cmd.Start(); err != nil {
+			return fmt.Errorf("start child %d: %w", i, err)
+		}
+		// Reap it if it ever ends; the workload itself never waits on it.
+		go cmd.Wait()
+	}
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGUSR1)
+	if err := w.report(); err != nil {
+		return err
+	}
+	t := time.NewTicker(*tick)
+	defer t.Stop()
+	last := time.Now()
+	for {
+		select {
+		case now := <-t.C:
+			w.mu.Lock()
+			gap := now.Sub(last).Nanoseconds()
+			if gap > w.st.MaxGapNS {
+				w.st.MaxGapNS = gap
+			}
+			if gap > w.st.GapNS {
+				w.st.GapNS = gap
+			}
+			w.st.Counter++
+			w.dirty()
+			w.mu.Unlock()
+			last = now
+		case <-sigs:
+			if err := w.report(); err != nil {
+				fmt.Fprintln(os.Stderr, "workload: report:", err)
+			}
+		}
+	}
+}
+
+type worker struct {
+	mu         sync.Mutex
+	mem        []byte
+	status     string
+	st         Status
+	dirtyBytes int
+	dirtyOff   int
+}
+
+// dirty rewrites dirtyBytes of memory with the same values, so the pages
+// are written (dirty for the kernel) but the checksum stays the same.
+func (w *worker) dirty() {
+	for n := 0; n < w.dirtyBytes; n += 4096 {
+		if w.dirtyOff >= len(w.mem) {
+			w.dirtyOff = 0
+		}
+		w.mem[w.dirtyOff] ^= 0xff
+		w.mem[w.dirtyOff] ^= 0xff
+		w.dirtyOff += 4096
+	}
+}
+
+func (w *worker) report() error {
+	w.mu.Lock()
+	w.st.Seq++
+	w.st.Sum = strconv.FormatUint(pattern.Sum(w.mem), 16)
+	w.st.HostPID, w.st.NSPID = pids()
+	w.st.Written = time.Now().UTC().Format(time.RFC3339Nano)
+	b, err := json.Marshal(w.st)
+	w.st.GapNS = 0
+	w.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	tmp := w.status + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, w.status)
+}
+
+// pids returns this process's pid in the pid namespace of the /proc mount
+// (the host's, since the workload does not remount /proc) and in its own
+// namespace, from the NSpid line of /proc/self/status.
+func pids() (host, ns int) {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0, 0
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "NSpid:") {
+			continue
+		}
+		f := strings.Fields(strings.TrimPrefix(line, "NSpid:"))
+		if len(f) == 0 {
+			return 0, 0
+		}
+		host, _ = strconv.Atoi(f[0])
+		ns, _ = strconv.Atoi(f[len(f)-1])
+		return host, ns
+	}
+	return 0, 0
+}
