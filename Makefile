@@ -5,6 +5,7 @@ SHELL := /bin/bash
 #   make test         every test: checks, unit tier, fuzzing, integration tier
 #   make build        bin/phauld and bin/phaulctl
 #   make criu         a working CRIU >= 4.2 as /usr/local/sbin/criu (root)
+#   make bench        figures: phaul against bare CRIU, relay against direct
 #
 # The integration tier, the demo and `make criu` need root.
 
@@ -14,9 +15,9 @@ LDFLAGS := -X github.com/phaul/phaul/pkg/version.Version=$(VERSION)
 FUZZTIME ?= 10s
 
 # Debian packages the tests and the demo use.
-DEB_PACKAGES := util-linux procps ca-certificates debian-archive-keyring
+DEB_PACKAGES := util-linux procps systemd ca-certificates debian-archive-keyring
 
-.PHONY: all build criu deps test check unit fuzz-short fuzz integration demo clean
+.PHONY: all build criu deps test check unit fuzz-short fuzz integration demo bench clean
 
 all: build
 
@@ -57,6 +58,14 @@ integration: criu
 
 demo: criu build
 	scripts/demo.sh
+
+# Figures, not pass/fail: what phauld's page relay costs against CRIU
+# writing to the TCP socket itself, and phaul against the bare CRIU
+# pipeline on the same workloads, in alternating runs.
+bench: criu build
+	$(GO) test -run '^$$' -bench PageStream -benchtime 6x ./pkg/session
+	PHAUL_BENCH_MIB=1024 $(GO) test -run '^$$' -bench PageStream -benchtime 4x ./pkg/session
+	$(GO) run ./test/bench
 
 clean:
 	rm -rf bin

@@ -41,6 +41,10 @@ func (e *Error) Error() string {
 		b.WriteString(": ")
 		b.WriteString(strings.TrimSpace(stripPrefix(e.Msg)))
 	}
+	if h := e.Hint(); h != "" {
+		b.WriteString("; ")
+		b.WriteString(h)
+	}
 	if e.Log != "" {
 		b.WriteString(" (full log: ")
 		b.WriteString(e.Log)
@@ -108,4 +112,38 @@ func ErrorLines(path string, max int) []string {
 		}
 	}
 	return lines
+}
+
+// hints turn CRIU's most common failures into what to do about them. The
+// first whose pattern matches a quoted line wins; $1 is its first group.
+var hints = []struct {
+	re   *regexp.Regexp
+	hint string
+}{
+	{regexp.MustCompile(`Can't open file (\S+) on restore`),
+		"the process has /$1 open: it must exist on the destination, at the same path"},
+	{regexp.MustCompile(`Can't fork for (\d+): File exists`),
+		"pid $1 is taken on the destination: run the process as the init of its own pid namespace, or free the pid"},
+	{regexp.MustCompile(`Address already in use`),
+		"an address the process listens on is taken on the destination: free it there, or give the process its own network namespace"},
+	{regexp.MustCompile(`(?i)connected TCP socket|tcp-established`),
+		"phaul cannot move established TCP connections yet: close them before migrating"},
+	{regexp.MustCompile(`Can't dump half of stream unix connection`),
+		"the process shares a Unix stream connection with a process outside its tree (e.g. a journal stream when systemd started it): migrate a tree that holds both ends"},
+	{regexp.MustCompile(`session leader .* is outside`),
+		"the process belongs to a terminal session outside its tree: start it with setsid"},
+	{regexp.MustCompile(`Can't get rlimit .*Operation not permitted`),
+		"root lacks CAP_SYS_RESOURCE on this host, so CRIU can dump only trees that run as root here"},
+}
+
+// Hint says what to do about the failure, or "" if phaul has no advice.
+func (e *Error) Hint() string {
+	for _, h := range hints {
+		for _, line := range e.Lines {
+			if m := h.re.FindStringSubmatchIndex(line); m != nil {
+				return string(h.re.ExpandString(nil, h.hint, line, m))
+			}
+		}
+	}
+	return ""
 }

@@ -48,3 +48,18 @@ func TestErrorLines(t *testing.T) {
 		t.Errorf("noise-only Error() = %q, want no quoted noise", s)
 	}
 }
+
+func TestHints(t *testing.T) {
+	for line, want := range map[string]string{
+		"Can't open file tmp/x/data on restore: No such file or directory": "/tmp/x/data open: it must exist on the destination",
+		"Can't fork for 4242: File exists":                                 "pid 4242 is taken on the destination",
+		"inet: Can't bind inet socket (id 5): Address already in use":      "listens on is taken",
+		"Connected TCP socket, consider using --tcp-established option.":   "established TCP connections",
+		"Something nobody has a hint for":                                  "",
+	} {
+		e := &Error{Op: "restore", Lines: []string{line}}
+		if got := e.Hint(); (want == "") != (got == "") || !strings.Contains(got, want) {
+			t.Errorf("Hint for %q = %q, want it to contain %q", line, got, want)
+		}
+	}
+}

@@ -174,7 +174,9 @@ func (m *dest) onRPC(msg wire.Message) error {
 func (m *dest) prepare(p *wire.Prepare) error {
 	m.srcPID = p.PID
 	m.s.pid.Store(int64(p.PID))
-	m.log = m.log.With(zap.Int("source_pid", p.PID))
+	// "pid" is the migrating process's pid on the source, as in the
+	// source's log lines.
+	m.log = m.log.With(zap.Int("pid", p.PID))
 	m.ph.log = m.log
 	mine := m.p.info.Version.Code()
 	if p.CRIUVersion > mine {
@@ -300,7 +302,7 @@ func (m *dest) onRestore(ev criu.Event) error {
 			// The tree exists from here: remember its root, so an abort
 			// can remove it even if CRIU's answer never comes.
 			m.pid = ev.PID
-			m.log.Info("tree restored", zap.Int("pid", ev.PID))
+			m.log.Info("tree restored", zap.Int("dest_pid", ev.PID))
 		}
 		return m.restoreW.op.Reply(m.state == dstRestore)
 	}
@@ -337,7 +339,7 @@ func (m *dest) commit() error {
 	}
 	m.state = dstCommitted
 	m.ph.enter("committed")
-	m.log.Info("migration committed: process runs here", zap.Int("pid", m.pid))
+	m.log.Info("migration committed: process runs here", zap.Int("dest_pid", m.pid))
 	return m.rpc.send(&wire.Committed{PID: m.pid})
 }
 
@@ -373,7 +375,7 @@ func (m *dest) abort(err error) {
 		return
 	}
 	m.failure = err
-	m.log.Warn("migration aborted: discarding this copy", zap.Error(err))
+	m.log.Warn("aborted before the commit: discarding this copy")
 	if !m.rpc.closed {
 		e := api.AsError(err)
 		m.rpc.send(&wire.Fail{Code: string(e.Code), Message: e.Message})

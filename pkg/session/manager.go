@@ -359,12 +359,17 @@ func (m *Manager) spawn(s *Session, mach machine, log *zap.Logger, dir string) b
 	m.mu.Unlock()
 	go func() {
 		defer m.sessWG.Done()
-		err := s.run(mach, log)
+		err := s.run(mach)
 		m.mu.Lock()
 		delete(m.sessions, s.ID)
 		m.mu.Unlock()
 		if err != nil {
-			log.Error("migration failed", zap.Error(err), zap.String("images", dir))
+			fields := []zap.Field{zap.Error(err), zap.String("images", dir)}
+			var pe *panicError
+			if errors.As(err, &pe) {
+				fields = append(fields, zap.ByteString("stack", pe.stack))
+			}
+			log.Error("migration failed", fields...)
 			return
 		}
 		fields := []zap.Field{zap.Int("dest_pid", s.result.DestPID), zap.Int64("total_ms", s.result.TotalMS), zap.Int64("bytes", s.result.Bytes)}

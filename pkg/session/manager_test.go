@@ -8,12 +8,15 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
 	"go.uber.org/zap/zaptest"
 
+	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/wire"
 )
@@ -269,5 +272,77 @@ func TestDestAddr(t *testing.T) {
 		if _, err := destAddr(bad); err == nil {
 			t.Errorf("destAddr(%q) succeeded", bad)
 		}
+	}
+}
+
+// panicky is a machine that panics when it begins.
+type panicky struct{ cleaned bool }
+
+func (p *panicky) begin() error                 { panic("boom") }
+func (p *panicky) finished() bool               { return true }
+func (p *panicky) stop()                        {}
+func (p *panicky) cleanup()                     { p.cleaned = true }
+func (p *panicky) outcome() (api.Result, error) { return api.Result{}, nil }
+
+// TestPanicEndsOneSession checks that a session that panics ends alone:
+// its clean-up runs, the error says so, and the manager and a session
+// beside it carry on.
+func TestPanicEndsOneSession(t *testing.T) {
+	m, addr := newTestManager(t, 10*time.Second)
+	id := newID(t)
+	rpc, _ := hello(t, addr, id, wire.RoleRPC)
+	hello(t, addr, id, wire.RoleMem)
+	waitSessions(t, m, 1)
+
+	s, err := newSession(newID(t), Incoming, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &panicky{}
+	if !m.spawn(s, p, zaptest.NewLogger(t), t.TempDir()) {
+		t.Fatal("spawn refused")
+	}
+	<-s.Done()
+	var pe *panicError
+	if !errors.As(s.err, &pe) || !p.cleaned || len(pe.stack) == 0 {
+		t.Fatalf("panicking session: err %v, cleaned %v", s.err, p.cleaned)
+	}
+	waitSessions(t, m, 1)
+	ping, _ := wire.Marshal(&wire.Ping{Seq: 3})
+	rpc.Write(ping)
+	rpc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if msg, err := wire.ReadMessage(rpc, wire.RPC); err != nil || msg.Type() != wire.TypePong {
+		t.Fatalf("the other session after the panic: %v, %v", msg, err)
+	}
+}
+
+// TestCheckPID refuses what must not be migrated before anything starts.
+func TestCheckPID(t *testing.T) {
+	m, _ := newTestManager(t, time.Second)
+	cases := []struct {
+		pid  int
+		code api.Code
+		want string
+	}{
+		{0, api.CodeInvalid, "give the pid"},
+		{1, api.CodeInvalid, "init"},
+		{2, api.CodeInvalid, "kernel thread"}, // kthreadd
+		{os.Getpid(), api.CodeInvalid, "phauld itself"},
+		{os.Getppid(), api.CodeInvalid, "ancestor of phauld"},
+		{1 << 22, api.CodeNotFound, "no process"},
+	}
+	for _, c := range cases {
+		_, err := m.checkPID(c.pid)
+		if api.CodeOf(err) != c.code || err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("checkPID(%d) = %v; want %s mentioning %q", c.pid, err, c.code, c.want)
+		}
+	}
+	child := exec.Command("sleep", "30")
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { child.Process.Kill(); child.Wait() }()
+	if info, err := m.checkPID(child.Process.Pid); err != nil || info.PID != child.Process.Pid {
+		t.Errorf("checkPID(child) = %+v, %v", info, err)
 	}
 }

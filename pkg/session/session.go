@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"sync/atomic"
 	"time"
 
@@ -101,15 +102,23 @@ type machine interface {
 }
 
 // run drives m on the session's loop until it finishes, then cleans up.
-// A panic is turned into the session's error after cleanup has made the
-// state safe.
-func (s *Session) run(m machine, log *zap.Logger) (err error) {
+// A panic is turned into the session's error (logged once, by the
+// manager) after cleanup has made the state safe.
+func (s *Session) run(m machine) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			err = fmt.Errorf("session panicked: %v", r)
-			log.Error("session panicked", zap.Any("panic", r), zap.Stack("stack"))
+			err = &panicError{value: r, stack: debug.Stack()}
 		}
-		m.cleanup()
+		// Clean-up makes the outcome safe; a panic in it must not take
+		// the daemon down either.
+		func() {
+			defer func() {
+				if r := recover(); r != nil && err == nil {
+					err = &panicError{value: r, stack: debug.Stack()}
+				}
+			}()
+			m.cleanup()
+		}()
 		s.l.close()
 		if err != nil && s.err == nil {
 			s.err = err
@@ -133,6 +142,15 @@ func (s *Session) run(m machine, log *zap.Logger) (err error) {
 	s.result, s.err = m.outcome()
 	return s.err
 }
+
+// panicError is a session that panicked. The manager logs it once, with
+// its stack.
+type panicError struct {
+	value any
+	stack []byte
+}
+
+func (e *panicError) Error() string { return fmt.Sprintf("session panicked: %v", e.value) }
 
 // phaseTimer logs one line per phase with its duration.
 type phaseTimer struct {

@@ -328,7 +328,7 @@ func (m *source) abort(err error) {
 		m.state = srcAbort
 		m.end()
 	case srcDump:
-		m.log.Warn("aborting dump", zap.Error(err))
+		m.log.Warn("rolling back: aborting the dump")
 		m.tellPeer(err)
 		m.state = srcAbort
 		// CRIU fails writing pages, or answers "no" at post-dump.
@@ -337,7 +337,7 @@ func (m *source) abort(err error) {
 		}
 		m.waitCRIU()
 	case srcRestore:
-		m.log.Warn("aborting before commit", zap.Error(err))
+		m.log.Warn("rolling back: telling CRIU to resume the tree")
 		m.tellPeer(err)
 		m.state = srcAbort
 		if m.dump.done {
@@ -351,7 +351,7 @@ func (m *source) abort(err error) {
 		}
 		m.waitCRIU()
 	case srcRelease:
-		m.log.Warn("aborting before commit", zap.Error(err))
+		m.log.Warn("rolling back: resuming the stopped tree")
 		m.tellPeer(err)
 		m.state = srcAbort
 		m.waitCRIU()
@@ -359,7 +359,7 @@ func (m *source) abort(err error) {
 		m.failure = api.Errorf(api.CodeInDoubt,
 			"%v; the commit was asked of the destination and its answer did not arrive: the process is held stopped here (pid %d) until the destination's outcome is known",
 			err, m.p.proc.PID)
-		m.log.Error("migration in doubt", zap.Error(err))
+		m.log.Error("migration in doubt: the source tree stays stopped")
 		m.state = srcEnd
 	}
 }
@@ -398,7 +398,7 @@ func (m *source) end() {
 	if !m.tDump.IsZero() {
 		e := api.AsError(m.failure)
 		m.failure = api.Errorf(e.Code, "migration failed; the process was resumed here (pid %d): %s", m.p.proc.PID, e.Message)
-		m.log.Info("migration rolled back: process runs on the source", zap.Error(m.failure))
+		m.log.Info("rolled back: the process runs on the source")
 	}
 }
 

@@ -120,6 +120,11 @@ type daemonOpts struct {
 	wrap []string
 	// extra flags.
 	flags []string
+	// activated starts phauld through systemd-socket-activate, which
+	// listens on the daemon's address and control socket and starts
+	// phauld on the first connection to either. --listen and --control
+	// are then given values phauld cannot use, to show they are ignored.
+	activated bool
 }
 
 // startDaemon starts a phauld listening on addr (an address on loopback)
@@ -138,7 +143,13 @@ func startDaemon(t *testing.T, name, addr string, o daemonOpts) *daemon {
 		exited:  make(chan struct{}),
 	}
 	args := append([]string{}, o.wrap...)
-	args = append(args, bins.phauld, "--listen", addr, "--control", d.socket, "--state-dir", d.state, "--log-level", "debug")
+	if o.activated {
+		args = append(args, "systemd-socket-activate", "-l", addr, "-l", d.socket, "--fdname=migrate:control",
+			bins.phauld, "--listen", "192.0.2.1:12345", "--control", "/proc/phauld-unused.sock")
+	} else {
+		args = append(args, bins.phauld, "--listen", addr, "--control", d.socket)
+	}
+	args = append(args, "--state-dir", d.state, "--log-level", "debug")
 	args = append(args, o.flags...)
 	logf, err := os.Create(d.logPath)
 	if err != nil {
@@ -163,9 +174,15 @@ func startDaemon(t *testing.T, name, addr string, o daemonOpts) *daemon {
 	})
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		_, err := client.New(d.socket).Status(ctx)
-		cancel()
+		var err error
+		if o.activated {
+			// Do not connect: that would start phauld.
+			_, err = os.Stat(d.socket)
+		} else {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_, err = client.New(d.socket).Status(ctx)
+			cancel()
+		}
 		if err == nil {
 			return d
 		}
