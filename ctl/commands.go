@@ -87,21 +87,76 @@ func newStatus(c *cli) *cobra.Command {
 				}
 				fmt.Fprintf(c.stdout, "  %-12s %s\n", n+":", v)
 			}
-			if len(st.Sessions) == 0 {
-				fmt.Fprintln(c.stdout, "no migrations in progress")
-				return nil
-			}
-			tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "SESSION\tDIR\tPID\tPEER\tPHASE\tBYTES\tAGE")
-			for _, s := range st.Sessions {
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.ID, s.Direction, s.PID, s.Peer, s.Phase,
-					bytesHuman(s.Bytes), (time.Duration(s.AgeMS) * time.Millisecond).Round(time.Second))
-			}
-			return tw.Flush()
+			return c.printSessions(st.Sessions)
 		},
 	}
 	cmd.Flags().BoolVar(&c.json, "json", false, "print the status as JSON")
 	return cmd
+}
+
+func newList(c *cli) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List the migrations in progress on this host",
+		Long: `List shows each migration this host's phauld is part of: its session id,
+its direction (out: leaving this host; in: arriving), the process's pid on
+the source, the other daemon, the phase, the bytes moved and its age.
+A session "in-doubt" asked the destination to commit and lost it before
+the answer: its process is held stopped here until the destination says.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			list, err := c.client().Sessions(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(list)
+			}
+			return c.printSessions(list)
+		},
+	}
+	cmd.Flags().BoolVar(&c.json, "json", false, "print the list as JSON")
+	return cmd
+}
+
+func newCancel(c *cli) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "cancel ID",
+		Short: "Stop a migration in flight; the process resumes on the source",
+		Long: `Cancel stops the migration whose session id starts with ID (at least 4
+hex digits; see phaulctl list), on either daemon. Before the commit, the
+process resumes on the source, as it was. Once the source has asked the
+destination to commit, cancel is refused: the migration ends as the
+destination decides.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			s, err := c.client().Cancel(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(s)
+			}
+			fmt.Fprintf(c.stdout, "canceled session %s (pid %d): the process resumes on the source\n", s.ID, s.PID)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&c.json, "json", false, "print the canceled session as JSON")
+	return cmd
+}
+
+func (c *cli) printSessions(list []api.Session) error {
+	if len(list) == 0 {
+		fmt.Fprintln(c.stdout, "no migrations in progress")
+		return nil
+	}
+	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SESSION\tDIR\tPID\tPEER\tPHASE\tBYTES\tAGE")
+	for _, s := range list {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.ID, s.Direction, s.PID, s.Peer, s.Phase,
+			bytesHuman(s.Bytes), (time.Duration(s.AgeMS) * time.Millisecond).Round(100*time.Millisecond))
+	}
+	return tw.Flush()
 }
 
 func ms(v int64) string {

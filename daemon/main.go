@@ -48,6 +48,8 @@ type options struct {
 	logLevel    zapcore.Level
 	stopTimeout time.Duration
 	pairTimeout time.Duration
+	peerTimeout time.Duration
+	keepFailed  time.Duration
 	keepImages  bool
 	showVersion bool
 }
@@ -77,10 +79,15 @@ Flags:
 	fs.Var(&o.logLevel, "log-level", "log `LEVEL`: debug, info, warn, error")
 	fs.DurationVar(&o.stopTimeout, "stop-timeout", 60*time.Second, "on SIGTERM, how long to wait for migrations to end")
 	fs.DurationVar(&o.pairTimeout, "pair-timeout", 30*time.Second, "how long one connection of a migration waits for its pair")
+	fs.DurationVar(&o.peerTimeout, "peer-timeout", 15*time.Second, "how long a migration waits without a word from the other daemon before treating it as lost")
+	fs.DurationVar(&o.keepFailed, "keep-failed", 7*24*time.Hour, "how long to keep the directories of failed migrations for inspection")
 	fs.BoolVar(&o.keepImages, "keep-images", false, "keep the images of successful migrations under --state-dir")
 	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return o, err
+	}
+	if o.peerTimeout < time.Second {
+		return o, fmt.Errorf("--peer-timeout %v is too short (at least 1s)", o.peerTimeout)
 	}
 	if fs.NArg() > 0 {
 		return o, fmt.Errorf("unexpected argument %q (see phauld --help)", fs.Arg(0))
@@ -170,6 +177,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		Info:        info,
 		StateDir:    o.stateDir,
 		PairTimeout: o.pairTimeout,
+		PeerTimeout: o.peerTimeout,
 		KeepImages:  o.keepImages,
 	})
 	if err != nil {
@@ -177,6 +185,14 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		ctlL.Close()
 		return err
 	}
+	// What a previous run left in flight is finished or undone before
+	// anything new is accepted.
+	if err := mgr.Recover(); err != nil {
+		closeAll(migLs)
+		ctlL.Close()
+		return fmt.Errorf("recover sessions: %w", err)
+	}
+	mgr.CleanOld(o.keepFailed)
 	svc := &service{mgr: mgr, info: info, criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String()}
 	for _, l := range migLs {
 		svc.listen = append(svc.listen, l.Addr().String())
@@ -189,6 +205,20 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		go func() { serveErr <- mgr.Serve(l) }()
 	}
 	go func() { serveErr <- ctl.Serve(ctlL) }()
+	janitorDone := make(chan struct{})
+	go func() {
+		defer close(janitorDone)
+		t := time.NewTicker(time.Hour)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				mgr.CleanOld(o.keepFailed)
+			}
+		}
+	}()
 
 	systemd.Notify("READY=1\nSTATUS=serving migrations on " + strings.Join(svc.listen, ", "))
 	log.Info("phauld ready", zap.String("version", version.Version), zap.Strings("listen", svc.listen),
@@ -211,6 +241,8 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	if err := ctl.Shutdown(stopCtx); err != nil {
 		log.Warn("control API did not stop cleanly", zap.Error(err))
 	}
+	stopSignals()
+	<-janitorDone
 	log.Info("phauld stopped")
 	return runErr
 }
@@ -281,6 +313,12 @@ func (s *service) Status(context.Context) api.Status {
 	}
 }
 
+func (s *service) Sessions(context.Context) []api.Session { return s.mgr.Sessions() }
+
 func (s *service) Migrate(ctx context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error) {
 	return s.mgr.Migrate(ctx, caller, req, progress)
+}
+
+func (s *service) Cancel(_ context.Context, _ api.Caller, id string) (api.Session, error) {
+	return s.mgr.Cancel(id)
 }

@@ -41,6 +41,9 @@ const (
 	// CodeConflict: the request conflicts with the state (cancel after
 	// commit).
 	CodeConflict Code = "conflict"
+	// CodeCanceled: an operator canceled the migration; the process runs
+	// on the source.
+	CodeCanceled Code = "canceled"
 	// CodeInternal: a bug or an unexpected failure.
 	CodeInternal Code = "internal"
 )

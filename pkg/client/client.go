@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 
 	"github.com/phaul/phaul/pkg/api"
 )
@@ -99,6 +100,34 @@ func (c *Client) Status(ctx context.Context) (api.Status, error) {
 		return st, fmt.Errorf("decode status: %w", err)
 	}
 	return st, nil
+}
+
+// Sessions lists the migrations in progress.
+func (c *Client) Sessions(ctx context.Context) ([]api.Session, error) {
+	var list []api.Session
+	resp, err := c.do(ctx, http.MethodGet, "/v1/sessions", nil)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		return nil, fmt.Errorf("decode sessions: %w", err)
+	}
+	return list, nil
+}
+
+// Cancel cancels the migration whose id starts with id.
+func (c *Client) Cancel(ctx context.Context, id string) (api.Session, error) {
+	var s api.Session
+	resp, err := c.do(ctx, http.MethodPost, "/v1/sessions/"+url.PathEscape(id)+"/cancel", struct{}{})
+	if err != nil {
+		return s, err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
+		return s, fmt.Errorf("decode session: %w", err)
+	}
+	return s, nil
 }
 
 // Migrate asks the daemon to migrate and waits for the end. onEvent, if

@@ -25,7 +25,9 @@ import (
 // Service is what the control API exposes of the daemon.
 type Service interface {
 	Status(ctx context.Context) api.Status
+	Sessions(ctx context.Context) []api.Session
 	Migrate(ctx context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error)
+	Cancel(ctx context.Context, caller api.Caller, id string) (api.Session, error)
 }
 
 // Server is the control API server.
@@ -43,6 +45,8 @@ func New(svc Service, log *zap.Logger) *Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", s.status)
 	mux.HandleFunc("POST /v1/migrate", s.migrate)
+	mux.HandleFunc("GET /v1/sessions", s.sessions)
+	mux.HandleFunc("POST /v1/sessions/{id}/cancel", s.cancel)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, api.Errorf(api.CodeNotFound, "no endpoint %s %s", r.Method, r.URL.Path))
 	})
@@ -101,6 +105,36 @@ func (s *Server) Shutdown(ctx context.Context) error { return s.http.Shutdown(ct
 
 func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, s.svc.Status(r.Context()))
+}
+
+func (s *Server) sessions(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, s.svc.Sessions(r.Context()))
+}
+
+func (s *Server) cancel(w http.ResponseWriter, r *http.Request) {
+	sess, err := s.svc.Cancel(r.Context(), CallerFrom(r.Context()), r.PathValue("id"))
+	if err != nil {
+		writeError(w, httpStatus(err), err)
+		return
+	}
+	writeJSON(w, http.StatusOK, sess)
+}
+
+// httpStatus maps an error's code to an HTTP status.
+func httpStatus(err error) int {
+	switch api.CodeOf(err) {
+	case api.CodeInvalid:
+		return http.StatusBadRequest
+	case api.CodeNotFound:
+		return http.StatusNotFound
+	case api.CodePermission:
+		return http.StatusForbidden
+	case api.CodeConflict, api.CodePrecondition:
+		return http.StatusConflict
+	case api.CodeUnavailable:
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusInternalServerError
 }
 
 func (s *Server) migrate(w http.ResponseWriter, r *http.Request) {

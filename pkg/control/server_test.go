@@ -28,6 +28,17 @@ func (f *fakeService) Status(context.Context) api.Status {
 	return api.Status{Version: "test", Sessions: []api.Session{{ID: "s1", Direction: "out", PID: 42}}}
 }
 
+func (f *fakeService) Sessions(context.Context) []api.Session {
+	return []api.Session{{ID: "abcd1234", Direction: "in", PID: 7}}
+}
+
+func (f *fakeService) Cancel(_ context.Context, _ api.Caller, id string) (api.Session, error) {
+	if id != "abcd" {
+		return api.Session{}, api.Errorf(api.CodeConflict, "too late to cancel")
+	}
+	return api.Session{ID: "abcd1234"}, nil
+}
+
 func (f *fakeService) Migrate(_ context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error) {
 	f.caller, f.req = caller, req
 	progress(api.Event{Event: api.EventProgress, Phase: "dump", Bytes: 10})
@@ -118,5 +129,23 @@ func TestUnreachable(t *testing.T) {
 	var un *client.UnreachableError
 	if !errors.As(err, &un) {
 		t.Fatalf("Status on a missing socket = %v, want UnreachableError", err)
+	}
+}
+
+func TestListAndCancel(t *testing.T) {
+	c := client.New(serve(t, &fakeService{}))
+	ctx := context.Background()
+	list, err := c.Sessions(ctx)
+	if err != nil || len(list) != 1 || list[0].ID != "abcd1234" {
+		t.Fatalf("Sessions = %+v, %v", list, err)
+	}
+	s, err := c.Cancel(ctx, "abcd")
+	if err != nil || s.ID != "abcd1234" {
+		t.Fatalf("Cancel = %+v, %v", s, err)
+	}
+	_, err = c.Cancel(ctx, "ffff")
+	var e *api.Error
+	if !errors.As(err, &e) || e.Code != api.CodeConflict || !strings.Contains(e.Message, "too late") {
+		t.Fatalf("refused Cancel = %#v", err)
 	}
 }

@@ -47,10 +47,12 @@ var dstStateNames = [...]string{"prepare", "checks", "page-server", "receive", "
 func (s dstState) String() string { return dstStateNames[s] }
 
 type destParams struct {
-	log  *zap.Logger
-	criu *criu.Client
-	info criu.Info
-	dir  string
+	log         *zap.Logger
+	criu        *criu.Client
+	info        criu.Info
+	dir         string
+	peerTimeout time.Duration
+	keepImages  bool
 }
 
 // dest is the state machine of the daemon a process arrives at. It is the
@@ -59,10 +61,12 @@ type dest struct {
 	s   *Session
 	p   destParams
 	log *zap.Logger
+	rec *record
 
 	rpc, mem *conn
 	ph       *phaseTimer
 	state    dstState
+	hb       *heartbeat
 
 	srcPID   int
 	check    *criuWatch
@@ -84,6 +88,7 @@ func newDest(s *Session, p destParams, rpcFd, memFd int) (*dest, error) {
 	m := &dest{s: s, p: p, log: p.log, want: -1}
 	m.recv.dir = p.dir
 	m.ph = newPhaseTimer(s, p.log)
+	m.rec = &record{ID: s.ID.String(), Role: roleDest, Peer: s.Peer}
 	var err error
 	if m.rpc, err = newConn(s.l, "rpc", rpcFd, wire.RPC, 64<<10); err != nil {
 		closeFd(rpcFd)
@@ -116,6 +121,11 @@ func newDest(s *Session, p destParams, rpcFd, memFd int) (*dest, error) {
 
 func (m *dest) begin() error {
 	m.ph.enter("prepare")
+	m.rec.State = stReceiving
+	if err := m.rec.save(m.p.dir); err != nil {
+		return err
+	}
+	m.hb = startHeartbeat(m.s.l, m.rpc, []*conn{m.rpc, m.mem}, m.p.peerTimeout, m.onSilent)
 	return nil
 }
 
@@ -128,7 +138,11 @@ func (m *dest) onRPC(msg wire.Message) error {
 	case *wire.Pong:
 		return nil
 	case *wire.Fail:
-		m.abort(api.Errorf(api.Code(msg.Code), "source: %s", msg.Message))
+		code := api.Code(msg.Code)
+		if code == "" {
+			code = api.CodeAborted
+		}
+		m.abort(api.Errorf(code, "source: %s", msg.Message))
 		return nil
 	case *wire.Prepare:
 		if m.state != dstPrepare {
@@ -165,7 +179,7 @@ func (m *dest) onRPC(msg wire.Message) error {
 		if m.state != dstCommitted {
 			break
 		}
-		m.finish()
+		m.finish(true)
 		return nil
 	}
 	return protocolErr("unexpected %s in state %s", msg.Type(), m.state)
@@ -178,6 +192,7 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	// source's log lines.
 	m.log = m.log.With(zap.Int("pid", p.PID))
 	m.ph.log = m.log
+	m.rec.SourcePID = p.PID
 	mine := m.p.info.Version.Code()
 	if p.CRIUVersion > mine {
 		return api.Errorf(api.CodePrecondition,
@@ -298,11 +313,8 @@ func (m *dest) maybeRestore() error {
 
 func (m *dest) onRestore(ev criu.Event) error {
 	if ev.Notify != "" {
-		if ev.Notify == "post-restore" {
-			// The tree exists from here: remember its root, so an abort
-			// can remove it even if CRIU's answer never comes.
-			m.pid = ev.PID
-			m.log.Info("tree restored", zap.Int("dest_pid", ev.PID))
+		if ev.Notify == "post-restore" && m.state == dstRestore {
+			return m.restored(ev.PID)
 		}
 		return m.restoreW.op.Reply(m.state == dstRestore)
 	}
@@ -310,11 +322,11 @@ func (m *dest) onRestore(ev criu.Event) error {
 		m.pid = 0 // CRIU killed what it had restored
 		return api.Errorf(api.CodeAborted, "restore failed: %v", ev.Err)
 	}
-	if ev.PID != 0 {
-		m.pid = ev.PID
+	if ev.PID != 0 && ev.PID != m.pid {
+		return fmt.Errorf("criu restored pid %d, but announced %d", ev.PID, m.pid)
 	}
 	m.s.pid.Store(int64(m.pid))
-	tree, err := proc.OpenTree(m.pid, 0)
+	tree, err := proc.OpenTree(m.pid, m.rec.StartTime)
 	if err != nil {
 		return api.Errorf(api.CodeAborted, "restored tree: %v", err)
 	}
@@ -331,19 +343,59 @@ func (m *dest) onRestore(ev criu.Event) error {
 	return m.rpc.send(msg)
 }
 
-// commit is the commit point: from here the migration is final and the
-// restored tree runs.
+// restored records the restored tree before CRIU lets it exist past the
+// restore: a crash before the record makes CRIU kill the tree (its socket
+// closes), a crash after it leaves a record that names the tree to kill.
+func (m *dest) restored(pid int) error {
+	info, err := proc.Stat(pid)
+	if err != nil {
+		m.restoreW.op.Reply(false)
+		return api.Errorf(api.CodeAborted, "restored root pid %d: %v", pid, err)
+	}
+	m.pid = pid
+	m.rec.State, m.rec.PID, m.rec.StartTime = stRestored, pid, info.StartTime
+	if err := m.rec.save(m.p.dir); err != nil {
+		m.restoreW.op.Reply(false)
+		return err
+	}
+	m.log.Info("tree restored", zap.Int("dest_pid", pid))
+	return m.restoreW.op.Reply(true)
+}
+
+// commit is the commit point: once the record says committed, the
+// migration is final and the restored tree runs.
 func (m *dest) commit() error {
-	if err := proc.SignalAll(m.tree, syscall.SIGCONT); err != nil {
-		return api.Errorf(api.CodeAborted, "resume restored tree: %v", err)
+	m.rec.State = stCommitted
+	if err := m.rec.save(m.p.dir); err != nil {
+		// Not recorded, not committed: refuse, and the source resumes.
+		m.rec.State = stRestored
+		return api.Errorf(api.CodeAborted, "cannot record the commit: %v", err)
 	}
 	m.state = dstCommitted
 	m.ph.enter("committed")
+	if err := proc.SignalAll(m.tree, syscall.SIGCONT); err != nil {
+		// Committed all the same; a restart retries the resume.
+		m.log.Error("cannot resume the restored tree", zap.Error(err))
+	}
 	m.log.Info("migration committed: process runs here", zap.Int("dest_pid", m.pid))
+	if !m.p.keepImages {
+		if err := removeImages(m.p.dir); err != nil {
+			m.log.Warn("cannot remove images", zap.Error(err))
+		}
+	}
 	return m.rpc.send(&wire.Committed{PID: m.pid})
 }
 
-func (m *dest) finish() {
+// finish ends a committed session; acked says the source confirmed.
+func (m *dest) finish(acked bool) {
+	if acked {
+		m.rec.Done = true
+		if err := m.rec.save(m.p.dir); err != nil {
+			m.log.Warn("cannot record the end", zap.Error(err))
+		}
+	} else {
+		m.log.Warn("source gone after the commit: keeping the record for its query")
+	}
 	m.ph.enter("done")
 	m.state = dstEnd
 }
@@ -354,13 +406,21 @@ func (m *dest) onConnClose(err error) {
 	}
 	if m.state == dstCommitted {
 		// Committed: the source only had Done left to say.
-		m.finish()
+		m.finish(false)
 		return
 	}
 	if errors.Is(err, io.EOF) {
 		err = errors.New("source closed the connection")
 	}
 	m.abort(api.Errorf(api.CodeAborted, "connection to source lost: %v", err))
+}
+
+func (m *dest) onSilent(quiet time.Duration) {
+	if m.state == dstCommitted {
+		m.finish(false)
+		return
+	}
+	m.abort(api.Errorf(api.CodeAborted, "the source stopped answering: nothing received for %v", quiet.Round(time.Second)))
 }
 
 // abort discards this side's copy: before the commit the process belongs
@@ -371,7 +431,7 @@ func (m *dest) abort(err error) {
 	}
 	if m.state == dstCommitted {
 		m.log.Warn("error after commit", zap.Error(err))
-		m.finish()
+		m.finish(false)
 		return
 	}
 	m.failure = err
@@ -381,6 +441,10 @@ func (m *dest) abort(err error) {
 		m.rpc.send(&wire.Fail{Code: string(e.Code), Message: e.Message})
 	}
 	m.discard()
+	m.rec.State, m.rec.Error = stAborted, errString(err)
+	if err := m.rec.save(m.p.dir); err != nil {
+		m.log.Error("cannot record the abort", zap.Error(err))
+	}
 	m.state = dstEnd
 }
 
@@ -392,7 +456,7 @@ func (m *dest) discard() {
 		m.restoreW.stop()
 	}
 	if m.tree == nil && m.pid != 0 {
-		if tree, err := proc.OpenTree(m.pid, 0); err == nil {
+		if tree, err := proc.OpenTree(m.pid, m.rec.StartTime); err == nil {
 			m.tree = tree
 		}
 	}
@@ -406,11 +470,36 @@ func (m *dest) discard() {
 	}
 }
 
+// resolve answers a source that lost the session's connections and asks
+// how it ended. Before the commit, the question itself means the source
+// will never send Commit: the destination aborts and says so.
+func (m *dest) resolve() (string, int) {
+	switch m.state {
+	case dstCommitted, dstEnd:
+		if m.rec.State == stCommitted {
+			return wire.OutcomeCommitted, m.pid
+		}
+		return wire.OutcomeAborted, 0
+	}
+	m.abort(api.Errorf(api.CodeAborted, "the source lost the session and asked its outcome"))
+	return wire.OutcomeAborted, 0
+}
+
 func (m *dest) stop() {
 	m.abort(api.Errorf(api.CodeAborted, "destination phauld is shutting down"))
 }
 
+func (m *dest) cancel() error {
+	if m.state >= dstCommitted {
+		return api.Errorf(api.CodeConflict, "session %s is committed here: too late to cancel", m.s.ID)
+	}
+	m.log.Info("canceled by the operator")
+	m.abort(api.Errorf(api.CodeCanceled, "canceled on the destination"))
+	return nil
+}
+
 func (m *dest) cleanup() {
+	m.hb.stop()
 	if m.state != dstEnd && m.state != dstCommitted {
 		m.discard()
 	}

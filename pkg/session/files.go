@@ -28,7 +28,7 @@ const (
 )
 
 // imageFiles lists the files of a dump to ship: every regular file in dir
-// except CRIU's logs and statistics, by name.
+// except CRIU's logs and statistics and the session's record, by name.
 func imageFiles(dir string) ([]string, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -37,7 +37,7 @@ func imageFiles(dir string) ([]string, error) {
 	var names []string
 	for _, e := range ents {
 		n := e.Name()
-		if !e.Type().IsRegular() || strings.HasSuffix(n, ".log") || strings.HasPrefix(n, "stats-") {
+		if !e.Type().IsRegular() || strings.HasSuffix(n, ".log") || strings.HasPrefix(n, "stats-") || strings.HasPrefix(n, recordName) {
 			continue
 		}
 		if !wire.ValidFileName(n) {

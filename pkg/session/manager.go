@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"sync"
 	"time"
@@ -40,8 +41,15 @@ type Config struct {
 	// DialTimeout bounds connecting to a destination.
 	DialTimeout time.Duration
 	// KeepImages keeps a successful session's directory; failed ones are
-	// always kept for inspection.
+	// always kept for inspection (until CleanOld).
 	KeepImages bool
+	// PeerTimeout is how long a session waits without hearing anything
+	// from its peer before it treats the peer as lost.
+	PeerTimeout time.Duration
+	// InDoubtWait is how long Migrate waits for the outcome of a session
+	// that lost its destination after asking the commit, before it
+	// returns in_doubt and leaves the resolver working.
+	InDoubtWait time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -56,6 +64,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.DialTimeout == 0 {
 		c.DialTimeout = 10 * time.Second
+	}
+	if c.PeerTimeout == 0 {
+		c.PeerTimeout = 15 * time.Second
+	}
+	if c.InDoubtWait == 0 {
+		c.InDoubtWait = time.Minute
 	}
 }
 
@@ -75,6 +89,7 @@ type Manager struct {
 
 	mu        sync.Mutex
 	sessions  map[wire.SessionID]*Session
+	resolvers map[wire.SessionID]*resolver
 	halves    map[wire.SessionID]*half
 	closing   bool
 	listeners []net.Listener
@@ -112,6 +127,7 @@ func NewManager(cfg Config) (*Manager, error) {
 		cfg:        cfg,
 		log:        cfg.Log,
 		sessions:   map[wire.SessionID]*Session{},
+		resolvers:  map[wire.SessionID]*resolver{},
 		halves:     map[wire.SessionID]*half{},
 		handshakes: make(chan struct{}, maxHandshakes),
 		shaking:    map[net.Conn]struct{}{},
@@ -200,6 +216,14 @@ func (m *Manager) handshake(c net.Conn) {
 		return
 	}
 	log = log.With(zap.Stringer("session", hello.Session), zap.String("role", string(hello.Role)))
+	if hello.Role == wire.RoleQuery {
+		if err := wire.WriteMessage(c, &wire.HelloReply{OK: true, Daemon: version.Daemon()}); err != nil {
+			c.Close()
+			return
+		}
+		m.answerQuery(c, hello.Session, log)
+		return
+	}
 	role := roleIndex(hello.Role)
 
 	h, err := m.reserve(hello, c)
@@ -332,7 +356,8 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 		fail(err)
 		return
 	}
-	d, err := newDest(s, destParams{log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir}, rpcFd, memFd)
+	d, err := newDest(s, destParams{log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir,
+		peerTimeout: m.cfg.PeerTimeout, keepImages: m.cfg.KeepImages}, rpcFd, memFd)
 	if err != nil {
 		s.l.close()
 		fail(err)
@@ -354,34 +379,52 @@ func (m *Manager) spawn(s *Session, mach machine, log *zap.Logger, dir string) b
 		m.mu.Unlock()
 		return false
 	}
+	s.m = mach
 	m.sessions[s.ID] = s
 	m.sessWG.Add(1)
 	m.mu.Unlock()
 	go func() {
 		defer m.sessWG.Done()
+		defer close(s.done)
 		err := s.run(mach)
 		m.mu.Lock()
 		delete(m.sessions, s.ID)
 		m.mu.Unlock()
-		if err != nil {
-			fields := []zap.Field{zap.Error(err), zap.String("images", dir)}
-			var pe *panicError
-			if errors.As(err, &pe) {
-				fields = append(fields, zap.ByteString("stack", pe.stack))
-			}
-			log.Error("migration failed", fields...)
-			return
-		}
-		fields := []zap.Field{zap.Int("dest_pid", s.result.DestPID), zap.Int64("total_ms", s.result.TotalMS), zap.Int64("bytes", s.result.Bytes)}
-		if s.Direction == Outgoing {
-			fields = append(fields, zap.Int64("frozen_ms", s.result.FrozenMS))
-		}
-		log.Info("migration succeeded", fields...)
-		if !m.cfg.KeepImages {
-			removeAll(log, dir)
-		}
+		m.finished(s, mach, err, log, dir)
 	}()
 	return true
+}
+
+// finished logs a session's end once, tidies its directory, and hands a
+// session that ended in doubt to a resolver.
+func (m *Manager) finished(s *Session, mach machine, err error, log *zap.Logger, dir string) {
+	if src, ok := mach.(*source); ok && src.inDoubt {
+		log.Error("migration in doubt", zap.Error(err), zap.String("images", dir))
+		s.resolver = m.startResolver(s.ID, src.rec, dir, log)
+		return
+	}
+	if err != nil {
+		fields := []zap.Field{zap.Error(err), zap.String("images", dir)}
+		var pe *panicError
+		if errors.As(err, &pe) {
+			fields = append(fields, zap.ByteString("stack", pe.stack))
+		}
+		log.Error("migration failed", fields...)
+		return
+	}
+	fields := []zap.Field{zap.Int("dest_pid", s.result.DestPID), zap.Int64("total_ms", s.result.TotalMS), zap.Int64("bytes", s.result.Bytes)}
+	if s.Direction == Outgoing {
+		fields = append(fields, zap.Int64("frozen_ms", s.result.FrozenMS))
+	}
+	log.Info("migration succeeded", fields...)
+	// A destination whose source did not confirm keeps its record for the
+	// source's query.
+	if d, ok := mach.(*dest); ok && !d.rec.Done {
+		return
+	}
+	if !m.cfg.KeepImages {
+		removeAll(log, dir)
+	}
 }
 
 // Migrate moves the process tree rooted at req.PID to the daemon at
@@ -454,7 +497,8 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		}
 	}()
 	src, err := newSource(s, sourceParams{
-		log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir, proc: info, dest: req.To,
+		log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir, proc: info, dest: addr,
+		peerTimeout: m.cfg.PeerTimeout,
 		progress: func(ev api.Event) {
 			select {
 			case events <- ev:
@@ -476,7 +520,32 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	<-s.Done()
 	close(events)
 	<-forwarded
+	if r := s.resolver; r != nil {
+		if progress != nil {
+			progress(api.Event{Event: api.EventProgress, ID: id.String(), Phase: "in-doubt"})
+		}
+		return m.awaitResolver(r, s)
+	}
 	return s.result, s.err
+}
+
+// awaitResolver waits a while for the outcome of a session in doubt.
+func (m *Manager) awaitResolver(r *resolver, s *Session) (api.Result, error) {
+	select {
+	case <-r.done:
+	case <-time.After(m.cfg.InDoubtWait):
+		return s.result, s.err
+	}
+	res := s.result
+	switch r.outcome {
+	case wire.OutcomeCommitted:
+		res.DestPID = r.destPID
+		return res, nil
+	case wire.OutcomeAborted:
+		return res, api.Errorf(api.CodeAborted,
+			"migration failed; the destination did not commit, and the process was resumed here (pid %d)", r.rec.PID)
+	}
+	return res, s.err
 }
 
 // destAddr turns HOST or HOST:PORT into HOST:PORT.
@@ -574,14 +643,19 @@ func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role
 	return c, nil
 }
 
-// Sessions lists the sessions in progress.
+// Sessions lists the sessions in progress, and those waiting to learn
+// their outcome.
 func (m *Manager) Sessions() []api.Session {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	list := make([]api.Session, 0, len(m.sessions))
+	list := make([]api.Session, 0, len(m.sessions)+len(m.resolvers))
 	for _, s := range m.sessions {
 		list = append(list, s.Info())
 	}
+	for _, r := range m.resolvers {
+		list = append(list, r.info())
+	}
+	sort.Slice(list, func(i, j int) bool { return list[i].Started.Before(list[j].Started) })
 	return list
 }
 
@@ -607,6 +681,9 @@ func (m *Manager) Shutdown(ctx context.Context) error {
 	}
 	for _, s := range m.sessions {
 		s.Stop()
+	}
+	for _, r := range m.resolvers {
+		close(r.stop)
 	}
 	m.mu.Unlock()
 

@@ -283,6 +283,7 @@ func (p *panicky) finished() bool               { return true }
 func (p *panicky) stop()                        {}
 func (p *panicky) cleanup()                     { p.cleaned = true }
 func (p *panicky) outcome() (api.Result, error) { return api.Result{}, nil }
+func (p *panicky) cancel() error                { return nil }
 
 // TestPanicEndsOneSession checks that a session that panics ends alone:
 // its clean-up runs, the error says so, and the manager and a session

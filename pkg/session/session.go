@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
@@ -46,8 +47,15 @@ type Session struct {
 	phase atomic.Value // string
 	bytes atomic.Int64
 
-	l    *loop
-	done chan struct{}
+	l *loop
+	m machine
+	// calls are functions other goroutines run on the loop (cancel, a
+	// peer's outcome query).
+	calls chan func()
+	done  chan struct{}
+	// resolver, set before done is closed, settles a session that ended
+	// in doubt.
+	resolver *resolver
 	// result and err are set before done is closed.
 	result api.Result
 	err    error
@@ -58,7 +66,8 @@ func newSession(id wire.SessionID, dir, peer string) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Session{ID: id, Direction: dir, Peer: peer, started: time.Now(), l: l, done: make(chan struct{})}
+	s := &Session{ID: id, Direction: dir, Peer: peer, started: time.Now(), l: l,
+		calls: make(chan func(), 8), done: make(chan struct{})}
 	s.phase.Store("starting")
 	return s, nil
 }
@@ -70,6 +79,29 @@ func (s *Session) Stop() { s.l.requestStop() }
 
 // Done is closed when the session has ended.
 func (s *Session) Done() <-chan struct{} { return s.done }
+
+// call runs fn on the session's loop and waits for it. It returns false if
+// the session ended before fn could run.
+func (s *Session) call(fn func()) bool {
+	ran := make(chan struct{})
+	select {
+	case s.calls <- func() { fn(); close(ran) }:
+	case <-s.done:
+		return false
+	}
+	s.l.wake()
+	select {
+	case <-ran:
+		return true
+	case <-s.done:
+		select {
+		case <-ran:
+			return true
+		default:
+			return false
+		}
+	}
+}
 
 // Info describes the session for the control API.
 func (s *Session) Info() api.Session {
@@ -99,9 +131,13 @@ type machine interface {
 	cleanup()
 	// outcome is the result, or the error that ended the machine.
 	outcome() (api.Result, error)
+	// cancel is the operator's cancel: it rolls back if the commit has
+	// not been asked yet, and refuses otherwise.
+	cancel() error
 }
 
 // run drives m on the session's loop until it finishes, then cleans up.
+// The caller closes s.done once it has also done its own finishing.
 // A panic is turned into the session's error (logged once, by the
 // manager) after cleanup has made the state safe.
 func (s *Session) run(m machine) (err error) {
@@ -123,7 +159,6 @@ func (s *Session) run(m machine) (err error) {
 		if err != nil && s.err == nil {
 			s.err = err
 		}
-		close(s.done)
 	}()
 	if err := m.begin(); err != nil {
 		s.err = err
@@ -133,6 +168,14 @@ func (s *Session) run(m machine) (err error) {
 	for !m.finished() {
 		if _, err := s.l.runOnce(); err != nil {
 			return fmt.Errorf("session loop: %w", err)
+		}
+		for drained := false; !drained; {
+			select {
+			case fn := <-s.calls:
+				fn()
+			default:
+				drained = true
+			}
 		}
 		if s.l.stopRequested() && !stopped {
 			stopped = true
@@ -234,6 +277,78 @@ func (w *criuWatch) stop() {
 	w.done = true
 	w.l.unwatch(w.op.Fd())
 	w.op.Close()
+}
+
+// heartbeat keeps a session's peer honest: it pings the peer on the rpc
+// connection every third of timeout, and calls silent once nothing at all
+// has arrived on any of the session's connections for timeout.
+type heartbeat struct {
+	l        *loop
+	rpc      *conn
+	conns    []*conn
+	timeout  time.Duration
+	silent   func(time.Duration)
+	seq      uint64
+	lastPing time.Time
+	t        *timer
+}
+
+func startHeartbeat(l *loop, rpc *conn, conns []*conn, timeout time.Duration, silent func(time.Duration)) *heartbeat {
+	h := &heartbeat{l: l, rpc: rpc, conns: conns, timeout: timeout, silent: silent, lastPing: time.Now()}
+	h.t = l.after(h.tick(), h.beat)
+	return h
+}
+
+// tick is how often the heartbeat looks: often enough that silence is
+// noticed within a few percent of timeout.
+func (h *heartbeat) tick() time.Duration {
+	return min(time.Second, max(h.timeout/10, 10*time.Millisecond))
+}
+
+func (h *heartbeat) beat() {
+	var last time.Time
+	for _, c := range h.conns {
+		if c.lastRecv.After(last) {
+			last = c.lastRecv
+		}
+	}
+	if quiet := time.Since(last); quiet >= h.timeout {
+		// Bytes may be waiting that this loop has not read yet (it was
+		// descheduled, or the whole daemon stopped and resumed): they
+		// are a word from the peer. Read them first.
+		if h.pending() {
+			h.t = h.l.after(time.Millisecond, h.beat)
+			return
+		}
+		h.silent(quiet)
+		return
+	}
+	if time.Since(h.lastPing) >= h.timeout/3 {
+		h.seq++
+		h.lastPing = time.Now()
+		h.rpc.send(&wire.Ping{Seq: h.seq})
+	}
+	h.t = h.l.after(h.tick(), h.beat)
+}
+
+// pending reports whether any of the connections has bytes (or a hang-up)
+// waiting to be read.
+func (h *heartbeat) pending() bool {
+	var fds []unix.PollFd
+	for _, c := range h.conns {
+		if !c.closed {
+			fds = append(fds, unix.PollFd{Fd: int32(c.fd), Events: unix.POLLIN})
+		}
+	}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0
+}
+
+// stop stops the heartbeat. A nil heartbeat is a no-op.
+func (h *heartbeat) stop() {
+	if h != nil {
+		h.t.cancel()
+	}
 }
 
 // removeAll removes dir, logging (not returning) a failure: a left-over

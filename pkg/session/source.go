@@ -18,8 +18,8 @@ import (
 )
 
 // srcState is where the source is in its migration. The order matters:
-// states from srcCommit on are past the point where the source may decide
-// alone.
+// from srcCommit on, the source has asked the commit and the outcome is
+// the destination's.
 type srcState int
 
 const (
@@ -33,12 +33,12 @@ const (
 	// srcRelease: post-dump answered "go on": CRIU leaves the tree
 	// stopped; waiting for its final response.
 	srcRelease
-	// srcCommit: Commit sent; waiting for Committed. The destination
-	// decides from here: the tree stays stopped until it answers.
+	// srcCommit: commit-sent recorded, Commit sent; waiting for
+	// Committed. The tree stays stopped until the destination answers.
 	srcCommit
 	// srcAbort: rolling back; waiting for CRIU to resume the tree.
 	srcAbort
-	// srcEnd: finished, successfully or not.
+	// srcEnd: finished: committed, rolled back, or in doubt.
 	srcEnd
 )
 
@@ -48,13 +48,14 @@ func (s srcState) String() string { return srcStateNames[s] }
 
 // sourceParams is what a source session needs to know.
 type sourceParams struct {
-	log      *zap.Logger
-	criu     *criu.Client
-	info     criu.Info
-	dir      string
-	proc     proc.Info
-	dest     string
-	progress func(api.Event)
+	log         *zap.Logger
+	criu        *criu.Client
+	info        criu.Info
+	dir         string
+	proc        proc.Info
+	dest        string
+	peerTimeout time.Duration
+	progress    func(api.Event)
 }
 
 // source is the state machine of the daemon a process leaves.
@@ -62,10 +63,12 @@ type source struct {
 	s   *Session
 	p   sourceParams
 	log *zap.Logger
+	rec *record
 
 	rpc, mem *conn
 	ph       *phaseTimer
 	state    srcState
+	hb       *heartbeat
 
 	dump     *criuWatch
 	relay    *relay
@@ -81,11 +84,15 @@ type source struct {
 	progressTimer         *timer
 
 	failure error
+	// inDoubt: the commit was asked and its answer lost; the manager
+	// hands the session to a resolver.
+	inDoubt bool
 }
 
 func newSource(s *Session, p sourceParams, rpcFd, memFd int) (*source, error) {
 	m := &source{s: s, p: p, log: p.log, t0: s.started}
 	m.ph = newPhaseTimer(s, p.log)
+	m.rec = &record{ID: s.ID.String(), Role: roleSource, Peer: p.dest, PID: p.proc.PID, StartTime: p.proc.StartTime}
 	var err error
 	if m.rpc, err = newConn(s.l, "rpc", rpcFd, wire.RPC, 64<<10); err != nil {
 		closeFd(rpcFd)
@@ -119,6 +126,7 @@ func newSource(s *Session, p sourceParams, rpcFd, memFd int) (*source, error) {
 func (m *source) begin() error {
 	m.ph.enter("prepare")
 	m.emit()
+	m.hb = startHeartbeat(m.s.l, m.rpc, []*conn{m.rpc, m.mem}, m.p.peerTimeout, m.onSilent)
 	return m.rpc.send(&wire.Prepare{
 		PID:         m.p.proc.PID,
 		CRIUVersion: m.p.info.Version.Code(),
@@ -152,7 +160,14 @@ func (m *source) onRPC(msg wire.Message) error {
 		if code == "" {
 			code = api.CodeAborted
 		}
-		m.abort(api.Errorf(code, "destination: %s", msg.Message))
+		err := api.Errorf(code, "destination: %s", msg.Message)
+		if m.state == srcCommit {
+			// The destination answered the commit with a refusal: it
+			// decided, and it will not commit. The tree is ours again.
+			m.rollbackStopped(err)
+			return nil
+		}
+		m.abort(err)
 		return nil
 	case *wire.Ready:
 		if m.state != srcPrepare {
@@ -186,6 +201,12 @@ func (m *source) onRPC(msg wire.Message) error {
 }
 
 func (m *source) startDump() error {
+	// The record goes first: a daemon restarting after a crash must know
+	// a tree may be frozen.
+	m.rec.State = stDumping
+	if err := m.rec.save(m.p.dir); err != nil {
+		return err
+	}
 	local, theirs, err := newPageSocket()
 	if err != nil {
 		return err
@@ -256,6 +277,15 @@ func (m *source) onDump(ev criu.Event) error {
 			return nil
 		}
 		m.tree = tree
+		// Recorded before it is sent: after a crash, a daemon that finds
+		// commit-sent must ask the destination; one that does not may
+		// resume the tree, since the destination can only commit on a
+		// Commit it received.
+		m.rec.State = stCommitSent
+		if err := m.rec.save(m.p.dir); err != nil {
+			m.abort(err)
+			return nil
+		}
 		m.state = srcCommit
 		return m.rpc.send(&wire.Commit{})
 	case srcAbort:
@@ -313,9 +343,14 @@ func (m *source) onConnClose(err error) {
 	m.abort(api.Errorf(api.CodeAborted, "connection to destination lost: %v", err))
 }
 
+func (m *source) onSilent(quiet time.Duration) {
+	m.abort(api.Errorf(api.CodeAborted, "the destination stopped answering: nothing received for %v", quiet.Round(time.Second)))
+}
+
 // abort rolls the migration back as the commit rule says for the current
-// state. Before the commit the tree is resumed on this host; once Commit is
-// sent the outcome is the destination's, and the tree stays stopped.
+// state. Before the commit is asked the tree is resumed on this host; once
+// it is asked the outcome is the destination's, and the tree stays stopped
+// until it is known.
 func (m *source) abort(err error) {
 	if m.failure == nil {
 		m.failure = err
@@ -356,10 +391,11 @@ func (m *source) abort(err error) {
 		m.state = srcAbort
 		m.waitCRIU()
 	case srcCommit:
+		m.inDoubt = true
 		m.failure = api.Errorf(api.CodeInDoubt,
-			"%v; the commit was asked of the destination and its answer did not arrive: the process is held stopped here (pid %d) until the destination's outcome is known",
+			"%v, after the commit was asked: the process is held stopped here (pid %d) until the destination says whether it committed",
 			err, m.p.proc.PID)
-		m.log.Error("migration in doubt: the source tree stays stopped")
+		m.log.Error("migration in doubt: the source tree stays stopped until the destination answers")
 		m.state = srcEnd
 	}
 }
@@ -381,6 +417,16 @@ func (m *source) tellPeer(err error) {
 	m.rpc.send(&wire.Fail{Code: string(e.Code), Message: e.Message})
 }
 
+// rollbackStopped resumes a tree CRIU left stopped, after the destination
+// refused the commit.
+func (m *source) rollbackStopped(err error) {
+	if m.failure == nil {
+		m.failure = err
+	}
+	m.log.Warn("destination refused the commit: resuming the stopped tree")
+	m.end()
+}
+
 // end finishes an aborted migration: the tree must run here again.
 func (m *source) end() {
 	if m.released && m.tree == nil {
@@ -395,6 +441,12 @@ func (m *source) end() {
 		}
 	}
 	m.state = srcEnd
+	if m.rec.State != "" {
+		m.rec.State, m.rec.Error = stAborted, errString(m.failure)
+		if err := m.rec.save(m.p.dir); err != nil {
+			m.log.Error("cannot record the rollback", zap.Error(err))
+		}
+	}
 	if !m.tDump.IsZero() {
 		e := api.AsError(m.failure)
 		m.failure = api.Errorf(e.Code, "migration failed; the process was resumed here (pid %d): %s", m.p.proc.PID, e.Message)
@@ -402,9 +454,22 @@ func (m *source) end() {
 	}
 }
 
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
 func (m *source) finishCommitted() {
 	// Commit is recorded on the destination and the tree runs there: the
 	// stopped copy here must go.
+	m.rec.State = stCommitted
+	if err := m.rec.save(m.p.dir); err != nil {
+		// Not fatal: after a crash the record says commit-sent, and the
+		// destination will say it committed.
+		m.log.Error("cannot record the commit", zap.Error(err))
+	}
 	if err := proc.SignalAll(m.tree, syscall.SIGKILL); err != nil {
 		m.log.Error("cannot kill the source tree", zap.Error(err))
 	}
@@ -412,6 +477,10 @@ func (m *source) finishCommitted() {
 		m.log.Error("source tree did not exit", zap.Error(err))
 	}
 	m.rpc.send(&wire.Done{})
+	m.rec.Done = true
+	if err := m.rec.save(m.p.dir); err != nil {
+		m.log.Error("cannot record the end", zap.Error(err))
+	}
 	m.ph.enter("done")
 	m.state = srcEnd
 	m.emit()
@@ -421,8 +490,22 @@ func (m *source) stop() {
 	m.abort(api.Errorf(api.CodeAborted, "phauld is shutting down"))
 }
 
+func (m *source) cancel() error {
+	switch {
+	case m.state == srcEnd || m.state == srcAbort:
+		return api.Errorf(api.CodeConflict, "session %s is already ending", m.s.ID)
+	case m.state >= srcCommit:
+		return api.Errorf(api.CodeConflict,
+			"session %s has asked the destination to commit: too late to cancel; it ends as the destination decides", m.s.ID)
+	}
+	m.log.Info("canceled by the operator")
+	m.abort(api.Errorf(api.CodeCanceled, "canceled"))
+	return nil
+}
+
 func (m *source) cleanup() {
 	m.progressTimer.cancel()
+	m.hb.stop()
 	if m.state != srcEnd {
 		// A panic mid-way: make the outcome safe. Closing the dump's
 		// socket makes CRIU resume a tree it still holds.
@@ -443,19 +526,19 @@ func (m *source) cleanup() {
 	proc.CloseAll(m.tree)
 }
 
-func (m *source) outcome() (api.Result, error) {
-	if m.failure != nil && m.tCommitted.IsZero() {
-		return api.Result{}, m.failure
-	}
+// partial is what the source knows when the outcome is left to a resolver.
+func (m *source) result() api.Result {
 	r := api.Result{
 		ID:        m.s.ID.String(),
 		SourcePID: m.p.proc.PID,
 		DestPID:   m.destPID,
 		Dest:      m.p.dest,
-		FrozenMS:  m.tCommitted.Sub(m.tDump).Milliseconds(),
 		TotalMS:   time.Since(m.t0).Milliseconds(),
 		Bytes:     m.rpc.bytesOut + m.rpc.bytesIn + m.mem.bytesOut + m.mem.bytesIn,
 		PhasesMS:  m.ph.took,
+	}
+	if !m.tCommitted.IsZero() {
+		r.FrozenMS = m.tCommitted.Sub(m.tDump).Milliseconds()
 	}
 	if m.relay != nil {
 		r.PageBytes = m.relay.sent
@@ -473,5 +556,12 @@ func (m *source) outcome() (api.Result, error) {
 			ForkingUS: rs.ForkingUS, RestoreUS: rs.RestoreUS,
 		}
 	}
-	return r, nil
+	return r
+}
+
+func (m *source) outcome() (api.Result, error) {
+	if m.failure != nil && m.tCommitted.IsZero() {
+		return m.result(), m.failure
+	}
+	return m.result(), nil
 }

@@ -18,7 +18,7 @@ func FuzzDecoder(f *testing.F) {
 	f.Add([]byte("PH\x01\x30\xff\xff\xff\xff"), uint8(Mem), uint16(1))
 	f.Add([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), uint8(Handshake), uint16(5))
 	f.Fuzz(func(t *testing.T, data []byte, chByte uint8, split uint16) {
-		ch := Channel(1 << (chByte % 3))
+		ch := Channel(1 << (chByte % 4))
 		d := NewDecoder(ch, 32)
 		step := int(split)%97 + 1
 		for off := 0; off < len(data); off += step {

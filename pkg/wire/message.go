@@ -34,17 +34,22 @@ const (
 
 	TypePageData Type = 0x30
 	TypePageEOF  Type = 0x31
+
+	TypeResolve Type = 0x40
+	TypeOutcome Type = 0x41
 )
 
 // Channel is the connection a message travels on.
 type Channel uint8
 
 // Channels. A handshake decoder accepts only handshake messages; after the
-// handshake a connection is either rpc or mem.
+// handshake a connection is rpc or mem (of a migration), or query (a
+// source asking how a migration it lost track of ended).
 const (
 	Handshake Channel = 1 << iota
 	RPC
 	Mem
+	Query
 )
 
 func (c Channel) String() string {
@@ -55,6 +60,8 @@ func (c Channel) String() string {
 		return "rpc"
 	case Mem:
 		return "mem"
+	case Query:
+		return "query"
 	}
 	return fmt.Sprintf("channel(%d)", uint8(c))
 }
@@ -100,12 +107,14 @@ var specs = [256]*spec{
 	TypeRestored:   {name: "restored", max: controlMax, channels: RPC, new: func() Message { return new(Restored) }},
 	TypeCommit:     {name: "commit", max: smallMax, channels: RPC, new: func() Message { return new(Commit) }},
 	TypeCommitted:  {name: "committed", max: smallMax, channels: RPC, new: func() Message { return new(Committed) }},
-	TypeDone:       {name: "done", max: smallMax, channels: RPC, new: func() Message { return new(Done) }},
+	TypeDone:       {name: "done", max: smallMax, channels: RPC | Query, new: func() Message { return new(Done) }},
 	TypeFail:       {name: "fail", max: controlMax, channels: RPC, new: func() Message { return new(Fail) }},
 	TypePing:       {name: "ping", max: smallMax, channels: RPC, new: func() Message { return new(Ping) }},
 	TypePong:       {name: "pong", max: smallMax, channels: RPC, new: func() Message { return new(Pong) }},
 	TypePageData:   {name: "page-data", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageData) }},
 	TypePageEOF:    {name: "page-eof", max: 0, channels: Mem, raw: true, new: func() Message { return new(PageEOF) }},
+	TypeResolve:    {name: "resolve", max: smallMax, channels: Query, new: func() Message { return new(Resolve) }},
+	TypeOutcome:    {name: "outcome", max: smallMax, channels: Query, new: func() Message { return new(Outcome) }},
 }
 
 func (t Type) String() string {
@@ -204,6 +213,9 @@ type Role string
 const (
 	RoleRPC Role = "rpc"
 	RoleMem Role = "mem"
+	// RoleQuery is a lone connection on which a source asks the outcome
+	// of a migration whose connections it lost after asking the commit.
+	RoleQuery Role = "query"
 )
 
 // Hello is the first message on every connection, sent by the dialing side.
@@ -318,6 +330,30 @@ type PageData struct{ Data []byte }
 // PageEOF says the sender's side of the page-server stream has ended.
 type PageEOF struct{}
 
+// Resolve asks the destination how the session of the query connection's
+// handshake ended.
+type Resolve struct{}
+
+// Outcomes a destination reports.
+const (
+	// OutcomeCommitted: the destination committed; its copy runs.
+	OutcomeCommitted = "committed"
+	// OutcomeAborted: the destination did not commit and never will; it
+	// has no copy.
+	OutcomeAborted = "aborted"
+	// OutcomeUnknown: the destination has no record of the session (its
+	// state was lost): nobody can tell.
+	OutcomeUnknown = "unknown"
+)
+
+// Outcome answers Resolve. After acting on a committed or aborted outcome
+// the source sends Done, and the destination may forget the session.
+type Outcome struct {
+	Outcome string `json:"outcome"`
+	// PID is the process's pid on the destination when committed.
+	PID int `json:"pid,omitempty"`
+}
+
 // Type methods tie each struct to its number.
 
 func (*Hello) Type() Type      { return TypeHello }
@@ -337,6 +373,8 @@ func (*Ping) Type() Type       { return TypePing }
 func (*Pong) Type() Type       { return TypePong }
 func (*PageData) Type() Type   { return TypePageData }
 func (*PageEOF) Type() Type    { return TypePageEOF }
+func (*Resolve) Type() Type    { return TypeResolve }
+func (*Outcome) Type() Type    { return TypeOutcome }
 
 func (m *FileData) bytes() []byte     { return m.Data }
 func (m *FileData) setBytes(b []byte) { m.Data = b }
@@ -356,7 +394,7 @@ func (m *Hello) validate() error {
 	if m.Proto < 1 {
 		return fmt.Errorf("protocol version %d", m.Proto)
 	}
-	if m.Role != RoleRPC && m.Role != RoleMem {
+	if m.Role != RoleRPC && m.Role != RoleMem && m.Role != RoleQuery {
 		return fmt.Errorf("unknown role %q", m.Role)
 	}
 	return nil
@@ -405,4 +443,12 @@ func (m *Committed) validate() error {
 		return fmt.Errorf("pid %d", m.PID)
 	}
 	return nil
+}
+
+func (m *Outcome) validate() error {
+	switch m.Outcome {
+	case OutcomeCommitted, OutcomeAborted, OutcomeUnknown:
+		return nil
+	}
+	return fmt.Errorf("unknown outcome %q", m.Outcome)
 }

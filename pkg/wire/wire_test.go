@@ -29,6 +29,8 @@ func sampleMessages() []Message {
 		&Pong{Seq: 9},
 		&PageData{Data: bytes.Repeat([]byte{0xaa}, 1000)},
 		&PageEOF{},
+		&Resolve{},
+		&Outcome{Outcome: OutcomeCommitted, PID: 9},
 	}
 }
 

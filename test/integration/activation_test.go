@@ -17,6 +17,7 @@ import (
 // connection is phaulctl on the control socket; B's is the migration from
 // A. Both must serve on the sockets they were given, not on their flags.
 func TestSocketActivation(t *testing.T) {
+	integration(t)
 	if _, err := exec.LookPath("systemd-socket-activate"); err != nil {
 		t.Fatal("systemd-socket-activate not found (package systemd)")
 	}

@@ -4,7 +4,8 @@
 // real processes, on loopback addresses. It needs root and CRIU >= 4.2.
 // It runs only with PHAUL_INTEGRATION=1 (`make integration`, part of
 // `make test`), and then a missing prerequisite is a failure, never a skip;
-// a plain `go test ./...` is the unit tier and skips it.
+// a plain `go test ./...` is the unit tier and skips these tests (it runs
+// the few here that need neither, such as the check of docs/reliability.md).
 package integration
 
 import (
@@ -41,10 +42,20 @@ func TestMain(m *testing.M) {
 	os.Exit(testMain(m))
 }
 
+// enabled is whether the integration tier runs (PHAUL_INTEGRATION=1).
+var enabled = os.Getenv("PHAUL_INTEGRATION") == "1"
+
+// integration skips t unless the integration tier runs.
+func integration(t *testing.T) {
+	t.Helper()
+	if !enabled {
+		t.Skip("integration test: run it with 'make integration' (PHAUL_INTEGRATION=1, as root, with CRIU >= 4.2)")
+	}
+}
+
 func testMain(m *testing.M) int {
-	if os.Getenv("PHAUL_INTEGRATION") != "1" {
-		fmt.Fprintln(os.Stderr, "integration tests skipped: run them with 'make integration' (PHAUL_INTEGRATION=1, as root, with CRIU >= 4.2)")
-		return 0
+	if !enabled {
+		return m.Run()
 	}
 	if reason := missing(); reason != "" {
 		fmt.Fprintln(os.Stderr, "integration tests cannot run:", reason)
@@ -106,11 +117,14 @@ func repoRoot() string {
 
 // daemon is one phauld under test.
 type daemon struct {
+	t       *testing.T
 	name    string
 	addr    string
 	socket  string
 	state   string
 	logPath string
+	args    []string
+	o       daemonOpts
 	cmd     *exec.Cmd
 	exited  chan struct{}
 }
@@ -135,36 +149,23 @@ func startDaemon(t *testing.T, name, addr string, o daemonOpts) *daemon {
 	t.Helper()
 	dir := t.TempDir()
 	d := &daemon{
+		t:       t,
 		name:    name,
 		addr:    addr,
+		o:       o,
 		socket:  filepath.Join(dir, "ctl.sock"),
 		state:   filepath.Join(dir, "state"),
 		logPath: filepath.Join(dir, "phauld.log"),
-		exited:  make(chan struct{}),
 	}
-	args := append([]string{}, o.wrap...)
+	d.args = append([]string{}, o.wrap...)
 	if o.activated {
-		args = append(args, "systemd-socket-activate", "-l", addr, "-l", d.socket, "--fdname=migrate:control",
+		d.args = append(d.args, "systemd-socket-activate", "-l", addr, "-l", d.socket, "--fdname=migrate:control",
 			bins.phauld, "--listen", "192.0.2.1:12345", "--control", "/proc/phauld-unused.sock")
 	} else {
-		args = append(args, bins.phauld, "--listen", addr, "--control", d.socket)
+		d.args = append(d.args, bins.phauld, "--listen", addr, "--control", d.socket)
 	}
-	args = append(args, "--state-dir", d.state, "--log-level", "debug")
-	args = append(args, o.flags...)
-	logf, err := os.Create(d.logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.cmd = exec.Command(args[0], args[1:]...)
-	d.cmd.Stdout, d.cmd.Stderr = logf, logf
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	logf.Close()
-	go func() {
-		d.cmd.Wait()
-		close(d.exited)
-	}()
+	d.args = append(d.args, "--state-dir", d.state, "--log-level", "debug")
+	d.args = append(d.args, o.flags...)
 	t.Cleanup(func() {
 		d.stop(t)
 		if t.Failed() {
@@ -172,10 +173,36 @@ func startDaemon(t *testing.T, name, addr string, o daemonOpts) *daemon {
 			t.Logf("--- log of phauld %s (%s) ---\n%s", name, addr, b)
 		}
 	})
+	d.start()
+	return d
+}
+
+// start runs the daemon (again, after a kill: its log goes on in the same
+// file) and waits until it answers.
+func (d *daemon) start() {
+	t := d.t
+	t.Helper()
+	logf, err := os.OpenFile(d.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.exited = make(chan struct{})
+	d.cmd = exec.Command(d.args[0], d.args[1:]...)
+	d.cmd.Stdout, d.cmd.Stderr = logf, logf
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	logf.Close()
+	exited := d.exited
+	cmd := d.cmd
+	go func() {
+		cmd.Wait()
+		close(exited)
+	}()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		var err error
-		if o.activated {
+		if d.o.activated {
 			// Do not connect: that would start phauld.
 			_, err = os.Stat(d.socket)
 		} else {
@@ -184,28 +211,68 @@ func startDaemon(t *testing.T, name, addr string, o daemonOpts) *daemon {
 			cancel()
 		}
 		if err == nil {
-			return d
+			return
 		}
 		select {
-		case <-d.exited:
+		case <-exited:
 			b, _ := os.ReadFile(d.logPath)
-			t.Fatalf("phauld %s exited at start-up: %v\n%s", name, d.cmd.ProcessState, b)
+			t.Fatalf("phauld %s exited at start-up: %v\n%s", d.name, cmd.ProcessState, b)
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("phauld %s not answering after 30s: %v", name, err)
+			t.Fatalf("phauld %s not answering after 30s: %v", d.name, err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 }
 
+// kill kills the daemon with SIGKILL and waits for it to be gone.
+func (d *daemon) kill() {
+	d.cmd.Process.Signal(syscall.SIGKILL)
+	<-d.exited
+}
+
+// terminate stops the daemon with SIGTERM and fails the test unless it
+// exits within limit (its --stop-timeout) and a little slack.
+func (d *daemon) terminate(t *testing.T, limit time.Duration) {
+	start := time.Now()
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.exited:
+	case <-time.After(limit + 5*time.Second):
+		t.Errorf("phauld %s still running %v after SIGTERM (stop timeout %v); killing it", d.name, time.Since(start), limit)
+		d.kill()
+	}
+}
+
+// pause stops the daemon with SIGSTOP: it stops answering, its sockets
+// stay open. resume undoes it.
+func (d *daemon) pause()  { d.cmd.Process.Signal(syscall.SIGSTOP) }
+func (d *daemon) resume() { d.cmd.Process.Signal(syscall.SIGCONT) }
+
+// sessions lists the daemon's sessions.
+func (d *daemon) sessions(t *testing.T) []api.Session {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	list, err := client.New(d.socket).Sessions(ctx)
+	if err != nil {
+		t.Fatalf("phauld %s: list: %v", d.name, err)
+	}
+	return list
+}
+
 // stop sends SIGTERM and waits; SIGKILL if it does not exit in time.
 func (d *daemon) stop(t *testing.T) {
+	if d.exited == nil {
+		return
+	}
 	select {
 	case <-d.exited:
 		return
 	default:
 	}
+	d.cmd.Process.Signal(syscall.SIGCONT) // in case a test paused it
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-d.exited:

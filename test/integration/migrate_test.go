@@ -20,6 +20,7 @@ import (
 // reported pid with its memory and counter intact, and that nothing of it
 // is left on the source.
 func TestMigrateTree(t *testing.T) {
+	integration(t)
 	a := startDaemon(t, "A", "127.0.0.1:17101", daemonOpts{})
 	b := startDaemon(t, "B", "127.0.0.2:17102", daemonOpts{})
 	w := startWorkload(t, workloadOpts{memMiB: 64, children: 1})
@@ -102,6 +103,7 @@ func TestMigrateTree(t *testing.T) {
 // TestMigrateMissingPID asks for a pid that does not exist: a clear error,
 // a non-zero exit, nothing else happens.
 func TestMigrateMissingPID(t *testing.T) {
+	integration(t)
 	a := startDaemon(t, "A", "127.0.0.1:17111", daemonOpts{})
 	b := startDaemon(t, "B", "127.0.0.2:17112", daemonOpts{})
 	pid := unusedPID(t)
@@ -149,6 +151,7 @@ func unusedPID(t *testing.T) int {
 // source again, not stopped, intact; nothing may be left on the
 // destination.
 func TestRestoreFailureRollsBack(t *testing.T) {
+	integration(t)
 	held := t.TempDir()
 	a := startDaemon(t, "A", "127.0.0.1:17121", daemonOpts{})
 	// In B's mount namespace, the held file's directory is an empty tmpfs.

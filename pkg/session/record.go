@@ -1,0 +1,143 @@
+//go:build linux
+
+package session
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// recordName is the file in a session's directory that says where the
+// session is in the commit rule, written before each step that a daemon
+// restarting after a crash must know about.
+const recordName = "session.json"
+
+// Roles in records.
+const (
+	roleSource = "source"
+	roleDest   = "dest"
+)
+
+// Record states. A source goes dumping → commit-sent → committed, or to
+// aborted; a destination goes receiving → restored → committed, or to
+// aborted. Done marks a session both sides have finished with.
+const (
+	stDumping    = "dumping"
+	stCommitSent = "commit-sent"
+	stReceiving  = "receiving"
+	stRestored   = "restored"
+	stCommitted  = "committed"
+	stAborted    = "aborted"
+)
+
+// record is what a daemon keeps on disk about one session.
+type record struct {
+	ID    string `json:"id"`
+	Role  string `json:"role"`
+	State string `json:"state"`
+	// Peer is the destination's address (source) or the source's
+	// (destination).
+	Peer string `json:"peer"`
+	// PID and StartTime name the tree this side holds: the migrating tree
+	// (source) or the restored tree (destination, once restored).
+	PID       int    `json:"pid,omitempty"`
+	StartTime uint64 `json:"start_time,omitempty"`
+	// SourcePID is the process's pid on the source (destination records).
+	SourcePID int `json:"source_pid,omitempty"`
+	// Done: the session is over on both sides; the record only remains
+	// for inspection until it ages out.
+	Done    bool      `json:"done,omitempty"`
+	Error   string    `json:"error,omitempty"`
+	Created time.Time `json:"created"`
+	Updated time.Time `json:"updated"`
+}
+
+// terminal reports whether the record's session needs nothing more from
+// this daemon.
+func (r *record) terminal() bool {
+	return r.Done || r.State == stAborted
+}
+
+// save writes r to dir atomically and durably: a crash leaves either the
+// old record or the new one, never a torn one, and the new one survives a
+// power cut once save returns.
+func (r *record) save(dir string) error {
+	r.Updated = time.Now().UTC()
+	if r.Created.IsZero() {
+		r.Created = r.Updated
+	}
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, recordName+".tmp")
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("write session record: %w", err)
+	}
+	if _, err := f.Write(append(b, '\n')); err != nil {
+		f.Close()
+		return fmt.Errorf("write session record: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("sync session record: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write session record: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, recordName)); err != nil {
+		return fmt.Errorf("write session record: %w", err)
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Fsync(fd); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
+}
+
+// loadRecord reads the record in dir.
+func loadRecord(dir string) (*record, error) {
+	b, err := os.ReadFile(filepath.Join(dir, recordName))
+	if err != nil {
+		return nil, err
+	}
+	r := &record{}
+	if err := json.Unmarshal(b, r); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, recordName), err)
+	}
+	return r, nil
+}
+
+// removeImages deletes a session's image files, keeping its record and
+// logs: after a commit the images are no longer needed, but the record
+// must stay until the source has heard the outcome.
+func removeImages(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		n := e.Name()
+		if n == recordName || filepath.Ext(n) == ".log" {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
+			return err
+		}
+	}
+	return nil
+}

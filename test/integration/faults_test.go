@@ -1,0 +1,365 @@
+//go:build linux
+
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// The fault-injection matrix: each cell migrates a real process and injects
+// one fault at one point of the protocol, then checks that exactly one copy
+// of the process exists, running, on the side the commit rule says, with
+// its memory intact. docs/reliability.md shows the same table; a test below
+// keeps the two equal.
+
+// point is where in the migration a fault strikes. The fault proxy between
+// the daemons recognises it by a frame: it holds that frame while the fault
+// is injected, then forwards it (unless the fault drops the connections).
+type point struct {
+	key  string
+	name string
+	dir  string
+	typ  wire.Type
+	nth  int
+	// duringRestore: the frame (Restore) is forwarded, and the fault
+	// strikes once the destination's CRIU is restoring.
+	duringRestore bool
+}
+
+var points = []point{
+	{key: "before-dump", name: "before the dump (destination ready)", dir: toSource, typ: wire.TypeReady, nth: 1},
+	{key: "pages", name: "during page transfer", dir: toDest, typ: wire.TypePageData, nth: 40},
+	{key: "images", name: "during image transfer", dir: toDest, typ: wire.TypeFileBegin, nth: 3},
+	{key: "restore", name: "during restore", dir: toDest, typ: wire.TypeRestore, nth: 1, duringRestore: true},
+	{key: "restored", name: "after restore, before the commit is asked", dir: toSource, typ: wire.TypeRestored, nth: 1},
+	{key: "commit-sent", name: "commit asked, not yet received", dir: toDest, typ: wire.TypeCommit, nth: 1},
+	{key: "committed", name: "after the commit", dir: toSource, typ: wire.TypeCommitted, nth: 1},
+}
+
+// fault is what goes wrong.
+type fault struct {
+	key  string
+	name string
+}
+
+var faults = []fault{
+	{"drop", "connections dropped"},
+	{"kill-dest", "destination phauld SIGKILLed, restarted"},
+	{"kill-source", "source phauld SIGKILLed, restarted"},
+	{"term-dest", "destination phauld SIGTERMed, restarted"},
+	{"term-source", "source phauld SIGTERMed, restarted"},
+	{"hang-dest", "destination phauld stops answering"},
+	{"cancel", "phaulctl cancel"},
+	{"restore-fail", "restore fails"},
+}
+
+// stopTimeout is the daemons' --stop-timeout in the matrix: a SIGTERMed
+// daemon must exit within it.
+const stopTimeout = 20 * time.Second
+
+// Sides a process may end up on.
+const (
+	sideSource = "source"
+	sideDest   = "destination"
+)
+
+// expected is the commit rule, cell by cell: the destination decides, and
+// it commits only on a Commit it received. "" means the cell does not
+// exist.
+func expected(p point, f fault) string {
+	if f.key == "restore-fail" {
+		if p.key == "restore" {
+			return sideSource
+		}
+		return ""
+	}
+	switch p.key {
+	case "committed":
+		// Committed: nothing can undo it; cancel is refused.
+		return sideDest
+	case "commit-sent":
+		switch f.key {
+		case "drop", "kill-dest", "kill-source", "term-dest", "term-source":
+			// The Commit never arrives (lost with the connections, with
+			// the destination, or with the source that sent it): the
+			// destination discards its copy (at once, or on restart
+			// from its "restored" record); the source, asking from its
+			// commit-sent record, hears "aborted" and resumes.
+			return sideSource
+		}
+		// The Commit arrives: the destination commits; cancel is
+		// refused.
+		return sideDest
+	}
+	return sideSource
+}
+
+// TestFaultMatrix runs every cell.
+func TestFaultMatrix(t *testing.T) {
+	integration(t)
+	for _, p := range points {
+		for _, f := range faults {
+			want := expected(p, f)
+			if want == "" {
+				continue
+			}
+			t.Run(p.key+"/"+f.key, func(t *testing.T) {
+				t.Parallel()
+				runCell(t, p, f, want)
+			})
+		}
+	}
+}
+
+// cellPorts hands each cell its own ports.
+var cellPorts atomic.Int32
+
+func runCell(t *testing.T, p point, f fault, want string) {
+	port := 17200 + 3*int(cellPorts.Add(1))
+	peerTimeout := "3s"
+	var bOpts daemonOpts
+	var extra []string
+	if f.key == "restore-fail" {
+		// The destination runs where a file the process holds open does
+		// not exist: CRIU's restore fails for real.
+		held := t.TempDir()
+		bOpts.wrap = []string{"unshare", "--mount", "--propagation", "private", "--",
+			"sh", "-c", `mount -t tmpfs none "$0" && exec "$@"`, held}
+		extra = []string{"--hold", filepath.Join(held, "data")}
+	}
+	flags := []string{"--peer-timeout", peerTimeout, "--stop-timeout", stopTimeout.String()}
+	bOpts.flags = flags
+	a := startDaemon(t, "A", "127.0.0.1:"+strconv.Itoa(port), daemonOpts{flags: flags})
+	b := startDaemon(t, "B", "127.0.0.2:"+strconv.Itoa(port+1), bOpts)
+	px := newFaultProxy(t, "127.0.0.3:"+strconv.Itoa(port+2), b.addr)
+	w := startWorkload(t, workloadOpts{memMiB: 32, extra: extra})
+	before := w.report(w.pid, w.status)
+	srcInfo, err := proc.Stat(w.pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// What the fault does, while the point's frame is held (or, during
+	// restore, once the restore runs).
+	var cancelResult ctlResult
+	inject := func() {
+		switch f.key {
+		case "drop":
+			px.dropAll()
+		case "kill-dest":
+			b.kill()
+			b.start()
+		case "kill-source":
+			a.kill() // restarted below, once the destination has reacted
+		case "term-dest":
+			b.terminate(t, stopTimeout)
+			b.start()
+		case "term-source":
+			a.terminate(t, stopTimeout) // restarted below
+		case "hang-dest":
+			b.pause()
+		case "cancel":
+			list := a.sessions(t)
+			if len(list) != 1 {
+				t.Errorf("source lists %d sessions, want 1", len(list))
+				return
+			}
+			cancelResult = a.phaulctl(t, "cancel", list[0].ID[:8])
+		}
+	}
+	r := &rule{dir: p.dir, typ: p.typ, nth: p.nth, action: actPass}
+	switch {
+	case p.duringRestore:
+	case f.key == "drop":
+		r.action = actDrop
+	case f.key == "kill-source" || f.key == "term-source" || f.key == "term-dest":
+		// The frame is lost with the daemon that stops: it never
+		// arrives.
+		r.hook, r.action = inject, actSwallow
+	default:
+		r.hook = inject
+	}
+	px.arm(r)
+
+	migrated := make(chan ctlResult, 1)
+	go func() {
+		migrated <- a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.addr(), "--json")
+	}()
+	select {
+	case <-r.fired:
+	case res := <-migrated:
+		// The fault itself may end the migration before we look.
+		select {
+		case <-r.fired:
+			migrated <- res
+		default:
+			t.Fatalf("migration ended without reaching the point: exit %d: %s %s", res.code, res.stdout, res.stderr)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("the point was not reached within 2 minutes")
+	}
+	<-r.done
+	if p.duringRestore {
+		waitFor(t, "the destination to start restoring", 30*time.Second, func() bool {
+			return strings.Contains(b.log(), `"phase": "receive"`)
+		})
+		if f.key != "restore-fail" {
+			inject()
+		}
+	}
+	switch f.key {
+	case "kill-source", "term-source":
+		// Restart once the destination has reacted to the loss, so that
+		// the cell's outcome does not hang on a race.
+		waitFor(t, "the destination to end its session", time.Minute, func() bool { return len(b.sessions(t)) == 0 })
+		a.start()
+	case "hang-dest":
+		// Resume once the source has given up on its peer (rolled back,
+		// or waiting in doubt), or finished.
+		waitFor(t, "the source to give up on the silent destination", time.Minute, func() bool {
+			for _, s := range a.sessions(t) {
+				if s.Phase != "in-doubt" {
+					return false
+				}
+			}
+			return true
+		})
+		b.resume()
+	}
+
+	var res ctlResult
+	select {
+	case res = <-migrated:
+	case <-time.After(3 * time.Minute):
+		t.Fatal("phaulctl migrate did not return within 3 minutes")
+	}
+
+	// Settle: both daemons done with the session, one copy of the process.
+	var alive []int
+	waitFor(t, "the migration to settle to one copy", 2*time.Minute, func() bool {
+		if len(a.sessions(t)) != 0 || len(b.sessions(t)) != 0 {
+			return false
+		}
+		alive = cellProcesses(w)
+		if len(alive) != 1 {
+			return false
+		}
+		info, err := proc.Stat(alive[0])
+		return err == nil && !info.Stopped()
+	})
+	for _, pid := range alive {
+		w.track(pid)
+	}
+	got := sideDest
+	if info, _ := proc.Stat(alive[0]); alive[0] == w.pid && info.StartTime == srcInfo.StartTime {
+		got = sideSource
+	}
+	if got != want {
+		t.Fatalf("the process runs on the %s, the rule says the %s", got, want)
+	}
+	after := w.report(alive[0], w.status)
+	checkIntact(t, "the one copy", after, before, w.memMiB, w.seed)
+
+	// What the user was told matches what happened.
+	if f.key != "kill-source" && f.key != "term-source" {
+		if (res.code == 0) != (want == sideDest) {
+			t.Errorf("phaulctl migrate exited %d, but the process runs on the %s: %s %s", res.code, want, res.stdout, res.stderr)
+		}
+	}
+	if f.key == "cancel" {
+		refused := p.key == "commit-sent" || p.key == "committed"
+		if (cancelResult.code != 0) != refused {
+			t.Errorf("cancel at %s exited %d (%s): want refused=%v", p.key, cancelResult.code, strings.TrimSpace(cancelResult.stderr), refused)
+		}
+		if refused && !strings.Contains(cancelResult.stderr, "too late to cancel") {
+			t.Errorf("refused cancel says %q: want why", cancelResult.stderr)
+		}
+	}
+}
+
+// cellProcesses are the processes of w's tree, wherever they are, that
+// have not exited: every process running the workload binary with w's
+// status file.
+func cellProcesses(w *workload) []int {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
+		if err != nil || exe != bins.workload {
+			continue
+		}
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if !strings.Contains(string(cmdline), w.status) {
+			continue
+		}
+		if info, err := proc.Stat(pid); err == nil && info.State != 'Z' {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// reliabilityTable renders the matrix as the Markdown table that
+// docs/reliability.md holds.
+func reliabilityTable() string {
+	var b strings.Builder
+	b.WriteString("| point \\ fault |")
+	for _, f := range faults {
+		b.WriteString(" " + f.name + " |")
+	}
+	b.WriteString("\n|---|")
+	for range faults {
+		b.WriteString("---|")
+	}
+	b.WriteString("\n")
+	for _, p := range points {
+		fmt.Fprintf(&b, "| %s |", p.name)
+		for _, f := range faults {
+			switch want := expected(p, f); want {
+			case "":
+				b.WriteString(" — |")
+			default:
+				b.WriteString(" " + want + " |")
+			}
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
+// TestReliabilityDocMatches keeps docs/reliability.md's table equal to the
+// matrix the tests run. It needs neither root nor CRIU.
+func TestReliabilityDocMatches(t *testing.T) {
+	doc, err := os.ReadFile(filepath.Join(repoRoot(), "docs", "reliability.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if table := reliabilityTable(); !strings.Contains(string(doc), table) {
+		t.Fatalf("docs/reliability.md does not hold the matrix the tests run; it should contain:\n\n%s", table)
+	}
+}
