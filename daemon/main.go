@@ -25,6 +25,7 @@ import (
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/control"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/netlock"
 	"github.com/phaul/phaul/pkg/session"
 	"github.com/phaul/phaul/pkg/systemd"
 	"github.com/phaul/phaul/pkg/version"
@@ -106,7 +107,8 @@ func newLogger(level zapcore.Level, w io.Writer) *zap.Logger {
 //
 //  1. signals are caught first, so a SIGTERM during start-up is not lost;
 //  2. CRIU is checked before any listener opens, so a host that cannot
-//     migrate never looks ready;
+//     migrate never looks ready, and leftovers of earlier CRIU runs
+//     (network-lock tables) are swept;
 //  3. listeners come from systemd when it passed them, else are opened;
 //  4. READY=1 only once the listeners serve and CRIU was checked;
 //  5. on SIGTERM: STOPPING=1, stop accepting, stop every session through
@@ -146,6 +148,17 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		zap.Bool("mem_track", info.Features.MemTrack), zap.Bool("lazy_pages", info.Features.LazyPages),
 		zap.Bool("cpuinfo", info.CPUInfo != nil))
 
+	tidy := func() {
+		removed, err := netlock.Clean(-1)
+		switch {
+		case err != nil:
+			log.Warn("cannot sweep CRIU's leftover network locks", zap.Error(err))
+		case len(removed) > 0:
+			log.Warn("removed CRIU's leftover network-lock tables", zap.Strings("tables", removed))
+		}
+	}
+	tidy()
+
 	activated, err := systemd.Activated()
 	if err != nil {
 		return fmt.Errorf("socket activation: %w", err)
@@ -179,6 +192,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		PairTimeout: o.pairTimeout,
 		PeerTimeout: o.peerTimeout,
 		KeepImages:  o.keepImages,
+		Tidy:        tidy,
 	})
 	if err != nil {
 		closeAll(migLs)
@@ -216,6 +230,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 				return
 			case <-t.C:
 				mgr.CleanOld(o.keepFailed)
+				tidy()
 			}
 		}
 	}()

@@ -50,6 +50,9 @@ type Config struct {
 	// that lost its destination after asking the commit, before it
 	// returns in_doubt and leaves the resolver working.
 	InDoubtWait time.Duration
+	// Tidy, if set, runs after every session has ended (the daemon sweeps
+	// leftovers of CRIU runs with it).
+	Tidy func()
 }
 
 func (c *Config) setDefaults() {
@@ -94,6 +97,7 @@ type Manager struct {
 	closing   bool
 	listeners []net.Listener
 
+	gate       *dumpGate
 	handshakes chan struct{} // semaphore
 	// shaking are the connections still in their handshake, closed at
 	// shutdown so that nobody waits for their timeout.
@@ -131,6 +135,7 @@ func NewManager(cfg Config) (*Manager, error) {
 		halves:     map[wire.SessionID]*half{},
 		handshakes: make(chan struct{}, maxHandshakes),
 		shaking:    map[net.Conn]struct{}{},
+		gate:       newDumpGate(),
 	}, nil
 }
 
@@ -391,6 +396,9 @@ func (m *Manager) spawn(s *Session, mach machine, log *zap.Logger, dir string) b
 		delete(m.sessions, s.ID)
 		m.mu.Unlock()
 		m.finished(s, mach, err, log, dir)
+		if m.cfg.Tidy != nil {
+			m.cfg.Tidy()
+		}
 	}()
 	return true
 }
@@ -498,7 +506,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	}()
 	src, err := newSource(s, sourceParams{
 		log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir, proc: info, dest: addr,
-		peerTimeout: m.cfg.PeerTimeout,
+		peerTimeout: m.cfg.PeerTimeout, gate: m.gate,
 		progress: func(ev api.Event) {
 			select {
 			case events <- ev:

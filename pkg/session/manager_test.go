@@ -347,3 +347,23 @@ func TestCheckPID(t *testing.T) {
 		t.Errorf("checkPID(child) = %+v, %v", info, err)
 	}
 }
+
+func TestDumpGate(t *testing.T) {
+	g := newDumpGate()
+	if !g.tryAcquire([]string{"a", "b"}) {
+		t.Fatal("free keys refused")
+	}
+	if g.tryAcquire([]string{"b", "c"}) {
+		t.Fatal("a held key granted")
+	}
+	if !g.tryAcquire([]string{"c"}) {
+		t.Fatal("a refused acquire left a key taken")
+	}
+	g.release([]string{"a", "b"})
+	if !g.tryAcquire([]string{"b"}) {
+		t.Fatal("released key refused")
+	}
+	if keys := dumpKeys(os.Getpid()); len(keys) != 1 || !strings.Contains(keys[0], "mnt:[") {
+		t.Fatalf("dumpKeys(self) = %q", keys)
+	}
+}

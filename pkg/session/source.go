@@ -55,6 +55,7 @@ type sourceParams struct {
 	proc        proc.Info
 	dest        string
 	peerTimeout time.Duration
+	gate        *dumpGate
 	progress    func(api.Event)
 }
 
@@ -71,6 +72,8 @@ type source struct {
 	hb       *heartbeat
 
 	dump     *criuWatch
+	gateKeys []string // dump gate keys held
+	waiting  *timer   // retries the dump gate
 	relay    *relay
 	released bool // post-dump answered "go on": CRIU leaves the tree stopped
 	tree     []*proc.Process
@@ -174,7 +177,7 @@ func (m *source) onRPC(msg wire.Message) error {
 			break
 		}
 		m.log.Info("destination ready", zap.Int("dest_criu", msg.CRIUVersion), zap.String("cpu_check", msg.CPUCheck))
-		return m.startDump()
+		return m.startDumpWhenFree()
 	case *wire.Restored:
 		if m.state != srcRestore {
 			break
@@ -198,6 +201,38 @@ func (m *source) onRPC(msg wire.Message) error {
 		return nil
 	}
 	return protocolErr("unexpected %s in state %s", msg.Type(), m.state)
+}
+
+// startDumpWhenFree starts the dump once no other dump works in the
+// tree's directories (see dumpGate).
+func (m *source) startDumpWhenFree() error {
+	if m.state != srcPrepare {
+		return nil
+	}
+	keys := dumpKeys(m.p.proc.PID)
+	if !m.p.gate.tryAcquire(keys) {
+		if m.ph.name != "waiting" {
+			m.log.Info("waiting for another dump in the same directory")
+			m.ph.enter("waiting")
+		}
+		m.waiting = m.s.l.after(20*time.Millisecond, func() {
+			if err := m.startDumpWhenFree(); err != nil {
+				m.abort(err)
+			}
+		})
+		return nil
+	}
+	m.gateKeys = keys
+	return m.startDump()
+}
+
+// openGate lets other dumps in the tree's directories go on: once CRIU is
+// past the tasks' parasites.
+func (m *source) openGate() {
+	if m.gateKeys != nil {
+		m.p.gate.release(m.gateKeys)
+		m.gateKeys = nil
+	}
 }
 
 func (m *source) startDump() error {
@@ -249,6 +284,9 @@ func (m *source) tickProgress() {
 }
 
 func (m *source) onDump(ev criu.Event) error {
+	if ev.Notify == "post-dump" || ev.Notify == "" {
+		m.openGate()
+	}
 	if ev.Notify != "" {
 		switch {
 		case m.state == srcAbort:
@@ -359,6 +397,7 @@ func (m *source) abort(err error) {
 	case srcEnd, srcAbort:
 		return
 	case srcPrepare:
+		m.waiting.cancel()
 		m.tellPeer(err)
 		m.state = srcAbort
 		m.end()
@@ -505,7 +544,9 @@ func (m *source) cancel() error {
 
 func (m *source) cleanup() {
 	m.progressTimer.cancel()
+	m.waiting.cancel()
 	m.hb.stop()
+	m.openGate()
 	if m.state != srcEnd {
 		// A panic mid-way: make the outcome safe. Closing the dump's
 		// socket makes CRIU resume a tree it still holds.

@@ -87,6 +87,13 @@ func expected(p point, f fault) string {
 	case "committed":
 		// Committed: nothing can undo it; cancel is refused.
 		return sideDest
+	case "restored":
+		if f.key == "hang-dest" {
+			// The destination only paused: its Restored reaches the
+			// source, which asks the commit and, hearing nothing, waits
+			// in doubt; the destination commits when it resumes.
+			return sideDest
+		}
 	case "commit-sent":
 		switch f.key {
 		case "drop", "kill-dest", "kill-source", "term-dest", "term-source":

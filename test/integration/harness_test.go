@@ -318,7 +318,13 @@ func (d *daemon) phaulctl(t *testing.T, args ...string) ctlResult {
 // the test if the migration fails.
 func (d *daemon) migrate(t *testing.T, pid int, to *daemon) api.Result {
 	t.Helper()
-	r := d.phaulctl(t, "migrate", "--pid", strconv.Itoa(pid), "--to", to.addr, "--json")
+	return d.migrateTo(t, pid, to.addr)
+}
+
+// migrateTo is migrate to an address (a proxy's).
+func (d *daemon) migrateTo(t *testing.T, pid int, addr string) api.Result {
+	t.Helper()
+	r := d.phaulctl(t, "migrate", "--pid", strconv.Itoa(pid), "--to", addr, "--json")
 	if r.code != 0 {
 		t.Fatalf("phaulctl migrate exited %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
 	}

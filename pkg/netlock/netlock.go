@@ -1,0 +1,97 @@
+//go:build linux
+
+// Package netlock removes the network-lock tables CRIU leaves behind.
+//
+// To lock a process's network while it is dumped, CRIU adds an nftables
+// table named "CRIU-<run id>" (family inet) and deletes it when it resumes
+// the process; after a successful dump, or a crash, the table stays. A
+// leftover table has made later CRIU runs hang for minutes. phaul itself
+// asks CRIU not to lock the network, so its own runs leave none; phauld
+// still sweeps the leftovers of other CRIU runs on its host, but only when
+// no CRIU process is running, since a running one may hold its table on
+// purpose.
+package netlock
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/google/nftables"
+)
+
+// Prefix starts the name of every table CRIU creates for its network lock.
+const Prefix = "CRIU-"
+
+// Clean deletes CRIU's leftover network-lock tables in the network
+// namespace open at netns (-1: this process's), unless a CRIU process is
+// running on this host. It returns the names of the tables it deleted.
+func Clean(netns int) ([]string, error) {
+	if pid := criuRunning(); pid != 0 {
+		return nil, nil
+	}
+	return remove(netns)
+}
+
+func remove(netns int) ([]string, error) {
+	var opts []nftables.ConnOption
+	if netns >= 0 {
+		opts = append(opts, nftables.WithNetNSFd(netns))
+	}
+	c, err := nftables.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("nftables: %w", err)
+	}
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return nil, fmt.Errorf("list nftables tables: %w", err)
+	}
+	var names []string
+	for _, t := range tables {
+		if strings.HasPrefix(t.Name, Prefix) {
+			c.DelTable(t)
+			names = append(names, t.Name)
+		}
+	}
+	if len(names) == 0 {
+		return nil, nil
+	}
+	if err := c.Flush(); err != nil {
+		return nil, fmt.Errorf("delete nftables tables %v: %w", names, err)
+	}
+	return names, nil
+}
+
+// criuRunning returns the pid of a running CRIU process, or 0. CRIU runs
+// either as itself or through a dynamic loader (phaul's `make criu`
+// wrapper); either way an argument of its command line is a path whose
+// last element is "criu".
+func criuRunning() int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	for _, e := range ents {
+		if e.Name()[0] < '0' || e.Name()[0] > '9' {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := bytes.Split(bytes.TrimRight(b, "\x00"), []byte{0})
+		for i, a := range args {
+			if i > 3 {
+				break // criu is argv[0], or right after a loader's options
+			}
+			if filepath.Base(string(a)) == "criu" {
+				var pid int
+				fmt.Sscan(e.Name(), &pid)
+				return pid
+			}
+		}
+	}
+	return 0
+}

@@ -1,0 +1,179 @@
+//go:build linux
+
+package session
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+func TestRecordSaveLoad(t *testing.T) {
+	dir := t.TempDir()
+	r := &record{ID: "x", Role: roleDest, State: stRestored, PID: 42, StartTime: 7}
+	if err := r.save(dir); err != nil {
+		t.Fatal(err)
+	}
+	got, err := loadRecord(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.State != stRestored || got.PID != 42 || got.StartTime != 7 || got.Created.IsZero() {
+		t.Fatalf("loaded %+v", got)
+	}
+	if _, err := os.Stat(filepath.Join(dir, recordName+".tmp")); !os.IsNotExist(err) {
+		t.Fatalf("temporary record left behind: %v", err)
+	}
+	if fi, _ := os.Stat(filepath.Join(dir, recordName)); fi.Mode().Perm() != 0o600 {
+		t.Fatalf("record mode %v, want 0600", fi.Mode().Perm())
+	}
+}
+
+// sessionDir makes a session directory holding rec, last updated ago.
+func sessionDir(t *testing.T, m *Manager, rec *record, ago time.Duration) (wire.SessionID, string) {
+	t.Helper()
+	id := newID(t)
+	dir := m.sessionDir(id)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	rec.ID = id.String()
+	if err := rec.save(dir); err != nil {
+		t.Fatal(err)
+	}
+	if ago > 0 {
+		// save stamps the time; back-date the file's record by hand.
+		old := *rec
+		old.Updated = time.Now().Add(-ago)
+		b, err := json.Marshal(&old)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, recordName), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return id, dir
+}
+
+func TestCleanOld(t *testing.T) {
+	m, _ := newTestManager(t, time.Second)
+	week := 7 * 24 * time.Hour
+	_, oldAborted := sessionDir(t, m, &record{Role: roleSource, State: stAborted}, 8*24*time.Hour)
+	_, newAborted := sessionDir(t, m, &record{Role: roleSource, State: stAborted}, time.Hour)
+	_, oldInDoubt := sessionDir(t, m, &record{Role: roleSource, State: stCommitSent}, 30*24*time.Hour)
+	_, oldCommitted := sessionDir(t, m, &record{Role: roleDest, State: stCommitted}, 8*24*time.Hour)
+	_, newCommitted := sessionDir(t, m, &record{Role: roleDest, State: stCommitted}, time.Hour)
+	m.CleanOld(week)
+	for dir, keep := range map[string]bool{
+		oldAborted: false, newAborted: true, oldInDoubt: true, oldCommitted: false, newCommitted: true,
+	} {
+		_, err := os.Stat(dir)
+		if kept := err == nil; kept != keep {
+			rec, _ := loadRecord(dir)
+			t.Errorf("%+v: kept %v, want %v", rec, kept, keep)
+		}
+	}
+}
+
+// stoppedChild starts a sleeping child and stops it, as CRIU leaves a
+// tree with leave_stopped.
+func stoppedChild(t *testing.T) (*exec.Cmd, proc.Info) {
+	t.Helper()
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	cmd.Process.Signal(syscall.SIGSTOP)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		info, err := proc.Stat(cmd.Process.Pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.State == 'T' {
+			return cmd, info
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("child did not stop")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// state waits up to wait for pid to leave the stopped state, and returns
+// its state ('X' if it is gone).
+func state(t *testing.T, pid int, wait time.Duration) byte {
+	t.Helper()
+	deadline := time.Now().Add(wait)
+	for {
+		info, err := proc.Stat(pid)
+		if err != nil {
+			return 'X'
+		}
+		if info.State != 'T' || time.Now().After(deadline) {
+			return info.State
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestRecoverByRecord restarts a "daemon" over records left by a crash and
+// checks it acts as the commit rule says: resume a source tree that never
+// had its commit asked, discard a destination copy never committed, make
+// sure a committed copy runs.
+func TestRecoverByRecord(t *testing.T) {
+	m, _ := newTestManager(t, time.Second)
+	srcCmd, srcInfo := stoppedChild(t)
+	dstCmd, dstInfo := stoppedChild(t)
+	okCmd, okInfo := stoppedChild(t)
+	_, srcDir := sessionDir(t, m, &record{Role: roleSource, State: stDumping, PID: srcInfo.PID, StartTime: srcInfo.StartTime}, 0)
+	_, dstDir := sessionDir(t, m, &record{Role: roleDest, State: stRestored, PID: dstInfo.PID, StartTime: dstInfo.StartTime}, 0)
+	_, okDir := sessionDir(t, m, &record{Role: roleDest, State: stCommitted, PID: okInfo.PID, StartTime: okInfo.StartTime}, 0)
+
+	if err := m.Recover(); err != nil {
+		t.Fatal(err)
+	}
+	if s := state(t, srcCmd.Process.Pid, 5*time.Second); s == 'T' || s == 'X' {
+		t.Errorf("source tree state %c after recovery, want running", s)
+	}
+	if err := dstCmd.Wait(); err == nil {
+		t.Error("uncommitted destination copy survived recovery")
+	}
+	if s := state(t, okCmd.Process.Pid, 5*time.Second); s == 'T' || s == 'X' {
+		t.Errorf("committed copy state %c after recovery, want running", s)
+	}
+	for dir, want := range map[string]string{srcDir: stAborted, dstDir: stAborted, okDir: stCommitted} {
+		if rec, err := loadRecord(dir); err != nil || rec.State != want {
+			t.Errorf("record in %s: %+v, %v; want state %s", dir, rec, err, want)
+		}
+	}
+}
+
+// TestRecoverNeverSignalsAnotherProcess checks that a record whose pid now
+// belongs to another process (same pid, other start time) is left alone.
+func TestRecoverNeverSignalsAnotherProcess(t *testing.T) {
+	m, err := NewManager(Config{Log: zaptest.NewLogger(t), CRIU: criu.New("/nonexistent"), StateDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd, info := stoppedChild(t)
+	sessionDir(t, m, &record{Role: roleDest, State: stRestored, PID: info.PID, StartTime: info.StartTime + 1}, 0)
+	if err := m.Recover(); err != nil {
+		t.Fatal(err)
+	}
+	if s := state(t, cmd.Process.Pid, 300*time.Millisecond); s != 'T' {
+		t.Fatalf("a process that only shares the recorded pid was signalled (state %c)", s)
+	}
+}
