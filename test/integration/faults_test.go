@@ -59,6 +59,7 @@ var faults = []fault{
 	{"term-dest", "destination phauld SIGTERMed, restarted"},
 	{"term-source", "source phauld SIGTERMed, restarted"},
 	{"hang-dest", "destination phauld stops answering"},
+	{"hang-source", "source phauld stops answering"},
 	{"cancel", "phaulctl cancel"},
 	{"restore-fail", "restore fails"},
 }
@@ -104,8 +105,8 @@ func expected(p point, f fault) string {
 			// commit-sent record, hears "aborted" and resumes.
 			return sideSource
 		}
-		// The Commit arrives: the destination commits; cancel is
-		// refused.
+		// The Commit arrives (a paused daemon still had it sent or
+		// delivered): the destination commits; cancel is refused.
 		return sideDest
 	}
 	return sideSource
@@ -175,6 +176,8 @@ func runCell(t *testing.T, p point, f fault, want string) {
 			a.terminate(t, stopTimeout) // restarted below
 		case "hang-dest":
 			b.pause()
+		case "hang-source":
+			a.pause()
 		case "cancel":
 			list := a.sessions(t)
 			if len(list) != 1 {
@@ -242,6 +245,11 @@ func runCell(t *testing.T, p point, f fault, want string) {
 			return true
 		})
 		b.resume()
+	case "hang-source":
+		// Resume once the destination has given up on the silent
+		// source (discarded its copy) or committed.
+		waitFor(t, "the destination to give up on the silent source", time.Minute, func() bool { return len(b.sessions(t)) == 0 })
+		a.resume()
 	}
 
 	var res ctlResult
