@@ -15,7 +15,7 @@ LDFLAGS := -X github.com/phaul/phaul/pkg/version.Version=$(VERSION)
 FUZZTIME ?= 10s
 
 # Debian packages the tests and the demo use.
-DEB_PACKAGES := util-linux procps systemd iproute2 ca-certificates debian-archive-keyring
+DEB_PACKAGES := util-linux procps systemd iproute2 tcpdump passwd ca-certificates debian-archive-keyring
 
 .PHONY: all build criu deps test check unit fuzz-short fuzz integration demo bench clean
 

@@ -72,6 +72,18 @@ func newStatus(c *cli) *cobra.Command {
 			}
 			fmt.Fprintf(c.stdout, "phauld %s (pid %d)\n", st.Version, st.PID)
 			fmt.Fprintf(c.stdout, "  migrations on: %s\n", strings.Join(st.Listen, ", "))
+			switch st.Security {
+			case api.SecurityTLS:
+				exp := ""
+				if st.TLSExpires != nil {
+					exp = ", certificate expires " + st.TLSExpires.Format("2006-01-02")
+				}
+				fmt.Fprintf(c.stdout, "  security:      mutual TLS as %s%s\n", strings.Join(st.TLSNames, ", "), exp)
+			case api.SecurityInsecure:
+				fmt.Fprintln(c.stdout, "  security:      INSECURE: plain TCP, no authentication, no encryption (--insecure)")
+			default:
+				fmt.Fprintf(c.stdout, "  security:      migrations DISABLED: %s\n", st.Disabled)
+			}
 			fmt.Fprintf(c.stdout, "  control:       %s\n", st.Control)
 			fmt.Fprintf(c.stdout, "  state:         %s\n", st.StateDir)
 			fmt.Fprintf(c.stdout, "CRIU %s (%s)\n", st.CRIU.Version, st.CRIU.Path)

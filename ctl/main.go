@@ -66,7 +66,7 @@ Set up phauld on both hosts first: systemctl enable --now phauld.socket`,
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().StringVar(&c.socket, "socket", api.DefaultSocket, "phauld's control socket")
-	root.AddCommand(newMigrate(c), newStatus(c), newList(c), newCancel(c))
+	root.AddCommand(newMigrate(c), newStatus(c), newList(c), newCancel(c), newPKI(c))
 	return root
 }
 
@@ -75,7 +75,10 @@ Set up phauld on both hosts first: systemctl enable --now phauld.socket`,
 func (c *cli) report(err error) {
 	var un *client.UnreachableError
 	msg := err.Error()
-	if errors.As(err, &un) {
+	switch {
+	case errors.As(err, &un) && errors.Is(un.Err, syscall.EACCES):
+		msg += "\nThe control socket is for root and members of group phaul: ask an administrator to add you (usermod -aG phaul USER), then log in again."
+	case errors.As(err, &un):
 		msg += "\nIs phauld running? Start it with 'systemctl start phauld.socket' (see 'systemctl status phauld.socket'), or pass --socket PATH."
 	}
 	fmt.Fprintln(c.stderr, "phaulctl: error:", msg)
@@ -83,6 +86,9 @@ func (c *cli) report(err error) {
 		e := api.AsError(err)
 		if un != nil {
 			e.Code = api.CodeUnavailable
+			if errors.Is(un.Err, syscall.EACCES) {
+				e.Code = api.CodePermission
+			}
 		}
 		json.NewEncoder(c.stdout).Encode(struct {
 			Error *api.Error `json:"error"`

@@ -6,13 +6,16 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"os/signal"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -26,6 +29,7 @@ import (
 	"github.com/phaul/phaul/pkg/control"
 	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/netlock"
+	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/session"
 	"github.com/phaul/phaul/pkg/systemd"
 	"github.com/phaul/phaul/pkg/version"
@@ -52,6 +56,9 @@ type options struct {
 	peerTimeout time.Duration
 	keepFailed  time.Duration
 	keepImages  bool
+	tlsDir      string
+	insecure    bool
+	group       string
 	showVersion bool
 }
 
@@ -83,6 +90,9 @@ Flags:
 	fs.DurationVar(&o.peerTimeout, "peer-timeout", 15*time.Second, "how long a migration waits without a word from the other daemon before treating it as lost")
 	fs.DurationVar(&o.keepFailed, "keep-failed", 7*24*time.Hour, "how long to keep the directories of failed migrations for inspection")
 	fs.BoolVar(&o.keepImages, "keep-images", false, "keep the images of successful migrations under --state-dir")
+	fs.StringVar(&o.tlsDir, "tls-dir", "/etc/phauld/tls", "`DIR` with ca.pem, cert.pem and key.pem for mutual TLS between daemons")
+	fs.BoolVar(&o.insecure, "insecure", false, "migrate over plain TCP, unauthenticated and unencrypted (trusted networks only; both daemons need it)")
+	fs.StringVar(&o.group, "control-group", "phaul", "`GROUP` whose members may use the control socket (created if missing)")
 	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -177,12 +187,18 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 		migLs = []net.Listener{l}
 	}
+	gid, err := ensureGroup(o.group)
+	if err != nil {
+		log.Error("control group unavailable: only root may use phauld", zap.String("group", o.group), zap.Error(err))
+		gid = -1
+	}
 	if ctlL == nil {
-		if ctlL, err = listenControl(o.control); err != nil {
+		if ctlL, err = listenControl(o.control, gid); err != nil {
 			closeAll(migLs)
 			return err
 		}
 	}
+	sec := loadSecurity(o, log)
 
 	mgr, err := session.NewManager(session.Config{
 		Log:         log.Named("session"),
@@ -193,6 +209,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		PeerTimeout: o.peerTimeout,
 		KeepImages:  o.keepImages,
 		Tidy:        tidy,
+		ServerTLS:   sec.server,
+		ClientTLS:   sec.client,
+		Insecure:    o.insecure,
+		Disabled:    sec.disabled,
 	})
 	if err != nil {
 		closeAll(migLs)
@@ -207,11 +227,11 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("recover sessions: %w", err)
 	}
 	mgr.CleanOld(o.keepFailed)
-	svc := &service{mgr: mgr, info: info, criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String()}
+	svc := &service{mgr: mgr, info: info, criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String(), sec: sec}
 	for _, l := range migLs {
 		svc.listen = append(svc.listen, l.Addr().String())
 	}
-	ctl := control.New(svc, log.Named("control"))
+	ctl := control.New(svc, control.Policy{GroupID: gid, Group: o.group}, log.Named("control"))
 
 	// Daemon-level parts fail together: if a listener dies, phauld stops.
 	serveErr := make(chan error, len(migLs)+1)
@@ -269,8 +289,9 @@ func closeAll(ls []net.Listener) {
 }
 
 // listenControl opens the control socket at path, replacing a stale socket
-// file left by a phauld that died, but never one in use.
-func listenControl(path string) (net.Listener, error) {
+// file left by a phauld that died, but never one in use. It is mode 0660,
+// owned by root and the control group (gid; -1: root's group).
+func listenControl(path string, gid int) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("control socket directory: %w", err)
 	}
@@ -294,11 +315,68 @@ func listenControl(path string) (net.Listener, error) {
 		l.Close()
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
+	if gid >= 0 {
+		if err := os.Chown(path, 0, gid); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("control socket: %w", err)
+		}
+	}
 	return l, nil
+}
+
+// ensureGroup returns the gid of group name, creating it (a system group)
+// if it does not exist.
+func ensureGroup(name string) (int, error) {
+	if g, err := user.LookupGroup(name); err == nil {
+		return strconv.Atoi(g.Gid)
+	}
+	if out, err := exec.Command("groupadd", "--system", name).CombinedOutput(); err != nil {
+		return -1, fmt.Errorf("groupadd --system %s: %v: %s", name, err, strings.TrimSpace(string(out)))
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return -1, err
+	}
+	return strconv.Atoi(g.Gid)
+}
+
+// security is how this daemon protects migrations.
+type security struct {
+	mode     string
+	server   *tls.Config
+	client   func(serverName string) *tls.Config
+	disabled error
+	id       *pki.Loaded
+}
+
+// loadSecurity reads the TLS identity, or takes --insecure. Without
+// either, migrations are disabled, and the error says what to run.
+func loadSecurity(o options, log *zap.Logger) security {
+	if o.insecure {
+		log.Warn("--insecure: migrations run over plain TCP, unauthenticated and unencrypted; use it only on a network you trust")
+		return security{mode: api.SecurityInsecure}
+	}
+	id, err := pki.Load(o.tlsDir)
+	if err != nil {
+		disabled := api.Errorf(api.CodePrecondition,
+			"this phauld serves no migrations: it has no usable TLS certificates in %s (%v). "+
+				"Make them: on one host run 'phaulctl pki init --dir %s'; for every other host run "+
+				"'phaulctl pki issue --dir %s --name HOST --out DIR' there and copy DIR to that host's %s; then restart phauld. "+
+				"Or run every phauld with --insecure, on a network you trust",
+			o.tlsDir, err, o.tlsDir, o.tlsDir, o.tlsDir)
+		log.Error("migrations disabled", zap.Error(disabled))
+		return security{mode: api.SecurityDisabled, disabled: disabled}
+	}
+	log.Info("mutual TLS", zap.String("tls_dir", o.tlsDir), zap.Strings("names", id.Names()), zap.Time("expires", id.Leaf.NotAfter))
+	if left := time.Until(id.Leaf.NotAfter); left < 30*24*time.Hour {
+		log.Warn("this daemon's certificate expires soon; issue a new one", zap.Duration("left", left.Round(time.Hour)))
+	}
+	return security{mode: api.SecurityTLS, server: id.ServerConfig(), client: id.ClientConfig, id: id}
 }
 
 // service is the daemon as the control API sees it.
 type service struct {
+	sec      security
 	mgr      *session.Manager
 	info     criu.Info
 	criuPath string
@@ -308,7 +386,7 @@ type service struct {
 }
 
 func (s *service) Status(context.Context) api.Status {
-	return api.Status{
+	st := api.Status{
 		Version:  version.Version,
 		PID:      os.Getpid(),
 		Listen:   s.listen,
@@ -324,8 +402,18 @@ func (s *service) Status(context.Context) api.Status {
 				"cpuinfo":     s.info.CPUInfo != nil,
 			},
 		},
+		Security: s.sec.mode,
 		Sessions: s.mgr.Sessions(),
 	}
+	if s.sec.id != nil {
+		st.TLSNames = s.sec.id.Names()
+		exp := s.sec.id.Leaf.NotAfter
+		st.TLSExpires = &exp
+	}
+	if s.sec.disabled != nil {
+		st.Disabled = s.sec.disabled.Error()
+	}
+	return st
 }
 
 func (s *service) Sessions(context.Context) []api.Session { return s.mgr.Sessions() }

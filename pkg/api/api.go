@@ -182,8 +182,24 @@ type Status struct {
 	Control  string    `json:"control"`
 	StateDir string    `json:"state_dir"`
 	CRIU     CRIU      `json:"criu"`
+	// Security is how migrations are protected: "mutual-tls", "insecure"
+	// (plain TCP, by choice) or "disabled" (no certificates).
+	Security string `json:"security"`
+	// TLSNames are the names and addresses this daemon's certificate is
+	// valid for; TLSExpires is when it expires.
+	TLSNames   []string   `json:"tls_names,omitempty"`
+	TLSExpires *time.Time `json:"tls_expires,omitempty"`
+	// Disabled says why migrations are refused, and what to do.
+	Disabled string    `json:"disabled,omitempty"`
 	Sessions []Session `json:"sessions"`
 }
+
+// Security modes.
+const (
+	SecurityTLS      = "mutual-tls"
+	SecurityInsecure = "insecure"
+	SecurityDisabled = "disabled"
+)
 
 // Caller is who asked, from the control socket's SO_PEERCRED.
 type Caller struct {

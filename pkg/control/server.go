@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -32,16 +33,17 @@ type Service interface {
 
 // Server is the control API server.
 type Server struct {
-	svc  Service
-	log  *zap.Logger
-	http *http.Server
+	svc    Service
+	policy Policy
+	log    *zap.Logger
+	http   *http.Server
 }
 
 type callerKey struct{}
 
-// New returns a server for svc.
-func New(svc Service, log *zap.Logger) *Server {
-	s := &Server{svc: svc, log: log}
+// New returns a server for svc, letting callers do what policy allows.
+func New(svc Service, policy Policy, log *zap.Logger) *Server {
+	s := &Server{svc: svc, policy: policy, log: log}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", s.status)
 	mux.HandleFunc("POST /v1/migrate", s.migrate)
@@ -104,20 +106,61 @@ func (s *Server) Serve(l net.Listener) error {
 func (s *Server) Shutdown(ctx context.Context) error { return s.http.Shutdown(ctx) }
 
 func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	if err := s.policy.CanUse(CallerFrom(r.Context())); err != nil {
+		s.refuse(w, r, err)
+		return
+	}
 	writeJSON(w, http.StatusOK, s.svc.Status(r.Context()))
 }
 
+// refuse answers a request the policy does not allow, and logs it.
+func (s *Server) refuse(w http.ResponseWriter, r *http.Request, err error) {
+	c := CallerFrom(r.Context())
+	s.log.Warn("control request refused", zap.String("path", r.URL.Path), zap.Int("uid", c.UID), zap.Int("pid", c.PID), zap.Error(err))
+	writeError(w, httpStatus(err), err)
+}
+
 func (s *Server) sessions(w http.ResponseWriter, r *http.Request) {
+	if err := s.policy.CanUse(CallerFrom(r.Context())); err != nil {
+		s.refuse(w, r, err)
+		return
+	}
 	writeJSON(w, http.StatusOK, s.svc.Sessions(r.Context()))
 }
 
 func (s *Server) cancel(w http.ResponseWriter, r *http.Request) {
-	sess, err := s.svc.Cancel(r.Context(), CallerFrom(r.Context()), r.PathValue("id"))
+	caller := CallerFrom(r.Context())
+	id := r.PathValue("id")
+	if err := s.canCancel(r.Context(), caller, id); err != nil {
+		s.refuse(w, r, err)
+		return
+	}
+	sess, err := s.svc.Cancel(r.Context(), caller, id)
 	if err != nil {
 		writeError(w, httpStatus(err), err)
 		return
 	}
 	writeJSON(w, http.StatusOK, sess)
+}
+
+// canCancel lets root cancel anything, and a member of the control group
+// cancel the outgoing migrations of its own processes.
+func (s *Server) canCancel(ctx context.Context, c api.Caller, id string) error {
+	if err := s.policy.CanUse(c); err != nil || c.UID == 0 {
+		return err
+	}
+	for _, sess := range s.svc.Sessions(ctx) {
+		if len(id) == 0 || !strings.HasPrefix(sess.ID, id) {
+			continue
+		}
+		if sess.Direction != "out" {
+			return api.Errorf(api.CodePermission, "only root may cancel an incoming migration")
+		}
+		if err := s.policy.CanMigrate(c, sess.PID); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // httpStatus maps an error's code to an HTTP status.
@@ -144,6 +187,10 @@ func (s *Server) migrate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	caller := CallerFrom(r.Context())
+	if err := s.policy.CanMigrate(caller, req.PID); err != nil {
+		s.refuse(w, r, err)
+		return
+	}
 	st := newStream(w)
 	res, err := s.svc.Migrate(r.Context(), caller, req, st.send)
 	if err != nil {

@@ -56,7 +56,7 @@ func serve(t *testing.T, svc Service) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := New(svc, zaptest.NewLogger(t))
+	s := New(svc, Policy{GroupID: os.Getgid(), Group: "test"}, zaptest.NewLogger(t))
 	go s.Serve(l)
 	t.Cleanup(func() { s.Shutdown(context.Background()) })
 	return path
@@ -147,5 +147,43 @@ func TestListAndCancel(t *testing.T) {
 	var e *api.Error
 	if !errors.As(err, &e) || e.Code != api.CodeConflict || !strings.Contains(e.Message, "too late") {
 		t.Fatalf("refused Cancel = %#v", err)
+	}
+}
+
+func TestPolicy(t *testing.T) {
+	self := api.Caller{UID: os.Getuid(), GID: os.Getgid(), PID: os.Getpid()}
+	p := Policy{GroupID: 4242, Group: "phaul"}
+	if self.UID != 0 {
+		if err := p.CanUse(self); api.CodeOf(err) != api.CodePermission || !strings.Contains(err.Error(), "usermod -aG phaul") {
+			t.Errorf("outsider CanUse = %v", err)
+		}
+	}
+	if err := p.CanUse(api.Caller{UID: 0, GID: 0, PID: os.Getpid()}); err != nil {
+		t.Errorf("root refused: %v", err)
+	}
+	member := api.Caller{UID: 12345, GID: 4242, PID: os.Getpid()}
+	if err := p.CanUse(member); err != nil {
+		t.Errorf("member by primary group refused: %v", err)
+	}
+	// A member may not migrate a process of another uid (this one's).
+	if os.Getuid() != member.UID {
+		err := p.CanMigrate(member, os.Getpid())
+		if api.CodeOf(err) != api.CodePermission || !strings.Contains(err.Error(), "only its own processes") {
+			t.Errorf("member migrating another uid's process: %v", err)
+		}
+	}
+	// Its own: this process, seen as its owner.
+	owner := api.Caller{UID: os.Getuid(), GID: 4242, PID: os.Getpid()}
+	if err := p.CanMigrate(owner, os.Getpid()); err != nil {
+		t.Errorf("member migrating its own process: %v", err)
+	}
+	// Supplementary groups count: this process's own groups.
+	groups, err := procGroups(os.Getpid())
+	if err != nil || len(groups) == 0 {
+		t.Fatalf("procGroups(self) = %v, %v", groups, err)
+	}
+	sup := Policy{GroupID: groups[len(groups)-1], Group: "x"}
+	if err := sup.CanUse(api.Caller{UID: 12345, GID: -2, PID: os.Getpid()}); err != nil {
+		t.Errorf("member by a group of its process refused: %v", err)
 	}
 }

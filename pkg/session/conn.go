@@ -27,21 +27,19 @@ const (
 const readRounds = 16
 
 // conn is one connection of a migration (rpc or mem), owned by a session's
-// loop: a non-blocking socket with a frame decoder on the way in and a
-// queue on the way out.
+// loop: a link (socket, TLS) with a frame decoder on the way in and a queue
+// on the way out.
 type conn struct {
 	name string
-	fd   int
+	link *link
 	l    *loop
 	dec  *wire.Decoder
-
-	out    [][]byte
-	outLen int
 
 	paused  bool // reading stopped for flow control
 	eof     bool // the peer closed its side
 	closed  bool
 	failure error
+	again   *timer // a read cut short, to resume
 
 	lastRecv time.Time
 	bytesIn  int64
@@ -92,10 +90,11 @@ func detach(c net.Conn) (int, error) {
 	return fd, nil
 }
 
-// newConn registers fd with the loop. ch says which messages may arrive.
-func newConn(l *loop, name string, fd int, ch wire.Channel, bufSize int) (*conn, error) {
-	c := &conn{name: name, fd: fd, l: l, dec: wire.NewDecoder(ch, bufSize), lastRecv: time.Now()}
-	if err := l.watch(fd, epoll.In|epoll.RDHup, c.handle); err != nil {
+// newConn registers lk with the loop. ch says which messages may arrive.
+func newConn(l *loop, name string, lk *link, ch wire.Channel, bufSize int) (*conn, error) {
+	lk.enterLoop()
+	c := &conn{name: name, link: lk, l: l, dec: wire.NewDecoder(ch, bufSize), lastRecv: time.Now()}
+	if err := l.watch(lk.fd(), epoll.In|epoll.RDHup, c.handle); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -111,26 +110,26 @@ func (c *conn) handle(events uint32) {
 	if c.closed {
 		return
 	}
-	if events&epoll.Out != 0 || (events&epoll.Err != 0 && c.outLen > 0) {
+	if events&epoll.Out != 0 || (events&epoll.Err != 0 && c.link.queued() > 0) {
 		c.flush()
 	}
 }
 
 func (c *conn) read() {
-	for round := 0; round < readRounds && !c.paused && !c.closed; round++ {
-		buf := c.dec.Space()
-		n, err := unix.Read(c.fd, buf)
-		if err == unix.EINTR {
-			continue
-		}
-		if err == unix.EAGAIN {
+	c.again.cancel()
+	for round := 0; !c.paused && !c.closed; round++ {
+		if round == readRounds {
+			// Fair to the loop's other sockets: go on next round. A TLS
+			// link may hold whole records the socket no longer signals,
+			// so this cannot wait for epoll.
+			c.again = c.l.after(0, c.read)
 			return
 		}
-		if err != nil {
-			c.fail(fmt.Errorf("%s connection: %w", c.name, err))
+		n, err := c.link.read(c.dec.Space())
+		if err == errWouldBlock {
 			return
 		}
-		if n == 0 {
+		if err == io.EOF {
 			c.eof = true
 			c.update()
 			if c.dec.Buffered() > 0 {
@@ -140,10 +139,14 @@ func (c *conn) read() {
 			}
 			return
 		}
+		if err != nil {
+			c.fail(fmt.Errorf("%s connection: %w", c.name, err))
+			return
+		}
 		c.dec.Commit(n)
 		c.bytesIn += int64(n)
 		c.lastRecv = time.Now()
-		for !c.closed {
+		for !c.closed && !c.paused {
 			m, err := c.dec.Next()
 			if err != nil {
 				c.fail(fmt.Errorf("%s connection: %w", c.name, err))
@@ -176,8 +179,11 @@ func (c *conn) queue(b []byte) {
 	if c.closed || len(b) == 0 {
 		return
 	}
-	c.out = append(c.out, b)
-	c.outLen += len(b)
+	if err := c.link.send(b); err != nil {
+		c.fail(fmt.Errorf("%s connection: %w", c.name, err))
+		return
+	}
+	c.bytesOut += int64(len(b))
 	c.flush()
 }
 
@@ -185,39 +191,25 @@ func (c *conn) queue(b []byte) {
 const maxIovecs = 64
 
 func (c *conn) flush() {
-	for c.outLen > 0 && !c.closed {
-		iov := c.out
-		if len(iov) > maxIovecs {
-			iov = iov[:maxIovecs]
-		}
-		n, err := unix.Writev(c.fd, iov)
-		if err == unix.EINTR {
-			continue
-		}
-		if err == unix.EAGAIN {
-			break
-		}
-		if err != nil {
-			c.fail(fmt.Errorf("%s connection: %w", c.name, err))
-			return
-		}
-		c.bytesOut += int64(n)
-		c.outLen -= n
-		for n > 0 {
-			if n >= len(c.out[0]) {
-				n -= len(c.out[0])
-				c.out[0] = nil
-				c.out = c.out[1:]
-			} else {
-				c.out[0] = c.out[0][n:]
-				n = 0
-			}
-		}
+	if c.closed {
+		return
+	}
+	if err := c.link.flush(); err != nil {
+		c.fail(fmt.Errorf("%s connection: %w", c.name, err))
+		return
 	}
 	c.update()
-	if c.outLen < lowWater && c.onDrain != nil && !c.closed {
+	if c.link.queued() < lowWater && c.onDrain != nil && !c.closed {
 		c.onDrain()
 	}
+}
+
+// outLen is how many bytes wait to be written.
+func (c *conn) outLen() int {
+	if c.closed {
+		return 0
+	}
+	return c.link.queued()
 }
 
 // pause stops or restarts reading (flow control).
@@ -227,8 +219,9 @@ func (c *conn) pause(p bool) {
 	}
 	c.paused = p
 	c.update()
-	if !p && c.dec.Buffered() > 0 {
-		// Frames may be waiting in the decoder already.
+	if !p {
+		// Frames may wait in the decoder, and records in TLS's buffers,
+		// that no readiness event will announce.
 		for !c.closed && !c.paused {
 			m, err := c.dec.Next()
 			if err != nil {
@@ -243,6 +236,9 @@ func (c *conn) pause(p bool) {
 				return
 			}
 		}
+		if !c.closed && !c.paused {
+			c.read()
+		}
 	}
 }
 
@@ -254,14 +250,14 @@ func (c *conn) update() {
 	if !c.paused && !c.eof {
 		ev |= epoll.In | epoll.RDHup
 	}
-	if c.outLen > 0 {
+	if c.link.queued() > 0 {
 		ev |= epoll.Out
 	}
-	c.l.setEvents(c.fd, ev)
+	c.l.setEvents(c.link.fd(), ev)
 }
 
 // flushed reports whether everything queued has been written.
-func (c *conn) flushed() bool { return c.outLen == 0 }
+func (c *conn) flushed() bool { return c.outLen() == 0 }
 
 // fail closes the conn and reports err (io.EOF for an orderly close) to
 // onClose, once.
@@ -282,10 +278,7 @@ func (c *conn) close() {
 		return
 	}
 	c.closed = true
-	c.l.unwatch(c.fd)
-	unix.Close(c.fd)
-	c.out, c.outLen = nil, 0
+	c.again.cancel()
+	c.l.unwatch(c.link.fd())
+	c.link.close()
 }
-
-// closeFd closes a socket no conn owns yet.
-func closeFd(fd int) { unix.Close(fd) }

@@ -84,20 +84,20 @@ type dest struct {
 	failure error
 }
 
-func newDest(s *Session, p destParams, rpcFd, memFd int) (*dest, error) {
+func newDest(s *Session, p destParams, rpcLink, memLink *link) (*dest, error) {
 	m := &dest{s: s, p: p, log: p.log, want: -1}
 	m.recv.dir = p.dir
 	m.ph = newPhaseTimer(s, p.log)
 	m.rec = &record{ID: s.ID.String(), Role: roleDest, Peer: s.Peer}
 	var err error
-	if m.rpc, err = newConn(s.l, "rpc", rpcFd, wire.RPC, 64<<10); err != nil {
-		closeFd(rpcFd)
-		closeFd(memFd)
+	if m.rpc, err = newConn(s.l, "rpc", rpcLink, wire.RPC, 64<<10); err != nil {
+		rpcLink.close()
+		memLink.close()
 		return nil, err
 	}
-	if m.mem, err = newConn(s.l, "mem", memFd, wire.Mem, 4<<20); err != nil {
+	if m.mem, err = newConn(s.l, "mem", memLink, wire.Mem, 4<<20); err != nil {
 		m.rpc.close()
-		closeFd(memFd)
+		memLink.close()
 		return nil, err
 	}
 	// An error handling a message aborts the migration by the rule (and

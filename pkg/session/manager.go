@@ -5,8 +5,10 @@ package session
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -53,6 +55,17 @@ type Config struct {
 	// Tidy, if set, runs after every session has ended (the daemon sweeps
 	// leftovers of CRIU runs with it).
 	Tidy func()
+	// ServerTLS and ClientTLS make migrations run over mutual TLS: the
+	// destination's configuration, and the source's for a destination
+	// reached as serverName. Both nil means plain TCP, allowed only with
+	// Insecure.
+	ServerTLS *tls.Config
+	ClientTLS func(serverName string) *tls.Config
+	// Insecure allows plain TCP. It is logged on every session.
+	Insecure bool
+	// Disabled, if set, refuses every migration with this error (phauld
+	// without certificates and without --insecure).
+	Disabled error
 }
 
 func (c *Config) setDefaults() {
@@ -99,9 +112,9 @@ type Manager struct {
 
 	gate       *dumpGate
 	handshakes chan struct{} // semaphore
-	// shaking are the connections still in their handshake, closed at
+	// shaking are the connections still in their handshake, shut down at
 	// shutdown so that nobody waits for their timeout.
-	shaking map[net.Conn]struct{}
+	shaking map[*link]struct{}
 	sessWG  sync.WaitGroup
 	connWG  sync.WaitGroup
 }
@@ -109,7 +122,7 @@ type Manager struct {
 // half is an incoming migration of which one connection (or both, before
 // their replies are written) has arrived.
 type half struct {
-	conns [2]net.Conn // by role: 0 rpc, 1 mem
+	conns [2]*link // by role: 0 rpc, 1 mem
 	ready [2]bool
 	timer *time.Timer
 }
@@ -127,6 +140,9 @@ func NewManager(cfg Config) (*Manager, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "sessions"), 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
+	if cfg.Disabled == nil && cfg.ServerTLS == nil && !cfg.Insecure {
+		return nil, errors.New("no TLS configuration: migrations need certificates, or Insecure")
+	}
 	return &Manager{
 		cfg:        cfg,
 		log:        cfg.Log,
@@ -134,7 +150,7 @@ func NewManager(cfg Config) (*Manager, error) {
 		resolvers:  map[wire.SessionID]*resolver{},
 		halves:     map[wire.SessionID]*half{},
 		handshakes: make(chan struct{}, maxHandshakes),
-		shaking:    map[net.Conn]struct{}{},
+		shaking:    map[*link]struct{}{},
 		gate:       newDumpGate(),
 	}, nil
 }
@@ -179,18 +195,10 @@ func (m *Manager) Serve(l net.Listener) error {
 			c.Close()
 			continue
 		}
-		m.mu.Lock()
-		m.shaking[c] = struct{}{}
 		m.connWG.Add(1)
-		m.mu.Unlock()
 		go func() {
 			defer m.connWG.Done()
-			defer func() {
-				m.mu.Lock()
-				delete(m.shaking, c)
-				m.mu.Unlock()
-				<-m.handshakes
-			}()
+			defer func() { <-m.handshakes }()
 			m.handshake(c)
 		}()
 	}
@@ -201,52 +209,89 @@ func isTemporary(err error) bool {
 	return errors.As(err, &t) && t.Temporary()
 }
 
-// handshake reads a connection's Hello, answers it, and pairs the
-// connection with its sibling by session id. Pairing is never by arrival
-// order.
+// handshake authenticates a connection (mutual TLS, unless insecure),
+// reads its Hello, answers it, and pairs the connection with its sibling by
+// session id. Pairing is never by arrival order.
 func (m *Manager) handshake(c net.Conn) {
 	remote := c.RemoteAddr().String()
 	log := m.log.With(zap.String("remote", remote))
-	c.SetDeadline(time.Now().Add(m.cfg.HandshakeTimeout))
-	msg, err := wire.ReadMessage(c, wire.Handshake)
+	if m.cfg.Disabled != nil {
+		log.Warn("migration connection refused: migrations are disabled", zap.Error(m.cfg.Disabled))
+		c.Close()
+		return
+	}
+	lk, err := newLink(c)
+	if err != nil {
+		log.Warn("cannot take the connection", zap.Error(err))
+		return
+	}
+	m.mu.Lock()
+	if m.closing {
+		m.mu.Unlock()
+		lk.close()
+		return
+	}
+	m.shaking[lk] = struct{}{}
+	m.mu.Unlock()
+	keep := false
+	defer func() {
+		m.mu.Lock()
+		delete(m.shaking, lk)
+		m.mu.Unlock()
+		if !keep {
+			lk.close()
+		}
+	}()
+
+	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.HandshakeTimeout)
+	defer cancel()
+	deadline, _ := ctx.Deadline()
+	if m.cfg.ServerTLS != nil {
+		// Nothing of the protocol is read before the peer has proven
+		// who it is.
+		if err := lk.serverTLS(ctx, m.cfg.ServerTLS); err != nil {
+			log.Warn("connection refused", zap.Error(tlsError(err)))
+			return
+		}
+		log = log.With(zap.String("peer_cert", lk.peerName()))
+	}
+	lk.setDeadline(deadline)
+	msg, err := wire.ReadMessage(lk.stream(), wire.Handshake)
 	if err != nil {
 		log.Warn("handshake failed: connection dropped", zap.Error(err))
-		c.Close()
 		return
 	}
 	hello, ok := msg.(*wire.Hello)
 	if !ok {
 		log.Warn("handshake failed: connection dropped", zap.String("message", msg.Type().String()))
-		c.Close()
 		return
 	}
 	log = log.With(zap.Stringer("session", hello.Session), zap.String("role", string(hello.Role)))
 	if hello.Role == wire.RoleQuery {
-		if err := wire.WriteMessage(c, &wire.HelloReply{OK: true, Daemon: version.Daemon()}); err != nil {
-			c.Close()
+		if err := wire.WriteMessage(lk.stream(), &wire.HelloReply{OK: true, Daemon: version.Daemon()}); err != nil {
 			return
 		}
-		m.answerQuery(c, hello.Session, log)
+		m.answerQuery(lk, hello.Session, log)
 		return
 	}
 	role := roleIndex(hello.Role)
 
-	h, err := m.reserve(hello, c)
+	h, err := m.reserve(hello, lk)
 	reply := &wire.HelloReply{OK: err == nil, Daemon: version.Daemon()}
 	if err != nil {
 		reply.Error = err.Error()
 	}
-	werr := wire.WriteMessage(c, reply)
+	werr := wire.WriteMessage(lk.stream(), reply)
 	if err != nil || werr != nil {
 		if err == nil {
 			err = werr
 			m.unreserve(hello.Session, h, role)
 		}
 		log.Warn("handshake refused", zap.Error(err))
-		c.Close()
 		return
 	}
-	c.SetDeadline(time.Time{})
+	lk.setDeadline(time.Time{})
+	keep = true
 
 	m.mu.Lock()
 	h.ready[role] = true
@@ -263,7 +308,7 @@ func (m *Manager) handshake(c net.Conn) {
 }
 
 // reserve records c as the connection of its role for its session.
-func (m *Manager) reserve(hello *wire.Hello, c net.Conn) (*half, error) {
+func (m *Manager) reserve(hello *wire.Hello, c *link) (*half, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closing {
@@ -317,8 +362,8 @@ func (m *Manager) expire(id wire.SessionID, h *half) {
 		if c != nil {
 			m.log.Warn("lone connection dropped: its pair never arrived",
 				zap.Stringer("session", id), zap.String("role", []string{"rpc", "mem"}[i]),
-				zap.Stringer("remote", c.RemoteAddr()), zap.Duration("waited", m.cfg.PairTimeout))
-			c.Close()
+				zap.Stringer("remote", c.remoteAddr()), zap.Duration("waited", m.cfg.PairTimeout))
+			c.close()
 		}
 	}
 }
@@ -329,12 +374,12 @@ func (m *Manager) sessionDir(id wire.SessionID) string {
 
 // startDest turns a complete pair into a destination session.
 func (m *Manager) startDest(id wire.SessionID, h *half) {
-	peer := h.conns[0].RemoteAddr().String()
+	peer := h.conns[0].remoteAddr().String()
 	log := m.log.With(zap.Stringer("session", id), zap.String("peer", peer), zap.String("direction", Incoming))
 	fail := func(err error) {
 		log.Error("cannot start session", zap.Error(err))
 		for _, c := range h.conns {
-			c.Close()
+			c.close()
 		}
 	}
 	dir := m.sessionDir(id)
@@ -342,36 +387,30 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 		fail(err)
 		return
 	}
-	rpcFd, err := detach(h.conns[0])
-	if err != nil {
-		h.conns[1].Close()
-		fail(err)
-		return
-	}
-	memFd, err := detach(h.conns[1])
-	if err != nil {
-		closeFd(rpcFd)
-		fail(err)
-		return
-	}
 	s, err := newSession(id, Incoming, peer)
 	if err != nil {
-		closeFd(rpcFd)
-		closeFd(memFd)
 		fail(err)
 		return
 	}
 	d, err := newDest(s, destParams{log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir,
-		peerTimeout: m.cfg.PeerTimeout, keepImages: m.cfg.KeepImages}, rpcFd, memFd)
+		peerTimeout: m.cfg.PeerTimeout, keepImages: m.cfg.KeepImages}, h.conns[0], h.conns[1])
 	if err != nil {
 		s.l.close()
-		fail(err)
+		log.Error("cannot start session", zap.Error(err))
 		return
 	}
 	log.Info("incoming migration")
+	m.warnInsecure(log)
 	if !m.spawn(s, d, log, dir) {
 		d.cleanup()
 		s.l.close()
+	}
+}
+
+// warnInsecure says, on every session, that it runs over plain TCP.
+func (m *Manager) warnInsecure(log *zap.Logger) {
+	if m.cfg.ServerTLS == nil && m.cfg.Insecure {
+		log.Warn("insecure: this migration runs over plain TCP; its memory crosses the network unencrypted")
 	}
 }
 
@@ -440,6 +479,9 @@ func (m *Manager) finished(s *Session, mach machine, err error, log *zap.Logger,
 // progress events; it is called from another goroutine than the session's
 // and may block.
 func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error) {
+	if m.cfg.Disabled != nil {
+		return api.Result{}, m.cfg.Disabled
+	}
 	addr, err := destAddr(req.To)
 	if err != nil {
 		return api.Result{}, err
@@ -455,37 +497,26 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	log := m.log.With(zap.Stringer("session", id), zap.Int("pid", req.PID), zap.String("peer", addr), zap.String("direction", Outgoing))
 	log.Info("outgoing migration", zap.Int("caller_uid", caller.UID))
 
-	rpcConn, err := m.dial(ctx, addr, id, wire.RoleRPC)
+	m.warnInsecure(log)
+	rpcLink, err := m.dial(ctx, addr, id, wire.RoleRPC)
 	if err != nil {
 		return api.Result{}, err
 	}
-	memConn, err := m.dial(ctx, addr, id, wire.RoleMem)
+	memLink, err := m.dial(ctx, addr, id, wire.RoleMem)
 	if err != nil {
-		rpcConn.Close()
+		rpcLink.close()
 		return api.Result{}, err
 	}
 	dir := m.sessionDir(id)
 	if err := os.Mkdir(dir, 0o700); err != nil {
-		rpcConn.Close()
-		memConn.Close()
-		return api.Result{}, err
-	}
-	rpcFd, err := detach(rpcConn)
-	if err != nil {
-		memConn.Close()
-		os.Remove(dir)
-		return api.Result{}, err
-	}
-	memFd, err := detach(memConn)
-	if err != nil {
-		closeFd(rpcFd)
-		os.Remove(dir)
+		rpcLink.close()
+		memLink.close()
 		return api.Result{}, err
 	}
 	s, err := newSession(id, Outgoing, addr)
 	if err != nil {
-		closeFd(rpcFd)
-		closeFd(memFd)
+		rpcLink.close()
+		memLink.close()
 		os.Remove(dir)
 		return api.Result{}, err
 	}
@@ -513,7 +544,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 			default:
 			}
 		},
-	}, rpcFd, memFd)
+	}, rpcLink, memLink)
 	if err != nil {
 		s.l.close()
 		close(events)
@@ -617,8 +648,9 @@ func (m *Manager) checkPID(pid int) (proc.Info, error) {
 	return info, nil
 }
 
-// dial opens one connection of a migration and does its handshake.
-func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role wire.Role) (net.Conn, error) {
+// dial opens one connection of a migration (or a query), authenticates
+// the destination (mutual TLS, unless insecure), and does the handshake.
+func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role wire.Role) (*link, error) {
 	unreachable := func(err error) error {
 		return api.Errorf(api.CodeUnavailable,
 			"cannot reach the destination phauld at %s: %v (is phauld running there? try 'systemctl status phauld.socket' on that host)", addr, err)
@@ -628,27 +660,47 @@ func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role
 	if err != nil {
 		return nil, unreachable(err)
 	}
-	c.SetDeadline(time.Now().Add(m.cfg.HandshakeTimeout))
-	if err := wire.WriteMessage(c, &wire.Hello{Proto: wire.Version, Role: role, Session: id, Daemon: version.Daemon()}); err != nil {
-		c.Close()
+	lk, err := newLink(c)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, m.cfg.HandshakeTimeout)
+	defer cancel()
+	deadline, _ := ctx.Deadline()
+	if m.cfg.ClientTLS != nil {
+		host, _, _ := net.SplitHostPort(addr)
+		if err := lk.clientTLS(ctx, m.cfg.ClientTLS(host)); err != nil {
+			lk.close()
+			return nil, api.Errorf(api.CodeUnavailable,
+				"cannot open a trusted connection to the destination at %s: %v (both daemons need certificates from the same CA, and the destination's must be valid for %q; see 'phaulctl pki --help')",
+				addr, tlsError(err), host)
+		}
+	}
+	lk.setDeadline(deadline)
+	if err := wire.WriteMessage(lk.stream(), &wire.Hello{Proto: wire.Version, Role: role, Session: id, Daemon: version.Daemon()}); err != nil {
+		lk.close()
 		return nil, unreachable(err)
 	}
-	msg, err := wire.ReadMessage(c, wire.Handshake)
+	msg, err := wire.ReadMessage(lk.stream(), wire.Handshake)
 	if err != nil {
-		c.Close()
+		lk.close()
+		if m.cfg.ClientTLS == nil && (errors.Is(err, wire.ErrMagic) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
+			return nil, api.Errorf(api.CodeUnavailable,
+				"the destination phauld at %s did not answer in plain TCP (%v): it probably requires TLS; run both daemons with certificates, or both with --insecure", addr, err)
+		}
 		return nil, unreachable(fmt.Errorf("handshake: %w", err))
 	}
 	reply, ok := msg.(*wire.HelloReply)
 	if !ok {
-		c.Close()
+		lk.close()
 		return nil, unreachable(fmt.Errorf("handshake: got %s", msg.Type()))
 	}
 	if !reply.OK {
-		c.Close()
+		lk.close()
 		return nil, api.Errorf(api.CodeUnavailable, "the destination phauld at %s refused the %s connection: %s", addr, role, reply.Error)
 	}
-	c.SetDeadline(time.Time{})
-	return c, nil
+	lk.setDeadline(time.Time{})
+	return lk, nil
 }
 
 // Sessions lists the sessions in progress, and those waiting to learn
@@ -679,13 +731,14 @@ func (m *Manager) Shutdown(ctx context.Context) error {
 		h.timer.Stop()
 		for _, c := range h.conns {
 			if c != nil {
-				c.Close()
+				c.close()
 			}
 		}
 		delete(m.halves, id)
 	}
-	for c := range m.shaking {
-		c.Close()
+	for lk := range m.shaking {
+		// Wakes a handshake blocked on the socket; its goroutine closes it.
+		lk.shutdown()
 	}
 	for _, s := range m.sessions {
 		s.Stop()

@@ -32,6 +32,7 @@ func newTestManager(t *testing.T, pairTimeout time.Duration) (*Manager, string) 
 		StateDir:         t.TempDir(),
 		PairTimeout:      pairTimeout,
 		HandshakeTimeout: 2 * time.Second,
+		Insecure:         true,
 	})
 	if err != nil {
 		t.Fatal(err)

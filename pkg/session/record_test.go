@@ -164,7 +164,7 @@ func TestRecoverByRecord(t *testing.T) {
 // TestRecoverNeverSignalsAnotherProcess checks that a record whose pid now
 // belongs to another process (same pid, other start time) is left alone.
 func TestRecoverNeverSignalsAnotherProcess(t *testing.T) {
-	m, err := NewManager(Config{Log: zaptest.NewLogger(t), CRIU: criu.New("/nonexistent"), StateDir: t.TempDir()})
+	m, err := NewManager(Config{Log: zaptest.NewLogger(t), CRIU: criu.New("/nonexistent"), StateDir: t.TempDir(), Insecure: true})
 	if err != nil {
 		t.Fatal(err)
 	}

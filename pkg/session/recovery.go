@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -218,10 +217,10 @@ func (m *Manager) settle(r *resolver, log *zap.Logger) {
 		return
 	}
 	// The destination may forget the session now.
-	if c, err := m.dialQuery(r.rec.Peer, r.id); err == nil {
-		c.SetDeadline(time.Now().Add(m.cfg.HandshakeTimeout))
-		wire.WriteMessage(c, &wire.Done{})
-		c.Close()
+	if lk, err := m.dialQuery(r.rec.Peer, r.id); err == nil {
+		lk.setDeadline(time.Now().Add(m.cfg.HandshakeTimeout))
+		wire.WriteMessage(lk.stream(), &wire.Done{})
+		lk.close()
 	}
 	if r.outcome == wire.OutcomeCommitted && !m.cfg.KeepImages {
 		removeAll(log, r.dir)
@@ -229,7 +228,7 @@ func (m *Manager) settle(r *resolver, log *zap.Logger) {
 }
 
 // dialQuery opens a query connection for session id to addr.
-func (m *Manager) dialQuery(addr string, id wire.SessionID) (net.Conn, error) {
+func (m *Manager) dialQuery(addr string, id wire.SessionID) (*link, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.DialTimeout)
 	defer cancel()
 	return m.dial(ctx, addr, id, wire.RoleQuery)
@@ -237,16 +236,16 @@ func (m *Manager) dialQuery(addr string, id wire.SessionID) (net.Conn, error) {
 
 // query asks the destination at addr how session id ended.
 func (m *Manager) query(addr string, id wire.SessionID) (string, int, error) {
-	c, err := m.dialQuery(addr, id)
+	lk, err := m.dialQuery(addr, id)
 	if err != nil {
 		return "", 0, err
 	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(m.cfg.HandshakeTimeout + 10*time.Second))
-	if err := wire.WriteMessage(c, &wire.Resolve{}); err != nil {
+	defer lk.close()
+	lk.setDeadline(time.Now().Add(m.cfg.HandshakeTimeout + 10*time.Second))
+	if err := wire.WriteMessage(lk.stream(), &wire.Resolve{}); err != nil {
 		return "", 0, err
 	}
-	msg, err := wire.ReadMessage(c, wire.Query)
+	msg, err := wire.ReadMessage(lk.stream(), wire.Query)
 	if err != nil {
 		return "", 0, fmt.Errorf("read outcome: %w", err)
 	}
@@ -259,10 +258,9 @@ func (m *Manager) query(addr string, id wire.SessionID) (string, int, error) {
 
 // answerQuery serves a query connection: the source asks how session id
 // ended (Resolve) or says it acted on the answer (Done).
-func (m *Manager) answerQuery(c net.Conn, id wire.SessionID, log *zap.Logger) {
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(m.cfg.HandshakeTimeout + 10*time.Second))
-	msg, err := wire.ReadMessage(c, wire.Query)
+func (m *Manager) answerQuery(lk *link, id wire.SessionID, log *zap.Logger) {
+	lk.setDeadline(time.Now().Add(m.cfg.HandshakeTimeout + 10*time.Second))
+	msg, err := wire.ReadMessage(lk.stream(), wire.Query)
 	if err != nil {
 		log.Warn("query connection dropped", zap.Error(err))
 		return
@@ -272,7 +270,7 @@ func (m *Manager) answerQuery(c net.Conn, id wire.SessionID, log *zap.Logger) {
 	case *wire.Resolve:
 		outcome, pid := m.outcomeOf(id, dir)
 		log.Info("source asked the outcome", zap.String("outcome", outcome))
-		if err := wire.WriteMessage(c, &wire.Outcome{Outcome: outcome, PID: pid}); err != nil {
+		if err := wire.WriteMessage(lk.stream(), &wire.Outcome{Outcome: outcome, PID: pid}); err != nil {
 			log.Warn("cannot send the outcome", zap.Error(err))
 		}
 	case *wire.Done:

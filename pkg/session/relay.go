@@ -112,7 +112,7 @@ func (r *relay) readLocal() {
 		wire.PutHeader(buf, wire.TypePageData, n)
 		r.sent += int64(n)
 		r.mem.queue(buf[:wire.HeaderLen+n])
-		if r.mem.outLen >= highWater {
+		if r.mem.outLen() >= highWater {
 			r.localPaused = true
 		}
 	}

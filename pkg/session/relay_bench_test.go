@@ -199,11 +199,11 @@ func streamOnce(b *testing.B, cc *criu.Client, pid int, useRelay bool) (float64,
 			if err != nil {
 				return 0, err
 			}
-			fd, err := detach(side.c)
+			lk, err := newLink(side.c)
 			if err != nil {
 				return 0, err
 			}
-			mem, err := newConn(l, "mem", fd, wire.Mem, 4<<20)
+			mem, err := newConn(l, "mem", lk, wire.Mem, 4<<20)
 			if err != nil {
 				return 0, err
 			}

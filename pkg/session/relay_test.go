@@ -39,7 +39,9 @@ func runLoop(t *testing.T, l *loop) func() {
 	}
 }
 
-func socketpair(t *testing.T) (int, *os.File) {
+// socketpair returns a link on one end of a socket pair, and the other
+// end as a blocking file.
+func socketpair(t *testing.T) (*link, *os.File) {
 	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -48,7 +50,7 @@ func socketpair(t *testing.T) (int, *os.File) {
 	if err := unix.SetNonblock(fds[0], true); err != nil {
 		t.Fatal(err)
 	}
-	return fds[0], os.NewFile(uintptr(fds[1]), "far")
+	return &link{fc: &fdConn{fd: fds[0]}}, os.NewFile(uintptr(fds[1]), "far")
 }
 
 // TestRelayBothWays pushes 48 MiB each way through a relay: from "CRIU"
@@ -62,11 +64,11 @@ func TestRelayBothWays(t *testing.T) {
 		t.Fatal(err)
 	}
 	local, criuEnd := newPageSocketForTest(t)
-	memFd, peer := socketpair(t)
+	memLink, peer := socketpair(t)
 	defer criuEnd.Close()
 	defer peer.Close()
 
-	mem, err := newConn(l, "mem", memFd, wire.Mem, 4<<20)
+	mem, err := newConn(l, "mem", memLink, wire.Mem, 4<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -193,9 +195,9 @@ func TestRelayCloseFailsCRIU(t *testing.T) {
 	defer l.close()
 	local, criuEnd := newPageSocketForTest(t)
 	defer criuEnd.Close()
-	memFd, peer := socketpair(t)
+	memLink, peer := socketpair(t)
 	defer peer.Close()
-	mem, err := newConn(l, "mem", memFd, wire.Mem, 1<<20)
+	mem, err := newConn(l, "mem", memLink, wire.Mem, 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}

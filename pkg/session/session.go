@@ -337,7 +337,7 @@ func (h *heartbeat) pending() bool {
 	var fds []unix.PollFd
 	for _, c := range h.conns {
 		if !c.closed {
-			fds = append(fds, unix.PollFd{Fd: int32(c.fd), Events: unix.POLLIN})
+			fds = append(fds, unix.PollFd{Fd: int32(c.link.fd()), Events: unix.POLLIN})
 		}
 	}
 	n, err := unix.Poll(fds, 0)

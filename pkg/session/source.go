@@ -92,19 +92,19 @@ type source struct {
 	inDoubt bool
 }
 
-func newSource(s *Session, p sourceParams, rpcFd, memFd int) (*source, error) {
+func newSource(s *Session, p sourceParams, rpcLink, memLink *link) (*source, error) {
 	m := &source{s: s, p: p, log: p.log, t0: s.started}
 	m.ph = newPhaseTimer(s, p.log)
 	m.rec = &record{ID: s.ID.String(), Role: roleSource, Peer: p.dest, PID: p.proc.PID, StartTime: p.proc.StartTime}
 	var err error
-	if m.rpc, err = newConn(s.l, "rpc", rpcFd, wire.RPC, 64<<10); err != nil {
-		closeFd(rpcFd)
-		closeFd(memFd)
+	if m.rpc, err = newConn(s.l, "rpc", rpcLink, wire.RPC, 64<<10); err != nil {
+		rpcLink.close()
+		memLink.close()
 		return nil, err
 	}
-	if m.mem, err = newConn(s.l, "mem", memFd, wire.Mem, 4<<20); err != nil {
+	if m.mem, err = newConn(s.l, "mem", memLink, wire.Mem, 4<<20); err != nil {
 		m.rpc.close()
-		closeFd(memFd)
+		memLink.close()
 		return nil, err
 	}
 	// An error handling a message aborts the migration by the rule (and

@@ -145,9 +145,10 @@ func runCell(t *testing.T, p point, f fault, want string) {
 			"sh", "-c", `mount -t tmpfs none "$0" && exec "$@"`, held}
 		extra = []string{"--hold", filepath.Join(held, "data")}
 	}
+	// Plain TCP: the proxy reads the frames to find its point.
 	flags := []string{"--peer-timeout", peerTimeout, "--stop-timeout", stopTimeout.String()}
-	bOpts.flags = flags
-	a := startDaemon(t, "A", "127.0.0.1:"+strconv.Itoa(port), daemonOpts{flags: flags})
+	bOpts.flags, bOpts.insecure = flags, true
+	a := startDaemon(t, "A", "127.0.0.1:"+strconv.Itoa(port), daemonOpts{flags: flags, insecure: true})
 	b := startDaemon(t, "B", "127.0.0.2:"+strconv.Itoa(port+1), bOpts)
 	px := newFaultProxy(t, "127.0.0.3:"+strconv.Itoa(port+2), b.addr)
 	w := startWorkload(t, workloadOpts{memMiB: 32, extra: extra})

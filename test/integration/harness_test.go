@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/client"
+	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/test/pattern"
 )
@@ -36,6 +38,9 @@ var bins struct {
 	phauld   string
 	phaulctl string
 	workload string
+	// ca is the test run's CA: every daemon gets a certificate from it,
+	// for its own address, unless it runs --insecure.
+	ca string
 }
 
 func TestMain(m *testing.M) {
@@ -67,7 +72,14 @@ func testMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	// Other users run phaulctl and the workload in the permission tests.
+	os.Chmod(dir, 0o755)
 	bins.dir = dir
+	bins.ca = filepath.Join(dir, "ca")
+	if err := pki.Init(bins.ca, []string{"127.0.0.1"}); err != nil {
+		fmt.Fprintln(os.Stderr, "make the test CA:", err)
+		return 1
+	}
 	bins.phauld = filepath.Join(dir, "phauld")
 	bins.phaulctl = filepath.Join(dir, "phaulctl")
 	bins.workload = filepath.Join(dir, "workload")
@@ -139,6 +151,11 @@ type daemonOpts struct {
 	// phauld on the first connection to either. --listen and --control
 	// are then given values phauld cannot use, to show they are ignored.
 	activated bool
+	// insecure runs the daemon with --insecure (plain TCP: the fault
+	// proxy reads frames); otherwise it gets a certificate from the
+	// test CA for its address, unless tlsDir names another directory.
+	insecure bool
+	tlsDir   string
 }
 
 // startDaemon starts a phauld listening on addr (an address on loopback)
@@ -165,6 +182,19 @@ func startDaemon(t *testing.T, name, addr string, o daemonOpts) *daemon {
 		d.args = append(d.args, bins.phauld, "--listen", addr, "--control", d.socket)
 	}
 	d.args = append(d.args, "--state-dir", d.state, "--log-level", "debug")
+	switch {
+	case o.insecure:
+		d.args = append(d.args, "--insecure")
+	case o.tlsDir != "":
+		d.args = append(d.args, "--tls-dir", o.tlsDir)
+	default:
+		tlsDir := filepath.Join(dir, "tls")
+		host, _, _ := net.SplitHostPort(addr)
+		if err := pki.Issue(bins.ca, tlsDir, []string{host}); err != nil {
+			t.Fatal(err)
+		}
+		d.args = append(d.args, "--tls-dir", tlsDir)
+	}
 	d.args = append(d.args, o.flags...)
 	t.Cleanup(func() {
 		d.stop(t)

@@ -113,8 +113,9 @@ func (w *workload) reportAfter(t *testing.T, pid int, before status, what string
 // line; the daemon and the migration go on.
 func TestBadBytesOnPort(t *testing.T) {
 	integration(t)
-	a := startDaemon(t, "A", "127.0.0.1:17321", daemonOpts{})
-	b := startDaemon(t, "B", "127.0.0.2:17322", daemonOpts{flags: []string{"--pair-timeout", "2s"}})
+	// Plain TCP: the proxy reads the frames to find its point.
+	a := startDaemon(t, "A", "127.0.0.1:17321", daemonOpts{insecure: true})
+	b := startDaemon(t, "B", "127.0.0.2:17322", daemonOpts{insecure: true, flags: []string{"--pair-timeout", "2s"}})
 	px := newFaultProxy(t, "127.0.0.3:17323", b.addr)
 	w := startWorkload(t, workloadOpts{memMiB: 32})
 	before := w.report(w.pid, w.status)
@@ -182,8 +183,8 @@ func TestBadBytesOnPort(t *testing.T) {
 // rule: the process runs on the source again, intact; both daemons live.
 func TestBadBytesInSession(t *testing.T) {
 	integration(t)
-	a := startDaemon(t, "A", "127.0.0.1:17331", daemonOpts{})
-	b := startDaemon(t, "B", "127.0.0.2:17332", daemonOpts{})
+	a := startDaemon(t, "A", "127.0.0.1:17331", daemonOpts{insecure: true})
+	b := startDaemon(t, "B", "127.0.0.2:17332", daemonOpts{insecure: true})
 	px := newFaultProxy(t, "127.0.0.3:17333", b.addr)
 	helloFrame, _ := wire.Marshal(&wire.Hello{Proto: 1, Role: wire.RoleRPC, Session: wire.SessionID{9}})
 	commitFrame, _ := wire.Marshal(&wire.Commit{})

@@ -1,0 +1,119 @@
+//go:build linux
+
+package control
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/proc"
+)
+
+// Policy says who may do what through the control socket: root anything;
+// a member of the control group (phaul) only what concerns processes it
+// owns; anyone else nothing. The socket's own permissions (0660, root:phaul)
+// keep others out before they can ask; Policy holds even if they reach it.
+type Policy struct {
+	// GroupID is the control group's gid; -1 lets only root in.
+	GroupID int
+	// Group is its name, for messages.
+	Group string
+}
+
+// member reports whether the caller is root or in the control group, by
+// the caller process's own credentials (primary and supplementary
+// groups, from /proc).
+func (p Policy) member(c api.Caller) bool {
+	if c.UID == 0 {
+		return true
+	}
+	if p.GroupID < 0 {
+		return false
+	}
+	if c.GID == p.GroupID {
+		return true
+	}
+	groups, err := procGroups(c.PID)
+	if err != nil {
+		return false
+	}
+	for _, g := range groups {
+		if g == p.GroupID {
+			return true
+		}
+	}
+	return false
+}
+
+// CanUse allows root and members of the control group.
+func (p Policy) CanUse(c api.Caller) error {
+	if p.member(c) {
+		return nil
+	}
+	return api.Errorf(api.CodePermission,
+		"uid %d may not use phauld: only root and members of group %q may (an administrator can add you: usermod -aG %s USER)",
+		c.UID, p.Group, p.Group)
+}
+
+// CanMigrate allows root to migrate any process, and a member of the
+// control group to migrate a tree of processes that all belong to it.
+func (p Policy) CanMigrate(c api.Caller, pid int) error {
+	if err := p.CanUse(c); err != nil {
+		return err
+	}
+	if c.UID == 0 {
+		return nil
+	}
+	pids, err := proc.Tree(pid)
+	if err != nil {
+		// Not found: let the daemon say so, with its own message.
+		return nil
+	}
+	for _, q := range pids {
+		info, err := proc.Stat(q)
+		if err != nil {
+			continue
+		}
+		if info.UID != c.UID {
+			return api.Errorf(api.CodePermission,
+				"uid %d may migrate only its own processes, and pid %d belongs to uid %d", c.UID, q, info.UID)
+		}
+	}
+	return nil
+}
+
+// procGroups reads the groups of process pid (its Gid and Groups lines).
+func procGroups(pid int) ([]int, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return nil, err
+	}
+	var groups []int
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		line := sc.Text()
+		var fields []string
+		switch {
+		case strings.HasPrefix(line, "Groups:"):
+			fields = strings.Fields(strings.TrimPrefix(line, "Groups:"))
+		case strings.HasPrefix(line, "Gid:"):
+			// real, effective, saved, filesystem
+			fields = strings.Fields(strings.TrimPrefix(line, "Gid:"))
+		default:
+			continue
+		}
+		for _, f := range fields {
+			g, err := strconv.Atoi(f)
+			if err != nil {
+				return nil, fmt.Errorf("/proc/%d/status: %q", pid, line)
+			}
+			groups = append(groups, g)
+		}
+	}
+	return groups, nil
+}

@@ -1,0 +1,286 @@
+//go:build linux
+
+package session
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// link is one connection of a migration as its session loop drives it: a
+// non-blocking socket, and the TLS session on it unless the daemons run
+// with --insecure. Before it joins a loop (handshakes) it is used blocking,
+// with deadlines; in the loop it never blocks: reads return
+// errWouldBlock, writes are queued and flushed when the socket takes them.
+type link struct {
+	fc  *fdConn
+	tls *tls.Conn // nil on a plain link
+}
+
+// errWouldBlock is what a link in loop mode returns when there is nothing
+// to read now. It is a temporary net.Error, which crypto/tls passes on
+// without failing the connection, so reading can resume later.
+var errWouldBlock error = wouldBlock{}
+
+type wouldBlock struct{}
+
+func (wouldBlock) Error() string   { return "would block" }
+func (wouldBlock) Timeout() bool   { return true }
+func (wouldBlock) Temporary() bool { return true }
+
+// newLink takes the socket out of c (see detach) and wraps it.
+func newLink(c net.Conn) (*link, error) {
+	local, remote := c.LocalAddr(), c.RemoteAddr()
+	fd, err := detach(c)
+	if err != nil {
+		return nil, err
+	}
+	return &link{fc: &fdConn{fd: fd, local: local, remote: remote}}, nil
+}
+
+// serverTLS runs the server side of a TLS handshake on l, blocking until
+// ctx ends.
+func (l *link) serverTLS(ctx context.Context, cfg *tls.Config) error {
+	l.tls = tls.Server(l.fc, cfg)
+	return l.handshakeTLS(ctx)
+}
+
+// clientTLS runs the client side of a TLS handshake on l.
+func (l *link) clientTLS(ctx context.Context, cfg *tls.Config) error {
+	l.tls = tls.Client(l.fc, cfg)
+	return l.handshakeTLS(ctx)
+}
+
+func (l *link) handshakeTLS(ctx context.Context) error {
+	if d, ok := ctx.Deadline(); ok {
+		l.fc.SetDeadline(d)
+		defer l.fc.SetDeadline(time.Time{})
+	}
+	return l.tls.HandshakeContext(ctx)
+}
+
+// stream is l as a blocking byte stream, for the handshakes.
+func (l *link) stream() io.ReadWriter {
+	if l.tls != nil {
+		return l.tls
+	}
+	return l.fc
+}
+
+// setDeadline bounds blocking reads and writes.
+func (l *link) setDeadline(t time.Time) { l.fc.SetDeadline(t) }
+
+// peerCert is the peer's verified certificate's first name, for logs.
+func (l *link) peerName() string {
+	if l.tls == nil {
+		return ""
+	}
+	certs := l.tls.ConnectionState().PeerCertificates
+	if len(certs) == 0 {
+		return ""
+	}
+	return certs[0].Subject.CommonName
+}
+
+// enterLoop switches l to loop mode: non-blocking from now on.
+func (l *link) enterLoop() { l.fc.loop = true }
+
+func (l *link) fd() int              { return l.fc.fd }
+func (l *link) remoteAddr() net.Addr { return l.fc.remote }
+
+// read reads what is available now into p, or returns errWouldBlock.
+func (l *link) read(p []byte) (int, error) {
+	if l.tls != nil {
+		return l.tls.Read(p)
+	}
+	return l.fc.Read(p)
+}
+
+// send queues b to be sent; the link owns b from now on (a plain link
+// sends it as is, without a copy).
+func (l *link) send(b []byte) error {
+	if l.tls != nil {
+		_, err := l.tls.Write(b)
+		return err
+	}
+	l.fc.queue(b)
+	return nil
+}
+
+// flush writes what is queued, as much as the socket takes now.
+func (l *link) flush() error { return l.fc.flush() }
+
+// queued is how many bytes wait to be written to the socket.
+func (l *link) queued() int { return l.fc.outLen }
+
+// close closes the socket. What is still queued is lost.
+func (l *link) close() { l.fc.Close() }
+
+// shutdown shuts the socket down both ways, waking whoever blocks on it,
+// without closing the descriptor (its owner does).
+func (l *link) shutdown() { unix.Shutdown(l.fc.fd, unix.SHUT_RDWR) }
+
+// fdConn is a net.Conn on a non-blocking socket the session owns, so that
+// crypto/tls can run on it: blocking (with deadlines, by poll) while the
+// handshakes run, non-blocking once the session loop drives it.
+type fdConn struct {
+	fd            int
+	local, remote net.Addr
+	loop          bool
+	closed        bool
+	rdDeadline    time.Time
+	wrDeadline    time.Time
+
+	out    [][]byte
+	outLen int
+}
+
+func (c *fdConn) Read(p []byte) (int, error) {
+	for {
+		n, err := unix.Read(c.fd, p)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			if c.loop {
+				return 0, errWouldBlock
+			}
+			if err := c.wait(unix.POLLIN, c.rdDeadline); err != nil {
+				return 0, err
+			}
+			continue
+		case err != nil:
+			return 0, err
+		case n == 0 && len(p) > 0:
+			return 0, io.EOF
+		}
+		return n, nil
+	}
+}
+
+// Write queues p in loop mode (copied: crypto/tls reuses its buffers), and
+// writes it all, blocking, before.
+func (c *fdConn) Write(p []byte) (int, error) {
+	if c.loop {
+		c.queue(append([]byte(nil), p...))
+		return len(p), nil
+	}
+	for off := 0; off < len(p); {
+		n, err := unix.Write(c.fd, p[off:])
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			if err := c.wait(unix.POLLOUT, c.wrDeadline); err != nil {
+				return off, err
+			}
+			continue
+		case err != nil:
+			return off, err
+		}
+		off += n
+	}
+	return len(p), nil
+}
+
+// wait polls for events until deadline (none: forever).
+func (c *fdConn) wait(events int16, deadline time.Time) error {
+	for {
+		ms := -1
+		if !deadline.IsZero() {
+			left := time.Until(deadline)
+			if left <= 0 {
+				return os.ErrDeadlineExceeded
+			}
+			ms = int((left + time.Millisecond - 1) / time.Millisecond)
+		}
+		fds := []unix.PollFd{{Fd: int32(c.fd), Events: events}}
+		n, err := unix.Poll(fds, ms)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n > 0 {
+			return nil
+		}
+	}
+}
+
+func (c *fdConn) queue(b []byte) {
+	if c.closed || len(b) == 0 {
+		return
+	}
+	c.out = append(c.out, b)
+	c.outLen += len(b)
+}
+
+// flush writes queued bytes until the socket would block.
+func (c *fdConn) flush() error {
+	for c.outLen > 0 {
+		iov := c.out
+		if len(iov) > maxIovecs {
+			iov = iov[:maxIovecs]
+		}
+		n, err := unix.Writev(c.fd, iov)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		c.outLen -= n
+		for n > 0 {
+			if n >= len(c.out[0]) {
+				n -= len(c.out[0])
+				c.out[0] = nil
+				c.out = c.out[1:]
+			} else {
+				c.out[0] = c.out[0][n:]
+				n = 0
+			}
+		}
+	}
+	return nil
+}
+
+func (c *fdConn) Close() error {
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	c.out, c.outLen = nil, 0
+	return unix.Close(c.fd)
+}
+
+func (c *fdConn) LocalAddr() net.Addr  { return c.local }
+func (c *fdConn) RemoteAddr() net.Addr { return c.remote }
+
+func (c *fdConn) SetDeadline(t time.Time) error {
+	c.rdDeadline, c.wrDeadline = t, t
+	return nil
+}
+
+func (c *fdConn) SetReadDeadline(t time.Time) error  { c.rdDeadline = t; return nil }
+func (c *fdConn) SetWriteDeadline(t time.Time) error { c.wrDeadline = t; return nil }
+
+// tlsError explains a failed TLS handshake in an operator's terms.
+func tlsError(err error) error {
+	var rec tls.RecordHeaderError
+	if errors.As(err, &rec) {
+		return fmt.Errorf("TLS handshake failed: the peer does not speak TLS (a daemon running with --insecure?): %w", err)
+	}
+	return fmt.Errorf("TLS handshake failed: %w", err)
+}

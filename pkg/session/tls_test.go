@@ -1,0 +1,279 @@
+//go:build linux
+
+package session
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"io"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/pki"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// testPKI makes a CA with a certificate for 127.0.0.1, and returns it
+// with the CA's directory.
+func testPKI(t *testing.T) (*pki.Loaded, string) {
+	t.Helper()
+	dir := t.TempDir()
+	if err := pki.Init(dir, []string{"127.0.0.1"}); err != nil {
+		t.Fatal(err)
+	}
+	id, err := pki.Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id, dir
+}
+
+// newTLSManager is a manager serving mutual TLS on loopback; its log lines
+// are observable.
+func newTLSManager(t *testing.T, id *pki.Loaded) (*Manager, string, *observer.ObservedLogs) {
+	t.Helper()
+	core, logs := observer.New(zap.DebugLevel)
+	m, err := NewManager(Config{
+		Log: zap.New(core), CRIU: criu.New("/nonexistent/criu"),
+		Info:      criu.Info{Version: criu.Version{Major: 4, Minor: 2}},
+		StateDir:  t.TempDir(), HandshakeTimeout: 2 * time.Second,
+		ServerTLS: id.ServerConfig(), ClientTLS: id.ClientConfig,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go m.Serve(l)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		m.Shutdown(ctx)
+	})
+	return m, l.Addr().String(), logs
+}
+
+// TestTLSPairs opens a migration's two connections over mutual TLS with
+// the manager's own dial, and checks they pair into a session.
+func TestTLSPairs(t *testing.T) {
+	id, _ := testPKI(t)
+	m, addr, _ := newTLSManager(t, id)
+	sid := newID(t)
+	ctx := context.Background()
+	rpc, err := m.dial(ctx, addr, sid, wire.RoleRPC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rpc.close()
+	mem, err := m.dial(ctx, addr, sid, wire.RoleMem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.close()
+	waitSessions(t, m, 1)
+	if rpc.tls == nil || rpc.tls.ConnectionState().Version != tls.VersionTLS13 {
+		t.Fatal("the rpc connection is not TLS 1.3")
+	}
+}
+
+// TestTLSRefusals: a client without a certificate, with one from another
+// CA, with an expired one, and one speaking plain TCP are all refused
+// before anything of the protocol is read, each with a log line saying
+// why; no session starts.
+func TestTLSRefusals(t *testing.T) {
+	id, caDir := testPKI(t)
+	m, addr, logs := newTLSManager(t, id)
+
+	otherDir := t.TempDir()
+	if err := pki.Init(otherDir, []string{"127.0.0.1"}); err != nil {
+		t.Fatal(err)
+	}
+	other, _ := pki.Load(otherDir)
+	expiredDir := filepath.Join(t.TempDir(), "x")
+	if err := pki.IssueValid(caDir, expiredDir, []string{"127.0.0.1"}, time.Now().Add(-48*time.Hour), time.Now().Add(-time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	expired, _ := pki.Load(expiredDir)
+
+	hello, _ := wire.Marshal(&wire.Hello{Proto: 1, Role: wire.RoleRPC, Session: newID(t)})
+	cases := []struct {
+		name string
+		cfg  *tls.Config // nil: plain TCP
+		want string
+	}{
+		{"no certificate", &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: id.CAs, ServerName: "127.0.0.1"}, "didn't provide a certificate"},
+		{"another CA", withRoots(other.ClientConfig("127.0.0.1"), id), "unknown authority"},
+		{"expired", expired.ClientConfig("127.0.0.1"), "expired"},
+		{"plain TCP", nil, "does not speak TLS"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			n := logs.FilterMessage("connection refused").Len()
+			raw, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer raw.Close()
+			raw.SetDeadline(time.Now().Add(5 * time.Second))
+			var conn io.ReadWriter = raw
+			if c.cfg != nil {
+				tc := tls.Client(raw, c.cfg)
+				tc.Handshake() // TLS 1.3: the client may not see the refusal yet
+				conn = tc
+			}
+			conn.Write(hello)
+			if b, err := io.ReadAll(conn); len(b) > 0 && bytes.HasPrefix(b, []byte("PH")) {
+				t.Fatalf("the daemon answered the protocol: %q (%v)", b, err)
+			}
+			deadline := time.Now().Add(5 * time.Second)
+			for logs.FilterMessage("connection refused").Len() == n {
+				if time.Now().After(deadline) {
+					t.Fatal("no log line for the refused connection")
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			entry := logs.FilterMessage("connection refused").All()[n]
+			if got := entry.ContextMap()["error"]; !strings.Contains(got.(string), c.want) {
+				t.Errorf("logged %q, want it to say %q", got, c.want)
+			}
+			if len(m.Sessions()) != 0 {
+				t.Fatal("a session started")
+			}
+		})
+	}
+}
+
+func withRoots(cfg *tls.Config, trust *pki.Loaded) *tls.Config {
+	cfg.RootCAs = trust.CAs
+	return cfg
+}
+
+// TestRelayOverTLS pushes 32 MiB each way through a relay whose mem
+// connection is a TLS link in loop mode, as in a real session.
+func TestRelayOverTLS(t *testing.T) {
+	id, _ := testPKI(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var srv net.Conn
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		srv, _ = l.Accept()
+	}()
+	cli, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	ours, err := newLink(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := tls.Client(cli, id.ClientConfig("127.0.0.1"))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hsErr := make(chan error, 1)
+	go func() { hsErr <- peer.HandshakeContext(ctx) }()
+	if err := ours.serverTLS(ctx, id.ServerConfig()); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-hsErr; err != nil {
+		t.Fatal(err)
+	}
+
+	lp, err := newLoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	local, criuEnd := newPageSocketForTest(t)
+	defer criuEnd.Close()
+	mem, err := newConn(lp, "mem", ours, wire.Mem, 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := newRelay(lp, local, mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem.onMessage = r.fromPeer
+	failed := make(chan error, 2)
+	mem.onClose = func(err error) {
+		if err != io.EOF {
+			failed <- err
+		}
+	}
+	r.onError = func(err error) { failed <- err }
+	stop := runLoop(t, lp)
+	defer stop()
+
+	const size = 32 << 20
+	up, down := make([]byte, size), make([]byte, size)
+	rand.Read(up)
+	rand.Read(down)
+	go func() {
+		criuEnd.Write(up)
+	}()
+	go func() {
+		for off := 0; off < size; off += wire.DataChunk {
+			b, _ := wire.Marshal(&wire.PageData{Data: down[off:min(size, off+wire.DataChunk)]})
+			peer.Write(b)
+		}
+	}()
+	gotDown := make(chan []byte, 1)
+	go func() {
+		buf := make([]byte, size)
+		_, err := io.ReadFull(criuEnd, buf)
+		if err != nil {
+			failed <- err
+		}
+		gotDown <- buf
+	}()
+	var gotUp bytes.Buffer
+	dec := wire.NewDecoder(wire.Mem, 1<<20)
+	for gotUp.Len() < size {
+		n, err := peer.Read(dec.Space())
+		if err != nil {
+			t.Fatalf("peer read after %d bytes: %v", gotUp.Len(), err)
+		}
+		dec.Commit(n)
+		for {
+			m, err := dec.Next()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m == nil {
+				break
+			}
+			gotUp.Write(m.(*wire.PageData).Data)
+		}
+	}
+	if !bytes.Equal(gotUp.Bytes(), up) {
+		t.Fatal("bytes CRIU wrote arrived changed")
+	}
+	select {
+	case d := <-gotDown:
+		if !bytes.Equal(d, down) {
+			t.Fatal("bytes the peer sent arrived changed")
+		}
+	case err := <-failed:
+		t.Fatal(err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("timed out")
+	}
+}
