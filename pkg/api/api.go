@@ -176,12 +176,12 @@ type CRIU struct {
 
 // Status is the daemon's state.
 type Status struct {
-	Version  string    `json:"version"`
-	PID      int       `json:"pid"`
-	Listen   []string  `json:"listen"`
-	Control  string    `json:"control"`
-	StateDir string    `json:"state_dir"`
-	CRIU     CRIU      `json:"criu"`
+	Version  string   `json:"version"`
+	PID      int      `json:"pid"`
+	Listen   []string `json:"listen"`
+	Control  string   `json:"control"`
+	StateDir string   `json:"state_dir"`
+	CRIU     CRIU     `json:"criu"`
 	// Security is how migrations are protected: "mutual-tls", "insecure"
 	// (plain TCP, by choice) or "disabled" (no certificates).
 	Security string `json:"security"`

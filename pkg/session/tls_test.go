@@ -45,8 +45,8 @@ func newTLSManager(t *testing.T, id *pki.Loaded) (*Manager, string, *observer.Ob
 	core, logs := observer.New(zap.DebugLevel)
 	m, err := NewManager(Config{
 		Log: zap.New(core), CRIU: criu.New("/nonexistent/criu"),
-		Info:      criu.Info{Version: criu.Version{Major: 4, Minor: 2}},
-		StateDir:  t.TempDir(), HandshakeTimeout: 2 * time.Second,
+		Info:     criu.Info{Version: criu.Version{Major: 4, Minor: 2}},
+		StateDir: t.TempDir(), HandshakeTimeout: 2 * time.Second,
 		ServerTLS: id.ServerConfig(), ClientTLS: id.ClientConfig,
 	})
 	if err != nil {
