@@ -32,11 +32,15 @@ field() { sed -n "s/.*\"$1\": *\"\{0,1\}\([^,\"}]*\).*/\1/p" "$2"; }
 
 go build -o "$work/workload" ./test/workload
 
+step "Make a CA and a certificate for each host: the daemons authenticate each other (mutual TLS)"
+run bin/phaulctl pki init --dir "$work/A-tls" --name 127.0.0.1
+run bin/phaulctl pki issue --dir "$work/A-tls" --name 127.0.0.2 --out "$work/B-tls"
+
 step "Start phauld on host A (127.0.0.1:23451) and host B (127.0.0.2:23452)"
 for d in A:127.0.0.1:23451 B:127.0.0.2:23452; do
 	name=${d%%:*} addr=${d#*:}
 	bin/phauld --listen "$addr" --control "$work/$name.sock" --state-dir "$work/$name" \
-		>"$work/$name.log" 2>&1 &
+		--tls-dir "$work/$name-tls" >"$work/$name.log" 2>&1 &
 	echo $! >"$work/$name.pid"
 done
 for name in A B; do

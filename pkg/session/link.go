@@ -115,6 +115,10 @@ func (l *link) send(b []byte) error {
 	return nil
 }
 
+// copies reports whether send copies what it is given (TLS encrypts it
+// into its own buffers): the caller may then reuse its buffer.
+func (l *link) copies() bool { return l.tls != nil }
+
 // flush writes what is queued, as much as the socket takes now.
 func (l *link) flush() error { return l.fc.flush() }
 
@@ -139,11 +143,47 @@ type fdConn struct {
 	rdDeadline    time.Time
 	wrDeadline    time.Time
 
+	// out queues whole buffers handed over by a plain link's send; wbuf
+	// collects what TLS writes record by record, so that it goes out in
+	// few large writes. A link uses one or the other, never both.
 	out    [][]byte
+	wbuf   []byte
+	woff   int
 	outLen int
+
+	// rbuf batches socket reads: crypto/tls asks for a record at a time.
+	rbuf       []byte
+	rpos, rend int
 }
 
+// readBatch is how much one read from the socket may bring.
+const readBatch = 256 << 10
+
 func (c *fdConn) Read(p []byte) (int, error) {
+	if c.rpos < c.rend {
+		n := copy(p, c.rbuf[c.rpos:c.rend])
+		c.rpos += n
+		return n, nil
+	}
+	if c.loop && len(p) < readBatch {
+		// Read a batch and serve p from it.
+		if c.rbuf == nil {
+			c.rbuf = make([]byte, readBatch)
+		}
+		n, err := c.rawRead(c.rbuf)
+		if err != nil {
+			return 0, err
+		}
+		c.rpos, c.rend = 0, n
+		m := copy(p, c.rbuf[:n])
+		c.rpos = m
+		return m, nil
+	}
+	return c.rawRead(p)
+}
+
+// rawRead reads from the socket into p.
+func (c *fdConn) rawRead(p []byte) (int, error) {
 	for {
 		n, err := unix.Read(c.fd, p)
 		switch {
@@ -166,11 +206,15 @@ func (c *fdConn) Read(p []byte) (int, error) {
 	}
 }
 
-// Write queues p in loop mode (copied: crypto/tls reuses its buffers), and
-// writes it all, blocking, before.
+// Write, in loop mode, collects p to be flushed (crypto/tls reuses its
+// buffers, and writes a record at a time); before, it writes it all,
+// blocking.
 func (c *fdConn) Write(p []byte) (int, error) {
 	if c.loop {
-		c.queue(append([]byte(nil), p...))
+		if !c.closed {
+			c.wbuf = append(c.wbuf, p...)
+			c.outLen += len(p)
+		}
 		return len(p), nil
 	}
 	for off := 0; off < len(p); {
@@ -226,6 +270,23 @@ func (c *fdConn) queue(b []byte) {
 
 // flush writes queued bytes until the socket would block.
 func (c *fdConn) flush() error {
+	for c.woff < len(c.wbuf) {
+		n, err := unix.Write(c.fd, c.wbuf[c.woff:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		c.woff += n
+		c.outLen -= n
+	}
+	if c.woff > 0 {
+		c.wbuf, c.woff = c.wbuf[:0], 0
+	}
 	for c.outLen > 0 {
 		iov := c.out
 		if len(iov) > maxIovecs {
@@ -261,7 +322,7 @@ func (c *fdConn) Close() error {
 		return nil
 	}
 	c.closed = true
-	c.out, c.outLen = nil, 0
+	c.out, c.wbuf, c.outLen = nil, nil, 0
 	return unix.Close(c.fd)
 }
 

@@ -33,6 +33,9 @@ type relay struct {
 
 	// sent and received count page-stream bytes (payload, not framing).
 	sent, received int64
+	// buf is reused for reads from CRIU when the mem link copies what it
+	// sends (TLS); a plain link sends the buffer itself.
+	buf []byte
 
 	// onError reports a failure of the local side. Failures of the mem
 	// side go to the mem conn's onClose.
@@ -90,7 +93,13 @@ func (r *relay) handle(events uint32) {
 // behind room for the frame header, so the bytes are not copied again.
 func (r *relay) readLocal() {
 	for round := 0; round < readRounds && !r.localPaused && !r.closed; round++ {
-		buf := make([]byte, wire.HeaderLen+wire.DataChunk)
+		buf := r.buf
+		if buf == nil {
+			buf = make([]byte, wire.HeaderLen+wire.DataChunk)
+			if r.mem.link.copies() {
+				r.buf = buf
+			}
+		}
 		n, err := unix.Read(r.local, buf[wire.HeaderLen:])
 		if err == unix.EINTR {
 			continue

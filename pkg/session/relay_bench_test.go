@@ -3,6 +3,7 @@
 package session
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -18,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/wire"
 )
@@ -26,10 +28,11 @@ import (
 // dump of the same process into the same CRIU page server, once with both
 // CRIUs on the two ends of one loopback TCP connection ("direct"), once
 // with each CRIU on a local socket pair and two session loops relaying over
-// that TCP connection ("relay"), alternating. It reports the median time
-// from the dump request to CRIU's post-dump notification (the tree frozen
-// and every page across) for each, and their ratio. The dump is then
-// refused, so CRIU resumes the process for the next round.
+// that TCP connection ("relay"), and once with the relays speaking mutual
+// TLS ("tls"), in rotating order. It reports the median time from the dump
+// request to CRIU's post-dump notification (the tree frozen and every page
+// across) for each, and the ratios. The dump is then refused, so CRIU
+// resumes the process for the next round.
 //
 // It needs root and CRIU (make bench runs it); the process is 256 MiB
 // unless PHAUL_BENCH_MIB says otherwise.
@@ -46,28 +49,41 @@ func BenchmarkPageStream(b *testing.B) {
 	}
 	pid := startBenchWorkload(b, size)
 	cc := criu.New("criu")
+	caDir := b.TempDir()
+	if err := pki.Init(caDir, []string{"127.0.0.2"}); err != nil {
+		b.Fatal(err)
+	}
+	id, err := pki.Load(caDir)
+	if err != nil {
+		b.Fatal(err)
+	}
 
-	var direct, relayed []float64
+	modes := []string{"direct", "relay", "tls"}
+	took := map[string][]float64{}
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		for _, useRelay := range []bool{i%2 == 1, i%2 == 0} {
-			d, err := streamOnce(b, cc, pid, useRelay)
+		for j := range modes {
+			mode := modes[(i+j)%len(modes)]
+			var tlsID *pki.Loaded
+			if mode == "tls" {
+				tlsID = id
+			}
+			d, err := streamOnce(b, cc, pid, mode != "direct", tlsID)
 			if err != nil {
 				b.Fatal(err)
 			}
-			if useRelay {
-				relayed = append(relayed, d)
-			} else {
-				direct = append(direct, d)
-			}
+			took[mode] = append(took[mode], d)
 		}
 	}
 	b.StopTimer()
-	md, mr := medianOf(direct), medianOf(relayed)
+	md, mr, mt := medianOf(took["direct"]), medianOf(took["relay"]), medianOf(took["tls"])
 	b.ReportMetric(md, "direct-ms")
 	b.ReportMetric(mr, "relay-ms")
+	b.ReportMetric(mt, "tls-ms")
 	b.ReportMetric(mr/md, "relay/direct")
+	b.ReportMetric(mr/mt, "tls-throughput/plain")
 	b.ReportMetric(float64(size<<20)/1e6/(mr/1000), "relay-MB/s")
+	b.ReportMetric(float64(size<<20)/1e6/(mt/1000), "tls-MB/s")
 }
 
 func medianOf(v []float64) float64 {
@@ -166,7 +182,7 @@ func await(op *criu.Op) (criu.Event, error) {
 
 // streamOnce dumps pid into a page server once and returns the
 // milliseconds from the dump request to post-dump.
-func streamOnce(b *testing.B, cc *criu.Client, pid int, useRelay bool) (float64, error) {
+func streamOnce(b *testing.B, cc *criu.Client, pid int, useRelay bool, tlsID *pki.Loaded) (float64, error) {
 	// Fresh directories each round, removed at once: a gigabyte of pages
 	// left behind per round would soon throttle the next rounds' writes.
 	src, err := os.MkdirTemp("", "phaul-bench-src-")
@@ -191,19 +207,36 @@ func streamOnce(b *testing.B, cc *criu.Client, pid int, useRelay bool) (float64,
 				s()
 			}
 		}()
+		cl, err := newLink(client)
+		if err != nil {
+			return 0, err
+		}
+		sl, err := newLink(server)
+		if err != nil {
+			return 0, err
+		}
+		if tlsID != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			done := make(chan error, 1)
+			go func() { done <- sl.serverTLS(ctx, tlsID.ServerConfig()) }()
+			err := cl.clientTLS(ctx, tlsID.ClientConfig("127.0.0.2"))
+			if serr := <-done; err == nil {
+				err = serr
+			}
+			cancel()
+			if err != nil {
+				return 0, err
+			}
+		}
 		for _, side := range []struct {
-			c    net.Conn
+			lk   *link
 			file **os.File
-		}{{client, &dumpEnd}, {server, &psEnd}} {
+		}{{cl, &dumpEnd}, {sl, &psEnd}} {
 			l, err := newLoop()
 			if err != nil {
 				return 0, err
 			}
-			lk, err := newLink(side.c)
-			if err != nil {
-				return 0, err
-			}
-			mem, err := newConn(l, "mem", lk, wire.Mem, 4<<20)
+			mem, err := newConn(l, "mem", side.lk, wire.Mem, 4<<20)
 			if err != nil {
 				return 0, err
 			}

@@ -4,19 +4,21 @@
 // workloads, in alternating runs, and prints figures and ratios. It is what
 // `make bench` runs (as root, with bin/phauld and bin/phaulctl built).
 //
-// For each workload size it alternates:
+// For each workload size it rotates through:
 //
 //   - bare: the CRIU pipeline scripted by hand, the fastest thing CRIU
 //     offers for a copy migration: `criu page-server` on the destination
 //     address, `criu dump --page-server --leave-stopped` straight to it,
 //     copy the other images, `criu restore --restore-detached`, kill the
 //     source;
-//   - phaul: `phaulctl migrate` between two phauld daemons.
+//   - phaul insecure: `phaulctl migrate` between two phauld --insecure;
+//   - phaul TLS: the same between two daemons speaking mutual TLS.
 //
 // It reports the median pause the workload saw (the longest gap in its own
 // 10 ms ticking), the median total time, the dump phase (pages moved; for
-// phaul, through its relay), and the ratios phaul/bare; and raw loopback
-// TCP throughput as the ceiling.
+// phaul, through its relay), the ratios to bare CRIU, the cost of
+// encryption as TLS / insecure, and raw loopback TCP throughput as the
+// ceiling.
 package main
 
 import (
@@ -39,6 +41,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/client"
+	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/proc"
 )
 
@@ -59,7 +62,7 @@ type config struct {
 func run() error {
 	var c config
 	sizes := flag.String("sizes", "256,1024", "workload sizes in MiB, comma-separated")
-	flag.IntVar(&c.runs, "runs", 3, "runs of each mode per size")
+	flag.IntVar(&c.runs, "runs", 5, "runs of each mode per size")
 	flag.StringVar(&c.bin, "bin", "bin", "directory with phauld and phaulctl")
 	flag.Parse()
 	for _, s := range strings.Split(*sizes, ",") {
@@ -82,16 +85,38 @@ func run() error {
 		return fmt.Errorf("build workload: %v\n%s", err, out)
 	}
 
-	a, err := startDaemon(c, "A", "127.0.0.1:24001")
-	if err != nil {
+	// Two pairs of daemons: one over mutual TLS (the default), one with
+	// --insecure, so that the cost of encryption shows as a ratio.
+	tlsDir := filepath.Join(c.work, "tls")
+	if err := pki.Init(filepath.Join(tlsDir, "ca"), []string{"127.0.0.1"}); err != nil {
 		return err
 	}
-	defer a.stop()
-	b, err := startDaemon(c, "B", "127.0.0.2:24002")
-	if err != nil {
-		return err
+	pairs := map[string][2]*daemon{}
+	for i, mode := range []string{modeTLS, modeInsecure} {
+		var flags [2][]string
+		if mode == modeInsecure {
+			flags = [2][]string{{"--insecure"}, {"--insecure"}}
+		} else {
+			for j, host := range []string{"127.0.0.1", "127.0.0.2"} {
+				dir := filepath.Join(tlsDir, host)
+				if err := pki.Issue(filepath.Join(tlsDir, "ca"), dir, []string{host}); err != nil {
+					return err
+				}
+				flags[j] = []string{"--tls-dir", dir}
+			}
+		}
+		a, err := startDaemon(c, mode+"-A", fmt.Sprintf("127.0.0.1:%d", 24001+10*i), flags[0])
+		if err != nil {
+			return err
+		}
+		defer a.stop()
+		b, err := startDaemon(c, mode+"-B", fmt.Sprintf("127.0.0.2:%d", 24002+10*i), flags[1])
+		if err != nil {
+			return err
+		}
+		defer b.stop()
+		pairs[mode] = [2]*daemon{a, b}
 	}
-	defer b.stop()
 
 	host, _ := os.Hostname()
 	fmt.Printf("phaul bench on %s: %s, %d CPUs, kernel %s\n", host, cpuModel(), numCPU(), kernel())
@@ -101,64 +126,73 @@ func run() error {
 		size                  int
 		mode                  string
 		pause, total, dumpPhs []float64
-		bytes                 int64
 	}
-	var rows []*row
+	modes := []string{modeBare, modeInsecure, modeTLS}
+	var table [][]*row
 	for _, size := range c.sizes {
-		bare := &row{size: size, mode: "bare CRIU"}
-		ph := &row{size: size, mode: "phaul copy"}
+		rows := map[string]*row{}
+		for _, m := range modes {
+			rows[m] = &row{size: size, mode: m}
+		}
 		for i := 0; i < c.runs; i++ {
-			// Alternate which goes first, so drift in the machine's load
-			// does not favour one.
-			order := []*row{bare, ph}
-			if i%2 == 1 {
-				order = []*row{ph, bare}
-			}
-			for _, r := range order {
+			// Rotate which goes first, so that drift in the machine's
+			// load does not favour one.
+			for j := range modes {
+				mode := modes[(i+j)%len(modes)]
 				var m measure
 				var err error
-				if r == bare {
+				if mode == modeBare {
 					m, err = runBare(c, workload, size, i)
 				} else {
-					m, err = runPhaul(c, workload, size, a, b)
+					m, err = runPhaul(c, workload, size, pairs[mode][0], pairs[mode][1])
 				}
 				if err != nil {
-					return fmt.Errorf("%s, %d MiB: %w", r.mode, size, err)
+					return fmt.Errorf("%s, %d MiB: %w", mode, size, err)
 				}
-				fmt.Fprintf(os.Stderr, "  %-10s %5d MiB run %d: pause %7.1f ms, total %7.1f ms, dump %7.1f ms\n",
-					r.mode, size, i+1, m.pause, m.total, m.dump)
+				fmt.Fprintf(os.Stderr, "  %-14s %5d MiB run %d: pause %7.1f ms, total %7.1f ms, dump %7.1f ms\n",
+					mode, size, i+1, m.pause, m.total, m.dump)
+				r := rows[mode]
 				r.pause = append(r.pause, m.pause)
 				r.total = append(r.total, m.total)
 				r.dumpPhs = append(r.dumpPhs, m.dump)
-				r.bytes = m.bytes
 			}
 		}
-		rows = append(rows, bare, ph)
+		var line []*row
+		for _, m := range modes {
+			line = append(line, rows[m])
+		}
+		table = append(table, line)
 	}
 
 	fmt.Println()
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "workload\tmode\tpause ms\ttotal ms\tdump ms\tthroughput MB/s\tpause ratio\ttotal ratio\tdump ratio\t")
-	for i := 0; i < len(rows); i += 2 {
-		bare, ph := rows[i], rows[i+1]
-		for _, r := range []*row{bare, ph} {
-			ratio := func(v, base []float64) string {
-				if r == bare {
-					return "1.00"
-				}
-				return fmt.Sprintf("%.2f", median(v)/median(base))
-			}
+	fmt.Fprintln(tw, "workload\tmode\tpause ms\ttotal ms\tdump ms\tdump MB/s\tpause / bare\ttotal / bare\tpause / insecure\t")
+	for _, line := range table {
+		bare, insecure := line[0], line[1]
+		for _, r := range line {
 			mbps := float64(r.size<<20) / 1e6 / (median(r.dumpPhs) / 1000)
-			fmt.Fprintf(tw, "%d MiB\t%s\t%.0f\t%.0f\t%.0f\t%.0f\t%s\t%s\t%s\t\n", r.size, r.mode,
+			vsInsecure := "-"
+			if r.mode == modeTLS {
+				vsInsecure = fmt.Sprintf("%.2f", median(r.pause)/median(insecure.pause))
+			}
+			fmt.Fprintf(tw, "%d MiB\t%s\t%.0f\t%.0f\t%.0f\t%.0f\t%.2f\t%.2f\t%s\t\n", r.size, r.mode,
 				median(r.pause), median(r.total), median(r.dumpPhs), mbps,
-				ratio(r.pause, bare.pause), ratio(r.total, bare.total), ratio(r.dumpPhs, bare.dumpPhs))
+				median(r.pause)/median(bare.pause), median(r.total)/median(bare.total), vsInsecure)
 		}
 	}
 	tw.Flush()
-	fmt.Printf("\nmedians of %d runs each; ratios are phaul / bare CRIU in this run. dump = freezing and moving the pages\n"+
-		"(bare: criu dump to the page server over TCP; phaul: the dump phase, pages through phauld's relay).\n", c.runs)
+	fmt.Printf("\nmedians of %d runs each, in rotating order. pause: the longest gap in the process's own 10 ms ticking.\n"+
+		"dump: freezing and moving the pages (bare: criu dump to the page server over TCP; phaul: its dump phase,\n"+
+		"pages through phauld's relay). %q runs mutual TLS; %q the same over plain TCP.\n", c.runs, modeTLS, modeInsecure)
 	return nil
 }
+
+// Modes of a run.
+const (
+	modeBare     = "bare CRIU"
+	modeInsecure = "phaul insecure"
+	modeTLS      = "phaul TLS"
+)
 
 type measure struct {
 	pause, total, dump float64 // milliseconds
@@ -171,7 +205,7 @@ type daemon struct {
 	cmd          *exec.Cmd
 }
 
-func startDaemon(c config, name, addr string) (*daemon, error) {
+func startDaemon(c config, name, addr string, flags []string) (*daemon, error) {
 	dir := filepath.Join(c.work, name)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
@@ -181,7 +215,7 @@ func startDaemon(c config, name, addr string) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.cmd = exec.Command(filepath.Join(c.bin, "phauld"), "--listen", addr, "--control", d.socket, "--state-dir", dir)
+	d.cmd = exec.Command(filepath.Join(c.bin, "phauld"), append([]string{"--listen", addr, "--control", d.socket, "--state-dir", dir}, flags...)...)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
 	if err := d.cmd.Start(); err != nil {
 		return nil, err
