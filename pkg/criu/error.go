@@ -120,10 +120,14 @@ var hints = []struct {
 	re   *regexp.Regexp
 	hint string
 }{
+	{regexp.MustCompile(`Can't open file (sys/fs/cgroup/\S+) on restore`),
+		"the process holds /$1 open, a file of its cgroup on the source (Go >= 1.25 programs do, to follow their CPU limit): run it with GODEBUG=containermaxprocs=0"},
 	{regexp.MustCompile(`Can't open file (\S+) on restore`),
 		"the process has /$1 open: it must exist on the destination, at the same path"},
 	{regexp.MustCompile(`Can't fork for (\d+): File exists`),
 		"pid $1 is taken on the destination: run the process as the init of its own pid namespace, or free the pid"},
+	{regexp.MustCompile(`Unable to create a thread: -17`),
+		"a thread id of the process is taken on the destination: run the process as the init of its own pid namespace"},
 	{regexp.MustCompile(`Address already in use`),
 		"an address the process listens on is taken on the destination: free it there, or give the process its own network namespace"},
 	{regexp.MustCompile(`(?i)connected TCP socket|tcp-established`),

@@ -99,8 +99,8 @@ func (c *Client) start(kind string, o *Options, req *rpc.CriuReq) (*Op, error) {
 	// leak into this CRIU.
 	cmd := exec.Command(c.path, "swrk", "3")
 	cmd.ExtraFiles = []*os.File{theirs}
-	if o != nil && o.PageServer != nil {
-		cmd.ExtraFiles = append(cmd.ExtraFiles, o.PageServer)
+	if o != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, o.files()...)
 	}
 	// CRIU logs to its log file; anything on stderr is a crash message.
 	cmd.Stdout, cmd.Stderr = nil, nil

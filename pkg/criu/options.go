@@ -35,11 +35,36 @@ type Options struct {
 	// PageServer is a connected stream socket: a dump writes pages to it,
 	// a page server reads them from it.
 	PageServer *os.File
+	// External lists resources outside the tree that the dump records by
+	// reference (e.g. "unix[INODE]", one end of a Unix stream connection
+	// whose other end stays behind); ExtUnixSk allows external Unix
+	// sockets at all.
+	External  []string
+	ExtUnixSk bool
+	// InheritFds hand the restored tree files in place of resources
+	// dumped as external: Key names the resource ("socket:[INODE]").
+	InheritFds []InheritFd
 }
 
-// pageServerFd is the fd number PageServer has in the swrk process: after
-// the RPC socket at 3 (see Client.start).
-const pageServerFd = 4
+// InheritFd is a file a restore gives the tree in place of an external
+// resource.
+type InheritFd struct {
+	Key  string
+	File *os.File
+}
+
+// files are the files the swrk process inherits after its RPC socket (fd
+// 3): the page server socket, then the inherited fds, in this order.
+func (o *Options) files() []*os.File {
+	var fs []*os.File
+	if o.PageServer != nil {
+		fs = append(fs, o.PageServer)
+	}
+	for _, f := range o.InheritFds {
+		fs = append(fs, f.File)
+	}
+	return fs
+}
 
 // rpcOpts turns o into CRIU's RPC options: the one place where phaul's
 // choices of CRIU behaviour are made.
@@ -75,9 +100,19 @@ func (o *Options) rpcOpts() *rpc.CriuOpts {
 	if o.Notify {
 		r.NotifyScripts = proto.Bool(true)
 	}
+	fd := int32(4) // the first file after the RPC socket
 	if o.PageServer != nil {
-		r.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(pageServerFd)}
+		r.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(fd)}
+		fd++
 	}
+	for _, in := range o.InheritFds {
+		r.InheritFd = append(r.InheritFd, &rpc.InheritFd{Key: proto.String(in.Key), Fd: proto.Int32(fd)})
+		fd++
+	}
+	if o.ExtUnixSk {
+		r.ExtUnixSk = proto.Bool(true)
+	}
+	r.External = append(r.External, o.External...)
 	return r
 }
 
