@@ -4,8 +4,10 @@ package proc
 
 import (
 	"errors"
+	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -153,5 +155,33 @@ func TestOpenChecksStartTime(t *testing.T) {
 	}
 	if _, err := Open(1<<30, 0); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("Open(no such pid) = %v, want ErrNotFound", err)
+	}
+}
+
+func TestUnixStreamPeers(t *testing.T) {
+	dir := t.TempDir()
+	l, err := net.Listen("unix", filepath.Join(dir, "s.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	c, err := net.Dial("unix", filepath.Join(dir, "s.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	f, _ := c.(*net.UnixConn).File()
+	defer f.Close()
+	var st syscall.Stat_t
+	syscall.Fstat(int(f.Fd()), &st)
+	peers, err := UnixStreamPeers([]int{os.Getpid()})
+	if err != nil {
+		if errors.Is(err, syscall.EPERM) {
+			t.Skip("pidfd_getfd on itself needs ptrace rights")
+		}
+		t.Fatal(err)
+	}
+	if got := peers[st.Ino]; got != filepath.Join(dir, "s.sock") {
+		t.Fatalf("peer of the client socket = %q, want the listener's path (all: %v)", got, peers)
 	}
 }
