@@ -28,11 +28,13 @@ import (
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/control"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/netlock"
 	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/session"
 	"github.com/phaul/phaul/pkg/systemd"
 	"github.com/phaul/phaul/pkg/version"
+	"github.com/phaul/phaul/pkg/wire"
 )
 
 func main() {
@@ -60,10 +62,33 @@ type options struct {
 	insecure    bool
 	group       string
 	showVersion bool
+	oneShot     bool
+	logTarget   string
 }
 
 func parseFlags(args []string, out io.Writer) (options, error) {
 	o := options{logLevel: zapcore.InfoLevel}
+	fs := newFlagSet(&o, out)
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected argument %q (see phauld --help)", fs.Arg(0))
+	}
+	switch o.logTarget {
+	case "auto", "journal", "console":
+	default:
+		return o, fmt.Errorf("--log-target %q: want journal, console or auto", o.logTarget)
+	}
+	if o.peerTimeout < time.Second {
+		return o, fmt.Errorf("--peer-timeout %v is too short (at least 1s)", o.peerTimeout)
+	}
+	return o, nil
+}
+
+// newFlagSet defines phauld's flags on o. packaging/man/phauld.8 documents
+// every one (a test keeps them in step).
+func newFlagSet(o *options, out io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("phauld", flag.ContinueOnError)
 	fs.SetOutput(out)
 	fs.Usage = func() {
@@ -94,19 +119,15 @@ Flags:
 	fs.BoolVar(&o.insecure, "insecure", false, "migrate over plain TCP, unauthenticated and unencrypted (trusted networks only; both daemons need it)")
 	fs.StringVar(&o.group, "control-group", "phaul", "`GROUP` whose members may use the control socket (created if missing)")
 	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")
-	if err := fs.Parse(args); err != nil {
-		return o, err
-	}
-	if o.peerTimeout < time.Second {
-		return o, fmt.Errorf("--peer-timeout %v is too short (at least 1s)", o.peerTimeout)
-	}
-	if fs.NArg() > 0 {
-		return o, fmt.Errorf("unexpected argument %q (see phauld --help)", fs.Arg(0))
-	}
-	return o, nil
+	fs.BoolVar(&o.oneShot, "one-shot", false, "serve exactly one migration (in or out), then exit")
+	fs.StringVar(&o.logTarget, "log-target", "auto", "`TARGET` of the logs: journal (native entries with PHAUL_* fields), console, or auto (journal when stderr is the journal)")
+	return fs
 }
 
-func newLogger(level zapcore.Level, w io.Writer) *zap.Logger {
+func newLogger(level zapcore.Level, target string, w io.Writer) *zap.Logger {
+	if target == "journal" || (target == "auto" && journal.StderrIsJournal() && journal.Enabled()) {
+		return zap.New(journal.NewCore(level, "phauld")).Named("phauld")
+	}
 	enc := zap.NewDevelopmentEncoderConfig()
 	enc.EncodeTime = zapcore.ISO8601TimeEncoder
 	core := zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.Lock(zapcore.AddSync(w)), level)
@@ -136,7 +157,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	ctx, stopSignals := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stopSignals()
 
-	log := newLogger(o.logLevel, stderr)
+	log := newLogger(o.logLevel, o.logTarget, stderr)
 	defer log.Sync()
 
 	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
@@ -208,11 +229,18 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		PairTimeout: o.pairTimeout,
 		PeerTimeout: o.peerTimeout,
 		KeepImages:  o.keepImages,
-		Tidy:        tidy,
-		ServerTLS:   sec.server,
-		ClientTLS:   sec.client,
-		Insecure:    o.insecure,
-		Disabled:    sec.disabled,
+		AfterSession: func() {
+			tidy()
+			if o.oneShot {
+				log.Info("one migration served: stopping (--one-shot)")
+				stopSignals()
+			}
+		},
+		Place:     placer(log),
+		ServerTLS: sec.server,
+		ClientTLS: sec.client,
+		Insecure:  o.insecure,
+		Disabled:  sec.disabled,
 	})
 	if err != nil {
 		closeAll(migLs)
@@ -255,7 +283,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 	}()
 
-	systemd.Notify("READY=1\nSTATUS=serving migrations on " + strings.Join(svc.listen, ", "))
+	systemd.Notify("READY=1\nSTATUS=" + statusLine(svc.listen, nil))
+	// The service manager's view: STATUS kept current, WATCHDOG pinged
+	// while the manager answers.
+	go notifyLoop(ctx, mgr, svc.listen)
 	log.Info("phauld ready", zap.String("version", version.Version), zap.Strings("listen", svc.listen),
 		zap.String("control", svc.control), zap.String("state_dir", o.stateDir))
 
@@ -338,6 +369,73 @@ func ensureGroup(name string) (int, error) {
 		return -1, err
 	}
 	return strconv.Atoi(g.Gid)
+}
+
+// placer moves a restored tree into a scope of its own when systemd
+// manages this host, so that stopping phauld's service never stops it.
+// Elsewhere the tree is not phauld's child anyway.
+func placer(log *zap.Logger) func(wire.SessionID, []int) error {
+	if !systemd.Booted() {
+		return nil
+	}
+	return func(id wire.SessionID, pids []int) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		name := "phaul-" + id.String() + ".scope"
+		if err := systemd.PlaceInScope(ctx, name, "process migrated by phaul, session "+id.String(), pids); err != nil {
+			return err
+		}
+		log.Info("restored tree placed in its own scope", zap.String("scope", name), zap.String("slice", systemd.ScopeSlice))
+		return nil
+	}
+}
+
+// statusLine is what STATUS= says.
+func statusLine(listen []string, sessions []api.Session) string {
+	s := "serving migrations on " + strings.Join(listen, ", ")
+	if len(sessions) == 0 {
+		return s + "; idle"
+	}
+	var ids []string
+	for _, x := range sessions {
+		ids = append(ids, fmt.Sprintf("%s %s pid %d %s", x.ID[:8], x.Direction, x.PID, x.Phase))
+	}
+	return fmt.Sprintf("%s; %d migration(s): %s", s, len(sessions), strings.Join(ids, ", "))
+}
+
+// notifyLoop keeps STATUS= current and pings the watchdog at half its
+// interval, until ctx ends. STATUS= follows sessions and their phases
+// within a quarter second and is sent only when it changes. A ping
+// follows a call into the session manager, so a daemon whose manager hangs
+// stops pinging and systemd restarts it.
+func notifyLoop(ctx context.Context, mgr *session.Manager, listen []string) {
+	wd := systemd.WatchdogInterval()
+	tick := 250 * time.Millisecond
+	if wd > 0 && wd/2 < tick {
+		tick = wd / 2
+	}
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	last, pinged := "", time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var msg []string
+		if line := statusLine(listen, mgr.Sessions()); line != last {
+			msg = append(msg, "STATUS="+line)
+			last = line
+		}
+		if wd > 0 && time.Since(pinged) >= wd/2-tick/2 {
+			msg = append(msg, "WATCHDOG=1")
+			pinged = time.Now()
+		}
+		if len(msg) > 0 {
+			systemd.Notify(strings.Join(msg, "\n"))
+		}
+	}
 }
 
 // security is how this daemon protects migrations.

@@ -16,6 +16,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/wire"
 )
@@ -53,6 +54,7 @@ type destParams struct {
 	dir         string
 	peerTimeout time.Duration
 	keepImages  bool
+	place       func(pids []int) error
 }
 
 // dest is the state machine of the daemon a process arrives at. It is the
@@ -80,6 +82,9 @@ type dest struct {
 
 	pid  int // root of the restored tree
 	tree []*proc.Process
+
+	name    string   // the root process's command name
+	journal []uint64 // its journal stream sockets, to reconnect
 
 	failure error
 }
@@ -193,6 +198,12 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	m.log = m.log.With(zap.Int("pid", p.PID))
 	m.ph.log = m.log
 	m.rec.SourcePID = p.PID
+	m.name, m.journal = p.Name, p.JournalStreams
+	if len(m.journal) > 0 && !journal.HasStreams() {
+		return api.Errorf(api.CodePrecondition,
+			"the process writes to the journal (systemd started it), and the destination has no journald to give it new streams (%s is missing there): run systemd-journald there, or migrate elsewhere",
+			journal.StreamPath)
+	}
 	mine := m.p.info.Version.Code()
 	if p.CRIUVersion > mine {
 		return api.Errorf(api.CodePrecondition,
@@ -297,12 +308,28 @@ func (m *dest) maybeRestore() error {
 	}
 	m.ph.enter("restore")
 	m.tRestore = time.Now()
-	op, err := m.p.criu.StartRestore(criu.Options{
+	opts := criu.Options{
 		ImagesDir:    m.p.dir,
 		LogFile:      "restore.log",
 		LeaveStopped: true,
 		Notify:       true,
-	})
+	}
+	// The tree's journal streams: new ones, to this host's journald.
+	for _, ino := range m.journal {
+		f, err := journal.NewStream(m.name, 6)
+		if err != nil {
+			for _, in := range opts.InheritFds {
+				in.File.Close()
+			}
+			return api.Errorf(api.CodeAborted, "reconnect the process to the journal: %v", err)
+		}
+		opts.ExtUnixSk = true
+		opts.InheritFds = append(opts.InheritFds, criu.InheritFd{Key: fmt.Sprintf("socket:[%d]", ino), File: f})
+	}
+	op, err := m.p.criu.StartRestore(opts)
+	for _, in := range opts.InheritFds {
+		in.File.Close() // CRIU has its own copies
+	}
 	if err != nil {
 		return err
 	}
@@ -373,6 +400,17 @@ func (m *dest) commit() error {
 	}
 	m.state = dstCommitted
 	m.ph.enter("committed")
+	if m.p.place != nil {
+		// Its own cgroup before it runs: the tree must not share the
+		// daemon's fate (a stop of phauld's service).
+		pids := make([]int, len(m.tree))
+		for i, p := range m.tree {
+			pids[i] = p.PID
+		}
+		if err := m.p.place(pids); err != nil {
+			m.log.Warn("cannot move the restored tree to its own scope; it stays in phauld's cgroup", zap.Error(err))
+		}
+	}
 	if err := proc.SignalAll(m.tree, syscall.SIGCONT); err != nil {
 		// Committed all the same; a restart retries the resume.
 		m.log.Error("cannot resume the restored tree", zap.Error(err))

@@ -52,9 +52,9 @@ type Config struct {
 	// that lost its destination after asking the commit, before it
 	// returns in_doubt and leaves the resolver working.
 	InDoubtWait time.Duration
-	// Tidy, if set, runs after every session has ended (the daemon sweeps
-	// leftovers of CRIU runs with it).
-	Tidy func()
+	// AfterSession, if set, runs after every session has ended (the
+	// daemon sweeps leftovers of CRIU runs with it, and --one-shot stops).
+	AfterSession func()
 	// ServerTLS and ClientTLS make migrations run over mutual TLS: the
 	// destination's configuration, and the source's for a destination
 	// reached as serverName. Both nil means plain TCP, allowed only with
@@ -66,6 +66,9 @@ type Config struct {
 	// Disabled, if set, refuses every migration with this error (phauld
 	// without certificates and without --insecure).
 	Disabled error
+	// Place, if set, moves a restored tree (its pids) out of the daemon's
+	// cgroup before it resumes: under systemd, into a scope of its own.
+	Place func(id wire.SessionID, pids []int) error
 }
 
 func (c *Config) setDefaults() {
@@ -191,7 +194,7 @@ func (m *Manager) Serve(l net.Listener) error {
 		select {
 		case m.handshakes <- struct{}{}:
 		default:
-			m.log.Warn("too many handshakes in progress; connection refused", zap.Stringer("remote", c.RemoteAddr()))
+			m.log.Warn("too many handshakes in progress; connection refused", zap.Stringer("peer", c.RemoteAddr()))
 			c.Close()
 			continue
 		}
@@ -214,7 +217,7 @@ func isTemporary(err error) bool {
 // session id. Pairing is never by arrival order.
 func (m *Manager) handshake(c net.Conn) {
 	remote := c.RemoteAddr().String()
-	log := m.log.With(zap.String("remote", remote))
+	log := m.log.With(zap.String("peer", remote))
 	if m.cfg.Disabled != nil {
 		log.Warn("migration connection refused: migrations are disabled", zap.Error(m.cfg.Disabled))
 		c.Close()
@@ -362,7 +365,7 @@ func (m *Manager) expire(id wire.SessionID, h *half) {
 		if c != nil {
 			m.log.Warn("lone connection dropped: its pair never arrived",
 				zap.Stringer("session", id), zap.String("role", []string{"rpc", "mem"}[i]),
-				zap.Stringer("remote", c.remoteAddr()), zap.Duration("waited", m.cfg.PairTimeout))
+				zap.Stringer("peer", c.remoteAddr()), zap.Duration("waited", m.cfg.PairTimeout))
 			c.close()
 		}
 	}
@@ -392,8 +395,12 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 		fail(err)
 		return
 	}
-	d, err := newDest(s, destParams{log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir,
-		peerTimeout: m.cfg.PeerTimeout, keepImages: m.cfg.KeepImages}, h.conns[0], h.conns[1])
+	params := destParams{log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir,
+		peerTimeout: m.cfg.PeerTimeout, keepImages: m.cfg.KeepImages}
+	if m.cfg.Place != nil {
+		params.place = func(pids []int) error { return m.cfg.Place(id, pids) }
+	}
+	d, err := newDest(s, params, h.conns[0], h.conns[1])
 	if err != nil {
 		s.l.close()
 		log.Error("cannot start session", zap.Error(err))
@@ -435,8 +442,8 @@ func (m *Manager) spawn(s *Session, mach machine, log *zap.Logger, dir string) b
 		delete(m.sessions, s.ID)
 		m.mu.Unlock()
 		m.finished(s, mach, err, log, dir)
-		if m.cfg.Tidy != nil {
-			m.cfg.Tidy()
+		if m.cfg.AfterSession != nil {
+			m.cfg.AfterSession()
 		}
 	}()
 	return true

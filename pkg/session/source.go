@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
 	"syscall"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/wire"
 )
@@ -90,6 +92,9 @@ type source struct {
 	// inDoubt: the commit was asked and its answer lost; the manager
 	// hands the session to a resolver.
 	inDoubt bool
+	// journal are the tree's journal stream sockets (see
+	// wire.Prepare.JournalStreams).
+	journal []uint64
 }
 
 func newSource(s *Session, p sourceParams, rpcLink, memLink *link) (*source, error) {
@@ -130,11 +135,42 @@ func (m *source) begin() error {
 	m.ph.enter("prepare")
 	m.emit()
 	m.hb = startHeartbeat(m.s.l, m.rpc, []*conn{m.rpc, m.mem}, m.p.peerTimeout, m.onSilent)
+	m.journal = journalStreams(m.p.proc.PID, m.log)
 	return m.rpc.send(&wire.Prepare{
-		PID:         m.p.proc.PID,
-		CRIUVersion: m.p.info.Version.Code(),
-		CPUInfo:     m.p.info.CPUInfo,
+		PID:            m.p.proc.PID,
+		CRIUVersion:    m.p.info.Version.Code(),
+		CPUInfo:        m.p.info.CPUInfo,
+		Name:           m.p.proc.Comm,
+		JournalStreams: m.journal,
 	})
+}
+
+// journalStreams finds the sockets of the tree rooted at pid that are
+// connected to journald's stdout socket: its stdout and stderr when systemd
+// started it. CRIU cannot dump one end of a Unix stream connection, so
+// they are dumped as external and the destination gives the restored
+// tree new streams to its own journald.
+func journalStreams(pid int, log *zap.Logger) []uint64 {
+	pids, err := proc.Tree(pid)
+	if err != nil {
+		return nil
+	}
+	peers, err := proc.UnixStreamPeers(pids)
+	if err != nil {
+		log.Warn("cannot inspect the tree's sockets", zap.Error(err))
+		return nil
+	}
+	var inos []uint64
+	for ino, peer := range peers {
+		if peer == journal.StreamPath {
+			inos = append(inos, ino)
+		}
+	}
+	sort.Slice(inos, func(i, j int) bool { return inos[i] < inos[j] })
+	if len(inos) > 0 {
+		log.Info("the tree writes to the journal: its streams will be reconnected on the destination", zap.Int("streams", len(inos)))
+	}
+	return inos
 }
 
 func (m *source) finished() bool { return m.state == srcEnd }
@@ -255,14 +291,19 @@ func (m *source) startDump() error {
 	m.relay.onError = m.abort
 	m.ph.enter("dump")
 	m.tDump = time.Now()
-	op, err := m.p.criu.StartDump(criu.Options{
+	opts := criu.Options{
 		ImagesDir:    m.p.dir,
 		LogFile:      "dump.log",
 		PID:          m.p.proc.PID,
 		LeaveStopped: true,
 		Notify:       true,
 		PageServer:   theirs,
-	})
+	}
+	for _, ino := range m.journal {
+		opts.ExtUnixSk = true
+		opts.External = append(opts.External, fmt.Sprintf("unix[%d]", ino))
+	}
+	op, err := m.p.criu.StartDump(opts)
 	if err != nil {
 		return api.Errorf(api.CodeAborted, "start criu dump: %v", err)
 	}

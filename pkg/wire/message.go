@@ -247,6 +247,13 @@ type Prepare struct {
 	// the destination's cpuinfo check. Empty if the source could not make
 	// one.
 	CPUInfo []byte `json:"cpuinfo,omitempty"`
+	// Name is the root process's command name.
+	Name string `json:"name,omitempty"`
+	// JournalStreams are the inodes of the tree's sockets that are
+	// connected to journald's stdout socket (a process systemd started).
+	// They are dumped as external; the destination connects each afresh
+	// to its own journald.
+	JournalStreams []uint64 `json:"journal_streams,omitempty"`
 }
 
 // Ready says the destination passed its checks and its page server is

@@ -139,6 +139,7 @@ type daemon struct {
 	o       daemonOpts
 	cmd     *exec.Cmd
 	exited  chan struct{}
+	notes   *notifySink
 }
 
 type daemonOpts struct {
@@ -156,6 +157,15 @@ type daemonOpts struct {
 	// test CA for its address, unless tlsDir names another directory.
 	insecure bool
 	tlsDir   string
+	// journal connects the daemon's stdout and stderr to journald as
+	// systemd does (JOURNAL_STREAM set): it then logs natively to the
+	// journal.
+	journal bool
+	// notify gives the daemon a NOTIFY_SOCKET, as systemd does for a
+	// Type=notify service, and a watchdog of that interval if watchdog
+	// is set; d.notes collects what it sends.
+	notify   bool
+	watchdog time.Duration
 }
 
 // startDaemon starts a phauld listening on addr (an address on loopback)
@@ -219,6 +229,25 @@ func (d *daemon) start() {
 	d.exited = make(chan struct{})
 	d.cmd = exec.Command(d.args[0], d.args[1:]...)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
+	if d.o.journal {
+		stream, env := journalStderr(t, "phauld-"+d.name)
+		d.cmd.Stdout, d.cmd.Stderr = stream, stream
+		d.cmd.Env = append(os.Environ(), "JOURNAL_STREAM="+env)
+	}
+	if d.o.notify {
+		if d.notes == nil {
+			d.notes = listenNotify(t, d)
+		}
+		env := d.cmd.Env
+		if env == nil {
+			env = os.Environ()
+		}
+		env = append(env, "NOTIFY_SOCKET="+d.notes.path)
+		if d.o.watchdog > 0 {
+			env = append(env, fmt.Sprintf("WATCHDOG_USEC=%d", d.o.watchdog.Microseconds()))
+		}
+		d.cmd.Env = env
+	}
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -404,6 +433,8 @@ type workloadOpts struct {
 	children int
 	seed     uint64
 	extra    []string
+	// stdout, if set, is the workload's stdout and stderr.
+	stdout *os.File
 }
 
 // startWorkload starts `unshare -p -f -- setsid workload ...` and waits
@@ -429,6 +460,9 @@ func startWorkload(t *testing.T, o workloadOpts) *workload {
 	}
 	defer null.Close()
 	w.unshare.Stdin, w.unshare.Stdout, w.unshare.Stderr = null, null, null
+	if o.stdout != nil {
+		w.unshare.Stdout, w.unshare.Stderr = o.stdout, o.stdout
+	}
 	// Its own session, so it has no terminal CRIU would have to handle.
 	w.unshare.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := w.unshare.Start(); err != nil {

@@ -13,6 +13,12 @@
 // it is meant to run as the init of its own pid namespace:
 //
 //	unshare -p -f -- setsid workload --mem 64 --status /tmp/w.json
+//
+// It is built with containermaxprocs=0: from Go 1.25 the runtime keeps
+// its cgroup's CPU limit files open to follow them, and a restore on
+// another host, where that cgroup does not exist, could not reopen them.
+//
+//go:debug containermaxprocs=0
 package main
 
 import (
@@ -206,7 +212,13 @@ func (w *worker) report() error {
 	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
 		return err
 	}
-	return os.Rename(tmp, w.status)
+	if err := os.Rename(tmp, w.status); err != nil {
+		return err
+	}
+	// A line on stdout too: under systemd it goes to the journal, which
+	// shows where the process's output went after a migration.
+	fmt.Printf("report %d: counter %d, host pid %d\n", w.st.Seq, w.st.Counter, w.st.HostPID)
+	return nil
 }
 
 // pids returns this process's pid in the pid namespace of the /proc mount
