@@ -6,6 +6,8 @@ SHELL := /bin/bash
 #   make build        bin/phauld and bin/phaulctl
 #   make criu         a working CRIU >= 4.2 as /usr/local/sbin/criu (root)
 #   make bench        figures: phaul against bare CRIU, relay against direct
+#   make deb          build/phaul.deb
+#   make test-system  end to end in two systemd containers (part of make test)
 #
 # The integration tier, the demo and `make criu` need root.
 
@@ -14,10 +16,12 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/phaul/phaul/pkg/version.Version=$(VERSION)
 FUZZTIME ?= 10s
 
-# Debian packages the tests and the demo use.
-DEB_PACKAGES := util-linux procps systemd iproute2 tcpdump passwd ca-certificates debian-archive-keyring
+# Debian packages the tests and the demo use (test-system: debootstrap and
+# systemd-nspawn for its containers).
+DEB_PACKAGES := util-linux procps systemd iproute2 tcpdump passwd ca-certificates debian-archive-keyring \
+	dpkg-dev debootstrap systemd-container man-db
 
-.PHONY: all build criu deps test check unit fuzz-short fuzz integration demo bench clean
+.PHONY: all build criu deps test check unit fuzz-short fuzz integration test-system deb demo bench clean
 
 all: build
 
@@ -36,13 +40,19 @@ deps:
 criu: deps
 	packaging/criu/install-criu.sh
 
-test: check unit fuzz-short integration
+test: check unit fuzz-short integration test-system
 
-check:
+check: build
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt would change:" $$unformatted; exit 1; fi
 	$(GO) vet ./...
 	$(GO) mod tidy -diff
+	@# The units must pass systemd's own check (ExecStart pointed at this
+	@# build; the man pages are checked by groff).
+	@d=$$(mktemp -d); cp packaging/systemd/* $$d/; \
+	sed -i "s#ExecStart=/usr/sbin/phauld#ExecStart=$(CURDIR)/bin/phauld#" $$d/phauld.service; \
+	systemd-analyze verify --man=no $$d/phauld.socket $$d/phauld.service; rc=$$?; rm -rf $$d; exit $$rc
+	groff -man -ww -z packaging/man/phauld.8 packaging/man/phaulctl.1
 
 unit:
 	$(GO) test -race ./...
@@ -56,6 +66,18 @@ fuzz:
 integration: criu
 	PHAUL_INTEGRATION=1 $(GO) test -count=1 -timeout 30m -v ./test/integration/...
 
+# The .deb: both binaries, units, sysusers/tmpfiles, man pages, completion.
+deb:
+	packaging/deb/build.sh build
+
+# End to end under a real systemd: two containers, the .deb installed,
+# phauld.socket enabled, a service's process migrated between them.
+test-system: criu deb
+	$(GO) build -o build/workload ./test/workload
+	rootfs=$$(test/system/rootfs.sh) && \
+	PHAUL_SYSTEM=1 PHAUL_SYSTEM_ROOTFS=$$rootfs PHAUL_SYSTEM_DEB=$(CURDIR)/build/phaul.deb \
+	PHAUL_SYSTEM_WORKLOAD=$(CURDIR)/build/workload $(GO) test -count=1 -timeout 20m -v ./test/system
+
 demo: criu build
 	scripts/demo.sh
 
@@ -68,4 +90,4 @@ bench: criu build
 	$(GO) run ./test/bench
 
 clean:
-	rm -rf bin
+	rm -rf bin build

@@ -4,9 +4,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/phaul/phaul/pkg/api"
 )
@@ -40,4 +44,36 @@ func TestMigrateNeedsFlags(t *testing.T) {
 	if code := run(context.Background(), []string{"migrate", "--pid", "3"}, &out, &errb); code == 0 || !strings.Contains(errb.String(), "--to is required") {
 		t.Errorf("no --to: exit %d, stderr %q", code, errb.String())
 	}
+}
+
+// TestManPageDocumentsEveryCommand keeps packaging/man/phaulctl.1 in step
+// with phaulctl's commands and flags.
+func TestManPageDocumentsEveryCommand(t *testing.T) {
+	page, err := os.ReadFile("../packaging/man/phaulctl.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(page)
+	var walk func(cmd *cobra.Command)
+	walk = func(cmd *cobra.Command) {
+		if cmd.Hidden || cmd.Name() == "help" {
+			return
+		}
+		if !strings.Contains(text, cmd.Name()) {
+			t.Errorf("phaulctl.1 does not document %q", cmd.CommandPath())
+		}
+		cmd.LocalFlags().VisitAll(func(f *pflag.Flag) {
+			if f.Name != "help" && !strings.Contains(text, `\-\-`+strings.ReplaceAll(f.Name, "-", `\-`)) {
+				t.Errorf("phaulctl.1 does not document %s --%s", cmd.CommandPath(), f.Name)
+			}
+		})
+		for _, sub := range cmd.Commands() {
+			if cmd.Name() != "completion" {
+				walk(sub)
+			}
+		}
+	}
+	root := newRoot(&cli{})
+	root.InitDefaultCompletionCmd()
+	walk(root)
 }

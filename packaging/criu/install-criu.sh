@@ -51,10 +51,43 @@ criu_ok() {
 	return 0
 }
 
+# register CRIU VERSION: when the criu in use is not a Debian package, tell
+# dpkg that CRIU VERSION is installed, with a package of no files,
+# phaul-criu, that provides "criu (= VERSION)". The phaul package depends
+# on criu (>= 4.2) and then installs.
+register() {
+	local version=$1 path=$2 stage
+	command -v dpkg-deb >/dev/null || return 0
+	dpkg -S "$(readlink -f "$path")" >/dev/null 2>&1 && return 0
+	if [ "$(dpkg-query -W -f='${Status} ${Provides}' phaul-criu 2>/dev/null)" = "install ok installed criu (= $version)" ]; then
+		return 0
+	fi
+	stage=$(mktemp -d)
+	mkdir -p "$stage/pkg/DEBIAN"
+	cat >"$stage/pkg/DEBIAN/control" <<CTRL
+Package: phaul-criu
+Version: $version
+Architecture: all
+Maintainer: phaul maintainers <phaul@localhost>
+Provides: criu (= $version)
+Section: admin
+Priority: optional
+Description: marks CRIU $version, installed by phaul's 'make criu', for dpkg
+ CRIU $version runs as $path, with its own libraries, outside dpkg. This
+ package holds no files: it tells dpkg that CRIU $version is there.
+CTRL
+	dpkg-deb --root-owner-group --build "$stage/pkg" "$stage/phaul-criu.deb" >/dev/null
+	dpkg -i "$stage/phaul-criu.deb" >/dev/null
+	rm -rf "$stage"
+	log "registered $path with dpkg as criu $version (package phaul-criu)"
+}
+
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs $wrapper)"
 
 if [ "${PHAUL_CRIU_FORCE:-0}" != 1 ] && current=$(command -v criu) && criu_ok "$current"; then
-	log "using $current ($("$current" --version | awk '/^Version:/ {print $2}'))"
+	version=$("$current" --version | awk '/^Version:/ {print $2}')
+	log "using $current ($version)"
+	register "$version" "$current"
 	exec "$current" check
 fi
 
@@ -124,4 +157,5 @@ mv "$tmp" "$wrapper"
 hash -r
 log "installed $wrapper (criu $version)"
 criu_ok "$wrapper" || die "$wrapper does not work on this kernel; see its 'criu check' output"
+register "$("$wrapper" --version | awk '/^Version:/ {print $2}')" "$wrapper"
 exec "$wrapper" check
