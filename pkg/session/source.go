@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strings"
 	"syscall"
 	"time"
 
@@ -140,9 +141,20 @@ func (m *source) begin() error {
 		PID:            m.p.proc.PID,
 		CRIUVersion:    m.p.info.Version.Code(),
 		CPUInfo:        m.p.info.CPUInfo,
-		Name:           m.p.proc.Comm,
+		Name:           printable(m.p.proc.Comm),
 		JournalStreams: m.journal,
 	})
+}
+
+// printable is a command name with control characters (prctl may set
+// any) replaced, as the protocol wants it.
+func printable(comm string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return '_'
+		}
+		return r
+	}, comm)
 }
 
 // journalStreams finds the sockets of the tree rooted at pid that are

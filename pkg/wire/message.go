@@ -407,9 +407,31 @@ func (m *Hello) validate() error {
 	return nil
 }
 
+// MaxJournalStreams bounds Prepare.JournalStreams: a process has two
+// (stdout and stderr); a tree a few per process.
+const MaxJournalStreams = 64
+
 func (m *Prepare) validate() error {
 	if m.PID <= 0 {
 		return fmt.Errorf("pid %d", m.PID)
+	}
+	// Name becomes a journal stream's identifier line: a command name
+	// (the kernel keeps 15 bytes), of printable characters.
+	if len(m.Name) > 64 {
+		return fmt.Errorf("process name of %d bytes", len(m.Name))
+	}
+	for _, r := range m.Name {
+		if r < 0x20 || r == 0x7f {
+			return fmt.Errorf("process name %q has control characters", m.Name)
+		}
+	}
+	if len(m.JournalStreams) > MaxJournalStreams {
+		return fmt.Errorf("%d journal streams (at most %d)", len(m.JournalStreams), MaxJournalStreams)
+	}
+	for _, ino := range m.JournalStreams {
+		if ino == 0 {
+			return fmt.Errorf("journal stream inode 0")
+		}
 	}
 	return nil
 }

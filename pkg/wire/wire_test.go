@@ -14,7 +14,7 @@ func sampleMessages() []Message {
 	return []Message{
 		&Hello{Proto: 1, Role: RoleRPC, Session: id, Daemon: "phauld/test"},
 		&HelloReply{OK: false, Error: "no"},
-		&Prepare{PID: 42, CRIUVersion: 40201, CPUInfo: []byte{1, 2, 3}},
+		&Prepare{PID: 42, CRIUVersion: 40201, CPUInfo: []byte{1, 2, 3}, Name: "workload", JournalStreams: []uint64{1234, 1235}},
 		&Ready{CRIUVersion: 40201, CPUCheck: "ok"},
 		&FileBegin{Name: "core-1.img", Size: 10},
 		&FileData{Data: []byte("0123456789")},
@@ -198,5 +198,27 @@ func TestSessionID(t *testing.T) {
 		if _, err := ParseSessionID(bad); err == nil {
 			t.Errorf("ParseSessionID(%q) succeeded", bad)
 		}
+	}
+}
+
+func TestPrepareValidate(t *testing.T) {
+	for _, bad := range []*Prepare{
+		{PID: 0},
+		{PID: 1, Name: "a\nb"},
+		{PID: 1, Name: strings.Repeat("x", 65)},
+		{PID: 1, JournalStreams: []uint64{0}},
+		{PID: 1, JournalStreams: make([]uint64, MaxJournalStreams+1)},
+	} {
+		b, err := Marshal(bad)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ReadMessage(bytes.NewReader(b), channelOf(bad)); err == nil {
+			t.Errorf("%+v accepted", bad)
+		}
+	}
+	ok := &Prepare{PID: 1, Name: strings.Repeat("x", 64), JournalStreams: []uint64{1, 2}}
+	if err := ok.validate(); err != nil {
+		t.Errorf("%+v: %v", ok, err)
 	}
 }
