@@ -473,6 +473,9 @@ func (m *dest) abort(err error) {
 		return
 	}
 	m.failure = err
+	// Ended before anything else: sending Fail may fail and call abort
+	// again, which must then return.
+	m.state = dstEnd
 	m.log.Warn("aborted before the commit: discarding this copy")
 	if !m.rpc.closed {
 		e := api.AsError(err)
@@ -483,7 +486,6 @@ func (m *dest) abort(err error) {
 	if err := m.rec.save(m.p.dir); err != nil {
 		m.log.Error("cannot record the abort", zap.Error(err))
 	}
-	m.state = dstEnd
 }
 
 // discard kills the restored tree, if any. A restore still running is told

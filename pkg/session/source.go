@@ -74,12 +74,12 @@ type source struct {
 	state    srcState
 	hb       *heartbeat
 
-	dump     *criuWatch
-	gateKeys []string // dump gate keys held
-	waiting  *timer   // retries the dump gate
-	relay    *relay
-	released bool // post-dump answered "go on": CRIU leaves the tree stopped
-	tree     []*proc.Process
+	dump      *criuWatch
+	gateLocks gateLocks // dump gate locks held
+	waiting   *timer    // retries the dump gate
+	relay     *relay
+	released  bool // post-dump answered "go on": CRIU leaves the tree stopped
+	tree      []*proc.Process
 
 	destPID   int
 	restore   *wire.RestoreStats
@@ -257,8 +257,11 @@ func (m *source) startDumpWhenFree() error {
 	if m.state != srcPrepare {
 		return nil
 	}
-	keys := dumpKeys(m.p.proc.PID)
-	if !m.p.gate.tryAcquire(keys) {
+	locks, ok, err := m.p.gate.tryAcquire(dumpKeys(m.p.proc.PID))
+	if err != nil {
+		return err
+	}
+	if !ok {
 		if m.ph.name != "waiting" {
 			m.log.Info("waiting for another dump in the same directory")
 			m.ph.enter("waiting")
@@ -270,17 +273,15 @@ func (m *source) startDumpWhenFree() error {
 		})
 		return nil
 	}
-	m.gateKeys = keys
+	m.gateLocks = locks
 	return m.startDump()
 }
 
 // openGate lets other dumps in the tree's directories go on: once CRIU is
 // past the tasks' parasites.
 func (m *source) openGate() {
-	if m.gateKeys != nil {
-		m.p.gate.release(m.gateKeys)
-		m.gateKeys = nil
-	}
+	m.gateLocks.release()
+	m.gateLocks = nil
 }
 
 func (m *source) startDump() error {
@@ -441,7 +442,9 @@ func (m *source) onSilent(quiet time.Duration) {
 // abort rolls the migration back as the commit rule says for the current
 // state. Before the commit is asked the tree is resumed on this host; once
 // it is asked the outcome is the destination's, and the tree stays stopped
-// until it is known.
+// until it is known. Telling the destination may fail and call abort
+// again: the state is srcAbort before that, so the inner call returns and
+// CRIU is answered once.
 func (m *source) abort(err error) {
 	if m.failure == nil {
 		m.failure = err
@@ -450,14 +453,14 @@ func (m *source) abort(err error) {
 	case srcEnd, srcAbort:
 		return
 	case srcPrepare:
+		m.state = srcAbort
 		m.waiting.cancel()
 		m.tellPeer(err)
-		m.state = srcAbort
 		m.end()
 	case srcDump:
 		m.log.Warn("rolling back: aborting the dump")
-		m.tellPeer(err)
 		m.state = srcAbort
+		m.tellPeer(err)
 		// CRIU fails writing pages, or answers "no" at post-dump.
 		if m.relay != nil {
 			m.relay.close()
@@ -465,8 +468,8 @@ func (m *source) abort(err error) {
 		m.waitCRIU()
 	case srcRestore:
 		m.log.Warn("rolling back: telling CRIU to resume the tree")
-		m.tellPeer(err)
 		m.state = srcAbort
+		m.tellPeer(err)
 		if m.dump.done {
 			m.end()
 			return
@@ -479,8 +482,8 @@ func (m *source) abort(err error) {
 		m.waitCRIU()
 	case srcRelease:
 		m.log.Warn("rolling back: resuming the stopped tree")
-		m.tellPeer(err)
 		m.state = srcAbort
+		m.tellPeer(err)
 		m.waitCRIU()
 	case srcCommit:
 		m.inDoubt = true
