@@ -3,54 +3,94 @@
 package session
 
 import (
+	"errors"
+	"fmt"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
-	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/phaul/phaul/pkg/proc"
 )
+
+// DefaultDumpLockDir holds the dump gate's lock files. It is the same for
+// every phauld on a host, so that daemons sharing a host (tests, the
+// demo) also keep out of each other's way.
+const DefaultDumpLockDir = "/run/lock/phauld"
 
 // dumpGate keeps two CRIU dumps from working in the same directory at
 // once. CRIU's parasite, dumping a task whose /proc belongs to another pid
 // namespace (a pid-namespace init that did not remount /proc), mounts a
 // private procfs on "proc.crtools" in the task's working directory and
 // removes it again. Two such dumps of tasks sharing a working directory
-// and mount namespace collide on that name, and one fails ("Can't create
-// a directory (-17)"). The gate serialises dumps per (mount namespace,
-// working directory); dumps elsewhere run in parallel.
+// collide on that name, and one fails ("Can't create a directory (-17)").
+// The gate serialises dumps per working directory (by device and inode,
+// whatever mount namespace sees it) with a lock file each, held with
+// flock: across sessions and across daemons. Dumps elsewhere run in
+// parallel.
 type dumpGate struct {
-	mu   sync.Mutex
-	held map[string]bool
+	dir string
 }
 
-func newDumpGate() *dumpGate { return &dumpGate{held: map[string]bool{}} }
+func newDumpGate(dir string) *dumpGate { return &dumpGate{dir: dir} }
 
-// tryAcquire takes every key, or none if one is held.
-func (g *dumpGate) tryAcquire(keys []string) bool {
-	g.mu.Lock()
-	defer g.mu.Unlock()
+// gateLocks are the lock files one dump holds.
+type gateLocks []*os.File
+
+// tryAcquire takes every key, or none if one is held elsewhere.
+func (g *dumpGate) tryAcquire(keys []string) (gateLocks, bool, error) {
+	if err := os.MkdirAll(g.dir, 0o700); err != nil {
+		return nil, false, fmt.Errorf("dump gate: %w", err)
+	}
+	var held gateLocks
 	for _, k := range keys {
-		if g.held[k] {
-			return false
+		f, err := g.lock(filepath.Join(g.dir, k+".lock"))
+		if err != nil || f == nil {
+			held.release()
+			return nil, false, err
 		}
+		held = append(held, f)
 	}
-	for _, k := range keys {
-		g.held[k] = true
-	}
-	return true
+	return held, true, nil
 }
 
-func (g *dumpGate) release(keys []string) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	for _, k := range keys {
-		delete(g.held, k)
+// lock takes one lock file: nil if another holds it.
+func (g *dumpGate) lock(path string) (*os.File, error) {
+	for {
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("dump gate: %w", err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				return nil, nil
+			}
+			return nil, fmt.Errorf("dump gate: lock %s: %w", path, err)
+		}
+		// The holder before us unlinks the file before it unlocks: if
+		// ours is not the file at path any more, take the new one.
+		var mine, now unix.Stat_t
+		if unix.Fstat(int(f.Fd()), &mine) == nil && unix.Stat(path, &now) == nil && mine.Ino == now.Ino && mine.Dev == now.Dev {
+			return f, nil
+		}
+		f.Close()
 	}
 }
 
-// dumpKeys are the gate keys of the tree rooted at pid: the mount
-// namespace and working directory of each of its tasks.
+// release lets other dumps in these directories go on.
+func (l gateLocks) release() {
+	for _, f := range l {
+		os.Remove(f.Name()) // before the unlock: see lock
+		f.Close()
+	}
+}
+
+// dumpKeys are the gate keys of the tree rooted at pid: the working
+// directory of each of its tasks, as device and inode.
 func dumpKeys(pid int) []string {
 	pids, err := proc.Tree(pid)
 	if err != nil {
@@ -58,13 +98,11 @@ func dumpKeys(pid int) []string {
 	}
 	set := map[string]bool{}
 	for _, p := range pids {
-		dir := "/proc/" + strconv.Itoa(p)
-		mnt, err1 := os.Readlink(dir + "/ns/mnt")
-		cwd, err2 := os.Readlink(dir + "/cwd")
-		if err1 != nil || err2 != nil {
+		var st syscall.Stat_t
+		if err := syscall.Stat("/proc/"+strconv.Itoa(p)+"/cwd", &st); err != nil {
 			continue
 		}
-		set[mnt+"\x00"+cwd] = true
+		set[fmt.Sprintf("cwd-%d-%d", st.Dev, st.Ino)] = true
 	}
 	keys := make([]string, 0, len(set))
 	for k := range set {

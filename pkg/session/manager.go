@@ -66,6 +66,9 @@ type Config struct {
 	// Disabled, if set, refuses every migration with this error (phauld
 	// without certificates and without --insecure).
 	Disabled error
+	// DumpLockDir holds the lock files that keep dumps of processes in
+	// one working directory apart (default DefaultDumpLockDir).
+	DumpLockDir string
 	// Place, if set, moves a restored tree (its pids) out of the daemon's
 	// cgroup before it resumes: under systemd, into a scope of its own.
 	Place func(id wire.SessionID, pids []int) error
@@ -89,6 +92,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.InDoubtWait == 0 {
 		c.InDoubtWait = time.Minute
+	}
+	if c.DumpLockDir == "" {
+		c.DumpLockDir = DefaultDumpLockDir
 	}
 }
 
@@ -154,7 +160,7 @@ func NewManager(cfg Config) (*Manager, error) {
 		halves:     map[wire.SessionID]*half{},
 		handshakes: make(chan struct{}, maxHandshakes),
 		shaking:    map[*link]struct{}{},
-		gate:       newDumpGate(),
+		gate:       newDumpGate(cfg.DumpLockDir),
 	}, nil
 }
 

@@ -350,21 +350,33 @@ func TestCheckPID(t *testing.T) {
 }
 
 func TestDumpGate(t *testing.T) {
-	g := newDumpGate()
-	if !g.tryAcquire([]string{"a", "b"}) {
-		t.Fatal("free keys refused")
+	dir := t.TempDir()
+	g, other := newDumpGate(dir), newDumpGate(dir) // two daemons
+	ab, ok, err := g.tryAcquire([]string{"a", "b"})
+	if err != nil || !ok {
+		t.Fatalf("free keys refused: %v", err)
 	}
-	if g.tryAcquire([]string{"b", "c"}) {
-		t.Fatal("a held key granted")
+	if _, ok, _ := other.tryAcquire([]string{"b", "c"}); ok {
+		t.Fatal("a key held by another daemon granted")
 	}
-	if !g.tryAcquire([]string{"c"}) {
+	if _, ok, _ := g.tryAcquire([]string{"a"}); ok {
+		t.Fatal("a key held by another session of the same daemon granted")
+	}
+	c, ok, _ := other.tryAcquire([]string{"c"})
+	if !ok {
 		t.Fatal("a refused acquire left a key taken")
 	}
-	g.release([]string{"a", "b"})
-	if !g.tryAcquire([]string{"b"}) {
+	ab.release()
+	b, ok, _ := other.tryAcquire([]string{"b"})
+	if !ok {
 		t.Fatal("released key refused")
 	}
-	if keys := dumpKeys(os.Getpid()); len(keys) != 1 || !strings.Contains(keys[0], "mnt:[") {
+	b.release()
+	c.release()
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("lock files left after release: %v", left)
+	}
+	if keys := dumpKeys(os.Getpid()); len(keys) != 1 || !strings.HasPrefix(keys[0], "cwd-") {
 		t.Fatalf("dumpKeys(self) = %q", keys)
 	}
 }

@@ -211,6 +211,7 @@ func startDaemon(t *testing.T, name, addr string, o daemonOpts) *daemon {
 		if t.Failed() {
 			b, _ := os.ReadFile(d.logPath)
 			t.Logf("--- log of phauld %s (%s) ---\n%s", name, addr, b)
+			d.logCRIUErrors(t)
 		}
 	})
 	d.start()
@@ -339,6 +340,29 @@ func (d *daemon) stop(t *testing.T) {
 		t.Errorf("phauld %s did not exit within 90s of SIGTERM; killing it", d.name)
 		d.cmd.Process.Kill()
 		<-d.exited
+	}
+}
+
+// logCRIUErrors shows the lines of the daemon's CRIU logs around each
+// error, for a failed test.
+func (d *daemon) logCRIUErrors(t *testing.T) {
+	logs, _ := filepath.Glob(filepath.Join(d.state, "sessions", "*", "*.log"))
+	for _, path := range logs {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		lines := strings.Split(string(b), "\n")
+		var out []string
+		for i, l := range lines {
+			if strings.Contains(l, "Error") {
+				out = append(out, lines[max(0, i-10):i+1]...)
+				out = append(out, "...")
+			}
+		}
+		if len(out) > 0 {
+			t.Logf("--- CRIU errors in %s ---\n%s", path, strings.Join(out[:min(len(out), 200)], "\n"))
+		}
 	}
 }
 
