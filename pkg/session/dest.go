@@ -514,6 +514,13 @@ func (m *dest) discard() {
 // how it ended. Before the commit, the question itself means the source
 // will never send Commit: the destination aborts and says so.
 func (m *dest) resolve() (string, int) {
+	// What the source sent before it gave up and asked is read first: a
+	// Commit waiting in the rpc socket decides. (A session loop woken by
+	// the question, as after SIGSTOP and SIGCONT, may not have read it
+	// yet.)
+	if m.rpc != nil && !m.rpc.closed && m.state == dstRestored {
+		m.rpc.read()
+	}
 	switch m.state {
 	case dstCommitted, dstEnd:
 		if m.rec.State == stCommitted {

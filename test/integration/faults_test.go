@@ -32,7 +32,8 @@ type point struct {
 	typ  wire.Type
 	nth  int
 	// duringRestore: the frame (Restore) is forwarded, and the fault
-	// strikes once the destination's CRIU is restoring.
+	// strikes once the destination's CRIU is restoring, before the
+	// source hears the restore's result.
 	duringRestore bool
 }
 
@@ -221,12 +222,21 @@ func runCell(t *testing.T, p point, f fault, want string) {
 	}
 	<-r.done
 	if p.duringRestore {
+		// The restore's result (Restored) is held until the fault is in:
+		// a restore quicker than the test's look at the log must not let
+		// the source ask the commit first, which would make this cell
+		// the "restored" or a later one.
+		injected := make(chan struct{})
+		if f.key != "restore-fail" {
+			px.arm(&rule{dir: toSource, typ: wire.TypeRestored, nth: 1, action: actPass, hook: func() { <-injected }})
+		}
 		waitFor(t, "the destination to start restoring", 30*time.Second, func() bool {
 			return strings.Contains(b.log(), `"phase": "receive"`)
 		})
 		if f.key != "restore-fail" {
 			inject()
 		}
+		close(injected)
 	}
 	switch f.key {
 	case "kill-source", "term-source":
