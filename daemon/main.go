@@ -157,6 +157,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	ctx, stopSignals := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stopSignals()
 
+	if o.logTarget == "journal" && !journal.Enabled() {
+		return fmt.Errorf("--log-target journal: no journald here (%s is missing); use --log-target console", "/run/systemd/journal/socket")
+	}
 	log := newLogger(o.logLevel, o.logTarget, stderr)
 	defer log.Sync()
 
@@ -416,7 +419,8 @@ func notifyLoop(ctx context.Context, mgr *session.Manager, listen []string) {
 	}
 	t := time.NewTicker(tick)
 	defer t.Stop()
-	last, pinged := "", time.Now()
+	// READY=1 came with the idle line.
+	last, pinged := statusLine(listen, nil), time.Now()
 	for {
 		select {
 		case <-ctx.Done():

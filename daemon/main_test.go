@@ -3,6 +3,7 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"io"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/journal"
 )
 
 // TestManPageDocumentsEveryFlag keeps packaging/man/phauld.8 in step with
@@ -50,5 +52,15 @@ func TestStatusLine(t *testing.T) {
 	})
 	if want := "serving migrations on [::]:12345; 2 migration(s): 01234567 out pid 42 dump, fedcba98 in pid 7 restore"; got != want {
 		t.Errorf("busy: %q, want %q", got, want)
+	}
+}
+
+func TestLogTargetJournalNeedsJournald(t *testing.T) {
+	if journal.Enabled() {
+		t.Skip("journald runs here")
+	}
+	err := run(context.Background(), []string{"--log-target", "journal", "--state-dir", t.TempDir()}, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "no journald here") {
+		t.Fatalf("run --log-target journal without journald: %v", err)
 	}
 }
