@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -37,10 +38,13 @@ type Event struct {
 type Poller struct {
 	// mu is held for reading by Wait and for writing by Close, so that
 	// Close can wait until a Wait in progress has returned.
-	mu      sync.RWMutex
+	mu sync.RWMutex
+	// closing is set by Close before it wakes the poller. From then on
+	// the eventfd is never drained, so every Wait, in progress or about
+	// to start, returns at once and the write lock cannot starve.
+	closing atomic.Bool
 	epfd    int
 	eventfd int
-	closed  bool
 	raw     []unix.EpollEvent
 }
 
@@ -84,7 +88,7 @@ func (p *Poller) ctl(op, fd int, events uint32) error {
 func (p *Poller) Add(fd int, events uint32) error {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
-	if p.closed {
+	if p.closing.Load() {
 		return os.ErrClosed
 	}
 	return p.ctl(unix.EPOLL_CTL_ADD, fd, events)
@@ -94,7 +98,7 @@ func (p *Poller) Add(fd int, events uint32) error {
 func (p *Poller) Modify(fd int, events uint32) error {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
-	if p.closed {
+	if p.closing.Load() {
 		return os.ErrClosed
 	}
 	return p.ctl(unix.EPOLL_CTL_MOD, fd, events)
@@ -104,7 +108,7 @@ func (p *Poller) Modify(fd int, events uint32) error {
 func (p *Poller) Delete(fd int) error {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
-	if p.closed {
+	if p.closing.Load() {
 		return os.ErrClosed
 	}
 	return p.ctl(unix.EPOLL_CTL_DEL, fd, 0)
@@ -117,7 +121,7 @@ func (p *Poller) Delete(fd int) error {
 func (p *Poller) Wait(events []Event, timeout time.Duration) (n int, woken bool, err error) {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
-	if p.closed {
+	if p.closing.Load() {
 		return 0, false, os.ErrClosed
 	}
 	if cap(p.raw) < len(events)+1 {
@@ -139,6 +143,9 @@ func (p *Poller) Wait(events []Event, timeout time.Duration) (n int, woken bool,
 			return 0, false, fmt.Errorf("epoll_wait: %w", err)
 		}
 		break
+	}
+	if p.closing.Load() {
+		return 0, false, os.ErrClosed
 	}
 	for _, ev := range raw[:got] {
 		if int(ev.Fd) == p.eventfd {
@@ -168,7 +175,7 @@ func (p *Poller) drain() {
 func (p *Poller) Wake() error {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
-	if p.closed {
+	if p.closing.Load() {
 		return os.ErrClosed
 	}
 	return p.wake()
@@ -196,21 +203,18 @@ func (p *Poller) wake() error {
 // epoll fd and the eventfd. It does not close the watched fds. A second Close
 // returns os.ErrClosed.
 func (p *Poller) Close() error {
-	p.mu.RLock()
-	if p.closed {
-		p.mu.RUnlock()
+	if p.closing.Swap(true) {
 		return os.ErrClosed
 	}
-	// Wake first, under the read lock, so a Wait holding the other read
-	// lock returns and lets us take the write lock.
+	// Wake under the read lock, so the fds are still open. The wake-up
+	// stays pending (Wait no longer drains it once closing is set), so a
+	// Wait in progress returns, and so does any Wait that starts before
+	// the write lock is ours.
+	p.mu.RLock()
 	werr := p.wake()
 	p.mu.RUnlock()
 
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed {
-		return os.ErrClosed
-	}
-	p.closed = true
 	return errors.Join(werr, unix.Close(p.eventfd), unix.Close(p.epfd))
 }

@@ -142,3 +142,36 @@ func TestFdsAreCloseOnExec(t *testing.T) {
 		}
 	}
 }
+
+// A Wait loop that goes straight back into Wait after being woken must not
+// keep Close from taking its lock: Close once consumed its own wake-up that
+// way and both hung forever.
+func TestCloseRacesWaitLoop(t *testing.T) {
+	for i := 0; i < 2000; i++ {
+		p, err := New()
+		if err != nil {
+			t.Fatal(err)
+		}
+		returned := make(chan struct{})
+		go func() {
+			defer close(returned)
+			evs := make([]Event, 1)
+			for {
+				if _, _, err := p.Wait(evs, -1); err != nil {
+					return
+				}
+			}
+		}()
+		closed := make(chan error, 1)
+		go func() { closed <- p.Close() }()
+		select {
+		case err := <-closed:
+			if err != nil {
+				t.Fatalf("round %d: Close: %v", i, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("round %d: Close did not return while a Wait loop ran", i)
+		}
+		<-returned
+	}
+}
