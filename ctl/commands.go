@@ -14,6 +14,7 @@ import (
 
 func newMigrate(c *cli) *cobra.Command {
 	var req api.MigrateRequest
+	var quiet bool
 	cmd := &cobra.Command{
 		Use:   "migrate --pid PID --to HOST[:PORT]",
 		Short: "Move a process tree to another host",
@@ -22,7 +23,24 @@ func newMigrate(c *cli) *cobra.Command {
 process runs on the destination; it then prints the pid it has there.
 
 Until the destination has restored the process and committed, the process
-stays on this host, frozen; any failure resumes it here.`,
+stays on this host, frozen; any failure resumes it here.
+
+--mode picks how memory moves:
+  copy     all memory moves while the process is frozen;
+  lazy     post-copy: the process resumes on the destination before its
+           memory has arrived; pages follow on demand and in the
+           background. The source keeps its frozen copy until every page
+           is across; if the link fails before, the source copy resumes
+           and the destination's is discarded. Needs userfaultfd on the
+           destination and CRIU's lazy-pages on both hosts.
+  precopy  memory is copied in rounds while the process runs, then what
+           changed moves while it is frozen. Needs soft-dirty memory
+           tracking (CONFIG_MEM_SOFT_DIRTY) on the source.
+  auto     the best both hosts support: lazy, else precopy, else copy.
+'phaulctl status' shows which modes this host supports.
+
+On a terminal, a progress bar shows the phase, bytes and pages moved, the
+rate and an estimate; otherwise plain lines go to stderr.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if req.PID <= 0 {
@@ -31,14 +49,16 @@ stays on this host, frozen; any failure resumes it here.`,
 			if req.To == "" {
 				return fmt.Errorf("--to is required: the destination host, HOST or HOST:PORT")
 			}
-			last := ""
+			if !validMode(req.Mode) {
+				return fmt.Errorf("--mode %q: want one of %s", req.Mode, strings.Join(api.Modes, ", "))
+			}
+			prog := newProgress(c.stderr)
 			res, err := c.client().Migrate(cmd.Context(), req, func(ev api.Event) {
-				if c.json || ev.Phase == last {
-					return
+				if !c.json && !quiet {
+					prog.event(ev)
 				}
-				last = ev.Phase
-				fmt.Fprintf(c.stderr, "%s...\n", ev.Phase)
 			})
+			prog.done()
 			if err != nil {
 				return err
 			}
@@ -46,14 +66,102 @@ stays on this host, frozen; any failure resumes it here.`,
 				return c.printJSON(res)
 			}
 			fmt.Fprintf(c.stdout, "pid %d now runs on %s as pid %d\n", res.SourcePID, res.Dest, res.DestPID)
-			fmt.Fprintf(c.stdout, "frozen %s, total %s, %s moved (session %s)\n",
-				ms(res.FrozenMS), ms(res.TotalMS), bytesHuman(res.Bytes), res.ID)
+			c.printFigures(res)
 			return nil
 		},
 	}
 	cmd.Flags().IntVar(&req.PID, "pid", 0, "root of the process tree to migrate")
 	cmd.Flags().StringVar(&req.To, "to", "", "destination phauld, HOST or HOST:PORT")
+	cmd.Flags().StringVar(&req.Mode, "mode", api.ModeAuto, "how memory moves: copy, lazy, precopy or auto")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress display")
 	cmd.Flags().BoolVar(&c.json, "json", false, "print the result (or the error) as one JSON object")
+	return cmd
+}
+
+func validMode(m string) bool {
+	for _, x := range api.Modes {
+		if m == x {
+			return true
+		}
+	}
+	return false
+}
+
+// printFigures shows a migration's mode, times, bytes and CRIU's stats.
+func (c *cli) printFigures(res api.Result) {
+	fmt.Fprintf(c.stdout, "mode %s: frozen %s, total %s, %s moved (session %s)\n",
+		res.Mode, ms(res.FrozenMS), ms(res.TotalMS), bytesHuman(res.Bytes), res.ID)
+	if res.LazyMS > 0 {
+		fmt.Fprintf(c.stdout, "  last page arrived %s after the process resumed\n", ms(res.LazyMS))
+	}
+	for i, r := range res.Rounds {
+		fmt.Fprintf(c.stdout, "  pre-copy round %d: %d of %d pages in %s\n", i+1, r.PagesWritten, r.PagesScanned, ms(r.DurationMS))
+	}
+	if d := res.Dump; d != nil {
+		fmt.Fprintf(c.stdout, "  dump: freezing %s, frozen %s, memdump %s, memwrite %s; pages scanned %d, written %d, lazy %d\n",
+			us(d.FreezingUS), us(d.FrozenUS), us(d.MemdumpUS), us(d.MemwriteUS), d.PagesScanned, d.PagesWritten, d.PagesLazy)
+	}
+	if r := res.Restore; r != nil {
+		fmt.Fprintf(c.stdout, "  restore: %s; pages restored %d\n", us(r.RestoreUS), r.PagesRestored)
+	}
+}
+
+func us(v uint32) string { return ms(int64(v) / 1000) }
+
+func newHistory(c *cli) *cobra.Command {
+	var limit int
+	cmd := &cobra.Command{
+		Use:   "history",
+		Short: "List past migrations of this host, newest first",
+		Long: `History lists the migrations this host's phauld took part in, newest
+first, as it keeps them across restarts (the newest 1000): session id,
+direction (out: this host was the source), the pid on the source, the other
+daemon, the outcome (committed: the process runs on the destination;
+rolled-back: it runs on the source; in-doubt: not settled yet), the mode,
+how long the process was frozen, and the bytes moved. --json has every
+figure, CRIU's statistics included.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if limit < 0 {
+				return fmt.Errorf("--limit %d: want 0 (all) or more", limit)
+			}
+			list, err := c.client().History(cmd.Context(), limit)
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(list)
+			}
+			if len(list) == 0 {
+				fmt.Fprintln(c.stdout, "no migrations yet")
+				return nil
+			}
+			tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ENDED\tSESSION\tDIR\tPID\tPEER\tOUTCOME\tMODE\tFROZEN\tBYTES\tERROR")
+			for _, e := range list {
+				frozen := "-"
+				if e.Result.FrozenMS > 0 {
+					frozen = ms(e.Result.FrozenMS)
+				}
+				mode := e.Result.Mode
+				if mode == "" {
+					mode = "-"
+				}
+				msg := ""
+				if e.Error != nil {
+					msg = e.Error.Message
+					if len(msg) > 60 {
+						msg = msg[:57] + "..."
+					}
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Ended.Local().Format("2006-01-02 15:04:05"),
+					e.ID[:min(8, len(e.ID))], e.Direction, e.PID, e.Peer, e.Outcome, mode, frozen, bytesHuman(e.Result.Bytes), msg)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().IntVarP(&limit, "limit", "n", 20, "show the newest N (0: all that are kept)")
+	cmd.Flags().BoolVar(&c.json, "json", false, "print the entries as JSON")
 	return cmd
 }
 
@@ -98,6 +206,20 @@ func newStatus(c *cli) *cobra.Command {
 					v = "yes"
 				}
 				fmt.Fprintf(c.stdout, "  %-12s %s\n", n+":", v)
+			}
+			if len(st.Modes) > 0 {
+				fmt.Fprintln(c.stdout, "migration modes (as source and destination)")
+				for _, m := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
+					why, ok := st.Modes[m]
+					switch {
+					case !ok:
+						continue
+					case why == "":
+						fmt.Fprintf(c.stdout, "  %-12s yes\n", m+":")
+					default:
+						fmt.Fprintf(c.stdout, "  %-12s no: %s\n", m+":", why)
+					}
+				}
 			}
 			return c.printSessions(st.Sessions)
 		},

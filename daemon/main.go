@@ -182,6 +182,19 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		zap.Bool("mem_track", info.Features.MemTrack), zap.Bool("lazy_pages", info.Features.LazyPages),
 		zap.Bool("cpuinfo", info.CPUInfo != nil))
 
+	// Lazy dumps keep pages in pipes larger than the kernel's default
+	// limit allows.
+	pipeBlock := ""
+	if was, err := criu.EnsurePipeMaxSize(criu.LazyPipeSize); err != nil {
+		pipeBlock = fmt.Sprintf("fs.pipe-max-size is below the %d bytes lazy dumps need, and phauld could not raise it (%v): run 'sysctl -w fs.pipe-max-size=%d'",
+			criu.LazyPipeSize, err, criu.LazyPipeSize)
+		log.Warn("lazy migrations from this host are off", zap.Error(err))
+	} else if was < criu.LazyPipeSize {
+		log.Info("raised fs.pipe-max-size for CRIU's lazy pages", zap.Int("was", was), zap.Int("now", criu.LazyPipeSize))
+	}
+	asSource, asDest := session.HostCapabilities(info.Features.MemTrack, info.Features.LazyPages, pipeBlock)
+	log.Info("migration modes", zap.Stringer("as_source", asSource), zap.Stringer("as_destination", asDest))
+
 	tidy := func() {
 		removed, err := netlock.Clean(-1)
 		switch {
@@ -228,6 +241,8 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		Log:         log.Named("session"),
 		CRIU:        cc,
 		Info:        info,
+		AsSource:    asSource,
+		AsDest:      asDest,
 		StateDir:    o.stateDir,
 		PairTimeout: o.pairTimeout,
 		PeerTimeout: o.peerTimeout,
@@ -258,7 +273,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("recover sessions: %w", err)
 	}
 	mgr.CleanOld(o.keepFailed)
-	svc := &service{mgr: mgr, info: info, criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String(), sec: sec}
+	svc := &service{mgr: mgr, info: info, modes: modeSupport(asSource, asDest), criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String(), sec: sec}
 	for _, l := range migLs {
 		svc.listen = append(svc.listen, l.Addr().String())
 	}
@@ -393,6 +408,23 @@ func placer(log *zap.Logger) func(wire.SessionID, []int) error {
 	}
 }
 
+// modeSupport says, per mode, whether this host can run it on either
+// side: "" if it can, else why not.
+func modeSupport(asSource, asDest session.Capabilities) map[string]string {
+	out := map[string]string{}
+	for _, m := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
+		var why []string
+		if !asSource.Can(m) {
+			why = append(why, "as a source: "+asSource[m])
+		}
+		if !asDest.Can(m) {
+			why = append(why, "as a destination: "+asDest[m])
+		}
+		out[m] = strings.Join(why, "; ")
+	}
+	return out
+}
+
 // statusLine is what STATUS= says.
 func statusLine(listen []string, sessions []api.Session) string {
 	s := "serving migrations on " + strings.Join(listen, ", ")
@@ -485,6 +517,7 @@ type service struct {
 	stateDir string
 	control  string
 	listen   []string
+	modes    map[string]string
 }
 
 func (s *service) Status(context.Context) api.Status {
@@ -505,6 +538,7 @@ func (s *service) Status(context.Context) api.Status {
 			},
 		},
 		Security: s.sec.mode,
+		Modes:    s.modes,
 		Sessions: s.mgr.Sessions(),
 	}
 	if s.sec.id != nil {
@@ -519,6 +553,10 @@ func (s *service) Status(context.Context) api.Status {
 }
 
 func (s *service) Sessions(context.Context) []api.Session { return s.mgr.Sessions() }
+
+func (s *service) History(_ context.Context, limit int) ([]api.HistoryEntry, error) {
+	return s.mgr.History(limit)
+}
 
 func (s *service) Migrate(ctx context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error) {
 	return s.mgr.Migrate(ctx, caller, req, progress)

@@ -85,7 +85,30 @@ type MigrateRequest struct {
 	PID int `json:"pid"`
 	// To is the destination daemon, HOST or HOST:PORT.
 	To string `json:"to"`
+	// Mode is how memory moves: ModeCopy, ModeLazy, ModePrecopy, or
+	// ModeAuto ("" means auto).
+	Mode string `json:"mode,omitempty"`
 }
+
+// Migration modes.
+const (
+	// ModeCopy moves all memory while the process is frozen.
+	ModeCopy = "copy"
+	// ModeLazy (post-copy) restores the process before its memory has
+	// arrived: pages follow on demand and in the background, while the
+	// source keeps its frozen copy until every page is across.
+	ModeLazy = "lazy"
+	// ModePrecopy copies memory in rounds while the process runs, then
+	// moves what changed while it is frozen. It needs soft-dirty memory
+	// tracking on the source.
+	ModePrecopy = "precopy"
+	// ModeAuto picks the best mode both hosts support: lazy, else
+	// precopy, else copy.
+	ModeAuto = "auto"
+)
+
+// Modes lists the modes a request may name.
+var Modes = []string{ModeAuto, ModeCopy, ModeLazy, ModePrecopy}
 
 // Result describes a finished migration. Fields may be added, never
 // renamed.
@@ -106,6 +129,14 @@ type Result struct {
 	PageBytes int64 `json:"page_bytes"`
 	// PhasesMS is how long each phase took.
 	PhasesMS map[string]int64 `json:"phases_ms,omitempty"`
+	// Mode is the mode the migration ran in (auto resolved).
+	Mode string `json:"mode,omitempty"`
+	// LazyMS, for a lazy migration, is how long after the process
+	// resumed on the destination its last page arrived; the source kept
+	// its frozen copy until then.
+	LazyMS int64 `json:"lazy_ms,omitempty"`
+	// Rounds, for a pre-copy migration, are its pre-dump rounds.
+	Rounds []Round `json:"rounds,omitempty"`
 	// Dump and Restore are CRIU's own statistics.
 	Dump    *DumpStats    `json:"dump_stats,omitempty"`
 	Restore *RestoreStats `json:"restore_stats,omitempty"`
@@ -121,6 +152,13 @@ type DumpStats struct {
 	PagesSkippedParent uint64 `json:"pages_skipped_parent"`
 	PagesWritten       uint64 `json:"pages_written"`
 	PagesLazy          uint64 `json:"pages_lazy"`
+}
+
+// Round is one pre-copy round: pages copied while the process ran.
+type Round struct {
+	PagesScanned uint64 `json:"pages_scanned"`
+	PagesWritten uint64 `json:"pages_written"`
+	DurationMS   int64  `json:"duration_ms"`
 }
 
 // RestoreStats are CRIU's restore statistics (times in microseconds).
@@ -141,10 +179,17 @@ type Event struct {
 	ID string `json:"id,omitempty"`
 	// Phase is the migration's phase (progress events).
 	Phase string `json:"phase,omitempty"`
-	// Bytes moved so far (progress events).
-	Bytes  int64   `json:"bytes,omitempty"`
-	Result *Result `json:"result,omitempty"`
-	Error  *Error  `json:"error,omitempty"`
+	// Bytes moved so far (progress events): pages and image files.
+	Bytes int64 `json:"bytes,omitempty"`
+	// Pages of memory moved so far, and the tree's resident memory in
+	// bytes when the migration began (what the page transfer should come
+	// to), for an estimate.
+	Pages    int64 `json:"pages,omitempty"`
+	MemBytes int64 `json:"mem_bytes,omitempty"`
+	// ElapsedMS is the time since the migration began.
+	ElapsedMS int64   `json:"elapsed_ms,omitempty"`
+	Result    *Result `json:"result,omitempty"`
+	Error     *Error  `json:"error,omitempty"`
 }
 
 // Event kinds.
@@ -190,9 +235,41 @@ type Status struct {
 	TLSNames   []string   `json:"tls_names,omitempty"`
 	TLSExpires *time.Time `json:"tls_expires,omitempty"`
 	// Disabled says why migrations are refused, and what to do.
-	Disabled string    `json:"disabled,omitempty"`
-	Sessions []Session `json:"sessions"`
+	Disabled string `json:"disabled,omitempty"`
+	// Modes says, for each migration mode, whether this host can take
+	// part in it: "" if it can, else why not.
+	Modes    map[string]string `json:"modes,omitempty"`
+	Sessions []Session         `json:"sessions"`
 }
+
+// HistoryEntry is one finished migration, as `phaulctl history` shows it.
+// phauld keeps the newest ones across restarts.
+type HistoryEntry struct {
+	ID        string `json:"id"`
+	Direction string `json:"direction"`
+	// PID is the process's pid on the source.
+	PID     int       `json:"pid"`
+	Peer    string    `json:"peer"`
+	Started time.Time `json:"started"`
+	Ended   time.Time `json:"ended"`
+	// Outcome is OutcomeCommitted, OutcomeRolledBack or OutcomeInDoubt.
+	Outcome string `json:"outcome"`
+	// Error is why it did not commit.
+	Error *Error `json:"error,omitempty"`
+	// Result holds the figures: pids, mode, times, bytes, CRIU's stats.
+	Result Result `json:"result"`
+}
+
+// Outcomes of a finished migration.
+const (
+	// OutcomeCommitted: the process runs on the destination.
+	OutcomeCommitted = "committed"
+	// OutcomeRolledBack: the process runs on the source.
+	OutcomeRolledBack = "rolled-back"
+	// OutcomeInDoubt: the source lost the destination after asking the
+	// commit; a later entry settles it.
+	OutcomeInDoubt = "in-doubt"
+)
 
 // Security modes.
 const (

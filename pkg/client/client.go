@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 
 	"github.com/phaul/phaul/pkg/api"
 )
@@ -112,6 +113,21 @@ func (c *Client) Sessions(ctx context.Context) ([]api.Session, error) {
 	defer resp.Body.Close()
 	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
 		return nil, fmt.Errorf("decode sessions: %w", err)
+	}
+	return list, nil
+}
+
+// History lists the newest limit finished migrations (all the daemon
+// keeps, if limit <= 0), newest first.
+func (c *Client) History(ctx context.Context, limit int) ([]api.HistoryEntry, error) {
+	var list []api.HistoryEntry
+	resp, err := c.do(ctx, http.MethodGet, "/v1/history?limit="+strconv.Itoa(limit), nil)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		return nil, fmt.Errorf("decode history: %w", err)
 	}
 	return list, nil
 }

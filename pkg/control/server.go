@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -29,6 +30,9 @@ type Service interface {
 	Sessions(ctx context.Context) []api.Session
 	Migrate(ctx context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error)
 	Cancel(ctx context.Context, caller api.Caller, id string) (api.Session, error)
+	// History returns the newest limit finished migrations (all kept if
+	// limit <= 0), newest first.
+	History(ctx context.Context, limit int) ([]api.HistoryEntry, error)
 }
 
 // Server is the control API server.
@@ -49,6 +53,7 @@ func New(svc Service, policy Policy, log *zap.Logger) *Server {
 	mux.HandleFunc("POST /v1/migrate", s.migrate)
 	mux.HandleFunc("GET /v1/sessions", s.sessions)
 	mux.HandleFunc("POST /v1/sessions/{id}/cancel", s.cancel)
+	mux.HandleFunc("GET /v1/history", s.history)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, api.Errorf(api.CodeNotFound, "no endpoint %s %s", r.Method, r.URL.Path))
 	})
@@ -126,6 +131,31 @@ func (s *Server) sessions(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, s.svc.Sessions(r.Context()))
+}
+
+func (s *Server) history(w http.ResponseWriter, r *http.Request) {
+	if err := s.policy.CanUse(CallerFrom(r.Context())); err != nil {
+		s.refuse(w, r, err)
+		return
+	}
+	limit := 0
+	if v := r.URL.Query().Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			writeError(w, http.StatusBadRequest, api.Errorf(api.CodeInvalid, "limit %q: want a number >= 0", v))
+			return
+		}
+		limit = n
+	}
+	list, err := s.svc.History(r.Context(), limit)
+	if err != nil {
+		writeError(w, httpStatus(err), err)
+		return
+	}
+	if list == nil {
+		list = []api.HistoryEntry{}
+	}
+	writeJSON(w, http.StatusOK, list)
 }
 
 func (s *Server) cancel(w http.ResponseWriter, r *http.Request) {

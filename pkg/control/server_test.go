@@ -39,6 +39,14 @@ func (f *fakeService) Cancel(_ context.Context, _ api.Caller, id string) (api.Se
 	return api.Session{ID: "abcd1234"}, nil
 }
 
+func (f *fakeService) History(_ context.Context, limit int) ([]api.HistoryEntry, error) {
+	all := []api.HistoryEntry{{ID: "s2", Outcome: api.OutcomeCommitted}, {ID: "s1", Outcome: api.OutcomeRolledBack}}
+	if limit > 0 && limit < len(all) {
+		all = all[:limit]
+	}
+	return all, nil
+}
+
 func (f *fakeService) Migrate(_ context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error) {
 	f.caller, f.req = caller, req
 	progress(api.Event{Event: api.EventProgress, Phase: "dump", Bytes: 10})
@@ -138,6 +146,13 @@ func TestListAndCancel(t *testing.T) {
 	list, err := c.Sessions(ctx)
 	if err != nil || len(list) != 1 || list[0].ID != "abcd1234" {
 		t.Fatalf("Sessions = %+v, %v", list, err)
+	}
+	hist, err := c.History(ctx, 1)
+	if err != nil || len(hist) != 1 || hist[0].ID != "s2" {
+		t.Fatalf("History(1) = %+v, %v", hist, err)
+	}
+	if hist, err := c.History(ctx, 0); err != nil || len(hist) != 2 {
+		t.Fatalf("History(0) = %+v, %v", hist, err)
 	}
 	s, err := c.Cancel(ctx, "abcd")
 	if err != nil || s.ID != "abcd1234" {

@@ -3,7 +3,9 @@
 package criu
 
 import (
+	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
 	"google.golang.org/protobuf/proto"
@@ -44,6 +46,18 @@ type Options struct {
 	// InheritFds hand the restored tree files in place of resources
 	// dumped as external: Key names the resource ("socket:[INODE]").
 	InheritFds []InheritFd
+	// LazyPages: a dump leaves the tree's anonymous private memory in
+	// pipes and, after post-dump, serves it on PageServer to a lazy-pages
+	// daemon until that one closes; a restore leaves it to the lazy-pages
+	// daemon running in ImagesDir (see StartLazyPages).
+	LazyPages bool
+	// TrackMem makes a (pre-)dump reset soft-dirty tracking, so that the
+	// next one dumps only what changed; ParentImg is the previous
+	// round's images directory, relative to ImagesDir.
+	TrackMem  bool
+	ParentImg string
+	// configFile is a CRIU configuration file for what RPC cannot say.
+	configFile string
 }
 
 // InheritFd is a file a restore gives the tree in place of an external
@@ -102,8 +116,25 @@ func (o *Options) rpcOpts() *rpc.CriuOpts {
 	}
 	fd := int32(4) // the first file after the RPC socket
 	if o.PageServer != nil {
-		r.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(fd)}
+		// A lazy dump ignores ps.fd over RPC and would listen on a port
+		// of its own, on every address; its socket is given in the
+		// configuration file instead (see StartDump).
+		if !o.LazyPages {
+			r.Ps = &rpc.CriuPageServerInfo{Fd: proto.Int32(fd)}
+		}
 		fd++
+	}
+	if o.LazyPages {
+		r.LazyPages = proto.Bool(true)
+	}
+	if o.TrackMem {
+		r.TrackMem = proto.Bool(true)
+	}
+	if o.ParentImg != "" {
+		r.ParentImg = proto.String(o.ParentImg)
+	}
+	if o.configFile != "" {
+		r.ConfigFile = proto.String(o.configFile)
 	}
 	for _, in := range o.InheritFds {
 		r.InheritFd = append(r.InheritFd, &rpc.InheritFd{Key: proto.String(in.Key), Fd: proto.Int32(fd)})
@@ -132,7 +163,25 @@ func request(t rpc.CriuReqType, o *Options, keepOpen bool) *rpc.CriuReq {
 // tree at "post-dump" until answered: false resumes the tree, true leaves
 // it stopped.
 func (c *Client) StartDump(o Options) (*Op, error) {
+	if o.LazyPages && o.PageServer != nil {
+		// CRIU reads "ps-socket" from a configuration file after the RPC
+		// options: the page server then serves on our socket (fd 4 in
+		// swrk) instead of listening.
+		path := filepath.Join(o.ImagesDir, "lazy-dump.conf")
+		if err := os.WriteFile(path, []byte("ps-socket 4\n"), 0o600); err != nil {
+			return nil, fmt.Errorf("criu dump: %w", err)
+		}
+		o.configFile = path
+	}
 	return c.start("dump", &o, request(rpc.CriuReqType_DUMP, &o, false))
+}
+
+// StartPreDump copies the tree's memory to o.PageServer while the tree
+// keeps running (one pre-copy round), and resets soft-dirty tracking.
+// o.ParentImg names the previous round's directory.
+func (c *Client) StartPreDump(o Options) (*Op, error) {
+	o.TrackMem = true
+	return c.start("pre-dump", &o, request(rpc.CriuReqType_SINGLE_PRE_DUMP, &o, false))
 }
 
 // StartPageServer starts a page server that reads a dump's pages from

@@ -275,3 +275,25 @@ func WaitExited(tree []*Process, timeout time.Duration) error {
 	}
 	return nil
 }
+
+// Resident is the resident memory of the processes pids, in bytes (from
+// /proc/PID/statm; memory shared between them counts once per process).
+// Processes that are gone count nothing.
+func Resident(pids []int) int64 {
+	page := int64(os.Getpagesize())
+	var total int64
+	for _, pid := range pids {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/statm")
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b))
+		if len(f) < 2 {
+			continue
+		}
+		if n, err := strconv.ParseInt(f[1], 10, 64); err == nil {
+			total += n * page
+		}
+	}
+	return total
+}

@@ -185,3 +185,15 @@ func TestUnixStreamPeers(t *testing.T) {
 		t.Fatalf("peer of the client socket = %q, want the listener's path (all: %v)", got, peers)
 	}
 }
+
+func TestResident(t *testing.T) {
+	buf := make([]byte, 32<<20)
+	for i := range buf {
+		buf[i] = byte(i)
+	}
+	got := Resident([]int{os.Getpid(), 1 << 30}) // the second is no process
+	if got < 32<<20 {
+		t.Errorf("Resident(self) = %d, want at least the 32 MiB just touched", got)
+	}
+	_ = buf[len(buf)-1]
+}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/epoll"
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/wire"
@@ -35,15 +36,19 @@ const (
 	dstReceive
 	// dstRestore: CRIU is restoring.
 	dstRestore
-	// dstRestored: the tree is restored, stopped; waiting for Commit.
+	// dstRestored: the tree is restored, stopped; waiting for Commit
+	// (or, lazy, Resume).
 	dstRestored
+	// dstResumed: a lazy migration's tree runs here while its memory
+	// arrives; waiting for every page, then for Commit.
+	dstResumed
 	// dstCommitted: committed and resumed; waiting for Done.
 	dstCommitted
 	// dstEnd: finished.
 	dstEnd
 )
 
-var dstStateNames = [...]string{"prepare", "checks", "page-server", "receive", "restore", "restored", "committed", "end"}
+var dstStateNames = [...]string{"prepare", "checks", "page-server", "receive", "restore", "restored", "resumed", "committed", "end"}
 
 func (s dstState) String() string { return dstStateNames[s] }
 
@@ -55,6 +60,7 @@ type destParams struct {
 	peerTimeout time.Duration
 	keepImages  bool
 	place       func(pids []int) error
+	asDest      Capabilities
 }
 
 // dest is the state machine of the daemon a process arrives at. It is the
@@ -85,6 +91,14 @@ type dest struct {
 
 	name    string   // the root process's command name
 	journal []uint64 // its journal stream sockets, to reconnect
+
+	mode string // the migration's mode, as chosen in prepare
+
+	// Lazy migrations: the lazy-pages daemon, and whether it brought
+	// every page in (and how many).
+	lazy      *criu.LazyPages
+	pagesIn   bool
+	lazyPages uint64
 
 	failure error
 }
@@ -175,8 +189,14 @@ func (m *dest) onRPC(msg wire.Message) error {
 		}
 		m.want = msg.Files
 		return m.maybeRestore()
+	case *wire.Resume:
+		if m.state != dstRestored || m.mode != api.ModeLazy {
+			break
+		}
+		return m.resumeLazy()
 	case *wire.Commit:
-		if m.state != dstRestored {
+		lazyReady := m.mode == api.ModeLazy && m.state == dstResumed && m.pagesIn
+		if !lazyReady && (m.state != dstRestored || m.mode == api.ModeLazy) {
 			break
 		}
 		return m.commit()
@@ -204,6 +224,28 @@ func (m *dest) prepare(p *wire.Prepare) error {
 			"the process writes to the journal (systemd started it), and the destination has no journald to give it new streams (%s is missing there): run systemd-journald there, or migrate elsewhere",
 			journal.StreamPath)
 	}
+	// The mode: the destination chooses (auto: the best both can run).
+	src := Capabilities{}
+	for _, x := range p.SourceModes {
+		src[x] = ""
+	}
+	for _, x := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
+		if _, ok := src[x]; !ok {
+			src[x] = "its phauld says it cannot"
+		}
+	}
+	requested := p.Mode
+	if requested == "" {
+		// A source from before modes: copy is all it does.
+		requested, src = api.ModeCopy, Capabilities{api.ModeCopy: ""}
+	}
+	mode, err := chooseMode(requested, src, m.p.asDest)
+	if err != nil {
+		return err
+	}
+	m.mode = mode
+	m.log = m.log.With(zap.String("mode", mode))
+	m.ph.log = m.log
 	mine := m.p.info.Version.Code()
 	if p.CRIUVersion > mine {
 		return api.Errorf(api.CodePrecondition,
@@ -213,7 +255,7 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	m.ph.enter("checks")
 	if len(p.CPUInfo) == 0 {
 		m.log.Warn("source sent no cpuinfo: CPU check skipped")
-		return m.startPageServer("skipped")
+		return m.checked("skipped")
 	}
 	dir := filepath.Join(m.p.dir, "cpuinfo")
 	if err := os.Mkdir(dir, 0o700); err != nil {
@@ -235,13 +277,25 @@ func (m *dest) onCheck(ev criu.Event) error {
 	var ce *criu.Error
 	switch {
 	case ev.Err == nil:
-		return m.startPageServer("ok")
+		return m.checked("ok")
 	case errors.As(ev.Err, &ce) && ce.Errno == unix.ENOTSUP:
 		m.log.Warn("CRIU cannot compare CPUs here: CPU check skipped")
-		return m.startPageServer("skipped")
+		return m.checked("skipped")
 	default:
 		return api.Errorf(api.CodePrecondition, "this CPU cannot run tasks dumped on the source: %v", ev.Err)
 	}
+}
+
+// checked goes on after the checks, by mode: a copy migration's pages
+// come first, through a page server; a lazy one's after the restore.
+func (m *dest) checked(cpuCheck string) error {
+	if m.mode != api.ModeLazy {
+		return m.startPageServer(cpuCheck)
+	}
+	m.state = dstReceive
+	m.ph.enter("receive")
+	m.psDone = true // no page server before the restore
+	return m.rpc.send(&wire.Ready{CRIUVersion: m.p.info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode})
 }
 
 func (m *dest) startPageServer(cpuCheck string) error {
@@ -278,7 +332,7 @@ func (m *dest) onPageServer(ev criu.Event, cpuCheck string) error {
 		}
 		m.state = dstReceive
 		m.ph.enter("receive")
-		return m.rpc.send(&wire.Ready{CRIUVersion: m.p.info.Version.Code(), CPUCheck: cpuCheck})
+		return m.rpc.send(&wire.Ready{CRIUVersion: m.p.info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode})
 	}
 	// WAIT_PID answered: the page server has exited.
 	if !ev.Status.Exited() || ev.Status.ExitStatus() != 0 {
@@ -308,11 +362,113 @@ func (m *dest) maybeRestore() error {
 	}
 	m.ph.enter("restore")
 	m.tRestore = time.Now()
+	if m.mode == api.ModeLazy && m.lazy == nil {
+		return m.startLazyPages()
+	}
+	return m.startRestore()
+}
+
+// startLazyPages starts the daemon that will fill the restored tree's
+// memory from the source, over the mem connection; the restore starts
+// once it listens.
+func (m *dest) startLazyPages() error {
+	local, theirs, err := newPageSocket()
+	if err != nil {
+		return err
+	}
+	defer theirs.Close()
+	if m.relay, err = newRelay(m.s.l, local, m.mem); err != nil {
+		return err
+	}
+	m.relay.onError = m.abort
+	lp, err := m.p.criu.StartLazyPages(m.p.dir, theirs)
+	if err != nil {
+		return err
+	}
+	m.lazy = lp
+	m.state = dstRestore
+	if err := m.s.l.watch(lp.StatusFd(), epoll.In|epoll.Hup, func(uint32) {
+		m.s.l.unwatch(lp.StatusFd())
+		if !lp.Ready() {
+			m.abort(api.Errorf(api.CodeAborted, "lazy-pages did not start: %v", lp.Result()))
+			return
+		}
+		if err := m.startRestore(); err != nil {
+			m.abort(err)
+		}
+	}); err != nil {
+		return err
+	}
+	return m.s.l.watch(lp.ExitFd(), epoll.In, func(uint32) {
+		m.s.l.unwatch(lp.ExitFd())
+		m.onLazyPagesExit()
+	})
+}
+
+// onLazyPagesExit takes the lazy-pages daemon's end: every page is in, or
+// the tree's memory is incomplete and the copy must go.
+func (m *dest) onLazyPagesExit() {
+	if m.state == dstEnd {
+		return
+	}
+	if err := m.lazy.Result(); err != nil {
+		m.abort(api.Errorf(api.CodeAborted, "lazy pages: %v", err))
+		return
+	}
+	if m.restoreW == nil {
+		// Exited before the restore had started.
+		m.abort(api.Errorf(api.CodeAborted, "lazy-pages exited before the restore"))
+		return
+	}
+	copied, total, _ := m.lazy.Transferred()
+	m.pagesIn, m.lazyPages = true, copied
+	m.log.Info("every page is in", zap.Uint64("lazy_pages", copied), zap.Uint64("of", total))
+	if m.state >= dstRestored {
+		// Else the restore's end says it, after Restored.
+		if err := m.rpc.send(&wire.PagesIn{Pages: copied}); err != nil {
+			m.abort(err)
+		}
+	}
+}
+
+// resumeLazy lets a lazy migration's tree run before all its memory is
+// here. It is not the commit: a failure before Commit kills it and the
+// source resumes its own.
+func (m *dest) resumeLazy() error {
+	m.place()
+	if err := proc.SignalAll(m.tree, syscall.SIGCONT); err != nil {
+		return api.Errorf(api.CodeAborted, "resume the restored tree: %v", err)
+	}
+	m.state = dstResumed
+	m.ph.enter("lazy")
+	m.log.Info("the restored tree runs; its memory follows", zap.Int("dest_pid", m.pid))
+	return m.rpc.send(&wire.Resumed{PID: m.pid})
+}
+
+// place moves the restored tree out of the daemon's cgroup (under
+// systemd, into a scope of its own), before it runs: it must not share
+// the daemon's fate (a stop of phauld's service).
+func (m *dest) place() {
+	if m.p.place == nil {
+		return
+	}
+	pids := make([]int, len(m.tree))
+	for i, p := range m.tree {
+		pids[i] = p.PID
+	}
+	if err := m.p.place(pids); err != nil {
+		m.log.Warn("cannot move the restored tree to its own scope; it stays in phauld's cgroup", zap.Error(err))
+	}
+}
+
+// startRestore runs CRIU's restore of the received images.
+func (m *dest) startRestore() error {
 	opts := criu.Options{
 		ImagesDir:    m.p.dir,
 		LogFile:      "restore.log",
 		LeaveStopped: true,
 		Notify:       true,
+		LazyPages:    m.mode == api.ModeLazy,
 	}
 	// The tree's journal streams: new ones, to this host's journald.
 	for _, ino := range m.journal {
@@ -367,7 +523,13 @@ func (m *dest) onRestore(ev criu.Event) error {
 	}
 	m.state = dstRestored
 	m.ph.enter("wait-commit")
-	return m.rpc.send(msg)
+	if err := m.rpc.send(msg); err != nil {
+		return err
+	}
+	if m.pagesIn {
+		return m.rpc.send(&wire.PagesIn{Pages: m.lazyPages})
+	}
+	return nil
 }
 
 // restored records the restored tree before CRIU lets it exist past the
@@ -398,18 +560,11 @@ func (m *dest) commit() error {
 		m.rec.State = stRestored
 		return api.Errorf(api.CodeAborted, "cannot record the commit: %v", err)
 	}
+	lazy := m.state == dstResumed // already placed and running
 	m.state = dstCommitted
 	m.ph.enter("committed")
-	if m.p.place != nil {
-		// Its own cgroup before it runs: the tree must not share the
-		// daemon's fate (a stop of phauld's service).
-		pids := make([]int, len(m.tree))
-		for i, p := range m.tree {
-			pids[i] = p.PID
-		}
-		if err := m.p.place(pids); err != nil {
-			m.log.Warn("cannot move the restored tree to its own scope; it stays in phauld's cgroup", zap.Error(err))
-		}
+	if !lazy {
+		m.place()
 	}
 	if err := proc.SignalAll(m.tree, syscall.SIGCONT); err != nil {
 		// Committed all the same; a restart retries the resume.
@@ -495,6 +650,9 @@ func (m *dest) discard() {
 	if m.restoreW != nil {
 		m.restoreW.stop()
 	}
+	if m.lazy != nil {
+		m.lazy.Kill()
+	}
 	if m.tree == nil && m.pid != 0 {
 		if tree, err := proc.OpenTree(m.pid, m.rec.StartTime); err == nil {
 			m.tree = tree
@@ -559,6 +717,15 @@ func (m *dest) cleanup() {
 	if m.relay != nil {
 		m.relay.close()
 	}
+	if m.lazy != nil {
+		// A committed migration's daemon has exited; any other was
+		// killed by discard.
+		m.lazy.Kill()
+		m.lazy.Result()
+		m.s.l.unwatch(m.lazy.StatusFd())
+		m.s.l.unwatch(m.lazy.ExitFd())
+		m.lazy.Close()
+	}
 	m.rpc.flush()
 	m.rpc.close()
 	m.mem.close()
@@ -581,5 +748,6 @@ func (m *dest) outcome() (api.Result, error) {
 		Bytes:     m.rpc.bytesOut + m.rpc.bytesIn + m.mem.bytesOut + m.mem.bytesIn,
 		PageBytes: pages,
 		PhasesMS:  m.ph.took,
+		Mode:      m.mode,
 	}, nil
 }

@@ -32,6 +32,9 @@ type Config struct {
 	CRIU *criu.Client
 	// Info is what criu.Probe found at start-up.
 	Info criu.Info
+	// AsSource and AsDest are the migration modes this host can run as
+	// either side (see HostCapabilities). Nil: copy only.
+	AsSource, AsDest Capabilities
 	// StateDir holds a directory per session (images, CRIU logs).
 	StateDir string
 	// HandshakeTimeout bounds reading a connection's Hello and writing
@@ -93,6 +96,12 @@ func (c *Config) setDefaults() {
 	if c.InDoubtWait == 0 {
 		c.InDoubtWait = time.Minute
 	}
+	if c.AsSource == nil {
+		c.AsSource = Capabilities{api.ModeCopy: ""}
+	}
+	if c.AsDest == nil {
+		c.AsDest = Capabilities{api.ModeCopy: ""}
+	}
 	if c.DumpLockDir == "" {
 		c.DumpLockDir = DefaultDumpLockDir
 	}
@@ -120,6 +129,7 @@ type Manager struct {
 	listeners []net.Listener
 
 	gate       *dumpGate
+	history    *history
 	handshakes chan struct{} // semaphore
 	// shaking are the connections still in their handshake, shut down at
 	// shutdown so that nobody waits for their timeout.
@@ -152,7 +162,12 @@ func NewManager(cfg Config) (*Manager, error) {
 	if cfg.Disabled == nil && cfg.ServerTLS == nil && !cfg.Insecure {
 		return nil, errors.New("no TLS configuration: migrations need certificates, or Insecure")
 	}
+	hist, err := openHistory(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
 	return &Manager{
+		history:    hist,
 		cfg:        cfg,
 		log:        cfg.Log,
 		sessions:   map[wire.SessionID]*Session{},
@@ -402,7 +417,7 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 		return
 	}
 	params := destParams{log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir,
-		peerTimeout: m.cfg.PeerTimeout, keepImages: m.cfg.KeepImages}
+		peerTimeout: m.cfg.PeerTimeout, keepImages: m.cfg.KeepImages, asDest: m.cfg.AsDest}
 	if m.cfg.Place != nil {
 		params.place = func(pids []int) error { return m.cfg.Place(id, pids) }
 	}
@@ -458,9 +473,10 @@ func (m *Manager) spawn(s *Session, mach machine, log *zap.Logger, dir string) b
 // finished logs a session's end once, tidies its directory, and hands a
 // session that ended in doubt to a resolver.
 func (m *Manager) finished(s *Session, mach machine, err error, log *zap.Logger, dir string) {
+	m.record(s, mach, err, log)
 	if src, ok := mach.(*source); ok && src.inDoubt {
 		log.Error("migration in doubt", zap.Error(err), zap.String("images", dir))
-		s.resolver = m.startResolver(s.ID, src.rec, dir, log)
+		s.resolver = m.startResolver(s.ID, src.rec, dir, log, api.HistoryEntry{Started: s.started, Result: s.result})
 		return
 	}
 	if err != nil {
@@ -487,6 +503,39 @@ func (m *Manager) finished(s *Session, mach machine, err error, log *zap.Logger,
 	}
 }
 
+// record adds a finished session to the history.
+func (m *Manager) record(s *Session, mach machine, err error, log *zap.Logger) {
+	e := api.HistoryEntry{
+		ID: s.ID.String(), Direction: s.Direction, PID: int(s.pid.Load()), Peer: s.Peer,
+		Started: s.started, Ended: time.Now(), Outcome: api.OutcomeRolledBack, Result: s.result,
+	}
+	switch mach := mach.(type) {
+	case *source:
+		switch {
+		case mach.inDoubt:
+			e.Outcome = api.OutcomeInDoubt
+		case err == nil:
+			e.Outcome = api.OutcomeCommitted
+		}
+	case *dest:
+		if mach.rec.State == stCommitted {
+			e.Outcome = api.OutcomeCommitted
+		}
+	}
+	if e.Outcome != api.OutcomeCommitted {
+		e.Error = api.AsError(err)
+	}
+	if herr := m.history.add(e); herr != nil {
+		log.Warn("cannot record the migration in the history", zap.Error(herr))
+	}
+}
+
+// History returns the newest limit finished migrations (all kept, if
+// limit <= 0), newest first.
+func (m *Manager) History(limit int) ([]api.HistoryEntry, error) {
+	return m.history.list(limit)
+}
+
 // Migrate moves the process tree rooted at req.PID to the daemon at
 // req.To, and returns when the migration has ended. progress receives
 // progress events; it is called from another goroutine than the session's
@@ -502,6 +551,18 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	info, err := m.checkPID(req.PID)
 	if err != nil {
 		return api.Result{}, err
+	}
+	mode := req.Mode
+	if mode == "" {
+		mode = api.ModeAuto
+	}
+	// This side first, before anything is touched: a mode the source
+	// cannot run is refused here, with the reason.
+	if _, ok := m.cfg.AsSource[mode]; !ok && mode != api.ModeAuto {
+		return api.Result{}, api.Errorf(api.CodeInvalid, "unknown mode %q: want copy, lazy, precopy or auto", mode)
+	}
+	if mode != api.ModeAuto && !m.cfg.AsSource.Can(mode) {
+		return api.Result{}, api.Errorf(api.CodePrecondition, "%s migration impossible: on this host (the source), %s. Use --mode auto (or copy)", mode, m.cfg.AsSource[mode])
 	}
 	var id wire.SessionID
 	if _, err := rand.Read(id[:]); err != nil {
@@ -550,7 +611,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	}()
 	src, err := newSource(s, sourceParams{
 		log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir, proc: info, dest: addr,
-		peerTimeout: m.cfg.PeerTimeout, gate: m.gate,
+		peerTimeout: m.cfg.PeerTimeout, gate: m.gate, mode: mode, asSource: m.cfg.AsSource,
 		progress: func(ev api.Event) {
 			select {
 			case events <- ev:

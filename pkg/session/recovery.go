@@ -28,6 +28,32 @@ func (m *Manager) Recover() error {
 	if err != nil {
 		return err
 	}
+	known, _ := m.history.list(0)
+	recorded := map[string]bool{}
+	for _, e := range known {
+		recorded[e.ID+"/"+e.Direction] = true
+	}
+	// note adds a session the previous run did not finish to the history.
+	note := func(id wire.SessionID, rec *record, outcome string) {
+		dir := Incoming
+		if rec.Role == roleSource {
+			dir = Outgoing
+		}
+		if recorded[id.String()+"/"+dir] {
+			return
+		}
+		e := api.HistoryEntry{ID: id.String(), Direction: dir, PID: rec.PID, Peer: rec.Peer, Started: rec.Created,
+			Ended: time.Now(), Outcome: outcome, Result: api.Result{ID: id.String(), SourcePID: rec.PID}}
+		if rec.Role == roleDest {
+			e.PID, e.Result.SourcePID, e.Result.DestPID = rec.SourcePID, rec.SourcePID, rec.PID
+		}
+		if outcome != api.OutcomeCommitted {
+			e.Error = api.Errorf(api.CodeAborted, "%s", rec.Error)
+		}
+		if err := m.history.add(e); err != nil {
+			m.log.Warn("cannot record the migration in the history", zap.Error(err))
+		}
+	}
 	for _, e := range ents {
 		id, err := wire.ParseSessionID(e.Name())
 		if err != nil || !e.IsDir() {
@@ -54,19 +80,22 @@ func (m *Manager) Recover() error {
 			resumeSource(log, rec.PID, rec.StartTime)
 			rec.State, rec.Error = stAborted, "interrupted: phauld restarted"
 			m.saveRecovered(log, rec, dir)
+			note(id, rec, api.OutcomeRolledBack)
 		case rec.Role == roleSource && rec.State == stCommitSent:
 			log.Warn("recovering: the commit was asked before the restart; asking the destination", zap.Int("pid", rec.PID))
-			m.startResolver(id, rec, dir, log)
+			m.startResolver(id, rec, dir, log, api.HistoryEntry{Started: rec.Created, Result: api.Result{ID: id.String(), SourcePID: rec.PID, Dest: rec.Peer}})
 		case rec.Role == roleSource && rec.State == stCommitted:
 			log.Info("recovering: committed; removing the source tree", zap.Int("pid", rec.PID))
 			killTree(log, rec.PID, rec.StartTime)
 			rec.Done = true
 			m.saveRecovered(log, rec, dir)
+			note(id, rec, api.OutcomeCommitted)
 		case rec.Role == roleDest && rec.State == stRestored:
 			log.Warn("recovering: restored but not committed; discarding this copy", zap.Int("dest_pid", rec.PID))
 			killTree(log, rec.PID, rec.StartTime)
 			rec.State, rec.Error = stAborted, "interrupted before the commit: phauld restarted"
 			m.saveRecovered(log, rec, dir)
+			note(id, rec, api.OutcomeRolledBack)
 		case rec.Role == roleDest && rec.State == stCommitted:
 			// Committed: make sure the tree runs (the resume may not have
 			// happened), and keep the record for the source's query.
@@ -75,10 +104,12 @@ func (m *Manager) Recover() error {
 				proc.SignalAll(tree, syscall.SIGCONT)
 				proc.CloseAll(tree)
 			}
+			note(id, rec, api.OutcomeCommitted)
 		case rec.Role == roleDest:
 			log.Warn("recovering: interrupted before anything was restored")
 			rec.State, rec.Error = stAborted, "interrupted: phauld restarted"
 			m.saveRecovered(log, rec, dir)
+			note(id, rec, api.OutcomeRolledBack)
 		}
 	}
 	return nil
@@ -144,13 +175,15 @@ type resolver struct {
 	started time.Time
 	stop    chan struct{}
 	done    chan struct{}
+	// entry is the history entry the outcome completes.
+	entry api.HistoryEntry
 	// Set before done is closed.
 	outcome string
 	destPID int
 }
 
-func (m *Manager) startResolver(id wire.SessionID, rec *record, dir string, log *zap.Logger) *resolver {
-	r := &resolver{id: id, rec: rec, dir: dir, started: time.Now(), stop: make(chan struct{}), done: make(chan struct{})}
+func (m *Manager) startResolver(id wire.SessionID, rec *record, dir string, log *zap.Logger, entry api.HistoryEntry) *resolver {
+	r := &resolver{id: id, rec: rec, dir: dir, started: time.Now(), stop: make(chan struct{}), done: make(chan struct{}), entry: entry}
 	m.mu.Lock()
 	if m.closing {
 		m.mu.Unlock()
@@ -215,6 +248,17 @@ func (m *Manager) settle(r *resolver, log *zap.Logger) {
 	if err := r.rec.save(r.dir); err != nil {
 		log.Error("cannot record the outcome", zap.Error(err))
 		return
+	}
+	e := r.entry
+	e.ID, e.Direction, e.PID, e.Peer, e.Ended = r.id.String(), Outgoing, r.rec.PID, r.rec.Peer, time.Now()
+	if r.outcome == wire.OutcomeCommitted {
+		e.Outcome, e.Error, e.Result.DestPID = api.OutcomeCommitted, nil, r.destPID
+	} else {
+		e.Outcome = api.OutcomeRolledBack
+		e.Error = api.Errorf(api.CodeAborted, "the commit was asked and its answer lost; the destination then said it had not committed")
+	}
+	if err := m.history.add(e); err != nil {
+		log.Warn("cannot record the migration in the history", zap.Error(err))
 	}
 	// The destination may forget the session now.
 	if lk, err := m.dialQuery(r.rec.Peer, r.id); err == nil {

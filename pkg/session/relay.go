@@ -37,6 +37,12 @@ type relay struct {
 	// sends (TLS); a plain link sends the buffer itself.
 	buf []byte
 
+	// holdEOF keeps the end of the peer's page stream from CRIU: a lazy
+	// dump's page server takes a closed connection for a finished
+	// transfer, so only phauld, once the destination has said every page
+	// is in, may end it (and resetTo ends it as a failure).
+	holdEOF bool
+
 	// onError reports a failure of the local side. Failures of the mem
 	// side go to the mem conn's onClose.
 	onError func(error)
@@ -66,6 +72,67 @@ func newPageSocket() (ours int, theirs *os.File, err error) {
 		return -1, nil, err
 	}
 	return fds[0], os.NewFile(uintptr(fds[1]), "criu-pages"), nil
+}
+
+// newTCPPageSocket is newPageSocket over loopback TCP, for a lazy dump:
+// unlike a Unix socket, phauld can then end the connection with a reset
+// (see relay.reset), which CRIU tells apart from a clean close.
+func newTCPPageSocket() (ours int, theirs *os.File, err error) {
+	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, nil, fmt.Errorf("page socket: %w", err)
+	}
+	defer unix.Close(lfd)
+	loopback := &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}
+	if err := unix.Bind(lfd, loopback); err != nil {
+		return -1, nil, fmt.Errorf("page socket: bind: %w", err)
+	}
+	if err := unix.Listen(lfd, 1); err != nil {
+		return -1, nil, fmt.Errorf("page socket: listen: %w", err)
+	}
+	addr, err := unix.Getsockname(lfd)
+	if err != nil {
+		return -1, nil, fmt.Errorf("page socket: %w", err)
+	}
+	cfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, nil, fmt.Errorf("page socket: %w", err)
+	}
+	if err := unix.Connect(cfd, addr); err != nil {
+		unix.Close(cfd)
+		return -1, nil, fmt.Errorf("page socket: connect: %w", err)
+	}
+	mine, err := unix.Getsockname(cfd)
+	if err != nil {
+		unix.Close(cfd)
+		return -1, nil, fmt.Errorf("page socket: %w", err)
+	}
+	// Only our own connection is taken: anything else that raced to the
+	// port is refused.
+	for {
+		afd, peer, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+		if err != nil {
+			unix.Close(cfd)
+			return -1, nil, fmt.Errorf("page socket: accept: %w", err)
+		}
+		if p, ok := peer.(*unix.SockaddrInet4); ok && p.Port == mine.(*unix.SockaddrInet4).Port && p.Addr == loopback.Addr {
+			for _, fd := range []int{afd, cfd} {
+				unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+				for _, o := range [][2]int{{unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}, {unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}} {
+					if unix.SetsockoptInt(fd, unix.SOL_SOCKET, o[0], 4<<20) != nil {
+						unix.SetsockoptInt(fd, unix.SOL_SOCKET, o[1], 4<<20)
+					}
+				}
+			}
+			if err := unix.SetNonblock(afd, true); err != nil {
+				unix.Close(afd)
+				unix.Close(cfd)
+				return -1, nil, err
+			}
+			return afd, os.NewFile(uintptr(cfd), "criu-pages"), nil
+		}
+		unix.Close(afd)
+	}
 }
 
 func newRelay(l *loop, local int, mem *conn) (*relay, error) {
@@ -223,7 +290,7 @@ func (r *relay) flushLocal() {
 	if r.localOutLen < lowWater {
 		r.mem.pause(false)
 	}
-	if r.remoteEOF && r.localOutLen == 0 && !r.shutdown {
+	if r.remoteEOF && r.localOutLen == 0 && !r.shutdown && !r.holdEOF {
 		r.shutdown = true
 		// CRIU may be gone already; then there is nobody to tell.
 		unix.Shutdown(r.local, unix.SHUT_WR)
@@ -265,6 +332,17 @@ func (r *relay) fail(err error) {
 	if r.onError != nil {
 		r.onError(err)
 	}
+}
+
+// reset closes our end of a TCP local socket with a reset: a CRIU reading
+// from it gets ECONNRESET, which a lazy dump's page server takes as a
+// failed transfer (it then resumes the tree).
+func (r *relay) reset() {
+	if r.closed {
+		return
+	}
+	unix.SetsockoptLinger(r.local, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	r.close()
 }
 
 // close closes our end of the local socket: a CRIU still writing to it

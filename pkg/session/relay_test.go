@@ -210,3 +210,51 @@ func TestRelayCloseFailsCRIU(t *testing.T) {
 		t.Fatal("writing to a closed relay succeeded")
 	}
 }
+
+// TestRelayLazyEnd checks how a lazy dump's page stream ends: the peer's
+// end of stream is held from CRIU (a lazy page server takes a clean close
+// for a finished transfer), and a reset reaches CRIU as ECONNRESET, which
+// it takes for a failed one.
+func TestRelayLazyEnd(t *testing.T) {
+	l, err := newLoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.close()
+	local, criuEnd, err := newTCPPageSocket()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer criuEnd.Close()
+	memLink, peer := socketpair(t)
+	defer peer.Close()
+	mem, err := newConn(l, "mem", memLink, wire.Mem, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := newRelay(l, local, mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.holdEOF = true
+	if err := r.fromPeer(&wire.PageData{Data: []byte("request")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.fromPeer(&wire.PageEOF{}); err != nil {
+		t.Fatal(err)
+	}
+	fd := int(criuEnd.Fd())
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 200000})
+	buf := make([]byte, 64)
+	n, err := unix.Read(fd, buf)
+	if err != nil || string(buf[:n]) != "request" {
+		t.Fatalf("criu read %q, %v", buf[:max(n, 0)], err)
+	}
+	if n, err := unix.Read(fd, buf); err != unix.EAGAIN {
+		t.Fatalf("criu saw the end of a held stream: %d, %v", n, err)
+	}
+	r.reset()
+	if _, err := unix.Read(fd, buf); err != unix.ECONNRESET {
+		t.Fatalf("criu read after a reset: %v, want ECONNRESET", err)
+	}
+}

@@ -36,6 +36,10 @@ const (
 	// srcRelease: post-dump answered "go on": CRIU leaves the tree
 	// stopped; waiting for its final response.
 	srcRelease
+	// srcLazy: a lazy migration's tree runs on the destination while
+	// CRIU serves its pages from here; waiting for CRIU to finish (the
+	// tree then stays stopped here) and for the destination's PagesIn.
+	srcLazy
 	// srcCommit: commit-sent recorded, Commit sent; waiting for
 	// Committed. The tree stays stopped until the destination answers.
 	srcCommit
@@ -45,7 +49,7 @@ const (
 	srcEnd
 )
 
-var srcStateNames = [...]string{"prepare", "dump", "restore", "release", "commit", "abort", "end"}
+var srcStateNames = [...]string{"prepare", "dump", "restore", "release", "lazy", "commit", "abort", "end"}
 
 func (s srcState) String() string { return srcStateNames[s] }
 
@@ -60,6 +64,9 @@ type sourceParams struct {
 	peerTimeout time.Duration
 	gate        *dumpGate
 	progress    func(api.Event)
+	// mode is what the user asked for; asSource what this host can do.
+	mode     string
+	asSource Capabilities
 }
 
 // source is the state machine of the daemon a process leaves.
@@ -96,7 +103,23 @@ type source struct {
 	// journal are the tree's journal stream sockets (see
 	// wire.Prepare.JournalStreams).
 	journal []uint64
+	// memBytes is the tree's resident memory when the migration began:
+	// about what the pages come to.
+	memBytes int64
+
+	// mode is the migration's mode, as the destination chose it.
+	mode string
+	// Lazy migrations: served is set when CRIU finished serving pages
+	// (the tree is then stopped here, by CRIU); pagesIn when the
+	// destination said every page is in, lazyPages how many came so.
+	served, pagesIn    bool
+	lazyPages          uint64
+	tResumed, tPagesIn time.Time
 }
+
+// pageSize is the unit of CRIU's page transfers; pages moved are counted
+// as page-server bytes over it (its headers are a fraction of a percent).
+const pageSize = 4096
 
 func newSource(s *Session, p sourceParams, rpcLink, memLink *link) (*source, error) {
 	m := &source{s: s, p: p, log: p.log, t0: s.started}
@@ -137,12 +160,23 @@ func (m *source) begin() error {
 	m.emit()
 	m.hb = startHeartbeat(m.s.l, m.rpc, []*conn{m.rpc, m.mem}, m.p.peerTimeout, m.onSilent)
 	m.journal = journalStreams(m.p.proc.PID, m.log)
+	if pids, err := proc.Tree(m.p.proc.PID); err == nil {
+		m.memBytes = proc.Resident(pids)
+	}
+	var modes []string
+	for _, x := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
+		if m.p.asSource.Can(x) {
+			modes = append(modes, x)
+		}
+	}
 	return m.rpc.send(&wire.Prepare{
 		PID:            m.p.proc.PID,
 		CRIUVersion:    m.p.info.Version.Code(),
 		CPUInfo:        m.p.info.CPUInfo,
 		Name:           printable(m.p.proc.Comm),
 		JournalStreams: m.journal,
+		Mode:           m.p.mode,
+		SourceModes:    modes,
 	})
 }
 
@@ -191,13 +225,14 @@ func (m *source) emit() {
 	if m.p.progress == nil {
 		return
 	}
-	var b int64
+	var pages int64
 	if m.relay != nil {
-		b = m.relay.sent
+		pages = m.relay.sent
 	}
-	b += m.fileBytes
+	b := pages + m.fileBytes
 	m.s.bytes.Store(b)
-	m.p.progress(api.Event{Event: api.EventProgress, ID: m.s.ID.String(), Phase: m.ph.name, Bytes: b})
+	m.p.progress(api.Event{Event: api.EventProgress, ID: m.s.ID.String(), Phase: m.ph.name, Bytes: b,
+		Pages: pages / pageSize, MemBytes: m.memBytes, ElapsedMS: time.Since(m.t0).Milliseconds()})
 }
 
 func (m *source) onRPC(msg wire.Message) error {
@@ -224,6 +259,12 @@ func (m *source) onRPC(msg wire.Message) error {
 		if m.state != srcPrepare {
 			break
 		}
+		m.mode = msg.Mode
+		if m.mode == "" {
+			m.mode = api.ModeCopy
+		}
+		m.log = m.log.With(zap.String("mode", m.mode))
+		m.ph.log = m.log
 		m.log.Info("destination ready", zap.Int("dest_criu", msg.CRIUVersion), zap.String("cpu_check", msg.CPUCheck))
 		return m.startDumpWhenFree()
 	case *wire.Restored:
@@ -233,12 +274,34 @@ func (m *source) onRPC(msg wire.Message) error {
 		m.destPID = msg.PID
 		m.restore = msg.Stats
 		m.log.Info("destination restored the tree, stopped", zap.Int("dest_pid", msg.PID))
+		if m.mode == api.ModeLazy {
+			// Let it run there; its memory follows. Not the commit: until
+			// every page is in and Commit is sent, a failure discards that
+			// copy and this one resumes.
+			m.state = srcLazy
+			m.ph.enter("lazy")
+			return m.rpc.send(&wire.Resume{})
+		}
 		// Release the tree from CRIU: it stays stopped, and from now on
 		// its fate is phauld's to decide, after the destination's commit.
 		m.state = srcRelease
 		m.released = true
 		m.ph.enter("commit")
 		return m.dump.op.Reply(true)
+	case *wire.Resumed:
+		if m.state != srcLazy {
+			break
+		}
+		m.tResumed = time.Now()
+		m.log.Info("the tree runs on the destination; its memory follows", zap.Int("dest_pid", msg.PID))
+		return nil
+	case *wire.PagesIn:
+		if m.state != srcLazy || m.pagesIn {
+			break
+		}
+		m.pagesIn, m.lazyPages, m.tPagesIn = true, msg.Pages, time.Now()
+		m.log.Info("every page is in at the destination", zap.Uint64("lazy_pages", msg.Pages))
+		return m.askLazyCommit()
 	case *wire.Committed:
 		if m.state != srcCommit {
 			break
@@ -291,7 +354,12 @@ func (m *source) startDump() error {
 	if err := m.rec.save(m.p.dir); err != nil {
 		return err
 	}
-	local, theirs, err := newPageSocket()
+	lazy := m.mode == api.ModeLazy
+	newSocket := newPageSocket
+	if lazy {
+		newSocket = newTCPPageSocket // so that a failure can reset it
+	}
+	local, theirs, err := newSocket()
 	if err != nil {
 		return err
 	}
@@ -302,6 +370,7 @@ func (m *source) startDump() error {
 		return err
 	}
 	m.relay.onError = m.abort
+	m.relay.holdEOF = lazy
 	m.ph.enter("dump")
 	m.tDump = time.Now()
 	opts := criu.Options{
@@ -311,6 +380,7 @@ func (m *source) startDump() error {
 		LeaveStopped: true,
 		Notify:       true,
 		PageServer:   theirs,
+		LazyPages:    lazy,
 	}
 	for _, ino := range m.journal {
 		opts.ExtUnixSk = true
@@ -332,7 +402,7 @@ func (m *source) startDump() error {
 
 func (m *source) tickProgress() {
 	m.emit()
-	if m.state == srcDump || m.state == srcRestore {
+	if m.state == srcDump || m.state == srcRestore || m.state == srcLazy {
 		m.progressTimer = m.s.l.after(250*time.Millisecond, m.tickProgress)
 	}
 }
@@ -346,6 +416,14 @@ func (m *source) onDump(ev criu.Event) error {
 		case m.state == srcAbort:
 			// Say no at the first chance: CRIU resumes the tree.
 			return m.dump.op.Reply(false)
+		case ev.Notify == "post-dump" && m.state == srcDump && m.mode == api.ModeLazy:
+			// Frozen, dumped but for the lazy memory: ship the images,
+			// and let CRIU serve the rest. Saying yes here commits
+			// nothing: a lazy dump resumes the tree if serving fails.
+			if err := m.shipImages(); err != nil {
+				return err
+			}
+			return m.dump.op.Reply(true)
 		case ev.Notify == "post-dump" && m.state == srcDump:
 			// Frozen and fully dumped; CRIU now waits for our word.
 			return m.shipImages()
@@ -354,6 +432,9 @@ func (m *source) onDump(ev criu.Event) error {
 		}
 	}
 	// CRIU's final response.
+	if m.mode == api.ModeLazy && (m.state == srcRestore || m.state == srcLazy) {
+		return m.onLazyServed(ev.Err)
+	}
 	switch m.state {
 	case srcRelease:
 		if ev.Err != nil {
@@ -381,6 +462,11 @@ func (m *source) onDump(ev criu.Event) error {
 		m.state = srcCommit
 		return m.rpc.send(&wire.Commit{})
 	case srcAbort:
+		if m.mode == api.ModeLazy && ev.Err == nil {
+			// The page server finished before the reset reached it: CRIU
+			// left the tree stopped, and it is ours to resume.
+			m.released = true
+		}
 		m.end()
 		return nil
 	default:
@@ -396,6 +482,39 @@ func (m *source) onDump(ev criu.Event) error {
 		m.end()
 		return nil
 	}
+}
+
+// onLazyServed takes the end of a lazy dump: CRIU has served the pages
+// (the tree is left stopped here) or failed (it resumed the tree itself).
+func (m *source) onLazyServed(err error) error {
+	if err != nil {
+		m.abort(api.Errorf(api.CodeAborted, "serving pages to the destination: %v", err))
+		return nil
+	}
+	tree, terr := proc.OpenTree(m.p.proc.PID, m.p.proc.StartTime)
+	if terr != nil {
+		m.abort(api.Errorf(api.CodeAborted, "source tree after the lazy dump: %v", terr))
+		return nil
+	}
+	m.served, m.released, m.tree = true, true, tree
+	m.log.Info("every page served; the tree is stopped here")
+	return m.askLazyCommit()
+}
+
+// askLazyCommit asks the commit of a lazy migration once both sides are
+// through: CRIU served every page (the tree is stopped here, and stays so)
+// and the destination has them all.
+func (m *source) askLazyCommit() error {
+	if !m.served || !m.pagesIn || m.state != srcLazy {
+		return nil
+	}
+	m.rec.State = stCommitSent
+	if err := m.rec.save(m.p.dir); err != nil {
+		return err
+	}
+	m.state = srcCommit
+	m.ph.enter("commit")
+	return m.rpc.send(&wire.Commit{})
 }
 
 func (m *source) readDumpStats() {
@@ -463,10 +582,24 @@ func (m *source) abort(err error) {
 		m.tellPeer(err)
 		// CRIU fails writing pages, or answers "no" at post-dump.
 		if m.relay != nil {
-			m.relay.close()
+			m.relay.reset() // a plain close on a Unix socket
 		}
 		m.waitCRIU()
-	case srcRestore:
+	case srcRestore, srcLazy:
+		if m.mode == api.ModeLazy {
+			m.state = srcAbort
+			m.tellPeer(err)
+			if m.served || m.dump.done {
+				m.log.Warn("rolling back: resuming the stopped tree")
+				m.end()
+				return
+			}
+			// CRIU is serving pages: a reset makes it stop, fail, and
+			// resume the tree; its response then ends the rollback.
+			m.log.Warn("rolling back: stopping CRIU's page server, which resumes the tree")
+			m.relay.reset()
+			return
+		}
 		m.log.Warn("rolling back: telling CRIU to resume the tree")
 		m.state = srcAbort
 		m.tellPeer(err)
@@ -531,7 +664,7 @@ func (m *source) end() {
 		}
 	}
 	if m.released && m.tree != nil {
-		if err := proc.SignalAll(m.tree, syscall.SIGCONT); err != nil {
+		if err := resumeTree(m.tree); err != nil {
 			m.log.Error("cannot resume the source tree", zap.Error(err))
 		}
 	}
@@ -546,6 +679,30 @@ func (m *source) end() {
 		e := api.AsError(m.failure)
 		m.failure = api.Errorf(e.Code, "migration failed; the process was resumed here (pid %d): %s", m.p.proc.PID, e.Message)
 		m.log.Info("rolled back: the process runs on the source")
+	}
+}
+
+// resumeTree sends SIGCONT to a tree CRIU left stopped, until none of it
+// is stopped: CRIU's own SIGSTOP may land just after its response.
+func resumeTree(tree []*proc.Process) error {
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		if err := proc.SignalAll(tree, syscall.SIGCONT); err != nil {
+			return err
+		}
+		time.Sleep(5 * time.Millisecond)
+		stopped := 0
+		for _, p := range tree {
+			if info, err := proc.Stat(p.PID); err == nil && info.Stopped() && !p.Exited() {
+				stopped++
+			}
+		}
+		if stopped == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d of its processes still stopped after 2 s of SIGCONT", stopped)
+		}
 	}
 }
 
@@ -633,9 +790,25 @@ func (m *source) result() api.Result {
 		TotalMS:   time.Since(m.t0).Milliseconds(),
 		Bytes:     m.rpc.bytesOut + m.rpc.bytesIn + m.mem.bytesOut + m.mem.bytesIn,
 		PhasesMS:  m.ph.took,
+		Mode:      m.mode,
 	}
 	if !m.tCommitted.IsZero() {
 		r.FrozenMS = m.tCommitted.Sub(m.tDump).Milliseconds()
+	}
+	if m.mode == api.ModeLazy && !m.tResumed.IsZero() {
+		// Frozen until it ran again on the destination, not until the
+		// last page arrived.
+		r.FrozenMS = m.tResumed.Sub(m.tDump).Milliseconds()
+		if !m.tPagesIn.IsZero() {
+			r.LazyMS = m.tPagesIn.Sub(m.tResumed).Milliseconds()
+		}
+		// CRIU 4.2's stats-dump of a lazy dump is zeroed when its page
+		// server starts: the pages are counted from what is known, and
+		// CRIU's dump times are not reported.
+		r.Dump = &api.DumpStats{FrozenUS: uint32(min(r.FrozenMS*1000, 1<<32-1)), PagesLazy: m.lazyPages}
+		if m.restore != nil {
+			r.Dump.PagesWritten = m.restore.PagesRestored
+		}
 	}
 	if m.relay != nil {
 		r.PageBytes = m.relay.sent

@@ -18,19 +18,24 @@ const (
 	TypeHello      Type = 0x01
 	TypeHelloReply Type = 0x02
 
-	TypePrepare   Type = 0x10
-	TypeReady     Type = 0x11
-	TypeFileBegin Type = 0x12
-	TypeFileData  Type = 0x13
-	TypeFileEnd   Type = 0x14
-	TypeRestore   Type = 0x15
-	TypeRestored  Type = 0x16
-	TypeCommit    Type = 0x17
-	TypeCommitted Type = 0x18
-	TypeDone      Type = 0x19
-	TypeFail      Type = 0x1a
-	TypePing      Type = 0x1b
-	TypePong      Type = 0x1c
+	TypePrepare    Type = 0x10
+	TypeReady      Type = 0x11
+	TypeFileBegin  Type = 0x12
+	TypeFileData   Type = 0x13
+	TypeFileEnd    Type = 0x14
+	TypeRestore    Type = 0x15
+	TypeRestored   Type = 0x16
+	TypeCommit     Type = 0x17
+	TypeCommitted  Type = 0x18
+	TypeDone       Type = 0x19
+	TypeFail       Type = 0x1a
+	TypePing       Type = 0x1b
+	TypePong       Type = 0x1c
+	TypePreCopy    Type = 0x1d
+	TypeRoundReady Type = 0x1e
+	TypeResumed    Type = 0x1f
+	TypePagesIn    Type = 0x20
+	TypeResume     Type = 0x21
 
 	TypePageData Type = 0x30
 	TypePageEOF  Type = 0x31
@@ -111,6 +116,11 @@ var specs = [256]*spec{
 	TypeFail:       {name: "fail", max: controlMax, channels: RPC, new: func() Message { return new(Fail) }},
 	TypePing:       {name: "ping", max: smallMax, channels: RPC, new: func() Message { return new(Ping) }},
 	TypePong:       {name: "pong", max: smallMax, channels: RPC, new: func() Message { return new(Pong) }},
+	TypePreCopy:    {name: "pre-copy", max: smallMax, channels: RPC, new: func() Message { return new(PreCopy) }},
+	TypeRoundReady: {name: "round-ready", max: smallMax, channels: RPC, new: func() Message { return new(RoundReady) }},
+	TypeResumed:    {name: "resumed", max: smallMax, channels: RPC, new: func() Message { return new(Resumed) }},
+	TypePagesIn:    {name: "pages-in", max: smallMax, channels: RPC, new: func() Message { return new(PagesIn) }},
+	TypeResume:     {name: "resume", max: smallMax, channels: RPC, new: func() Message { return new(Resume) }},
 	TypePageData:   {name: "page-data", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageData) }},
 	TypePageEOF:    {name: "page-eof", max: 0, channels: Mem, raw: true, new: func() Message { return new(PageEOF) }},
 	TypeResolve:    {name: "resolve", max: smallMax, channels: Query, new: func() Message { return new(Resolve) }},
@@ -254,6 +264,12 @@ type Prepare struct {
 	// They are dumped as external; the destination connects each afresh
 	// to its own journald.
 	JournalStreams []uint64 `json:"journal_streams,omitempty"`
+	// Mode is the mode the user asked for: copy, lazy, precopy or auto
+	// ("" is copy, from a source that predates modes).
+	Mode string `json:"mode,omitempty"`
+	// SourceModes are the modes the source can run as a source; the
+	// destination picks the mode (auto: the best both can run).
+	SourceModes []string `json:"source_modes,omitempty"`
 }
 
 // Ready says the destination passed its checks and its page server is
@@ -262,6 +278,41 @@ type Ready struct {
 	CRIUVersion int `json:"criu_version"`
 	// CPUCheck is "ok", or "skipped" when CRIU cannot compare CPUs here.
 	CPUCheck string `json:"cpu_check"`
+	// Mode is the migration's mode, as the destination chose it ("" is
+	// copy).
+	Mode string `json:"mode,omitempty"`
+}
+
+// PreCopy starts a pre-copy round (Round >= 1: the destination starts a
+// page server for that round's pages) or, with Round 0, the final dump's.
+// The destination answers RoundReady.
+type PreCopy struct {
+	Round int `json:"round"`
+}
+
+// RoundReady says the destination's page server for Round listens on the
+// mem connection: the source may dump.
+type RoundReady struct {
+	Round int `json:"round"`
+}
+
+// Resume asks the destination to let the restored tree of a lazy
+// migration run before its memory has all arrived. It is not the commit:
+// until Commit, a failure discards that copy and resumes the source's.
+type Resume struct{}
+
+// PagesIn says every page of a lazy migration is in at the destination
+// (its lazy-pages daemon finished): the source may ask the commit.
+type PagesIn struct {
+	// Pages is how many pages came lazily.
+	Pages uint64 `json:"pages"`
+}
+
+// Resumed says the destination resumed the tree of a lazy migration
+// under PID; its memory is still arriving, and Committed follows once the
+// last page is in.
+type Resumed struct {
+	PID int `json:"pid"`
 }
 
 // FileBegin starts an image file; FileData chunks and a FileEnd follow.
@@ -378,6 +429,11 @@ func (*Done) Type() Type       { return TypeDone }
 func (*Fail) Type() Type       { return TypeFail }
 func (*Ping) Type() Type       { return TypePing }
 func (*Pong) Type() Type       { return TypePong }
+func (*PreCopy) Type() Type    { return TypePreCopy }
+func (*RoundReady) Type() Type { return TypeRoundReady }
+func (*Resumed) Type() Type    { return TypeResumed }
+func (*Resume) Type() Type     { return TypeResume }
+func (*PagesIn) Type() Type    { return TypePagesIn }
 func (*PageData) Type() Type   { return TypePageData }
 func (*PageEOF) Type() Type    { return TypePageEOF }
 func (*Resolve) Type() Type    { return TypeResolve }
@@ -411,9 +467,26 @@ func (m *Hello) validate() error {
 // (stdout and stderr); a tree a few per process.
 const MaxJournalStreams = 64
 
+// MaxRounds bounds pre-copy rounds on the wire.
+const MaxRounds = 64
+
+// modeNames are the modes the protocol knows.
+var modeNames = map[string]bool{"": true, "copy": true, "lazy": true, "precopy": true, "auto": true}
+
 func (m *Prepare) validate() error {
 	if m.PID <= 0 {
 		return fmt.Errorf("pid %d", m.PID)
+	}
+	if !modeNames[m.Mode] {
+		return fmt.Errorf("mode %q", m.Mode)
+	}
+	if len(m.SourceModes) > 8 {
+		return fmt.Errorf("%d source modes", len(m.SourceModes))
+	}
+	for _, x := range m.SourceModes {
+		if !modeNames[x] || x == "" || x == "auto" {
+			return fmt.Errorf("source mode %q", x)
+		}
 	}
 	// Name becomes a journal stream's identifier line: a command name
 	// (the kernel keeps 15 bytes), of printable characters.
@@ -432,6 +505,27 @@ func (m *Prepare) validate() error {
 		if ino == 0 {
 			return fmt.Errorf("journal stream inode 0")
 		}
+	}
+	return nil
+}
+
+func (m *Ready) validate() error {
+	if !modeNames[m.Mode] || m.Mode == "auto" {
+		return fmt.Errorf("mode %q", m.Mode)
+	}
+	return nil
+}
+
+func (m *PreCopy) validate() error {
+	if m.Round < 0 || m.Round > MaxRounds {
+		return fmt.Errorf("round %d", m.Round)
+	}
+	return nil
+}
+
+func (m *RoundReady) validate() error {
+	if m.Round < 0 || m.Round > MaxRounds {
+		return fmt.Errorf("round %d", m.Round)
 	}
 	return nil
 }

@@ -14,8 +14,13 @@ func sampleMessages() []Message {
 	return []Message{
 		&Hello{Proto: 1, Role: RoleRPC, Session: id, Daemon: "phauld/test"},
 		&HelloReply{OK: false, Error: "no"},
-		&Prepare{PID: 42, CRIUVersion: 40201, CPUInfo: []byte{1, 2, 3}, Name: "workload", JournalStreams: []uint64{1234, 1235}},
-		&Ready{CRIUVersion: 40201, CPUCheck: "ok"},
+		&Prepare{PID: 42, CRIUVersion: 40201, CPUInfo: []byte{1, 2, 3}, Name: "workload", JournalStreams: []uint64{1234, 1235}, Mode: "auto", SourceModes: []string{"copy", "lazy"}},
+		&Ready{CRIUVersion: 40201, CPUCheck: "ok", Mode: "lazy"},
+		&PreCopy{Round: 2},
+		&RoundReady{Round: 2},
+		&Resumed{PID: 7},
+		&Resume{},
+		&PagesIn{Pages: 262144},
 		&FileBegin{Name: "core-1.img", Size: 10},
 		&FileData{Data: []byte("0123456789")},
 		&FileEnd{SHA256: strings.Repeat("ab", 32)},
@@ -208,6 +213,8 @@ func TestPrepareValidate(t *testing.T) {
 		{PID: 1, Name: strings.Repeat("x", 65)},
 		{PID: 1, JournalStreams: []uint64{0}},
 		{PID: 1, JournalStreams: make([]uint64, MaxJournalStreams+1)},
+		{PID: 1, Mode: "turbo"},
+		{PID: 1, SourceModes: []string{"auto"}},
 	} {
 		b, err := Marshal(bad)
 		if err != nil {

@@ -1,0 +1,87 @@
+package session
+
+import (
+	"fmt"
+
+	"github.com/phaul/phaul/pkg/api"
+)
+
+// Capabilities are the migration modes a host can take part in: for each
+// mode, "" if it can, else why not (said to the user as is).
+type Capabilities map[string]string
+
+// Can reports whether the host can run mode.
+func (c Capabilities) Can(mode string) bool {
+	why, ok := c[mode]
+	return ok && why == ""
+}
+
+// HostCapabilities are what this host's CRIU and kernel allow it to do
+// as a source (asSource) and as a destination (asDest). A lazy source
+// serves pages from pipes (fs.pipe-max-size: pipeBlock, if not "", says
+// why it cannot); a lazy destination needs userfaultfd (CRIU's lazy_pages
+// check). Pre-copy needs soft-dirty tracking where the pre-dumps run: the
+// source.
+func HostCapabilities(memTrack, lazyPages bool, pipeBlock string) (asSource, asDest Capabilities) {
+	asSource = Capabilities{api.ModeCopy: "", api.ModeLazy: pipeBlock, api.ModePrecopy: ""}
+	asDest = Capabilities{api.ModeCopy: "", api.ModeLazy: "", api.ModePrecopy: ""}
+	if !lazyPages {
+		asDest[api.ModeLazy] = "CRIU finds no usable userfaultfd on this host (its lazy_pages feature check failed)"
+	}
+	if !memTrack {
+		asSource[api.ModePrecopy] = "this kernel has no soft-dirty memory tracking (CONFIG_MEM_SOFT_DIRTY), so pre-dumps cannot tell which pages changed"
+	}
+	return asSource, asDest
+}
+
+// chooseMode resolves requested (a mode or auto) against what the source
+// and the destination can do, as the destination decides it: auto is the
+// best both support (lazy, else precopy, else copy). A named mode one side
+// cannot run is refused with that side's reason and what to do.
+func chooseMode(requested string, src, dst Capabilities) (string, error) {
+	if requested == "" {
+		requested = api.ModeAuto
+	}
+	if requested == api.ModeAuto {
+		for _, m := range []string{api.ModeLazy, api.ModePrecopy, api.ModeCopy} {
+			if src.Can(m) && dst.Can(m) {
+				return m, nil
+			}
+		}
+		return "", api.Errorf(api.CodePrecondition, "the two hosts share no migration mode (source: %v; destination: %v)", src, dst)
+	}
+	if _, known := dst[requested]; !known {
+		if _, known := src[requested]; !known {
+			return "", api.Errorf(api.CodeInvalid, "unknown mode %q: want copy, lazy, precopy or auto", requested)
+		}
+	}
+	for _, side := range []struct {
+		name string
+		caps Capabilities
+	}{{"source", src}, {"destination", dst}} {
+		if !side.caps.Can(requested) {
+			why := side.caps[requested]
+			if why == "" {
+				why = "its phauld does not know this mode (upgrade it)"
+			}
+			return "", api.Errorf(api.CodePrecondition, "%s migration impossible: on the %s, %s. Use --mode auto (or copy)", requested, side.name, why)
+		}
+	}
+	return requested, nil
+}
+
+// String lists the modes a host can run, for logs.
+func (c Capabilities) String() string {
+	s := ""
+	for _, m := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
+		if s != "" {
+			s += ", "
+		}
+		if c.Can(m) {
+			s += m + " yes"
+		} else {
+			s += fmt.Sprintf("%s no", m)
+		}
+	}
+	return s
+}

@@ -1,0 +1,45 @@
+package session
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/phaul/phaul/pkg/api"
+)
+
+func TestChooseMode(t *testing.T) {
+	allS, allD := HostCapabilities(true, true, "")
+	hereS, hereD := HostCapabilities(false, true, "") // these machines: no soft-dirty
+	_, noUffdD := HostCapabilities(true, false, "")
+	pipesS, _ := HostCapabilities(false, true, "fs.pipe-max-size is 1048576")
+	for _, tc := range []struct {
+		req      string
+		src, dst Capabilities
+		want     string // mode, or part of the error
+	}{
+		{"", allS, allD, api.ModeLazy},
+		{api.ModeAuto, hereS, hereD, api.ModeLazy},
+		{api.ModeAuto, allS, noUffdD, api.ModePrecopy},
+		{api.ModeAuto, hereS, noUffdD, api.ModeCopy},
+		{api.ModeAuto, pipesS, hereD, api.ModeCopy},
+		{api.ModeCopy, hereS, noUffdD, api.ModeCopy},
+		{api.ModePrecopy, allS, hereD, api.ModePrecopy}, // only the source pre-dumps
+		{api.ModePrecopy, hereS, allD, "on the source, this kernel has no soft-dirty memory tracking"},
+		{api.ModeLazy, hereS, noUffdD, "on the destination, CRIU finds no usable userfaultfd"},
+		{api.ModeLazy, pipesS, hereD, "on the source, fs.pipe-max-size is 1048576"},
+		{"turbo", allS, allD, `unknown mode "turbo"`},
+	} {
+		got, err := chooseMode(tc.req, tc.src, tc.dst)
+		if err != nil {
+			got = err.Error()
+		}
+		if !strings.Contains(got, tc.want) {
+			t.Errorf("chooseMode(%q, %v, %v) = %q, want %q", tc.req, tc.src, tc.dst, got, tc.want)
+		}
+	}
+	// A named mode the hosts cannot run says what to do.
+	_, err := chooseMode(api.ModePrecopy, hereS, hereD)
+	if api.CodeOf(err) != api.CodePrecondition || !strings.Contains(err.Error(), "--mode auto") {
+		t.Errorf("precopy here: %v", err)
+	}
+}

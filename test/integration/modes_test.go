@@ -1,0 +1,245 @@
+//go:build linux
+
+package integration
+
+import (
+	"encoding/json"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// modesOf asks a daemon which modes it supports.
+func modesOf(t *testing.T, d *daemon) map[string]string {
+	t.Helper()
+	r := d.phaulctl(t, "status", "--json")
+	var s api.Status
+	if err := json.Unmarshal([]byte(r.stdout), &s); err != nil {
+		t.Fatalf("status --json: %v: %s", err, r.stdout)
+	}
+	return s.Modes
+}
+
+// TestLazyMigration moves a process tree post-copy: it runs on the
+// destination before its memory has arrived, the pages follow through
+// phauld's relay over mutual TLS, and the source copy is killed only once
+// every page is across. The memory checksum verifies on the destination,
+// and both daemons' history shows the migration, also after a restart.
+func TestLazyMigration(t *testing.T) {
+	integration(t)
+	a := startDaemon(t, "A", "127.0.0.1:17401", daemonOpts{})
+	b := startDaemon(t, "B", "127.0.0.2:17402", daemonOpts{})
+	if why := modesOf(t, b)["lazy"]; why != "" {
+		t.Fatalf("this host cannot run lazy migrations: %s", why)
+	}
+	w := startWorkload(t, workloadOpts{memMiB: 128, children: 1})
+	srcInfo, _ := proc.Stat(w.pid)
+	before := w.report(w.pid, w.status)
+
+	r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", b.addr, "--mode", "lazy", "--json")
+	if r.code != 0 {
+		t.Fatalf("lazy migration exited %d: %s %s", r.code, r.stdout, r.stderr)
+	}
+	var res api.Result
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil {
+		t.Fatal(err)
+	}
+	w.track(res.DestPID)
+	t.Logf("lazy: frozen %d ms, lazy %d ms, total %d ms, %d bytes, dump %+v", res.FrozenMS, res.LazyMS, res.TotalMS, res.Bytes, res.Dump)
+	if res.Mode != api.ModeLazy {
+		t.Errorf("result mode %q, want lazy", res.Mode)
+	}
+	// Most of the 2 x 128 MiB went lazily, as page data through the relay.
+	if min := int64(2 * 128 << 20); res.PageBytes < min {
+		t.Errorf("page bytes %d: want at least the %d bytes the tree holds", res.PageBytes, min)
+	}
+	if res.Dump == nil || res.Dump.PagesLazy < 2*128*256 {
+		t.Errorf("dump stats %+v: want at least %d lazy pages", res.Dump, 2*128*256)
+	}
+	waitRunning(t, res.DestPID)
+	checkIntact(t, "init", w.report(res.DestPID, w.status), before, w.memMiB, w.seed)
+	kids, err := proc.Children(res.DestPID)
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("destination children %v, %v; want 1", kids, err)
+	}
+	w.track(kids[0])
+	if !gone(w.pid, srcInfo.StartTime) {
+		t.Error("the source copy still exists after a lazy migration")
+	}
+	if !strings.Contains(b.log(), `"mode": "lazy"`) {
+		t.Error("the destination's log does not name the mode")
+	}
+
+	// History, on both sides, and across a restart.
+	a.stop(t)
+	a.start()
+	for _, d := range []*daemon{a, b} {
+		h := d.phaulctl(t, "history", "--json")
+		var list []api.HistoryEntry
+		if err := json.Unmarshal([]byte(h.stdout), &list); err != nil || len(list) != 1 {
+			t.Fatalf("phauld %s history: %v, %s", d.name, err, h.stdout)
+		}
+		e := list[0]
+		if e.ID != res.ID || e.Outcome != api.OutcomeCommitted || e.Result.Mode != api.ModeLazy {
+			t.Errorf("phauld %s history entry %+v: want %s committed lazy", d.name, e, res.ID)
+		}
+		plain := d.phaulctl(t, "history")
+		if !strings.Contains(plain.stdout, res.ID[:8]) || !strings.Contains(plain.stdout, "committed") {
+			t.Errorf("phauld %s history:\n%s", d.name, plain.stdout)
+		}
+	}
+}
+
+// TestLazyLinkFailure breaks the link while pages are still on their way:
+// the process already runs on the destination, but the source kept its
+// frozen copy; that copy resumes, intact, and the partial one is killed.
+func TestLazyLinkFailure(t *testing.T) {
+	integration(t)
+	flags := []string{"--peer-timeout", "3s"}
+	a := startDaemon(t, "A", "127.0.0.1:17411", daemonOpts{flags: flags, insecure: true})
+	b := startDaemon(t, "B", "127.0.0.2:17412", daemonOpts{flags: flags, insecure: true})
+	px := newFaultProxy(t, "127.0.0.3:17413", b.addr)
+	w := startWorkload(t, workloadOpts{memMiB: 128})
+	before := w.report(w.pid, w.status)
+	srcInfo, _ := proc.Stat(w.pid)
+
+	// In a lazy migration page data flows only after the restore: the
+	// 40th frame of it is well inside the lazy phase.
+	var destPID int
+	r := &rule{dir: toDest, typ: wire.TypePageData, nth: 40, action: actDrop, hook: func() {
+		for _, s := range b.sessions(t) {
+			destPID = s.PID
+		}
+	}}
+	px.arm(r)
+	res := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.addr(), "--mode", "lazy")
+	select {
+	case <-r.fired:
+	default:
+		t.Fatalf("the migration ended before the link was cut: exit %d: %s", res.code, res.stderr)
+	}
+	if res.code == 0 {
+		t.Fatalf("migrate exited 0 though the link failed: %s", res.stdout)
+	}
+	t.Logf("migrate said: %s", strings.TrimSpace(res.stderr))
+	waitFor(t, "both daemons to end the session", time.Minute, func() bool {
+		return len(a.sessions(t)) == 0 && len(b.sessions(t)) == 0
+	})
+	var alive []int
+	waitFor(t, "one copy, running", 30*time.Second, func() bool {
+		alive = cellProcesses(w)
+		if len(alive) != 1 {
+			return false
+		}
+		info, err := proc.Stat(alive[0])
+		return err == nil && !info.Stopped()
+	})
+	for _, pid := range alive {
+		w.track(pid)
+	}
+	if info, _ := proc.Stat(alive[0]); alive[0] != w.pid || info.StartTime != srcInfo.StartTime {
+		t.Fatalf("the one copy is pid %d, not the source's %d", alive[0], w.pid)
+	}
+	if destPID > 0 {
+		t.Logf("the destination's partial copy was pid %d", destPID)
+	}
+	checkIntact(t, "source copy", w.report(w.pid, w.status), before, w.memMiB, w.seed)
+	h := a.phaulctl(t, "history", "--json")
+	var list []api.HistoryEntry
+	if err := json.Unmarshal([]byte(h.stdout), &list); err != nil || len(list) != 1 || list[0].Outcome != api.OutcomeRolledBack {
+		t.Errorf("source history after the failure: %v %s; want one rolled-back entry", err, h.stdout)
+	}
+}
+
+// TestModeChoice: status tells which modes this host supports; pre-copy,
+// where soft-dirty tracking is missing, is refused before anything is
+// frozen with a message that says why and what to do; auto picks the best
+// mode both hosts support; copy is always there.
+func TestModeChoice(t *testing.T) {
+	integration(t)
+	a := startDaemon(t, "A", "127.0.0.1:17421", daemonOpts{})
+	b := startDaemon(t, "B", "127.0.0.2:17422", daemonOpts{})
+	modes := modesOf(t, a)
+	t.Logf("modes here: %v", modes)
+	if modes["copy"] != "" {
+		t.Fatalf("copy unsupported: %s", modes["copy"])
+	}
+	w := startWorkload(t, workloadOpts{memMiB: 32})
+	before := w.report(w.pid, w.status)
+
+	softDirty := modes["precopy"] == ""
+	if !softDirty {
+		r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", b.addr, "--mode", "precopy")
+		if r.code == 0 || !strings.Contains(r.stderr, "soft-dirty") || !strings.Contains(r.stderr, "--mode") {
+			t.Errorf("precopy without soft-dirty: exit %d, %q; want a refusal naming soft-dirty and what to use", r.code, r.stderr)
+		}
+		info := waitRunning(t, w.pid)
+		if info.Stopped() {
+			t.Error("the process was left stopped by a refused migration")
+		}
+	}
+	want := api.ModeCopy
+	switch {
+	case modes["lazy"] == "":
+		want = api.ModeLazy
+	case softDirty:
+		want = api.ModePrecopy
+	}
+	res := a.migrate(t, w.pid, b) // no --mode: auto
+	w.track(res.DestPID)
+	if res.Mode != want {
+		t.Errorf("auto chose %q, want %q (modes %v)", res.Mode, want, modes)
+	}
+	checkIntact(t, "after auto", w.report(res.DestPID, w.status), before, w.memMiB, w.seed)
+
+	// And back, in copy mode, with human output and progress lines (not a
+	// terminal: plain lines on stderr).
+	r := b.phaulctl(t, "migrate", "--pid", strconv.Itoa(res.DestPID), "--to", a.addr, "--mode", "copy")
+	if r.code != 0 {
+		t.Fatalf("copy back exited %d: %s", r.code, r.stderr)
+	}
+	t.Logf("stdout:\n%s\nstderr:\n%s", r.stdout, r.stderr)
+	for _, s := range []string{"mode copy", "frozen", "pages scanned"} {
+		if !strings.Contains(r.stdout, s) {
+			t.Errorf("migrate output lacks %q", s)
+		}
+	}
+	if !strings.Contains(r.stderr, "dump") || strings.Contains(r.stderr, "\r") {
+		t.Errorf("progress off a terminal: want plain lines naming the phases, got %q", r.stderr)
+	}
+	destPID := 0
+	if i := strings.Index(r.stdout, "as pid "); i >= 0 {
+		if f := strings.Fields(r.stdout[i+len("as pid "):]); len(f) > 0 {
+			destPID, _ = strconv.Atoi(f[0])
+		}
+	}
+	if destPID <= 0 {
+		t.Fatalf("no destination pid in %q", r.stdout)
+	}
+	w.track(destPID)
+	checkIntact(t, "after copy back", w.report(destPID, w.status), before, w.memMiB, w.seed)
+
+	// On a terminal (script gives phaulctl one): a live bar, redrawn in
+	// place.
+	if _, err := exec.LookPath("script"); err != nil {
+		t.Fatal("script (util-linux) is missing")
+	}
+	cmd := exec.Command("script", "-qec", strings.Join([]string{bins.phaulctl, "--socket", a.socket,
+		"migrate", "--pid", strconv.Itoa(destPID), "--to", b.addr, "--mode", "copy"}, " "), "/dev/null")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("migrate on a terminal: %v: %s", err, out)
+	}
+	if !strings.Contains(string(out), "\r\x1b[K") || !strings.Contains(string(out), "dump") {
+		t.Errorf("on a terminal: want a progress bar redrawn in place, got %q", out)
+	}
+	for _, pid := range cellProcesses(w) {
+		w.track(pid)
+	}
+}
