@@ -35,7 +35,8 @@ stays on this host, frozen; any failure resumes it here.
            destination and CRIU's lazy-pages on both hosts.
   precopy  memory is copied in rounds while the process runs, then what
            changed moves while it is frozen. Needs soft-dirty memory
-           tracking (CONFIG_MEM_SOFT_DIRTY) on the source.
+           tracking (CONFIG_MEM_SOFT_DIRTY) on the source; this version
+           does not run the rounds yet and refuses it.
   auto     the best both hosts support: lazy, else precopy, else copy.
 'phaulctl status' shows which modes this host supports.
 

@@ -99,6 +99,10 @@ type dest struct {
 	lazy      *criu.LazyPages
 	pagesIn   bool
 	lazyPages uint64
+	// restoreStats are CRIU's, for the result; tResumed and tPagesIn time
+	// a lazy migration's lazy phase.
+	restoreStats       *api.RestoreStats
+	tResumed, tPagesIn time.Time
 
 	failure error
 }
@@ -421,7 +425,7 @@ func (m *dest) onLazyPagesExit() {
 		return
 	}
 	copied, total, _ := m.lazy.Transferred()
-	m.pagesIn, m.lazyPages = true, copied
+	m.pagesIn, m.lazyPages, m.tPagesIn = true, copied, time.Now()
 	m.log.Info("every page is in", zap.Uint64("lazy_pages", copied), zap.Uint64("of", total))
 	if m.state >= dstRestored {
 		// Else the restore's end says it, after Restored.
@@ -440,6 +444,7 @@ func (m *dest) resumeLazy() error {
 		return api.Errorf(api.CodeAborted, "resume the restored tree: %v", err)
 	}
 	m.state = dstResumed
+	m.tResumed = time.Now()
 	m.ph.enter("lazy")
 	m.log.Info("the restored tree runs; its memory follows", zap.Int("dest_pid", m.pid))
 	return m.rpc.send(&wire.Resumed{PID: m.pid})
@@ -517,6 +522,10 @@ func (m *dest) onRestore(ev criu.Event) error {
 	msg := &wire.Restored{PID: m.pid, RestoreMS: time.Since(m.tRestore).Milliseconds()}
 	if st, err := criu.ReadRestoreStats(m.p.dir); err == nil {
 		msg.Stats = &wire.RestoreStats{
+			PagesCompared: st.PagesCompared, PagesSkippedCOW: st.PagesSkippedCOW, PagesRestored: st.PagesRestored,
+			ForkingUS: st.ForkingUS, RestoreUS: st.RestoreUS,
+		}
+		m.restoreStats = &api.RestoreStats{
 			PagesCompared: st.PagesCompared, PagesSkippedCOW: st.PagesSkippedCOW, PagesRestored: st.PagesRestored,
 			ForkingUS: st.ForkingUS, RestoreUS: st.RestoreUS,
 		}
@@ -740,6 +749,10 @@ func (m *dest) outcome() (api.Result, error) {
 	if m.relay != nil {
 		pages = m.relay.received
 	}
+	var lazyMS int64
+	if !m.tResumed.IsZero() && m.tPagesIn.After(m.tResumed) {
+		lazyMS = m.tPagesIn.Sub(m.tResumed).Milliseconds()
+	}
 	return api.Result{
 		ID:        m.s.ID.String(),
 		SourcePID: m.srcPID,
@@ -749,5 +762,7 @@ func (m *dest) outcome() (api.Result, error) {
 		PageBytes: pages,
 		PhasesMS:  m.ph.took,
 		Mode:      m.mode,
+		LazyMS:    lazyMS,
+		Restore:   m.restoreStats,
 	}, nil
 }

@@ -488,11 +488,7 @@ func (m *Manager) finished(s *Session, mach machine, err error, log *zap.Logger,
 		log.Error("migration failed", fields...)
 		return
 	}
-	fields := []zap.Field{zap.Int("dest_pid", s.result.DestPID), zap.Int64("total_ms", s.result.TotalMS), zap.Int64("bytes", s.result.Bytes)}
-	if s.Direction == Outgoing {
-		fields = append(fields, zap.Int64("frozen_ms", s.result.FrozenMS))
-	}
-	log.Info("migration succeeded", fields...)
+	log.Info("migration succeeded", resultFields(s.Direction, s.result)...)
 	// A destination whose source did not confirm keeps its record for the
 	// source's query.
 	if d, ok := mach.(*dest); ok && !d.rec.Done {
@@ -501,6 +497,29 @@ func (m *Manager) finished(s *Session, mach machine, err error, log *zap.Logger,
 	if !m.cfg.KeepImages {
 		removeAll(log, dir)
 	}
+}
+
+// resultFields are a successful migration's figures for its last log line
+// (in the journal, PHAUL_MODE, PHAUL_FROZEN_US, PHAUL_PAGES_WRITTEN, …).
+func resultFields(direction string, r api.Result) []zap.Field {
+	f := []zap.Field{zap.Int("dest_pid", r.DestPID), zap.String("mode", r.Mode), zap.Int64("total_ms", r.TotalMS),
+		zap.Int64("bytes", r.Bytes), zap.Int64("page_bytes", r.PageBytes)}
+	if direction == Outgoing {
+		f = append(f, zap.Int64("frozen_ms", r.FrozenMS))
+	}
+	if r.LazyMS > 0 {
+		f = append(f, zap.Int64("lazy_ms", r.LazyMS))
+	}
+	if d := r.Dump; d != nil {
+		f = append(f, zap.Uint32("freezing_us", d.FreezingUS), zap.Uint32("frozen_us", d.FrozenUS),
+			zap.Uint32("memdump_us", d.MemdumpUS), zap.Uint32("memwrite_us", d.MemwriteUS),
+			zap.Uint64("pages_scanned", d.PagesScanned), zap.Uint64("pages_written", d.PagesWritten),
+			zap.Uint64("pages_lazy", d.PagesLazy))
+	}
+	if rs := r.Restore; rs != nil {
+		f = append(f, zap.Uint32("restore_us", rs.RestoreUS), zap.Uint64("pages_restored", rs.PagesRestored))
+	}
+	return f
 }
 
 // record adds a finished session to the history.

@@ -8,7 +8,9 @@ import (
 )
 
 func TestChooseMode(t *testing.T) {
-	allS, allD := HostCapabilities(true, true, "")
+	// A source that could pre-copy (once rounds exist).
+	allS := Capabilities{api.ModeCopy: "", api.ModeLazy: "", api.ModePrecopy: ""}
+	_, allD := HostCapabilities(true, true, "")
 	hereS, hereD := HostCapabilities(false, true, "") // these machines: no soft-dirty
 	_, noUffdD := HostCapabilities(true, false, "")
 	pipesS, _ := HostCapabilities(false, true, "fs.pipe-max-size is 1048576")
@@ -36,6 +38,15 @@ func TestChooseMode(t *testing.T) {
 		if !strings.Contains(got, tc.want) {
 			t.Errorf("chooseMode(%q, %v, %v) = %q, want %q", tc.req, tc.src, tc.dst, got, tc.want)
 		}
+	}
+	// With soft-dirty tracking, pre-copy is still refused, saying why,
+	// and auto does not pick it.
+	sdS, sdD := HostCapabilities(true, true, "")
+	if _, err := chooseMode(api.ModePrecopy, sdS, sdD); err == nil || !strings.Contains(err.Error(), "pre-copy rounds yet") {
+		t.Errorf("precopy with soft-dirty: %v; want refused until rounds exist", err)
+	}
+	if got, _ := chooseMode(api.ModeAuto, sdS, noUffdD); got != api.ModeCopy {
+		t.Errorf("auto with soft-dirty, no userfaultfd = %q, want copy", got)
 	}
 	// A named mode the hosts cannot run says what to do.
 	_, err := chooseMode(api.ModePrecopy, hereS, hereD)

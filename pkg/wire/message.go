@@ -18,24 +18,23 @@ const (
 	TypeHello      Type = 0x01
 	TypeHelloReply Type = 0x02
 
-	TypePrepare    Type = 0x10
-	TypeReady      Type = 0x11
-	TypeFileBegin  Type = 0x12
-	TypeFileData   Type = 0x13
-	TypeFileEnd    Type = 0x14
-	TypeRestore    Type = 0x15
-	TypeRestored   Type = 0x16
-	TypeCommit     Type = 0x17
-	TypeCommitted  Type = 0x18
-	TypeDone       Type = 0x19
-	TypeFail       Type = 0x1a
-	TypePing       Type = 0x1b
-	TypePong       Type = 0x1c
-	TypePreCopy    Type = 0x1d
-	TypeRoundReady Type = 0x1e
-	TypeResumed    Type = 0x1f
-	TypePagesIn    Type = 0x20
-	TypeResume     Type = 0x21
+	TypePrepare   Type = 0x10
+	TypeReady     Type = 0x11
+	TypeFileBegin Type = 0x12
+	TypeFileData  Type = 0x13
+	TypeFileEnd   Type = 0x14
+	TypeRestore   Type = 0x15
+	TypeRestored  Type = 0x16
+	TypeCommit    Type = 0x17
+	TypeCommitted Type = 0x18
+	TypeDone      Type = 0x19
+	TypeFail      Type = 0x1a
+	TypePing      Type = 0x1b
+	TypePong      Type = 0x1c
+	// 0x1d and 0x1e are kept for pre-copy rounds.
+	TypeResumed Type = 0x1f
+	TypePagesIn Type = 0x20
+	TypeResume  Type = 0x21
 
 	TypePageData Type = 0x30
 	TypePageEOF  Type = 0x31
@@ -116,8 +115,6 @@ var specs = [256]*spec{
 	TypeFail:       {name: "fail", max: controlMax, channels: RPC, new: func() Message { return new(Fail) }},
 	TypePing:       {name: "ping", max: smallMax, channels: RPC, new: func() Message { return new(Ping) }},
 	TypePong:       {name: "pong", max: smallMax, channels: RPC, new: func() Message { return new(Pong) }},
-	TypePreCopy:    {name: "pre-copy", max: smallMax, channels: RPC, new: func() Message { return new(PreCopy) }},
-	TypeRoundReady: {name: "round-ready", max: smallMax, channels: RPC, new: func() Message { return new(RoundReady) }},
 	TypeResumed:    {name: "resumed", max: smallMax, channels: RPC, new: func() Message { return new(Resumed) }},
 	TypePagesIn:    {name: "pages-in", max: smallMax, channels: RPC, new: func() Message { return new(PagesIn) }},
 	TypeResume:     {name: "resume", max: smallMax, channels: RPC, new: func() Message { return new(Resume) }},
@@ -283,19 +280,6 @@ type Ready struct {
 	Mode string `json:"mode,omitempty"`
 }
 
-// PreCopy starts a pre-copy round (Round >= 1: the destination starts a
-// page server for that round's pages) or, with Round 0, the final dump's.
-// The destination answers RoundReady.
-type PreCopy struct {
-	Round int `json:"round"`
-}
-
-// RoundReady says the destination's page server for Round listens on the
-// mem connection: the source may dump.
-type RoundReady struct {
-	Round int `json:"round"`
-}
-
 // Resume asks the destination to let the restored tree of a lazy
 // migration run before its memory has all arrived. It is not the commit:
 // until Commit, a failure discards that copy and resumes the source's.
@@ -429,8 +413,6 @@ func (*Done) Type() Type       { return TypeDone }
 func (*Fail) Type() Type       { return TypeFail }
 func (*Ping) Type() Type       { return TypePing }
 func (*Pong) Type() Type       { return TypePong }
-func (*PreCopy) Type() Type    { return TypePreCopy }
-func (*RoundReady) Type() Type { return TypeRoundReady }
 func (*Resumed) Type() Type    { return TypeResumed }
 func (*Resume) Type() Type     { return TypeResume }
 func (*PagesIn) Type() Type    { return TypePagesIn }
@@ -466,9 +448,6 @@ func (m *Hello) validate() error {
 // MaxJournalStreams bounds Prepare.JournalStreams: a process has two
 // (stdout and stderr); a tree a few per process.
 const MaxJournalStreams = 64
-
-// MaxRounds bounds pre-copy rounds on the wire.
-const MaxRounds = 64
 
 // modeNames are the modes the protocol knows.
 var modeNames = map[string]bool{"": true, "copy": true, "lazy": true, "precopy": true, "auto": true}
@@ -512,20 +491,6 @@ func (m *Prepare) validate() error {
 func (m *Ready) validate() error {
 	if !modeNames[m.Mode] || m.Mode == "auto" {
 		return fmt.Errorf("mode %q", m.Mode)
-	}
-	return nil
-}
-
-func (m *PreCopy) validate() error {
-	if m.Round < 0 || m.Round > MaxRounds {
-		return fmt.Errorf("round %d", m.Round)
-	}
-	return nil
-}
-
-func (m *RoundReady) validate() error {
-	if m.Round < 0 || m.Round > MaxRounds {
-		return fmt.Errorf("round %d", m.Round)
 	}
 	return nil
 }

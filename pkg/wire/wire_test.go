@@ -16,8 +16,6 @@ func sampleMessages() []Message {
 		&HelloReply{OK: false, Error: "no"},
 		&Prepare{PID: 42, CRIUVersion: 40201, CPUInfo: []byte{1, 2, 3}, Name: "workload", JournalStreams: []uint64{1234, 1235}, Mode: "auto", SourceModes: []string{"copy", "lazy"}},
 		&Ready{CRIUVersion: 40201, CPUCheck: "ok", Mode: "lazy"},
-		&PreCopy{Round: 2},
-		&RoundReady{Round: 2},
 		&Resumed{PID: 7},
 		&Resume{},
 		&PagesIn{Pages: 262144},

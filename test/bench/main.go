@@ -1,24 +1,33 @@
 //go:build linux
 
-// Command bench measures phaul against the bare CRIU pipeline on the same
+// Command bench measures phaul against the bare CRIU pipelines on the same
 // workloads, in alternating runs, and prints figures and ratios. It is what
 // `make bench` runs (as root, with bin/phauld and bin/phaulctl built).
 //
-// For each workload size it rotates through:
+// Workloads: processes holding 256 MiB and 1 GiB of pseudo-random memory,
+// and one holding 256 MiB that rewrites 32 MiB of it every 10 ms tick. For
+// each it rotates through:
 //
-//   - bare: the CRIU pipeline scripted by hand, the fastest thing CRIU
+//   - bare copy: the CRIU pipeline scripted by hand, the fastest thing CRIU
 //     offers for a copy migration: `criu page-server` on the destination
 //     address, `criu dump --page-server --leave-stopped` straight to it,
 //     copy the other images, `criu restore --restore-detached`, kill the
 //     source;
-//   - phaul insecure: `phaulctl migrate` between two phauld --insecure;
-//   - phaul TLS: the same between two daemons speaking mutual TLS.
+//   - bare lazy: CRIU's post-copy by hand: `criu dump --lazy-pages
+//     --leave-stopped` (it serves the pages over TCP), copy the images,
+//     `criu lazy-pages --page-server` and `criu restore --lazy-pages` on
+//     the destination, kill the source once the dump has served every
+//     page;
+//   - phaul copy and phaul lazy: `phaulctl migrate --mode copy|lazy`
+//     between two phauld speaking mutual TLS (the default);
+//   - phaul copy insecure: the same between two phauld --insecure, for
+//     the cost of encryption.
 //
 // It reports the median pause the workload saw (the longest gap in its own
-// 10 ms ticking), the median total time, the dump phase (pages moved; for
-// phaul, through its relay), the ratios to bare CRIU, the cost of
-// encryption as TLS / insecure, and raw loopback TCP throughput as the
-// ceiling.
+// ticking), the median total time, the memory throughput, the ratios to the
+// bare pipeline of the same kind, phaul's own overhead per migration, the
+// cost of encryption, an idle phauld's resident memory, and raw loopback
+// TCP throughput as the ceiling.
 package main
 
 import (
@@ -53,25 +62,51 @@ func main() {
 }
 
 type config struct {
-	bin   string
-	sizes []int
-	runs  int
-	work  string
+	bin  string
+	runs int
+	work string
+}
+
+// load is one workload: MiB of memory, MiB of it rewritten every tick.
+type load struct {
+	name         string
+	memMiB       int
+	dirtyMiB     int
+	bareLazyOnly bool
+}
+
+var loads = []load{
+	{name: "256 MiB", memMiB: 256},
+	{name: "1 GiB", memMiB: 1024},
+	{name: "256 MiB, dirtying 32 MiB/tick", memMiB: 256, dirtyMiB: 32},
+}
+
+// Modes of a run.
+const (
+	modeBareCopy       = "bare copy"
+	modeBareLazy       = "bare lazy"
+	modeCopy           = "phaul copy"
+	modeLazy           = "phaul lazy"
+	modeCopyInsecure   = "phaul copy insecure"
+	pairTLS, pairNoTLS = "tls", "insecure"
+)
+
+var modes = []string{modeBareCopy, modeBareLazy, modeCopy, modeLazy, modeCopyInsecure}
+
+// baseline is the bare pipeline a mode is compared with.
+func baseline(mode string) string {
+	if strings.Contains(mode, "lazy") {
+		return modeBareLazy
+	}
+	return modeBareCopy
 }
 
 func run() error {
 	var c config
-	sizes := flag.String("sizes", "256,1024", "workload sizes in MiB, comma-separated")
-	flag.IntVar(&c.runs, "runs", 5, "runs of each mode per size")
+	only := flag.String("loads", "", "run only the workloads whose names contain this")
+	flag.IntVar(&c.runs, "runs", 3, "runs of each mode per workload")
 	flag.StringVar(&c.bin, "bin", "bin", "directory with phauld and phaulctl")
 	flag.Parse()
-	for _, s := range strings.Split(*sizes, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(s))
-		if err != nil || n <= 0 {
-			return fmt.Errorf("bad size %q", s)
-		}
-		c.sizes = append(c.sizes, n)
-	}
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root (CRIU)")
 	}
@@ -92,9 +127,9 @@ func run() error {
 		return err
 	}
 	pairs := map[string][2]*daemon{}
-	for i, mode := range []string{modeTLS, modeInsecure} {
+	for i, pair := range []string{pairTLS, pairNoTLS} {
 		var flags [2][]string
-		if mode == modeInsecure {
+		if pair == pairNoTLS {
 			flags = [2][]string{{"--insecure"}, {"--insecure"}}
 		} else {
 			for j, host := range []string{"127.0.0.1", "127.0.0.2"} {
@@ -105,34 +140,40 @@ func run() error {
 				flags[j] = []string{"--tls-dir", dir}
 			}
 		}
-		a, err := startDaemon(c, mode+"-A", fmt.Sprintf("127.0.0.1:%d", 24001+10*i), flags[0])
+		a, err := startDaemon(c, pair+"-A", fmt.Sprintf("127.0.0.1:%d", 24001+10*i), flags[0])
 		if err != nil {
 			return err
 		}
 		defer a.stop()
-		b, err := startDaemon(c, mode+"-B", fmt.Sprintf("127.0.0.2:%d", 24002+10*i), flags[1])
+		b, err := startDaemon(c, pair+"-B", fmt.Sprintf("127.0.0.2:%d", 24002+10*i), flags[1])
 		if err != nil {
 			return err
 		}
 		defer b.stop()
-		pairs[mode] = [2]*daemon{a, b}
+		pairs[pair] = [2]*daemon{a, b}
 	}
+	time.Sleep(500 * time.Millisecond)
+	idleRSS := rssMiB(pairs[pairTLS][0].cmd.Process.Pid)
 
 	host, _ := os.Hostname()
-	fmt.Printf("phaul bench on %s: %s, %d CPUs, kernel %s\n", host, cpuModel(), numCPU(), kernel())
-	fmt.Printf("loopback TCP, one stream (ceiling): %.0f MB/s\n\n", loopbackMBps())
+	fmt.Printf("phaul bench on %s: %s, %d CPUs, %s RAM, kernel %s, %s\n", host, cpuModel(), numCPU(), memTotal(), kernel(), criuVersion())
+	ceiling := loopbackMBps()
+	fmt.Printf("loopback TCP, one stream (ceiling): %.0f MB/s\n\n", ceiling)
 
 	type row struct {
-		size                  int
-		mode                  string
-		pause, total, dumpPhs []float64
+		load               load
+		mode               string
+		pause, total, mbps []float64
+		overhead           []float64
 	}
-	modes := []string{modeBare, modeInsecure, modeTLS}
 	var table [][]*row
-	for _, size := range c.sizes {
+	for _, ld := range loads {
+		if *only != "" && !strings.Contains(ld.name, *only) {
+			continue
+		}
 		rows := map[string]*row{}
 		for _, m := range modes {
-			rows[m] = &row{size: size, mode: m}
+			rows[m] = &row{load: ld, mode: m}
 		}
 		for i := 0; i < c.runs; i++ {
 			// Rotate which goes first, so that drift in the machine's
@@ -141,20 +182,28 @@ func run() error {
 				mode := modes[(i+j)%len(modes)]
 				var m measure
 				var err error
-				if mode == modeBare {
-					m, err = runBare(c, workload, size, i)
-				} else {
-					m, err = runPhaul(c, workload, size, pairs[mode][0], pairs[mode][1])
+				switch mode {
+				case modeBareCopy:
+					m, err = runBare(c, workload, ld, i)
+				case modeBareLazy:
+					m, err = runBareLazy(c, workload, ld, i)
+				case modeCopy:
+					m, err = runPhaul(c, workload, ld, api.ModeCopy, pairs[pairTLS])
+				case modeLazy:
+					m, err = runPhaul(c, workload, ld, api.ModeLazy, pairs[pairTLS])
+				case modeCopyInsecure:
+					m, err = runPhaul(c, workload, ld, api.ModeCopy, pairs[pairNoTLS])
 				}
 				if err != nil {
-					return fmt.Errorf("%s, %d MiB: %w", mode, size, err)
+					return fmt.Errorf("%s, %s: %w", mode, ld.name, err)
 				}
-				fmt.Fprintf(os.Stderr, "  %-14s %5d MiB run %d: pause %7.1f ms, total %7.1f ms, dump %7.1f ms\n",
-					mode, size, i+1, m.pause, m.total, m.dump)
+				fmt.Fprintf(os.Stderr, "  %-20s %-30s run %d: pause %7.1f ms, total %7.1f ms, %6.0f MB/s, overhead %5.1f ms\n",
+					mode, ld.name, i+1, m.pause, m.total, m.mbps, m.overhead)
 				r := rows[mode]
 				r.pause = append(r.pause, m.pause)
 				r.total = append(r.total, m.total)
-				r.dumpPhs = append(r.dumpPhs, m.dump)
+				r.mbps = append(r.mbps, m.mbps)
+				r.overhead = append(r.overhead, m.overhead)
 			}
 		}
 		var line []*row
@@ -166,37 +215,69 @@ func run() error {
 
 	fmt.Println()
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "workload\tmode\tpause ms\ttotal ms\tdump ms\tdump MB/s\tpause / bare\ttotal / bare\tpause / insecure\t")
+	fmt.Fprintln(tw, "workload\tmode\tpause ms\ttotal ms\tmem MB/s\tpause / bare\ttotal / bare\t")
+	med := map[string]map[string]*row{}
 	for _, line := range table {
-		bare, insecure := line[0], line[1]
+		byMode := map[string]*row{}
 		for _, r := range line {
-			mbps := float64(r.size<<20) / 1e6 / (median(r.dumpPhs) / 1000)
-			vsInsecure := "-"
-			if r.mode == modeTLS {
-				vsInsecure = fmt.Sprintf("%.2f", median(r.pause)/median(insecure.pause))
+			byMode[r.mode] = r
+		}
+		med[line[0].load.name] = byMode
+		for _, r := range line {
+			b := byMode[baseline(r.mode)]
+			ratios := "\t\t"
+			if r.mode != b.mode {
+				ratios = fmt.Sprintf("%.2f\t%.2f\t", median(r.pause)/median(b.pause), median(r.total)/median(b.total))
 			}
-			fmt.Fprintf(tw, "%d MiB\t%s\t%.0f\t%.0f\t%.0f\t%.0f\t%.2f\t%.2f\t%s\t\n", r.size, r.mode,
-				median(r.pause), median(r.total), median(r.dumpPhs), mbps,
-				median(r.pause)/median(bare.pause), median(r.total)/median(bare.total), vsInsecure)
+			fmt.Fprintf(tw, "%s\t%s\t%.0f\t%.0f\t%.0f\t%s\n", r.load.name, r.mode,
+				median(r.pause), median(r.total), median(r.mbps), ratios)
 		}
 	}
 	tw.Flush()
 	fmt.Printf("\nmedians of %d runs each, in rotating order. pause: the longest gap in the process's own 10 ms ticking.\n"+
-		"dump: freezing and moving the pages (bare: criu dump to the page server over TCP; phaul: its dump phase,\n"+
-		"pages through phauld's relay). %q runs mutual TLS; %q the same over plain TCP.\n", c.runs, modeTLS, modeInsecure)
+		"mem MB/s: memory moved per second of moving it (copy: the dump; lazy: from the dump's start until the last page was in).\n"+
+		"pause / bare and total / bare: against the bare CRIU pipeline of the same kind (copy or lazy).\n", c.runs)
+
+	// The targets, each from the figures above.
+	fmt.Println("\ntargets:")
+	check := func(ok bool, format string, args ...any) {
+		mark := "met"
+		if !ok {
+			mark = "MISSED"
+		}
+		fmt.Printf("  %-6s %s\n", mark, fmt.Sprintf(format, args...))
+	}
+	for _, line := range table {
+		name := line[0].load.name
+		r := med[name]
+		ratio := median(r[modeCopy].pause) / median(r[modeBareCopy].pause)
+		check(ratio <= 1.15, "%s: copy pause %.2f x bare copy (target <= 1.15)", name, ratio)
+		lz := median(r[modeLazy].pause)
+		lratio := lz / median(r[modeBareLazy].pause)
+		check(lratio <= 1.2, "%s: lazy pause %.0f ms, %.2f x bare lazy (target <= 1.2)", name, lz, lratio)
+		if line[0].load.memMiB == 1024 && line[0].load.dirtyMiB == 0 {
+			check(lz < 500, "%s: lazy pause %.0f ms (target < 500 ms)", name, lz)
+		}
+		enc := median(r[modeCopy].mbps) / median(r[modeCopyInsecure].mbps)
+		check(enc >= 0.8, "%s: mem throughput with TLS %.0f%% of --insecure (target >= 80%%)", name, 100*enc)
+		var all []float64
+		for _, m := range []string{modeCopy, modeLazy, modeCopyInsecure} {
+			all = append(all, r[m].overhead...)
+		}
+		ov := median(all)
+		check(ov < 50, "%s: phaul's own time per migration %.1f ms, median (target < 50 ms)", name, ov)
+	}
+	check(idleRSS < 30, "idle phauld resident memory %.1f MiB (target < 30 MiB); after the runs: %.1f MiB",
+		idleRSS, rssMiB(pairs[pairTLS][0].cmd.Process.Pid))
+	fmt.Println("\nphaul's own time: the total minus CRIU's dump, restore and lazy phases: connecting, the handshake,\n" +
+		"the checks, shipping the images, the commit.")
 	return nil
 }
 
-// Modes of a run.
-const (
-	modeBare     = "bare CRIU"
-	modeInsecure = "phaul insecure"
-	modeTLS      = "phaul TLS"
-)
-
 type measure struct {
-	pause, total, dump float64 // milliseconds
-	bytes              int64
+	pause, total float64 // milliseconds
+	mbps         float64 // memory moved per second of moving it
+	overhead     float64 // phaul's own milliseconds (0 for bare runs)
 }
 
 // daemon is a phauld for the benchmark.
@@ -250,13 +331,14 @@ type report struct {
 	Want  string `json:"expect"`
 }
 
-func startWorkload(c config, bin string, size int) (*workload, error) {
+func startWorkload(c config, bin string, ld load) (*workload, error) {
 	dir, err := os.MkdirTemp(c.work, "w-")
 	if err != nil {
 		return nil, err
 	}
 	w := &workload{status: filepath.Join(dir, "status.json")}
-	w.holder = exec.Command("unshare", "-p", "-f", "--", "setsid", bin, "--mem", strconv.Itoa(size), "--status", w.status)
+	w.holder = exec.Command("unshare", "-p", "-f", "--", "setsid", bin, "--mem", strconv.Itoa(ld.memMiB),
+		"--dirty", strconv.Itoa(ld.dirtyMiB), "--status", w.status)
 	w.holder.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := w.holder.Start(); err != nil {
 		return nil, err
@@ -316,8 +398,8 @@ func pauseAfter(w *workload, pid int) (float64, error) {
 	return float64(r.GapNS) / 1e6, nil
 }
 
-func runPhaul(c config, bin string, size int, a, b *daemon) (measure, error) {
-	w, err := startWorkload(c, bin, size)
+func runPhaul(c config, bin string, ld load, mode string, pair [2]*daemon) (measure, error) {
+	w, err := startWorkload(c, bin, ld)
 	if err != nil {
 		return measure{}, err
 	}
@@ -326,23 +408,60 @@ func runPhaul(c config, bin string, size int, a, b *daemon) (measure, error) {
 		kill(w.pid)
 		return measure{}, err
 	}
-	res, err := client.New(a.socket).Migrate(context.Background(), api.MigrateRequest{PID: w.pid, To: b.addr}, nil)
+	a, b := pair[0], pair[1]
+	res, err := client.New(a.socket).Migrate(context.Background(), api.MigrateRequest{PID: w.pid, To: b.addr, Mode: mode}, nil)
 	if err != nil {
 		kill(w.pid)
 		return measure{}, err
 	}
 	defer kill(res.DestPID)
+	if res.Mode != mode {
+		return measure{}, fmt.Errorf("ran in mode %q, asked %q", res.Mode, mode)
+	}
 	pause, err := pauseAfter(w, res.DestPID)
 	if err != nil {
 		return measure{}, err
 	}
-	return measure{pause: pause, total: float64(res.TotalMS), dump: float64(res.PhasesMS["dump"]), bytes: res.Bytes}, nil
+	p := res.PhasesMS
+	moving := float64(p["dump"])
+	if mode == api.ModeLazy {
+		moving = float64(p["dump"] + p["images"] + p["restore"] + p["lazy"])
+	}
+	own := float64(res.TotalMS - p["dump"] - p["restore"] - p["lazy"])
+	return measure{pause: pause, total: float64(res.TotalMS), mbps: mbps(ld, moving), overhead: own}, nil
 }
 
-// runBare is the CRIU pipeline by hand, over TCP between the same two
+// mbps is the workload's memory over ms milliseconds, in MB/s.
+func mbps(ld load, ms float64) float64 {
+	if ms <= 0 {
+		return 0
+	}
+	return float64(ld.memMiB<<20) / 1e6 / (ms / 1000)
+}
+
+// bareDirs makes a source and a destination image directory for a bare
+// run.
+func bareDirs(c config, kind string, i int) (src, dst string, err error) {
+	src = filepath.Join(c.work, fmt.Sprintf("%s-src-%d", kind, i))
+	dst = filepath.Join(c.work, fmt.Sprintf("%s-dst-%d", kind, i))
+	for _, d := range []string{src, dst} {
+		os.RemoveAll(d)
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return "", "", err
+		}
+	}
+	return src, dst, nil
+}
+
+// bareCommon are the options every bare CRIU command gets: the same the
+// daemons use where they matter (no network lock for a process without
+// sockets, cgroups left alone).
+var bareCommon = []string{"--network-lock", "skip", "--manage-cgroups=ignore", "-v4"}
+
+// runBare is the CRIU copy pipeline by hand, over TCP between the same two
 // loopback addresses the daemons use.
-func runBare(c config, bin string, size, i int) (measure, error) {
-	w, err := startWorkload(c, bin, size)
+func runBare(c config, bin string, ld load, i int) (measure, error) {
+	w, err := startWorkload(c, bin, ld)
 	if err != nil {
 		return measure{}, err
 	}
@@ -351,16 +470,13 @@ func runBare(c config, bin string, size, i int) (measure, error) {
 		kill(w.pid)
 		return measure{}, err
 	}
-	src := filepath.Join(c.work, fmt.Sprintf("bare-src-%d-%d", size, i))
-	dst := filepath.Join(c.work, fmt.Sprintf("bare-dst-%d-%d", size, i))
-	for _, d := range []string{src, dst} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return measure{}, err
-		}
-		defer os.RemoveAll(d)
+	src, dst, err := bareDirs(c, "bare", i)
+	if err != nil {
+		return measure{}, err
 	}
+	defer os.RemoveAll(src)
+	defer os.RemoveAll(dst)
 	port := strconv.Itoa(24100 + i%50)
-	common := []string{"--network-lock", "skip", "--manage-cgroups=ignore", "-v4"}
 
 	start := time.Now()
 	// --daemon: criu returns once the page server listens.
@@ -370,7 +486,7 @@ func runBare(c config, bin string, size, i int) (measure, error) {
 	}
 	dumpStart := time.Now()
 	if err := criu(append([]string{"dump", "-t", strconv.Itoa(w.pid), "-D", src, "--page-server", "--address", "127.0.0.2",
-		"--port", port, "--leave-stopped", "-o", "dump.log"}, common...)...); err != nil {
+		"--port", port, "--leave-stopped", "-o", "dump.log"}, bareCommon...)...); err != nil {
 		kill(w.pid)
 		return measure{}, err
 	}
@@ -380,24 +496,182 @@ func runBare(c config, bin string, size, i int) (measure, error) {
 		return measure{}, err
 	}
 	pidfile := filepath.Join(dst, "restored.pid")
-	if err := criu(append([]string{"restore", "-D", dst, "--restore-detached", "--pidfile", pidfile, "-o", "restore.log"}, common...)...); err != nil {
+	if err := criu(append([]string{"restore", "-D", dst, "--restore-detached", "--pidfile", pidfile, "-o", "restore.log"}, bareCommon...)...); err != nil {
 		syscall.Kill(w.pid, syscall.SIGCONT)
 		kill(w.pid)
 		return measure{}, err
 	}
 	kill(w.pid)
 	total := time.Since(start)
-	b, err := os.ReadFile(pidfile)
+	rpid, err := readPid(pidfile)
 	if err != nil {
 		return measure{}, err
 	}
-	rpid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
 	defer kill(rpid)
 	pause, err := pauseAfter(w, rpid)
 	if err != nil {
 		return measure{}, err
 	}
-	return measure{pause: pause, total: ms(total), dump: ms(dump)}, nil
+	return measure{pause: pause, total: ms(total), mbps: mbps(ld, ms(dump))}, nil
+}
+
+// runBareLazy is CRIU's post-copy by hand: the dump serves the pages over
+// TCP once its images are written; the destination's lazy-pages daemon
+// fetches them for a restore that runs before they are in.
+func runBareLazy(c config, bin string, ld load, i int) (measure, error) {
+	w, err := startWorkload(c, bin, ld)
+	if err != nil {
+		return measure{}, err
+	}
+	defer w.holder.Process.Kill()
+	if _, err := w.ask(w.pid); err != nil {
+		kill(w.pid)
+		return measure{}, err
+	}
+	src, dst, err := bareDirs(c, "lazy", i)
+	if err != nil {
+		return measure{}, err
+	}
+	defer os.RemoveAll(src)
+	defer os.RemoveAll(dst)
+	port := strconv.Itoa(24200 + i%50)
+
+	start := time.Now()
+	dump := exec.Command("criu", append([]string{"dump", "-t", strconv.Itoa(w.pid), "-D", src, "--lazy-pages",
+		"--address", "127.0.0.1", "--port", port, "--leave-stopped", "-o", "dump.log"}, bareCommon...)...)
+	var dumpOut bytes.Buffer
+	dump.Stdout, dump.Stderr = &dumpOut, &dumpOut
+	if err := dump.Start(); err != nil {
+		kill(w.pid)
+		return measure{}, err
+	}
+	dumped := make(chan error, 1)
+	go func() { dumped <- dump.Wait() }()
+	fail := func(err error) (measure, error) {
+		dump.Process.Kill()
+		<-dumped
+		syscall.Kill(w.pid, syscall.SIGCONT)
+		kill(w.pid)
+		return measure{}, fmt.Errorf("%w\n%s", err, dumpOut.String())
+	}
+	// The images are written and the page server listens.
+	if err := waitUntil(30*time.Second, func() bool {
+		b, _ := os.ReadFile(filepath.Join(src, "dump.log"))
+		return bytes.Contains(b, []byte("Starting lazy pages server")) && listening(port)
+	}); err != nil {
+		return fail(fmt.Errorf("lazy dump did not start serving: %w", err))
+	}
+	if err := copyImages(src, dst); err != nil {
+		return fail(err)
+	}
+	lp := exec.Command("criu", "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
+		"-D", dst, "-W", dst, "-o", "lazy-pages.log", "-v4")
+	var lpOut bytes.Buffer
+	lp.Stdout, lp.Stderr = &lpOut, &lpOut
+	if err := lp.Start(); err != nil {
+		return fail(err)
+	}
+	lpDone := make(chan error, 1)
+	go func() { lpDone <- lp.Wait() }()
+	if err := waitUntil(10*time.Second, func() bool {
+		_, err := os.Stat(filepath.Join(dst, "lazy-pages.socket"))
+		return err == nil
+	}); err != nil {
+		lp.Process.Kill()
+		return fail(fmt.Errorf("lazy-pages did not start: %w\n%s", err, lpOut.String()))
+	}
+	pidfile := filepath.Join(dst, "restored.pid")
+	if err := criu(append([]string{"restore", "-D", dst, "-W", dst, "--lazy-pages", "--restore-detached", "--pidfile", pidfile, "-o", "restore.log"}, bareCommon...)...); err != nil {
+		lp.Process.Kill()
+		return fail(err)
+	}
+	rpid, err := readPid(pidfile)
+	if err != nil {
+		return fail(err)
+	}
+	defer kill(rpid)
+	// Every page is in once lazy-pages exits; the dump then ends too.
+	if err := <-lpDone; err != nil {
+		return fail(fmt.Errorf("lazy-pages: %v\n%s", err, lpOut.String()))
+	}
+	if err := <-dumped; err != nil {
+		return measure{}, fmt.Errorf("lazy dump: %v\n%s", err, dumpOut.String())
+	}
+	kill(w.pid)
+	total := time.Since(start)
+	pause, err := pauseAfter(w, rpid)
+	if err != nil {
+		return measure{}, err
+	}
+	return measure{pause: pause, total: ms(total), mbps: mbps(ld, ms(total))}, nil
+}
+
+func readPid(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
+}
+
+func waitUntil(limit time.Duration, cond func() bool) error {
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out after %v", limit)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return nil
+}
+
+// listening reports whether a TCP socket listens on port (from
+// /proc/net/tcp: state 0A), without connecting to it.
+func listening(port string) bool {
+	n, _ := strconv.Atoi(port)
+	b, _ := os.ReadFile("/proc/net/tcp")
+	want := fmt.Sprintf(":%04X ", n)
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 3 && strings.HasSuffix(f[1]+" ", want) && f[3] == "0A" {
+			return true
+		}
+	}
+	return false
+}
+
+// rssMiB is a process's resident memory.
+func rssMiB(pid int) float64 {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+func memTotal() string {
+	b, _ := os.ReadFile("/proc/meminfo")
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			return fmt.Sprintf("%.0f GiB", kb/(1<<20))
+		}
+	}
+	return "? GiB"
+}
+
+func criuVersion() string {
+	out, err := exec.Command("criu", "--version").Output()
+	if err != nil {
+		return "criu ?"
+	}
+	if f := strings.Fields(string(out)); len(f) >= 2 {
+		return "criu " + f[1]
+	}
+	return "criu ?"
 }
 
 func ms(d time.Duration) float64 { return float64(d) / 1e6 }

@@ -139,6 +139,7 @@ func TestJournal(t *testing.T) {
 	})
 	phases := map[string]bool{}
 	daemons := map[string]bool{}
+	succeeded, dumpStats := 0, 0
 	for _, e := range entries {
 		if p, ok := e["PHAUL_PHASE"].(string); ok {
 			phases[p] = true
@@ -153,8 +154,20 @@ func TestJournal(t *testing.T) {
 			t.Errorf("entry without PHAUL_PEER: %v", e["MESSAGE"])
 		}
 		daemons[fmt.Sprint(e["_PID"])] = true
-		if e["MESSAGE"] == "migration succeeded" && e["PRIORITY"] != "6" {
-			t.Errorf("'migration succeeded' at priority %v, want 6 (info)", e["PRIORITY"])
+		if e["MESSAGE"] == "migration succeeded" {
+			if e["PRIORITY"] != "6" {
+				t.Errorf("'migration succeeded' at priority %v, want 6 (info)", e["PRIORITY"])
+			}
+			// The figures, as fields: the mode and CRIU's stats (the
+			// dump's on the source).
+			if e["PHAUL_MODE"] != res.Mode || e["PHAUL_RESTORE_US"] == nil {
+				t.Errorf("'migration succeeded' lacks the figures: mode %v (want %s), restore_us %v",
+					e["PHAUL_MODE"], res.Mode, e["PHAUL_RESTORE_US"])
+			}
+			if e["PHAUL_FROZEN_US"] != nil && e["PHAUL_PAGES_WRITTEN"] != nil && e["PHAUL_PAGES_LAZY"] != nil {
+				dumpStats++
+			}
+			succeeded++
 		}
 	}
 	for _, p := range []string{"prepare", "dump", "restore", "commit"} {
@@ -164,6 +177,9 @@ func TestJournal(t *testing.T) {
 	}
 	if len(daemons) != 2 {
 		t.Errorf("lines from %d daemons, want both", len(daemons))
+	}
+	if succeeded != 2 || dumpStats != 1 {
+		t.Errorf("%d 'migration succeeded' entries, %d with the dump's stats; want one per daemon, the source's with them", succeeded, dumpStats)
 	}
 	if !strings.Contains(fmt.Sprint(j.query(t, "PHAUL_SESSION="+res.ID, "PRIORITY=6")), "phase done") {
 		t.Error("journalctl cannot select the session's entries by priority")
