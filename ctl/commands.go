@@ -95,9 +95,6 @@ func (c *cli) printFigures(res api.Result) {
 	if res.LazyMS > 0 {
 		fmt.Fprintf(c.stdout, "  last page arrived %s after the process resumed\n", ms(res.LazyMS))
 	}
-	for i, r := range res.Rounds {
-		fmt.Fprintf(c.stdout, "  pre-copy round %d: %d of %d pages in %s\n", i+1, r.PagesWritten, r.PagesScanned, ms(r.DurationMS))
-	}
 	if d := res.Dump; d != nil {
 		fmt.Fprintf(c.stdout, "  dump: freezing %s, frozen %s, memdump %s, memwrite %s; pages scanned %d, written %d, lazy %d\n",
 			us(d.FreezingUS), us(d.FrozenUS), us(d.MemdumpUS), us(d.MemwriteUS), d.PagesScanned, d.PagesWritten, d.PagesLazy)

@@ -135,8 +135,6 @@ type Result struct {
 	// resumed on the destination its last page arrived; the source kept
 	// its frozen copy until then.
 	LazyMS int64 `json:"lazy_ms,omitempty"`
-	// Rounds, for a pre-copy migration, are its pre-dump rounds.
-	Rounds []Round `json:"rounds,omitempty"`
 	// Dump and Restore are CRIU's own statistics.
 	Dump    *DumpStats    `json:"dump_stats,omitempty"`
 	Restore *RestoreStats `json:"restore_stats,omitempty"`
@@ -152,13 +150,6 @@ type DumpStats struct {
 	PagesSkippedParent uint64 `json:"pages_skipped_parent"`
 	PagesWritten       uint64 `json:"pages_written"`
 	PagesLazy          uint64 `json:"pages_lazy"`
-}
-
-// Round is one pre-copy round: pages copied while the process ran.
-type Round struct {
-	PagesScanned uint64 `json:"pages_scanned"`
-	PagesWritten uint64 `json:"pages_written"`
-	DurationMS   int64  `json:"duration_ms"`
 }
 
 // RestoreStats are CRIU's restore statistics (times in microseconds).

@@ -47,7 +47,10 @@ func (c *Client) StartLazyPages(dir string, ps *os.File) (*LazyPages, error) {
 	cmd.ExtraFiles = []*os.File{ps, w}
 	cmd.Dir = dir
 	cmd.Stdout, cmd.Stderr = nil, nil
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// It dies with phauld (no thread of phauld ever exits, so the
+	// parent-death signal means phauld's death): left alone it would wait
+	// for a restore that never comes, or serve a copy no one will commit.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		r.Close()
 		return nil, fmt.Errorf("criu lazy-pages: start %s: %w", c.path, err)

@@ -51,11 +51,6 @@ type Options struct {
 	// daemon until that one closes; a restore leaves it to the lazy-pages
 	// daemon running in ImagesDir (see StartLazyPages).
 	LazyPages bool
-	// TrackMem makes a (pre-)dump reset soft-dirty tracking, so that the
-	// next one dumps only what changed; ParentImg is the previous
-	// round's images directory, relative to ImagesDir.
-	TrackMem  bool
-	ParentImg string
 	// configFile is a CRIU configuration file for what RPC cannot say.
 	configFile string
 }
@@ -127,12 +122,6 @@ func (o *Options) rpcOpts() *rpc.CriuOpts {
 	if o.LazyPages {
 		r.LazyPages = proto.Bool(true)
 	}
-	if o.TrackMem {
-		r.TrackMem = proto.Bool(true)
-	}
-	if o.ParentImg != "" {
-		r.ParentImg = proto.String(o.ParentImg)
-	}
 	if o.configFile != "" {
 		r.ConfigFile = proto.String(o.configFile)
 	}
@@ -158,6 +147,10 @@ func request(t rpc.CriuReqType, o *Options, keepOpen bool) *rpc.CriuReq {
 	return req
 }
 
+// LazyDumpConf is the configuration file a lazy dump writes in its images
+// directory: not an image.
+const LazyDumpConf = "lazy-dump.conf"
+
 // StartDump dumps the tree rooted at o.PID, writing pages to
 // o.PageServer. With o.Notify and o.LeaveStopped, CRIU holds the frozen
 // tree at "post-dump" until answered: false resumes the tree, true leaves
@@ -167,21 +160,13 @@ func (c *Client) StartDump(o Options) (*Op, error) {
 		// CRIU reads "ps-socket" from a configuration file after the RPC
 		// options: the page server then serves on our socket (fd 4 in
 		// swrk) instead of listening.
-		path := filepath.Join(o.ImagesDir, "lazy-dump.conf")
+		path := filepath.Join(o.ImagesDir, LazyDumpConf)
 		if err := os.WriteFile(path, []byte("ps-socket 4\n"), 0o600); err != nil {
 			return nil, fmt.Errorf("criu dump: %w", err)
 		}
 		o.configFile = path
 	}
 	return c.start("dump", &o, request(rpc.CriuReqType_DUMP, &o, false))
-}
-
-// StartPreDump copies the tree's memory to o.PageServer while the tree
-// keeps running (one pre-copy round), and resets soft-dirty tracking.
-// o.ParentImg names the previous round's directory.
-func (c *Client) StartPreDump(o Options) (*Op, error) {
-	o.TrackMem = true
-	return c.start("pre-dump", &o, request(rpc.CriuReqType_SINGLE_PRE_DUMP, &o, false))
 }
 
 // StartPageServer starts a page server that reads a dump's pages from

@@ -393,8 +393,13 @@ func (m *dest) startLazyPages() error {
 	m.state = dstRestore
 	if err := m.s.l.watch(lp.StatusFd(), epoll.In|epoll.Hup, func(uint32) {
 		m.s.l.unwatch(lp.StatusFd())
+		if m.state != dstRestore || m.restoreW != nil {
+			return // aborted meanwhile
+		}
 		if !lp.Ready() {
-			m.abort(api.Errorf(api.CodeAborted, "lazy-pages did not start: %v", lp.Result()))
+			lp.Kill()
+			m.abort(api.Errorf(api.CodeAborted, "CRIU's lazy-pages daemon did not start (%v); see %s, or use --mode copy",
+				lp.Result(), filepath.Join(m.p.dir, criu.LazyPagesLog)))
 			return
 		}
 		if err := m.startRestore(); err != nil {
@@ -409,6 +414,15 @@ func (m *dest) startLazyPages() error {
 	})
 }
 
+// unwatchLazy stops listening to the lazy-pages daemon (an aborted
+// session).
+func (m *dest) unwatchLazy() {
+	if m.lazy != nil {
+		m.s.l.unwatch(m.lazy.StatusFd())
+		m.s.l.unwatch(m.lazy.ExitFd())
+	}
+}
+
 // onLazyPagesExit takes the lazy-pages daemon's end: every page is in, or
 // the tree's memory is incomplete and the copy must go.
 func (m *dest) onLazyPagesExit() {
@@ -421,18 +435,38 @@ func (m *dest) onLazyPagesExit() {
 	}
 	if m.restoreW == nil {
 		// Exited before the restore had started.
-		m.abort(api.Errorf(api.CodeAborted, "lazy-pages exited before the restore"))
+		m.abort(api.Errorf(api.CodeAborted, "CRIU's lazy-pages daemon exited before the restore; see %s",
+			filepath.Join(m.p.dir, criu.LazyPagesLog)))
 		return
 	}
+	// lazy-pages also ends well when the processes it serves exit (its
+	// counts then fall short, as they do by a few pages even in a good
+	// run, so they decide nothing): the copy must be alive, or there is
+	// no copy to commit.
 	copied, total, _ := m.lazy.Transferred()
+	if err := m.treeAlive(); err != nil {
+		m.abort(err)
+		return
+	}
 	m.pagesIn, m.lazyPages, m.tPagesIn = true, copied, time.Now()
 	m.log.Info("every page is in", zap.Uint64("lazy_pages", copied), zap.Uint64("of", total))
-	if m.state >= dstRestored {
-		// Else the restore's end says it, after Restored.
+	if m.state == dstResumed {
+		// Else resumeLazy says it, after Resumed: the source counts on
+		// that order.
 		if err := m.rpc.send(&wire.PagesIn{Pages: copied}); err != nil {
 			m.abort(err)
 		}
 	}
+}
+
+// treeAlive fails if the root of the restored tree has exited: a lazy copy
+// that died before its commit (killed, crashed, out of memory) must not be
+// committed in place of the source's. (A child may end on its own.)
+func (m *dest) treeAlive() error {
+	if len(m.tree) > 0 && m.tree[0].Exited() {
+		return api.Errorf(api.CodeAborted, "the restored process (pid %d) exited before the commit", m.pid)
+	}
+	return nil
 }
 
 // resumeLazy lets a lazy migration's tree run before all its memory is
@@ -447,7 +481,14 @@ func (m *dest) resumeLazy() error {
 	m.tResumed = time.Now()
 	m.ph.enter("lazy")
 	m.log.Info("the restored tree runs; its memory follows", zap.Int("dest_pid", m.pid))
-	return m.rpc.send(&wire.Resumed{PID: m.pid})
+	if err := m.rpc.send(&wire.Resumed{PID: m.pid}); err != nil {
+		return err
+	}
+	if m.pagesIn {
+		// Every page came in before the tree ran.
+		return m.rpc.send(&wire.PagesIn{Pages: m.lazyPages})
+	}
+	return nil
 }
 
 // place moves the restored tree out of the daemon's cgroup (under
@@ -532,13 +573,7 @@ func (m *dest) onRestore(ev criu.Event) error {
 	}
 	m.state = dstRestored
 	m.ph.enter("wait-commit")
-	if err := m.rpc.send(msg); err != nil {
-		return err
-	}
-	if m.pagesIn {
-		return m.rpc.send(&wire.PagesIn{Pages: m.lazyPages})
-	}
-	return nil
+	return m.rpc.send(msg)
 }
 
 // restored records the restored tree before CRIU lets it exist past the
@@ -563,6 +598,11 @@ func (m *dest) restored(pid int) error {
 // commit is the commit point: once the record says committed, the
 // migration is final and the restored tree runs.
 func (m *dest) commit() error {
+	if m.state == dstResumed {
+		if err := m.treeAlive(); err != nil {
+			return err
+		}
+	}
 	m.rec.State = stCommitted
 	if err := m.rec.save(m.p.dir); err != nil {
 		// Not recorded, not committed: refuse, and the source resumes.
@@ -580,12 +620,16 @@ func (m *dest) commit() error {
 		m.log.Error("cannot resume the restored tree", zap.Error(err))
 	}
 	m.log.Info("migration committed: process runs here", zap.Int("dest_pid", m.pid))
+	// Tell the source first: removing the images of a big process takes
+	// tens of milliseconds, and the source's copy waits, stopped.
+	err := m.rpc.send(&wire.Committed{PID: m.pid})
+	m.rpc.flush()
 	if !m.p.keepImages {
 		if err := removeImages(m.p.dir); err != nil {
 			m.log.Warn("cannot remove images", zap.Error(err))
 		}
 	}
-	return m.rpc.send(&wire.Committed{PID: m.pid})
+	return err
 }
 
 // finish ends a committed session; acked says the source confirmed.
@@ -660,7 +704,16 @@ func (m *dest) discard() {
 		m.restoreW.stop()
 	}
 	if m.lazy != nil {
+		m.unwatchLazy()
 		m.lazy.Kill()
+	}
+	if m.tree != nil && m.state == dstResumed {
+		// A lazy copy ran and may have forked since the restore: stop
+		// what we know, then look for the rest.
+		proc.SignalAll(m.tree, syscall.SIGSTOP)
+		if fresh, err := proc.OpenTree(m.pid, m.rec.StartTime); err == nil {
+			m.tree = mergeTree(m.tree, fresh)
+		}
 	}
 	if m.tree == nil && m.pid != 0 {
 		if tree, err := proc.OpenTree(m.pid, m.rec.StartTime); err == nil {
@@ -680,12 +733,29 @@ func (m *dest) discard() {
 // resolve answers a source that lost the session's connections and asks
 // how it ended. Before the commit, the question itself means the source
 // will never send Commit: the destination aborts and says so.
+// mergeTree adds to tree the processes of fresh it lacks, and closes the
+// rest of fresh.
+func mergeTree(tree, fresh []*proc.Process) []*proc.Process {
+	have := map[int]bool{}
+	for _, p := range tree {
+		have[p.PID] = true
+	}
+	for _, p := range fresh {
+		if have[p.PID] {
+			p.Close()
+			continue
+		}
+		tree = append(tree, p)
+	}
+	return tree
+}
+
 func (m *dest) resolve() (string, int) {
 	// What the source sent before it gave up and asked is read first: a
 	// Commit waiting in the rpc socket decides. (A session loop woken by
 	// the question, as after SIGSTOP and SIGCONT, may not have read it
 	// yet.)
-	if m.rpc != nil && !m.rpc.closed && m.state == dstRestored {
+	if m.rpc != nil && !m.rpc.closed && (m.state == dstRestored || m.state == dstResumed) {
 		m.rpc.read()
 	}
 	switch m.state {

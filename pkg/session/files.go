@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -37,7 +38,7 @@ func imageFiles(dir string) ([]string, error) {
 	var names []string
 	for _, e := range ents {
 		n := e.Name()
-		if !e.Type().IsRegular() || strings.HasSuffix(n, ".log") || strings.HasPrefix(n, "stats-") || strings.HasPrefix(n, recordName) {
+		if !e.Type().IsRegular() || strings.HasSuffix(n, ".log") || strings.HasPrefix(n, "stats-") || strings.HasPrefix(n, recordName) || n == criu.LazyDumpConf {
 			continue
 		}
 		if !wire.ValidFileName(n) {

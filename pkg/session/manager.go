@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"sync"
@@ -461,8 +462,15 @@ func (m *Manager) spawn(s *Session, mach machine, log *zap.Logger, dir string) b
 		err := s.run(mach)
 		m.mu.Lock()
 		delete(m.sessions, s.ID)
+		idle := len(m.sessions) == 0
 		m.mu.Unlock()
 		m.finished(s, mach, err, log, dir)
+		if idle {
+			// A migration's buffers (relay, TLS records, image files)
+			// are garbage now; give the memory back rather than keep a
+			// daemon that is idle most of its life at its peak size.
+			debug.FreeOSMemory()
+		}
 		if m.cfg.AfterSession != nil {
 			m.cfg.AfterSession()
 		}

@@ -124,6 +124,17 @@ func newTCPPageSocket() (ours int, theirs *os.File, err error) {
 					}
 				}
 			}
+			// Every close of our end is a reset, even the kernel's when
+			// phauld dies: a clean end of stream would tell a lazy
+			// dump's page server the transfer succeeded, and CRIU would
+			// leave the tree stopped instead of resuming it. The
+			// successful end needs no FIN from us: lazy-pages ends it
+			// with a close command inside the stream.
+			if err := unix.SetsockoptLinger(afd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0}); err != nil {
+				unix.Close(afd)
+				unix.Close(cfd)
+				return -1, nil, fmt.Errorf("page socket: SO_LINGER: %w", err)
+			}
 			if err := unix.SetNonblock(afd, true); err != nil {
 				unix.Close(afd)
 				unix.Close(cfd)

@@ -261,7 +261,11 @@ func (m *source) onRPC(msg wire.Message) error {
 		}
 		m.mode = msg.Mode
 		if m.mode == "" {
-			m.mode = api.ModeCopy
+			m.mode = api.ModeCopy // a destination from before modes
+		}
+		if (m.p.mode != api.ModeAuto && m.p.mode != "" && m.mode != m.p.mode) || !m.p.asSource.Can(m.mode) {
+			m.abort(api.Errorf(api.CodePrecondition, "the destination chose mode %q, which is not what was asked (%s) or this host cannot run it; upgrade phauld there, or use --mode copy", m.mode, m.p.mode))
+			return nil
 		}
 		m.log = m.log.With(zap.String("mode", m.mode))
 		m.ph.log = m.log
@@ -423,10 +427,19 @@ func (m *source) onDump(ev criu.Event) error {
 			if err := m.shipImages(); err != nil {
 				return err
 			}
+			if m.state == srcAbort {
+				return m.dump.op.Reply(false) // it failed while shipping
+			}
 			return m.dump.op.Reply(true)
 		case ev.Notify == "post-dump" && m.state == srcDump:
 			// Frozen and fully dumped; CRIU now waits for our word.
-			return m.shipImages()
+			if err := m.shipImages(); err != nil {
+				return err
+			}
+			if m.state == srcAbort {
+				return m.dump.op.Reply(false)
+			}
+			return nil
 		default:
 			return m.dump.op.Reply(true)
 		}
@@ -538,6 +551,9 @@ func (m *source) shipImages() error {
 	m.fileBytes = n
 	if err != nil {
 		return err
+	}
+	if m.state != srcDump {
+		return nil // a send failed and aborted the session meanwhile
 	}
 	m.state = srcRestore
 	m.ph.enter("restore")
@@ -663,9 +679,10 @@ func (m *source) end() {
 			m.tree = tree
 		}
 	}
+	var resumeErr error
 	if m.released && m.tree != nil {
-		if err := resumeTree(m.tree); err != nil {
-			m.log.Error("cannot resume the source tree", zap.Error(err))
+		if resumeErr = resumeTree(m.tree); resumeErr != nil {
+			m.log.Error("cannot resume the source tree", zap.Error(resumeErr))
 		}
 	}
 	m.state = srcEnd
@@ -677,6 +694,11 @@ func (m *source) end() {
 	}
 	if !m.tDump.IsZero() {
 		e := api.AsError(m.failure)
+		if resumeErr != nil {
+			m.failure = api.Errorf(e.Code, "migration failed, and the process may still be stopped here (pid %d: %v); resume it with kill -CONT on it and its children: %s",
+				m.p.proc.PID, resumeErr, e.Message)
+			return
+		}
 		m.failure = api.Errorf(e.Code, "migration failed; the process was resumed here (pid %d): %s", m.p.proc.PID, e.Message)
 		m.log.Info("rolled back: the process runs on the source")
 	}
@@ -763,7 +785,7 @@ func (m *source) cleanup() {
 	if m.state != srcEnd {
 		// A panic mid-way: make the outcome safe. Closing the dump's
 		// socket makes CRIU resume a tree it still holds.
-		if m.released && m.state < srcCommit {
+		if m.released && (m.state < srcCommit || m.state == srcAbort) {
 			m.end()
 		}
 	}
@@ -800,7 +822,7 @@ func (m *source) result() api.Result {
 		// last page arrived.
 		r.FrozenMS = m.tResumed.Sub(m.tDump).Milliseconds()
 		if !m.tPagesIn.IsZero() {
-			r.LazyMS = m.tPagesIn.Sub(m.tResumed).Milliseconds()
+			r.LazyMS = max(0, m.tPagesIn.Sub(m.tResumed).Milliseconds())
 		}
 		// CRIU 4.2's stats-dump of a lazy dump is zeroed when its page
 		// server starts: the pages are counted from what is known, and

@@ -104,11 +104,20 @@ func baseline(mode string) string {
 func run() error {
 	var c config
 	only := flag.String("loads", "", "run only the workloads whose names contain this")
+	onlyModes := flag.String("modes", "", "run only these modes (comma-separated, e.g. \"bare copy,phaul copy\"); the targets need them all")
 	flag.IntVar(&c.runs, "runs", 3, "runs of each mode per workload")
 	flag.StringVar(&c.bin, "bin", "bin", "directory with phauld and phaulctl")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root (CRIU)")
+	}
+	if *onlyModes != "" {
+		modes = strings.Split(*onlyModes, ",")
+		for _, m := range modes {
+			if baseline(m) != m && !contains(modes, baseline(m)) {
+				return fmt.Errorf("-modes: %q needs its baseline %q", m, baseline(m))
+			}
+		}
 	}
 	var err error
 	if c.work, err = os.MkdirTemp("", "phaul-bench-"); err != nil {
@@ -239,6 +248,9 @@ func run() error {
 		"pause / bare and total / bare: against the bare CRIU pipeline of the same kind (copy or lazy).\n", c.runs)
 
 	// The targets, each from the figures above.
+	if len(modes) < 5 {
+		return nil
+	}
 	fmt.Println("\ntargets:")
 	check := func(ok bool, format string, args ...any) {
 		mark := "met"
@@ -604,6 +616,15 @@ func runBareLazy(c config, bin string, ld load, i int) (measure, error) {
 		return measure{}, err
 	}
 	return measure{pause: pause, total: ms(total), mbps: mbps(ld, ms(total))}, nil
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
 }
 
 func readPid(path string) (int, error) {

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -242,4 +243,64 @@ func TestModeChoice(t *testing.T) {
 	for _, pid := range cellProcesses(w) {
 		w.track(pid)
 	}
+}
+
+// TestLazyDestCopyDies kills the destination's copy while its pages are
+// still arriving (as an OOM kill or a crash would): lazy-pages then ends
+// without error, but there is no copy to commit. The source's copy must
+// resume, intact, and the migration fail.
+func TestLazyDestCopyDies(t *testing.T) {
+	integration(t)
+	a := startDaemon(t, "A", "127.0.0.1:17431", daemonOpts{insecure: true})
+	b := startDaemon(t, "B", "127.0.0.2:17432", daemonOpts{insecure: true})
+	px := newFaultProxy(t, "127.0.0.3:17433", b.addr)
+	w := startWorkload(t, workloadOpts{memMiB: 128})
+	before := w.report(w.pid, w.status)
+	srcInfo, _ := proc.Stat(w.pid)
+
+	killed := 0
+	r := &rule{dir: toDest, typ: wire.TypePageData, nth: 40, action: actPass, hook: func() {
+		// The destination's session names the restored copy's pid.
+		for _, s := range b.sessions(t) {
+			if s.PID > 0 && s.PID != w.pid {
+				w.track(s.PID)
+				if err := syscall.Kill(s.PID, syscall.SIGKILL); err == nil {
+					killed = s.PID
+				}
+			}
+		}
+	}}
+	px.arm(r)
+	res := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.addr(), "--mode", "lazy")
+	if i := strings.Index(res.stdout, "as pid "); i >= 0 {
+		// It went through: make sure the test's cleanup finds the copy.
+		if f := strings.Fields(res.stdout[i+len("as pid "):]); len(f) > 0 {
+			if pid, err := strconv.Atoi(f[0]); err == nil {
+				w.track(pid)
+			}
+		}
+	}
+	if killed == 0 {
+		t.Fatalf("no destination copy was found to kill (migrate exited %d: %s)", res.code, res.stderr)
+	}
+	if res.code == 0 {
+		t.Fatalf("migrate exited 0 though the destination's copy (pid %d) was killed: %s", killed, res.stdout)
+	}
+	t.Logf("migrate said: %s", strings.TrimSpace(res.stderr))
+	waitFor(t, "both daemons to end the session", time.Minute, func() bool {
+		return len(a.sessions(t)) == 0 && len(b.sessions(t)) == 0
+	})
+	var alive []int
+	waitFor(t, "the source's copy, running", 30*time.Second, func() bool {
+		alive = cellProcesses(w)
+		if len(alive) != 1 {
+			return false
+		}
+		info, err := proc.Stat(alive[0])
+		return err == nil && !info.Stopped()
+	})
+	if info, _ := proc.Stat(alive[0]); alive[0] != w.pid || info.StartTime != srcInfo.StartTime {
+		t.Fatalf("the one copy is pid %d, not the source's %d", alive[0], w.pid)
+	}
+	checkIntact(t, "source copy", w.report(w.pid, w.status), before, w.memMiB, w.seed)
 }

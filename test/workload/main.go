@@ -150,10 +150,14 @@ func run(args []string) error {
 	}
 	t := time.NewTicker(*tick)
 	defer t.Stop()
-	last := time.Now()
+	// Gaps are measured on the wall clock: CRIU restores a tree into a
+	// time namespace whose monotonic clock goes on from the dump, so a
+	// monotonic gap would hide the pause.
+	last := time.Now().Round(0)
 	for {
 		select {
 		case now := <-t.C:
+			now = time.Now().Round(0)
 			w.mu.Lock()
 			gap := now.Sub(last).Nanoseconds()
 			if gap > w.st.MaxGapNS {
