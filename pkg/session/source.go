@@ -86,7 +86,9 @@ type source struct {
 	waiting   *timer    // retries the dump gate
 	relay     *relay
 	released  bool // post-dump answered "go on": CRIU leaves the tree stopped
-	tree      []*proc.Process
+	// postDumpAnswered: CRIU's post-dump notification has its answer.
+	postDumpAnswered bool
+	tree             []*proc.Process
 
 	destPID   int
 	restore   *wire.RestoreStats
@@ -291,7 +293,7 @@ func (m *source) onRPC(msg wire.Message) error {
 		m.state = srcRelease
 		m.released = true
 		m.ph.enter("commit")
-		return m.dump.op.Reply(true)
+		return m.answerPostDump(true)
 	case *wire.Resumed:
 		if m.state != srcLazy {
 			break
@@ -417,8 +419,10 @@ func (m *source) onDump(ev criu.Event) error {
 	}
 	if ev.Notify != "" {
 		switch {
-		case m.state == srcAbort:
+		case m.state == srcAbort && ev.Notify == "post-dump":
 			// Say no at the first chance: CRIU resumes the tree.
+			return m.answerPostDump(false)
+		case m.state == srcAbort:
 			return m.dump.op.Reply(false)
 		case ev.Notify == "post-dump" && m.state == srcDump && m.mode == api.ModeLazy:
 			// Frozen, dumped but for the lazy memory: ship the images,
@@ -428,16 +432,16 @@ func (m *source) onDump(ev criu.Event) error {
 				return err
 			}
 			if m.state == srcAbort {
-				return m.dump.op.Reply(false) // it failed while shipping
+				return m.answerPostDump(false) // it failed while shipping
 			}
-			return m.dump.op.Reply(true)
+			return m.answerPostDump(true)
 		case ev.Notify == "post-dump" && m.state == srcDump:
 			// Frozen and fully dumped; CRIU now waits for our word.
 			if err := m.shipImages(); err != nil {
 				return err
 			}
 			if m.state == srcAbort {
-				return m.dump.op.Reply(false)
+				return m.answerPostDump(false)
 			}
 			return nil
 		default:
@@ -623,7 +627,7 @@ func (m *source) abort(err error) {
 			m.end()
 			return
 		}
-		if rerr := m.dump.op.Reply(false); rerr != nil {
+		if rerr := m.answerPostDump(false); rerr != nil {
 			// The swrk socket is gone: CRIU resumes on its own.
 			m.end()
 			return
@@ -642,6 +646,18 @@ func (m *source) abort(err error) {
 		m.log.Error("migration in doubt: the source tree stays stopped until the destination answers")
 		m.state = srcEnd
 	}
+}
+
+// answerPostDump answers CRIU's post-dump notification, once: true leaves
+// the tree stopped when the dump ends (lazy: serves the pages first);
+// false makes CRIU resume it. A second answer would be read by CRIU as
+// something else, so later calls do nothing.
+func (m *source) answerPostDump(ok bool) error {
+	if m.postDumpAnswered {
+		return nil
+	}
+	m.postDumpAnswered = true
+	return m.dump.op.Reply(ok)
 }
 
 // waitCRIU ends the abort once CRIU has answered, or right away if it

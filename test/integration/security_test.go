@@ -27,9 +27,17 @@ import (
 // capture records the packets on loopback to or from port with tcpdump,
 // until stop is called; stop returns the capture file's bytes.
 func capture(t *testing.T, port string) (stop func() []byte) {
+	return captureSaid(t, port, new(string))
+}
+
+// captureSaid is capture; said gets what tcpdump printed at its end (its
+// counts of packets captured and dropped).
+func captureSaid(t *testing.T, port string, said *string) (stop func() []byte) {
 	t.Helper()
 	file := filepath.Join(t.TempDir(), "lo.pcap")
-	cmd := exec.Command("tcpdump", "-i", "lo", "-s", "0", "-U", "-w", file, "tcp port "+port)
+	// A 64 MiB capture buffer: with the default one, a fast migration on
+	// a busy machine loses packets and the capture would prove less.
+	cmd := exec.Command("tcpdump", "-i", "lo", "-s", "0", "-B", "65536", "-U", "-w", file, "tcp port "+port)
 	var errb bytes.Buffer
 	cmd.Stderr = &errb
 	if err := cmd.Start(); err != nil {
@@ -41,6 +49,7 @@ func capture(t *testing.T, port string) (stop func() []byte) {
 		time.Sleep(200 * time.Millisecond)
 		cmd.Process.Signal(syscall.SIGINT)
 		cmd.Wait()
+		*said = strings.Join(strings.Fields(errb.String()), " ")
 		b, err := os.ReadFile(file)
 		if err != nil {
 			t.Fatal(err)
@@ -68,7 +77,8 @@ func TestEncryptedMigration(t *testing.T) {
 			b := startDaemon(t, "B", "127.0.0.2:"+strconv.Itoa(mode.port+1), daemonOpts{insecure: mode.insecure})
 			w := startWorkload(t, workloadOpts{memMiB: 16, extra: []string{"--marker", marker}})
 			before := w.report(w.pid, w.status)
-			stop := capture(t, strconv.Itoa(mode.port+1))
+			var tcpdumpSaid string
+			stop := captureSaid(t, strconv.Itoa(mode.port+1), &tcpdumpSaid)
 			res := a.migrate(t, w.pid, b)
 			w.track(res.DestPID)
 			pcap := stop()
@@ -78,7 +88,7 @@ func TestEncryptedMigration(t *testing.T) {
 				t.Fatalf("the process arrived changed: %+v, was %+v", after, before)
 			}
 			if len(pcap) < 16<<20 {
-				t.Fatalf("captured only %d bytes of a 16 MiB migration", len(pcap))
+				t.Fatalf("captured only %d bytes of a 16 MiB migration (tcpdump: %s)", len(pcap), tcpdumpSaid)
 			}
 			seen := bytes.Count(pcap, []byte(marker))
 			t.Logf("%s: %d bytes captured, marker seen %d times", mode.name, len(pcap), seen)
