@@ -61,6 +61,7 @@ type destParams struct {
 	keepImages  bool
 	place       func(pids []int) error
 	asDest      Capabilities
+	cpuChecks   *cpuChecks
 }
 
 // dest is the state machine of the daemon a process arrives at. It is the
@@ -77,6 +78,7 @@ type dest struct {
 	hb       *heartbeat
 
 	srcPID   int
+	cpuInfo  []byte // the source's cpuinfo image
 	check    *criuWatch
 	ps       *criuWatch
 	psDone   bool
@@ -261,6 +263,11 @@ func (m *dest) prepare(p *wire.Prepare) error {
 		m.log.Warn("source sent no cpuinfo: CPU check skipped")
 		return m.checked("skipped")
 	}
+	m.cpuInfo = p.CPUInfo
+	if r, ok := m.p.cpuChecks.lookup(p.CPUInfo); ok {
+		m.log.Debug("CPU check passed before for this source's cpuinfo", zap.String("cpu_check", r))
+		return m.checked(r)
+	}
 	dir := filepath.Join(m.p.dir, "cpuinfo")
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return err
@@ -281,9 +288,11 @@ func (m *dest) onCheck(ev criu.Event) error {
 	var ce *criu.Error
 	switch {
 	case ev.Err == nil:
+		m.p.cpuChecks.remember(m.cpuInfo, "ok")
 		return m.checked("ok")
 	case errors.As(ev.Err, &ce) && ce.Errno == unix.ENOTSUP:
 		m.log.Warn("CRIU cannot compare CPUs here: CPU check skipped")
+		m.p.cpuChecks.remember(m.cpuInfo, "skipped")
 		return m.checked("skipped")
 	default:
 		return api.Errorf(api.CodePrecondition, "this CPU cannot run tasks dumped on the source: %v", ev.Err)

@@ -131,6 +131,7 @@ type Manager struct {
 
 	gate       *dumpGate
 	history    *history
+	cpuChecks  *cpuChecks
 	handshakes chan struct{} // semaphore
 	// shaking are the connections still in their handshake, shut down at
 	// shutdown so that nobody waits for their timeout.
@@ -169,6 +170,7 @@ func NewManager(cfg Config) (*Manager, error) {
 	}
 	return &Manager{
 		history:    hist,
+		cpuChecks:  newCPUChecks(),
 		cfg:        cfg,
 		log:        cfg.Log,
 		sessions:   map[wire.SessionID]*Session{},
@@ -418,7 +420,7 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 		return
 	}
 	params := destParams{log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir,
-		peerTimeout: m.cfg.PeerTimeout, keepImages: m.cfg.KeepImages, asDest: m.cfg.AsDest}
+		peerTimeout: m.cfg.PeerTimeout, keepImages: m.cfg.KeepImages, asDest: m.cfg.AsDest, cpuChecks: m.cpuChecks}
 	if m.cfg.Place != nil {
 		params.place = func(pids []int) error { return m.cfg.Place(id, pids) }
 	}

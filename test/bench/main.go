@@ -281,8 +281,8 @@ func run() error {
 	}
 	check(idleRSS < 30, "idle phauld resident memory %.1f MiB (target < 30 MiB); after the runs: %.1f MiB",
 		idleRSS, rssMiB(pairs[pairTLS][0].cmd.Process.Pid))
-	fmt.Println("\nphaul's own time: the total minus CRIU's dump, restore and lazy phases: connecting, the handshake,\n" +
-		"the checks, shipping the images, the commit.")
+	fmt.Println("\nphaul's own time: its prepare phase (connecting, the TLS and protocol handshakes, the version and CPU\n" +
+		"checks, starting the destination's page server) and shipping the images.")
 	return nil
 }
 
@@ -439,7 +439,9 @@ func runPhaul(c config, bin string, ld load, mode string, pair [2]*daemon) (meas
 	if mode == api.ModeLazy {
 		moving = float64(p["dump"] + p["images"] + p["restore"] + p["lazy"])
 	}
-	own := float64(res.TotalMS - p["dump"] - p["restore"] - p["lazy"])
+	// phaul's own time: connecting, the handshake, the checks and the
+	// destination's page server (prepare), and shipping the images.
+	own := float64(p["prepare"] + p["waiting"] + p["images"])
 	return measure{pause: pause, total: float64(res.TotalMS), mbps: mbps(ld, moving), overhead: own}, nil
 }
 
