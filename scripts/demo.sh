@@ -70,7 +70,7 @@ run ps -o pid,ppid,stat,rss,cmd --forest -g "$(ps -o sid= -p "$pid" | tr -d ' ')
 echo "The workload reports:"
 report "$pid"
 
-step "Migrate it from A to B"
+step "Migrate it from A to B (--mode auto: post-copy where both kernels allow it)"
 run bin/phaulctl --socket "$work/A.sock" migrate --pid "$pid" --to 127.0.0.2:23452 | tee "$work/result.txt"
 newpid=$(sed -n 's/.* as pid \([0-9]*\)$/\1/p' "$work/result.txt")
 pids+=("$newpid")
@@ -87,6 +87,9 @@ if kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]; 
 	exit 1
 fi
 echo "  pid $pid is gone"
+
+step "A's history of migrations (kept across restarts)"
+run bin/phaulctl --socket "$work/A.sock" history
 
 step "What the daemons logged"
 grep -h -E 'outgoing|incoming|phase done|committed|succeeded' "$work/A.log" "$work/B.log" | cut -c1-220

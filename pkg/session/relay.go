@@ -167,17 +167,17 @@ func (r *relay) handle(events uint32) {
 	}
 }
 
+// smallFrame is the largest read a plain link gets a copy of.
+const smallFrame = 64 << 10
+
 // readLocal forwards what CRIU wrote as PageData frames. Each read lands
 // behind room for the frame header, so the bytes are not copied again.
 func (r *relay) readLocal() {
 	for round := 0; round < readRounds && !r.localPaused && !r.closed; round++ {
-		buf := r.buf
-		if buf == nil {
-			buf = make([]byte, wire.HeaderLen+wire.DataChunk)
-			if r.mem.link.copies() {
-				r.buf = buf
-			}
+		if r.buf == nil {
+			r.buf = make([]byte, wire.HeaderLen+wire.DataChunk)
 		}
+		buf := r.buf
 		n, err := unix.Read(r.local, buf[wire.HeaderLen:])
 		if err == unix.EINTR {
 			continue
@@ -198,7 +198,21 @@ func (r *relay) readLocal() {
 		}
 		wire.PutHeader(buf, wire.TypePageData, n)
 		r.sent += int64(n)
-		r.mem.queue(buf[:wire.HeaderLen+n])
+		frame := buf[:wire.HeaderLen+n]
+		if !r.mem.link.copies() {
+			// A plain link keeps the frame until the socket takes it,
+			// so the buffer cannot be read into again. A small read (a
+			// lazy page answer) is copied out; a big one keeps its
+			// buffer and the next read gets a new one. A fresh 1 MiB
+			// buffer per 4 KiB answer made the garbage collector the
+			// bottleneck of lazy migrations.
+			if n <= smallFrame {
+				frame = append([]byte(nil), frame...)
+			} else {
+				r.buf = nil
+			}
+		}
+		r.mem.queue(frame)
 		if r.mem.outLen() >= highWater {
 			r.localPaused = true
 		}
