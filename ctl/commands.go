@@ -32,7 +32,8 @@ stays on this host, frozen; any failure resumes it here.
            background. The source keeps its frozen copy until every page
            is across; if the link fails before, the source copy resumes
            and the destination's is discarded. Needs userfaultfd on the
-           destination and CRIU's lazy-pages on both hosts.
+           destination (CRIU's lazy_pages check) and fs.pipe-max-size of
+           at least 4 MiB on the source (phauld raises it at start).
   precopy  memory is copied in rounds while the process runs, then what
            changed moves while it is frozen. Needs soft-dirty memory
            tracking (CONFIG_MEM_SOFT_DIRTY) on the source; this version
@@ -116,8 +117,8 @@ first, as it keeps them across restarts (the newest 1000): session id,
 direction (out: this host was the source), the pid on the source, the other
 daemon, the outcome (committed: the process runs on the destination;
 rolled-back: it runs on the source; in-doubt: not settled yet), the mode,
-how long the process was frozen, and the bytes moved. --json has every
-figure, CRIU's statistics included.`,
+how long the process was frozen, the bytes moved, when it ended and, if it
+did not commit, why. --json has every figure, CRIU's statistics included.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if limit < 0 {

@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -214,6 +215,10 @@ func (s *Server) migrate(w http.ResponseWriter, r *http.Request) {
 	var req api.MigrateRequest
 	if err := decodeBody(r, &req); err != nil {
 		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	if req.Mode != "" && !slices.Contains(api.Modes, req.Mode) {
+		writeError(w, http.StatusBadRequest, api.Errorf(api.CodeInvalid, "mode %q: want one of %s", req.Mode, strings.Join(api.Modes, ", ")))
 		return
 	}
 	caller := CallerFrom(r.Context())

@@ -111,7 +111,7 @@ func TestBadRequests(t *testing.T) {
 	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		return net.Dial("unix", path)
 	}}}
-	for _, body := range []string{"{", `{"pid": "x"}`, `{"pid": 1, "to": "b", "evil": true}`} {
+	for _, body := range []string{"{", `{"pid": "x"}`, `{"pid": 1, "to": "b", "evil": true}`, `{"pid": 1, "to": "b", "mode": "turbo"}`} {
 		resp, err := hc.Post("http://phauld/v1/migrate", "application/json", strings.NewReader(body))
 		if err != nil {
 			t.Fatal(err)

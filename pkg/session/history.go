@@ -73,9 +73,12 @@ func (h *history) add(e api.HistoryEntry) error {
 	return nil
 }
 
-// list returns the newest limit migrations (all if limit <= 0), newest
-// first, one per session.
+// list returns the newest limit migrations (all it keeps, the newest
+// historyKeep, if limit <= 0 or more), newest first, one per session.
 func (h *history) list(limit int) ([]api.HistoryEntry, error) {
+	if limit <= 0 || limit > historyKeep {
+		limit = historyKeep
+	}
 	h.mu.Lock()
 	entries, err := h.read()
 	h.mu.Unlock()
@@ -84,7 +87,7 @@ func (h *history) list(limit int) ([]api.HistoryEntry, error) {
 	}
 	seen := map[string]bool{}
 	var out []api.HistoryEntry
-	for i := len(entries) - 1; i >= 0 && (limit <= 0 || len(out) < limit); i-- {
+	for i := len(entries) - 1; i >= 0 && len(out) < limit; i-- {
 		e := entries[i]
 		key := e.ID + "/" + e.Direction // both ends on one host are two entries
 		if seen[key] {

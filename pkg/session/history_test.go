@@ -77,3 +77,26 @@ func TestHistoryTrimmed(t *testing.T) {
 		t.Errorf("newest entry %s", last)
 	}
 }
+
+// list never returns more than the history keeps, even before the file
+// is trimmed (it is cut back only once it holds twice as many).
+func TestHistoryListBound(t *testing.T) {
+	h, err := openHistory(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < historyKeep+10; i++ {
+		if err := h.add(api.HistoryEntry{ID: fmt.Sprint(i), Direction: "out"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, limit := range []int{0, -1, historyKeep + 5} {
+		list, err := h.list(limit)
+		if err != nil || len(list) != historyKeep {
+			t.Fatalf("list(%d) = %d entries, %v; want %d", limit, len(list), err, historyKeep)
+		}
+	}
+	if list, _ := h.list(3); len(list) != 3 || list[0].ID != fmt.Sprint(historyKeep+9) {
+		t.Fatalf("list(3) = %+v; want the newest three, newest first", list)
+	}
+}

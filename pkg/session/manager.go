@@ -550,6 +550,12 @@ func (m *Manager) record(s *Session, mach machine, err error, log *zap.Logger) {
 		if mach.rec.State == stCommitted {
 			e.Outcome = api.OutcomeCommitted
 		}
+		if mach.srcPID > 0 {
+			e.PID = mach.srcPID // the session's pid is the restored one by now
+		}
+		if e.Result.Mode == "" {
+			e.Result.Mode = mach.mode
+		}
 	}
 	if e.Outcome != api.OutcomeCommitted {
 		e.Error = api.AsError(err)

@@ -105,7 +105,7 @@ func run() error {
 	var c config
 	only := flag.String("loads", "", "run only the workloads whose names contain this")
 	onlyModes := flag.String("modes", "", "run only these modes (comma-separated, e.g. \"bare copy,phaul copy\"); the targets need them all")
-	flag.IntVar(&c.runs, "runs", 3, "runs of each mode per workload")
+	flag.IntVar(&c.runs, "runs", 5, "runs of each mode per workload")
 	flag.StringVar(&c.bin, "bin", "bin", "directory with phauld and phaulctl")
 	flag.Parse()
 	if os.Geteuid() != 0 {
