@@ -96,7 +96,12 @@ func (c *cli) printFigures(res api.Result) {
 	if res.LazyMS > 0 {
 		fmt.Fprintf(c.stdout, "  last page arrived %s after the process resumed\n", ms(res.LazyMS))
 	}
-	if d := res.Dump; d != nil {
+	if d := res.Dump; d != nil && res.Mode == api.ModeLazy {
+		// CRIU leaves its dump statistics at zero in lazy mode: show
+		// what phauld measured and counted instead of the zeros.
+		fmt.Fprintf(c.stdout, "  dump: frozen %s; pages lazy %d, with the images %d (CRIU reports no other dump figures in lazy mode)\n",
+			us(d.FrozenUS), d.PagesLazy, d.PagesWritten)
+	} else if d != nil {
 		fmt.Fprintf(c.stdout, "  dump: freezing %s, frozen %s, memdump %s, memwrite %s; pages scanned %d, written %d, lazy %d\n",
 			us(d.FreezingUS), us(d.FrozenUS), us(d.MemdumpUS), us(d.MemwriteUS), d.PagesScanned, d.PagesWritten, d.PagesLazy)
 	}
