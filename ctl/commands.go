@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -51,7 +52,7 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 			if req.To == "" {
 				return fmt.Errorf("--to is required: the destination host, HOST or HOST:PORT")
 			}
-			if !validMode(req.Mode) {
+			if !slices.Contains(api.Modes, req.Mode) {
 				return fmt.Errorf("--mode %q: want one of %s", req.Mode, strings.Join(api.Modes, ", "))
 			}
 			prog := newProgress(c.stderr)
@@ -78,15 +79,6 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress display")
 	cmd.Flags().BoolVar(&c.json, "json", false, "print the result (or the error) as one JSON object")
 	return cmd
-}
-
-func validMode(m string) bool {
-	for _, x := range api.Modes {
-		if m == x {
-			return true
-		}
-	}
-	return false
 }
 
 // printFigures shows a migration's mode, times, bytes and CRIU's stats.

@@ -312,15 +312,12 @@ func (m *dest) checked(cpuCheck string) error {
 }
 
 func (m *dest) startPageServer(cpuCheck string) error {
-	local, theirs, err := newPageSocket()
+	relay, theirs, err := openRelay(m.s.l, m.mem, false, m.abort)
 	if err != nil {
 		return err
 	}
 	defer theirs.Close()
-	if m.relay, err = newRelay(m.s.l, local, m.mem); err != nil {
-		return err
-	}
-	m.relay.onError = m.abort
+	m.relay = relay
 	op, err := m.p.criu.StartPageServer(criu.Options{ImagesDir: m.p.dir, LogFile: "page-server.log", PageServer: theirs})
 	if err != nil {
 		return err
@@ -385,15 +382,12 @@ func (m *dest) maybeRestore() error {
 // memory from the source, over the mem connection; the restore starts
 // once it listens.
 func (m *dest) startLazyPages() error {
-	local, theirs, err := newPageSocket()
+	relay, theirs, err := openRelay(m.s.l, m.mem, false, m.abort)
 	if err != nil {
 		return err
 	}
 	defer theirs.Close()
-	if m.relay, err = newRelay(m.s.l, local, m.mem); err != nil {
-		return err
-	}
-	m.relay.onError = m.abort
+	m.relay = relay
 	lp, err := m.p.criu.StartLazyPages(m.p.dir, theirs)
 	if err != nil {
 		return err

@@ -38,9 +38,9 @@ type relay struct {
 	buf []byte
 
 	// holdEOF keeps the end of the peer's page stream from CRIU: a lazy
-	// dump's page server takes a closed connection for a finished
-	// transfer, so only phauld, once the destination has said every page
-	// is in, may end it (and resetTo ends it as a failure).
+	// dump's page server takes a clean end of stream for a finished
+	// transfer. It ends well by lazy-pages' own close command, inside the
+	// stream, or as a failure by close (a reset).
 	holdEOF bool
 
 	// onError reports a failure of the local side. Failures of the mem
@@ -52,13 +52,10 @@ type relay struct {
 
 // newPageSocket returns a connected pair of stream sockets: ours
 // (non-blocking, close-on-exec) and CRIU's, as a file to pass to it.
-func newPageSocket() (ours int, theirs *os.File, err error) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return -1, nil, fmt.Errorf("page socketpair: %w", err)
-	}
-	// Deep socket buffers let CRIU hand over a whole page pipe at once.
-	// SO_*BUFFORCE may exceed the sysctl limits; plain SO_*BUF if not root.
+// deepBuffers gives page sockets 4 MiB buffers, so that CRIU can hand
+// over a whole page pipe at once. SO_*BUFFORCE may exceed the sysctl
+// limits; plain SO_*BUF if not root.
+func deepBuffers(fds ...int) {
 	for _, fd := range fds {
 		for _, o := range [][2]int{{unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}, {unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}} {
 			if unix.SetsockoptInt(fd, unix.SOL_SOCKET, o[0], 4<<20) != nil {
@@ -66,6 +63,14 @@ func newPageSocket() (ours int, theirs *os.File, err error) {
 			}
 		}
 	}
+}
+
+func newPageSocket() (ours int, theirs *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, nil, fmt.Errorf("page socketpair: %w", err)
+	}
+	deepBuffers(fds[:]...)
 	if err := unix.SetNonblock(fds[0], true); err != nil {
 		unix.Close(fds[0])
 		unix.Close(fds[1])
@@ -76,7 +81,7 @@ func newPageSocket() (ours int, theirs *os.File, err error) {
 
 // newTCPPageSocket is newPageSocket over loopback TCP, for a lazy dump:
 // unlike a Unix socket, phauld can then end the connection with a reset
-// (see relay.reset), which CRIU tells apart from a clean close.
+// (see relay.close), which CRIU tells apart from a clean close.
 func newTCPPageSocket() (ours int, theirs *os.File, err error) {
 	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -118,12 +123,8 @@ func newTCPPageSocket() (ours int, theirs *os.File, err error) {
 		if p, ok := peer.(*unix.SockaddrInet4); ok && p.Port == mine.(*unix.SockaddrInet4).Port && p.Addr == loopback.Addr {
 			for _, fd := range []int{afd, cfd} {
 				unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
-				for _, o := range [][2]int{{unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}, {unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}} {
-					if unix.SetsockoptInt(fd, unix.SOL_SOCKET, o[0], 4<<20) != nil {
-						unix.SetsockoptInt(fd, unix.SOL_SOCKET, o[1], 4<<20)
-					}
-				}
 			}
+			deepBuffers(afd, cfd)
 			// Every close of our end is a reset, even the kernel's when
 			// phauld dies: a clean end of stream would tell a lazy
 			// dump's page server the transfer succeeded, and CRIU would
@@ -144,6 +145,28 @@ func newTCPPageSocket() (ours int, theirs *os.File, err error) {
 		}
 		unix.Close(afd)
 	}
+}
+
+// openRelay makes the socket a CRIU gets for its page stream (a socket
+// pair; with tcp, a loopback TCP connection whose every close is a reset)
+// and the relay between our end of it and mem. The caller hands theirs to
+// CRIU and closes it.
+func openRelay(l *loop, mem *conn, tcp bool, onError func(error)) (r *relay, theirs *os.File, err error) {
+	open := newPageSocket
+	if tcp {
+		open = newTCPPageSocket
+	}
+	local, theirs, err := open()
+	if err != nil {
+		return nil, nil, err
+	}
+	if r, err = newRelay(l, local, mem); err != nil {
+		unix.Close(local)
+		theirs.Close()
+		return nil, nil, err
+	}
+	r.onError = onError
+	return r, theirs, nil
 }
 
 func newRelay(l *loop, local int, mem *conn) (*relay, error) {
@@ -359,19 +382,11 @@ func (r *relay) fail(err error) {
 	}
 }
 
-// reset closes our end of a TCP local socket with a reset: a CRIU reading
-// from it gets ECONNRESET, which a lazy dump's page server takes as a
-// failed transfer (it then resumes the tree).
-func (r *relay) reset() {
-	if r.closed {
-		return
-	}
-	unix.SetsockoptLinger(r.local, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
-	r.close()
-}
-
 // close closes our end of the local socket: a CRIU still writing to it
-// fails, which is how a dump in progress is aborted.
+// fails, which is how a dump in progress is aborted. On a lazy dump's TCP
+// socket the close is a reset (SO_LINGER 0 from its creation): CRIU's
+// lazy page server reads ECONNRESET, takes the transfer for failed and
+// resumes the tree, where a clean end of stream would count as success.
 func (r *relay) close() {
 	if r.closed {
 		return

@@ -185,26 +185,33 @@ func newPageSocketForTest(t *testing.T) (int, *os.File) {
 	return ours, theirs
 }
 
-// TestRelayCloseFailsCRIU checks the abort path: closing the relay makes a
-// CRIU still writing pages fail, which is how a dump is aborted.
-func TestRelayCloseFailsCRIU(t *testing.T) {
+// relayForTest is a relay made by openRelay (tcp: a lazy dump's socket)
+// between CRIU's end of a page socket, criuEnd, and a mem conn to nobody.
+func relayForTest(t *testing.T, tcp bool) (r *relay, criuEnd *os.File) {
+	t.Helper()
 	l, err := newLoop()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.close()
-	local, criuEnd := newPageSocketForTest(t)
-	defer criuEnd.Close()
+	t.Cleanup(l.close)
 	memLink, peer := socketpair(t)
-	defer peer.Close()
+	t.Cleanup(func() { peer.Close() })
 	mem, err := newConn(l, "mem", memLink, wire.Mem, 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := newRelay(l, local, mem)
+	r, criuEnd, err = openRelay(l, mem, tcp, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { criuEnd.Close() })
+	return r, criuEnd
+}
+
+// TestRelayCloseFailsCRIU checks the abort path: closing the relay makes a
+// CRIU still writing pages fail, which is how a dump is aborted.
+func TestRelayCloseFailsCRIU(t *testing.T) {
+	r, criuEnd := relayForTest(t, false)
 	r.close()
 	if _, err := criuEnd.Write(make([]byte, 1<<20)); err == nil {
 		t.Fatal("writing to a closed relay succeeded")
@@ -213,29 +220,11 @@ func TestRelayCloseFailsCRIU(t *testing.T) {
 
 // TestRelayLazyEnd checks how a lazy dump's page stream ends: the peer's
 // end of stream is held from CRIU (a lazy page server takes a clean close
-// for a finished transfer), and a reset reaches CRIU as ECONNRESET, which
-// it takes for a failed one.
+// for a finished transfer), and closing the relay reaches CRIU as
+// ECONNRESET, which it takes for a failed one. (The socket resets on any
+// close, the kernel's when phauld dies included.)
 func TestRelayLazyEnd(t *testing.T) {
-	l, err := newLoop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.close()
-	local, criuEnd, err := newTCPPageSocket()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer criuEnd.Close()
-	memLink, peer := socketpair(t)
-	defer peer.Close()
-	mem, err := newConn(l, "mem", memLink, wire.Mem, 1<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := newRelay(l, local, mem)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r, criuEnd := relayForTest(t, true)
 	r.holdEOF = true
 	if err := r.fromPeer(&wire.PageData{Data: []byte("request")}); err != nil {
 		t.Fatal(err)
@@ -253,8 +242,8 @@ func TestRelayLazyEnd(t *testing.T) {
 	if n, err := unix.Read(fd, buf); err != unix.EAGAIN {
 		t.Fatalf("criu saw the end of a held stream: %d, %v", n, err)
 	}
-	r.reset()
+	r.close()
 	if _, err := unix.Read(fd, buf); err != unix.ECONNRESET {
-		t.Fatalf("criu read after a reset: %v, want ECONNRESET", err)
+		t.Fatalf("criu read after the relay closed: %v, want ECONNRESET", err)
 	}
 }

@@ -361,21 +361,14 @@ func (m *source) startDump() error {
 		return err
 	}
 	lazy := m.mode == api.ModeLazy
-	newSocket := newPageSocket
-	if lazy {
-		newSocket = newTCPPageSocket // so that a failure can reset it
-	}
-	local, theirs, err := newSocket()
+	// A lazy dump's socket is TCP, so that a failure can reset it.
+	relay, theirs, err := openRelay(m.s.l, m.mem, lazy, m.abort)
 	if err != nil {
 		return err
 	}
 	// CRIU gets its own copy of the socket at exec; ours closes now.
 	defer theirs.Close()
-	m.relay, err = newRelay(m.s.l, local, m.mem)
-	if err != nil {
-		return err
-	}
-	m.relay.onError = m.abort
+	m.relay = relay
 	m.relay.holdEOF = lazy
 	m.ph.enter("dump")
 	m.tDump = time.Now()
@@ -602,7 +595,7 @@ func (m *source) abort(err error) {
 		m.tellPeer(err)
 		// CRIU fails writing pages, or answers "no" at post-dump.
 		if m.relay != nil {
-			m.relay.reset() // a plain close on a Unix socket
+			m.relay.close()
 		}
 		m.waitCRIU()
 	case srcRestore, srcLazy:
@@ -617,7 +610,7 @@ func (m *source) abort(err error) {
 			// CRIU is serving pages: a reset makes it stop, fail, and
 			// resume the tree; its response then ends the rollback.
 			m.log.Warn("rolling back: stopping CRIU's page server, which resumes the tree")
-			m.relay.reset()
+			m.relay.close()
 			return
 		}
 		m.log.Warn("rolling back: telling CRIU to resume the tree")

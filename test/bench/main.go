@@ -362,6 +362,13 @@ func startWorkload(c config, bin string, ld load) (*workload, error) {
 		if len(kids) == 1 {
 			if _, err := os.Stat(w.status); err == nil {
 				w.pid = kids[0]
+				// A first report resets the gap: what the start cost
+				// is no pause.
+				if _, err := w.ask(w.pid); err != nil {
+					kill(w.pid)
+					w.holder.Process.Kill()
+					return nil, err
+				}
 				return w, nil
 			}
 		}
@@ -417,10 +424,6 @@ func runPhaul(c config, bin string, ld load, mode string, pair [2]*daemon) (meas
 		return measure{}, err
 	}
 	defer w.holder.Process.Kill()
-	if _, err := w.ask(w.pid); err != nil { // resets the gap
-		kill(w.pid)
-		return measure{}, err
-	}
 	a, b := pair[0], pair[1]
 	res, err := client.New(a.socket).Migrate(context.Background(), api.MigrateRequest{PID: w.pid, To: b.addr, Mode: mode}, nil)
 	if err != nil {
@@ -484,10 +487,6 @@ func runBare(c config, bin string, ld load, i int) (measure, error) {
 		return measure{}, err
 	}
 	defer w.holder.Process.Kill()
-	if _, err := w.ask(w.pid); err != nil {
-		kill(w.pid)
-		return measure{}, err
-	}
 	src, dst, err := bareDirs(c, "bare", i)
 	if err != nil {
 		return measure{}, err
@@ -498,7 +497,7 @@ func runBare(c config, bin string, ld load, i int) (measure, error) {
 
 	start := time.Now()
 	// --daemon: criu returns once the page server listens.
-	if err := criu(append([]string{"page-server", "-D", dst, "--address", "127.0.0.2", "--port", port, "--daemon", "-o", "ps.log"}, "-v4")...); err != nil {
+	if err := criu("page-server", "-D", dst, "--address", "127.0.0.2", "--port", port, "--daemon", "-o", "ps.log", "-v4"); err != nil {
 		kill(w.pid)
 		return measure{}, err
 	}
@@ -542,10 +541,6 @@ func runBareLazy(c config, bin string, ld load, i int) (measure, error) {
 		return measure{}, err
 	}
 	defer w.holder.Process.Kill()
-	if _, err := w.ask(w.pid); err != nil {
-		kill(w.pid)
-		return measure{}, err
-	}
 	src, dst, err := bareDirs(c, "lazy", i)
 	if err != nil {
 		return measure{}, err

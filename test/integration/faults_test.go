@@ -287,29 +287,15 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	}
 
 	// Settle: both daemons done with the session, one copy of the process.
-	var alive []int
-	waitFor(t, "the migration to settle to one copy", 2*time.Minute, func() bool {
-		if len(a.sessions(t)) != 0 || len(b.sessions(t)) != 0 {
-			return false
-		}
-		alive = cellProcesses(w)
-		if len(alive) != 1 {
-			return false
-		}
-		info, err := proc.Stat(alive[0])
-		return err == nil && !info.Stopped()
-	})
-	for _, pid := range alive {
-		w.track(pid)
-	}
+	one := settleToOneCopy(t, a, b, w)
 	got := sideDest
-	if info, _ := proc.Stat(alive[0]); alive[0] == w.pid && info.StartTime == srcInfo.StartTime {
+	if isSourceCopy(w, one, srcInfo) {
 		got = sideSource
 	}
 	if got != want {
 		t.Fatalf("the process runs on the %s, the rule says the %s", got, want)
 	}
-	after := w.report(alive[0], w.status)
+	after := w.report(one, w.status)
 	checkIntact(t, "the one copy", after, before, w.memMiB, w.seed)
 
 	// What the user was told matches what happened.
@@ -327,6 +313,36 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 			t.Errorf("refused cancel says %q: want why", cancelResult.stderr)
 		}
 	}
+}
+
+// settleToOneCopy waits until both daemons are done with their sessions
+// and exactly one copy of w's process exists, running (not stopped), and
+// returns its pid. Every copy seen is tracked, so the test kills it.
+func settleToOneCopy(t *testing.T, a, b *daemon, w *workload) int {
+	t.Helper()
+	var alive []int
+	waitFor(t, "the migration to settle to one running copy", 2*time.Minute, func() bool {
+		if len(a.sessions(t)) != 0 || len(b.sessions(t)) != 0 {
+			return false
+		}
+		alive = cellProcesses(w)
+		for _, pid := range alive {
+			w.track(pid)
+		}
+		if len(alive) != 1 {
+			return false
+		}
+		info, err := proc.Stat(alive[0])
+		return err == nil && !info.Stopped()
+	})
+	return alive[0]
+}
+
+// isSourceCopy reports whether pid is the source's own process (the same
+// pid and start time), not a restored copy.
+func isSourceCopy(w *workload, pid int, src proc.Info) bool {
+	info, err := proc.Stat(pid)
+	return err == nil && pid == w.pid && info.StartTime == src.StartTime
 }
 
 // cellProcesses are the processes of w's tree, wherever they are, that
