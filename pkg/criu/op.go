@@ -16,8 +16,10 @@ import (
 	"path/filepath"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
+	"github.com/phaul/phaul/pkg/proc"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 )
@@ -138,6 +140,9 @@ func (c *Client) start(kind string, o *Options, req *rpc.CriuReq) (*Op, error) {
 	return op, nil
 }
 
+// Pid is the pid of the request's `criu swrk` process.
+func (op *Op) Pid() int { return op.cmd.Process.Pid }
+
 // Kind names the request ("dump", "restore", ...).
 func (op *Op) Kind() string { return op.kind }
 
@@ -254,6 +259,36 @@ func (op *Op) Close() error {
 	var err error
 	op.closeOnce.Do(func() { err = unix.Close(op.sk) })
 	return err
+}
+
+// Abandon ends a request that is no longer wanted and whose process may
+// be killed: a restore, a page server, a check; never a dump, which could
+// leave its parasite in the tasks. It closes the RPC socket, which CRIU
+// takes for "no" (a restore then kills what it restored), and waits up to
+// grace for CRIU to exit. A CRIU still there after that (4.2.1 can hang
+// after an aborted restore, waiting on tasks it already killed) is killed
+// with the trees it forked, and waited for as long again. It reports
+// whether CRIU had to be killed.
+func (op *Op) Abandon(grace time.Duration) bool {
+	op.Close()
+	select {
+	case <-op.exited:
+		return false
+	case <-time.After(grace):
+	}
+	kids, _ := proc.Children(op.cmd.Process.Pid)
+	for _, k := range kids {
+		if tree, err := proc.OpenTree(k, 0); err == nil {
+			proc.SignalAll(tree, syscall.SIGKILL)
+			proc.CloseAll(tree)
+		}
+	}
+	op.cmd.Process.Kill()
+	select {
+	case <-op.exited:
+	case <-time.After(grace):
+	}
+	return true
 }
 
 func (op *Op) exitStatus() string {

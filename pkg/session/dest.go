@@ -701,14 +701,17 @@ func (m *dest) abort(err error) {
 
 // discard kills the restored tree, if any. A restore still running is told
 // no at its next notification (its socket closes), and CRIU kills what it
-// restored.
+// restored; a CRIU that has not exited within abandonGrace is killed with
+// what it forked.
 func (m *dest) discard() {
-	if m.restoreW != nil {
-		m.restoreW.stop()
-	}
 	if m.lazy != nil {
 		m.unwatchLazy()
 		m.lazy.Kill()
+	}
+	if m.restoreW != nil {
+		if m.restoreW.abandon() {
+			m.log.Warn("CRIU's restore did not end when told to: killed it and what it had restored", zap.Int("criu_pid", m.restoreW.op.Pid()))
+		}
 	}
 	if m.tree != nil && m.state == dstResumed {
 		// A lazy copy ran and may have forked since the restore: stop

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -286,8 +287,10 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 		t.Fatal("phaulctl migrate did not return within 3 minutes")
 	}
 
-	// Settle: both daemons done with the session, one copy of the process.
+	// Settle: both daemons done with the session, one copy of the process,
+	// and no CRIU (or anything else) left working in their directories.
 	one := settleToOneCopy(t, a, b, w)
+	noLeftovers(t, a.state, b.state)
 	got := sideDest
 	if isSourceCopy(w, one, srcInfo) {
 		got = sideSource
@@ -336,6 +339,54 @@ func settleToOneCopy(t *testing.T, a, b *daemon, w *workload) int {
 		return err == nil && !info.Stopped()
 	})
 	return alive[0]
+}
+
+// noLeftovers waits until no process has its working directory under
+// dirs (the daemons' state directories, where CRIU and lazy-pages run), and
+// fails the test, killing them, if some are still there after 30 s.
+func noLeftovers(t *testing.T, dirs ...string) {
+	t.Helper()
+	var left map[int]string
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		left = processesIn(dirs...)
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for pid, cwd := range left {
+		cmd, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+		t.Errorf("pid %d (%s) still works in %s after the migration ended", pid, strings.ReplaceAll(string(cmd), "\x00", " "), cwd)
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+// processesIn maps the pids whose working directory is under one of dirs
+// to that directory.
+func processesIn(dirs ...string) map[int]string {
+	ents, _ := os.ReadDir("/proc")
+	found := map[int]string{}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cwd, err := os.Readlink(filepath.Join("/proc", e.Name(), "cwd"))
+		if err != nil {
+			continue
+		}
+		cwd = strings.TrimSuffix(cwd, " (deleted)")
+		for _, d := range dirs {
+			if cwd == d || strings.HasPrefix(cwd, d+"/") {
+				found[pid] = cwd
+			}
+		}
+	}
+	return found
 }
 
 // isSourceCopy reports whether pid is the source's own process (the same
