@@ -85,8 +85,8 @@ demo: criu build
 # writing to the TCP socket itself, and phaul against the bare CRIU
 # pipeline on the same workloads, in alternating runs.
 bench: criu build
-	$(GO) test -run '^$$' -bench PageStream -benchtime 6x ./pkg/session
-	PHAUL_BENCH_MIB=1024 $(GO) test -run '^$$' -bench PageStream -benchtime 4x ./pkg/session
+	$(GO) test -run '^$$' -bench PageStream -benchtime 6x ./pkg/transport
+	PHAUL_BENCH_MIB=1024 $(GO) test -run '^$$' -bench PageStream -benchtime 4x ./pkg/transport
 	$(GO) run ./test/bench
 
 clean:

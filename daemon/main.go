@@ -29,6 +29,7 @@ import (
 	"github.com/phaul/phaul/pkg/control"
 	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/journal"
+	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/netlock"
 	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/session"
@@ -192,7 +193,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	} else if was < criu.LazyPipeSize {
 		log.Info("raised fs.pipe-max-size for CRIU's lazy pages", zap.Int("was", was), zap.Int("now", criu.LazyPipeSize))
 	}
-	asSource, asDest := session.HostCapabilities(info.Features.MemTrack, info.Features.LazyPages, pipeBlock)
+	asSource, asDest := migrate.HostCapabilities(info.Features.MemTrack, info.Features.LazyPages, pipeBlock)
 	log.Info("migration modes", zap.Stringer("as_source", asSource), zap.Stringer("as_destination", asDest))
 
 	tidy := func() {
@@ -239,7 +240,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 
 	mgr, err := session.NewManager(session.Config{
 		Log:         log.Named("session"),
-		CRIU:        cc,
+		CRIU:        migrate.FromClient(cc),
 		Info:        info,
 		AsSource:    asSource,
 		AsDest:      asDest,
@@ -410,7 +411,7 @@ func placer(log *zap.Logger) func(wire.SessionID, []int) error {
 
 // modeSupport says, per mode, whether this host can run it on either
 // side: "" if it can, else why not.
-func modeSupport(asSource, asDest session.Capabilities) map[string]string {
+func modeSupport(asSource, asDest migrate.Capabilities) map[string]string {
 	out := map[string]string{}
 	for _, m := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
 		var why []string

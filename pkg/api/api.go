@@ -190,10 +190,18 @@ const (
 	EventError    = "error"
 )
 
+// Directions of a migration, as seen from one daemon.
+const (
+	// DirectionOut: this daemon is the source.
+	DirectionOut = "out"
+	// DirectionIn: this daemon is the destination.
+	DirectionIn = "in"
+)
+
 // Session is a migration in progress, as `phaulctl status` lists it.
 type Session struct {
 	ID string `json:"id"`
-	// Direction is "out" (this daemon is the source) or "in".
+	// Direction is DirectionOut or DirectionIn.
 	Direction string    `json:"direction"`
 	PID       int       `json:"pid"`
 	Peer      string    `json:"peer"`

@@ -22,7 +22,11 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/dumplock"
+	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/store"
+	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/version"
 	"github.com/phaul/phaul/pkg/wire"
 )
@@ -30,12 +34,12 @@ import (
 // Config configures a Manager.
 type Config struct {
 	Log  *zap.Logger
-	CRIU *criu.Client
+	CRIU migrate.CRIU
 	// Info is what criu.Probe found at start-up.
 	Info criu.Info
 	// AsSource and AsDest are the migration modes this host can run as
 	// either side (see HostCapabilities). Nil: copy only.
-	AsSource, AsDest Capabilities
+	AsSource, AsDest migrate.Capabilities
 	// StateDir holds a directory per session (images, CRIU logs).
 	StateDir string
 	// HandshakeTimeout bounds reading a connection's Hello and writing
@@ -71,7 +75,7 @@ type Config struct {
 	// without certificates and without --insecure).
 	Disabled error
 	// DumpLockDir holds the lock files that keep dumps of processes in
-	// one working directory apart (default DefaultDumpLockDir).
+	// one working directory apart (default dumplock.DefaultDir).
 	DumpLockDir string
 	// Place, if set, moves a restored tree (its pids) out of the daemon's
 	// cgroup before it resumes: under systemd, into a scope of its own.
@@ -98,13 +102,13 @@ func (c *Config) setDefaults() {
 		c.InDoubtWait = time.Minute
 	}
 	if c.AsSource == nil {
-		c.AsSource = Capabilities{api.ModeCopy: ""}
+		c.AsSource = migrate.Capabilities{api.ModeCopy: ""}
 	}
 	if c.AsDest == nil {
-		c.AsDest = Capabilities{api.ModeCopy: ""}
+		c.AsDest = migrate.Capabilities{api.ModeCopy: ""}
 	}
 	if c.DumpLockDir == "" {
-		c.DumpLockDir = DefaultDumpLockDir
+		c.DumpLockDir = dumplock.DefaultDir
 	}
 }
 
@@ -123,19 +127,19 @@ type Manager struct {
 	log *zap.Logger
 
 	mu        sync.Mutex
-	sessions  map[wire.SessionID]*Session
+	sessions  map[wire.SessionID]*running
 	resolvers map[wire.SessionID]*resolver
 	halves    map[wire.SessionID]*half
 	closing   bool
 	listeners []net.Listener
 
-	gate       *dumpGate
-	history    *history
-	cpuChecks  *cpuChecks
+	gate       *dumplock.Gate
+	history    *store.History
+	cpuChecks  *migrate.CPUChecks
 	handshakes chan struct{} // semaphore
 	// shaking are the connections still in their handshake, shut down at
 	// shutdown so that nobody waits for their timeout.
-	shaking map[*link]struct{}
+	shaking map[*transport.Link]struct{}
 	sessWG  sync.WaitGroup
 	connWG  sync.WaitGroup
 }
@@ -143,7 +147,7 @@ type Manager struct {
 // half is an incoming migration of which one connection (or both, before
 // their replies are written) has arrived.
 type half struct {
-	conns [2]*link // by role: 0 rpc, 1 mem
+	conns [2]*transport.Link // by role: 0 rpc, 1 mem
 	ready [2]bool
 	timer *time.Timer
 }
@@ -164,21 +168,21 @@ func NewManager(cfg Config) (*Manager, error) {
 	if cfg.Disabled == nil && cfg.ServerTLS == nil && !cfg.Insecure {
 		return nil, errors.New("no TLS configuration: migrations need certificates, or Insecure")
 	}
-	hist, err := openHistory(cfg.StateDir)
+	hist, err := store.OpenHistory(cfg.StateDir)
 	if err != nil {
 		return nil, err
 	}
 	return &Manager{
 		history:    hist,
-		cpuChecks:  newCPUChecks(),
+		cpuChecks:  migrate.NewCPUChecks(),
 		cfg:        cfg,
 		log:        cfg.Log,
-		sessions:   map[wire.SessionID]*Session{},
+		sessions:   map[wire.SessionID]*running{},
 		resolvers:  map[wire.SessionID]*resolver{},
 		halves:     map[wire.SessionID]*half{},
 		handshakes: make(chan struct{}, maxHandshakes),
-		shaking:    map[*link]struct{}{},
-		gate:       newDumpGate(cfg.DumpLockDir),
+		shaking:    map[*transport.Link]struct{}{},
+		gate:       dumplock.New(cfg.DumpLockDir),
 	}, nil
 }
 
@@ -247,7 +251,7 @@ func (m *Manager) handshake(c net.Conn) {
 		c.Close()
 		return
 	}
-	lk, err := newLink(c)
+	lk, err := transport.NewLink(c)
 	if err != nil {
 		log.Warn("cannot take the connection", zap.Error(err))
 		return
@@ -255,7 +259,7 @@ func (m *Manager) handshake(c net.Conn) {
 	m.mu.Lock()
 	if m.closing {
 		m.mu.Unlock()
-		lk.close()
+		lk.Close()
 		return
 	}
 	m.shaking[lk] = struct{}{}
@@ -266,7 +270,7 @@ func (m *Manager) handshake(c net.Conn) {
 		delete(m.shaking, lk)
 		m.mu.Unlock()
 		if !keep {
-			lk.close()
+			lk.Close()
 		}
 	}()
 
@@ -276,14 +280,14 @@ func (m *Manager) handshake(c net.Conn) {
 	if m.cfg.ServerTLS != nil {
 		// Nothing of the protocol is read before the peer has proven
 		// who it is.
-		if err := lk.serverTLS(ctx, m.cfg.ServerTLS); err != nil {
-			log.Warn("connection refused", zap.Error(tlsError(err)))
+		if err := lk.ServerTLS(ctx, m.cfg.ServerTLS); err != nil {
+			log.Warn("connection refused", zap.Error(transport.TLSError(err)))
 			return
 		}
-		log = log.With(zap.String("peer_cert", lk.peerName()))
+		log = log.With(zap.String("peer_cert", lk.PeerName()))
 	}
-	lk.setDeadline(deadline)
-	msg, err := wire.ReadMessage(lk.stream(), wire.Handshake)
+	lk.SetDeadline(deadline)
+	msg, err := wire.ReadMessage(lk.Stream(), wire.Handshake)
 	if err != nil {
 		log.Warn("handshake failed: connection dropped", zap.Error(err))
 		return
@@ -295,7 +299,7 @@ func (m *Manager) handshake(c net.Conn) {
 	}
 	log = log.With(zap.Stringer("session", hello.Session), zap.String("role", string(hello.Role)))
 	if hello.Role == wire.RoleQuery {
-		if err := wire.WriteMessage(lk.stream(), &wire.HelloReply{OK: true, Daemon: version.Daemon()}); err != nil {
+		if err := wire.WriteMessage(lk.Stream(), &wire.HelloReply{OK: true, Daemon: version.Daemon()}); err != nil {
 			return
 		}
 		m.answerQuery(lk, hello.Session, log)
@@ -308,7 +312,7 @@ func (m *Manager) handshake(c net.Conn) {
 	if err != nil {
 		reply.Error = err.Error()
 	}
-	werr := wire.WriteMessage(lk.stream(), reply)
+	werr := wire.WriteMessage(lk.Stream(), reply)
 	if err != nil || werr != nil {
 		if err == nil {
 			err = werr
@@ -317,7 +321,7 @@ func (m *Manager) handshake(c net.Conn) {
 		log.Warn("handshake refused", zap.Error(err))
 		return
 	}
-	lk.setDeadline(time.Time{})
+	lk.SetDeadline(time.Time{})
 	keep = true
 
 	m.mu.Lock()
@@ -335,7 +339,7 @@ func (m *Manager) handshake(c net.Conn) {
 }
 
 // reserve records c as the connection of its role for its session.
-func (m *Manager) reserve(hello *wire.Hello, c *link) (*half, error) {
+func (m *Manager) reserve(hello *wire.Hello, c *transport.Link) (*half, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closing {
@@ -389,8 +393,8 @@ func (m *Manager) expire(id wire.SessionID, h *half) {
 		if c != nil {
 			m.log.Warn("lone connection dropped: its pair never arrived",
 				zap.Stringer("session", id), zap.String("role", []string{"rpc", "mem"}[i]),
-				zap.Stringer("peer", c.remoteAddr()), zap.Duration("waited", m.cfg.PairTimeout))
-			c.close()
+				zap.Stringer("peer", c.RemoteAddr()), zap.Duration("waited", m.cfg.PairTimeout))
+			c.Close()
 		}
 	}
 }
@@ -399,14 +403,26 @@ func (m *Manager) sessionDir(id wire.SessionID) string {
 	return filepath.Join(m.cfg.StateDir, "sessions", id.String())
 }
 
+// running is a session the manager supervises.
+type running struct {
+	s *migrate.Session
+	// out is set for outgoing sessions.
+	out bool
+	// done is closed once the manager has finished with the session
+	// (logged it, recorded it, handed it to a resolver if in doubt);
+	// resolver is set before.
+	done     chan struct{}
+	resolver *resolver
+}
+
 // startDest turns a complete pair into a destination session.
 func (m *Manager) startDest(id wire.SessionID, h *half) {
-	peer := h.conns[0].remoteAddr().String()
-	log := m.log.With(zap.Stringer("session", id), zap.String("peer", peer), zap.String("direction", Incoming))
+	peer := h.conns[0].RemoteAddr().String()
+	log := m.log.With(zap.Stringer("session", id), zap.String("peer", peer), zap.String("direction", api.DirectionIn))
 	fail := func(err error) {
 		log.Error("cannot start session", zap.Error(err))
 		for _, c := range h.conns {
-			c.close()
+			c.Close()
 		}
 	}
 	dir := m.sessionDir(id)
@@ -414,27 +430,20 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 		fail(err)
 		return
 	}
-	s, err := newSession(id, Incoming, peer)
-	if err != nil {
-		fail(err)
-		return
-	}
-	params := destParams{log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir,
-		peerTimeout: m.cfg.PeerTimeout, keepImages: m.cfg.KeepImages, asDest: m.cfg.AsDest, cpuChecks: m.cpuChecks}
+	cfg := migrate.DestConfig{ID: id, Peer: peer, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir,
+		PeerTimeout: m.cfg.PeerTimeout, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks}
 	if m.cfg.Place != nil {
-		params.place = func(pids []int) error { return m.cfg.Place(id, pids) }
+		cfg.Place = func(pids []int) error { return m.cfg.Place(id, pids) }
 	}
-	d, err := newDest(s, params, h.conns[0], h.conns[1])
+	s, err := migrate.NewDest(cfg, h.conns[0], h.conns[1])
 	if err != nil {
-		s.l.close()
 		log.Error("cannot start session", zap.Error(err))
 		return
 	}
 	log.Info("incoming migration")
 	m.warnInsecure(log)
-	if !m.spawn(s, d, log, dir) {
-		d.cleanup()
-		s.l.close()
+	if m.spawn(&running{s: s}, log, dir) == nil {
+		s.Close()
 	}
 }
 
@@ -445,28 +454,29 @@ func (m *Manager) warnInsecure(log *zap.Logger) {
 	}
 }
 
-// spawn registers s and runs its machine on a goroutine of its own. A
-// session's failure or panic ends that session only. It returns false if
+// spawn registers r and runs its session on a goroutine of its own. A
+// session's failure or panic ends that session only. It returns nil if
 // the manager is shutting down.
-func (m *Manager) spawn(s *Session, mach machine, log *zap.Logger, dir string) bool {
+func (m *Manager) spawn(r *running, log *zap.Logger, dir string) *running {
+	r.done = make(chan struct{})
 	m.mu.Lock()
 	if m.closing {
 		m.mu.Unlock()
-		return false
+		return nil
 	}
-	s.m = mach
-	m.sessions[s.ID] = s
+	m.sessions[r.s.ID] = r
 	m.sessWG.Add(1)
 	m.mu.Unlock()
 	go func() {
 		defer m.sessWG.Done()
-		defer close(s.done)
-		err := s.run(mach)
+		defer close(r.done)
+		r.s.Run()
+		end := r.s.End()
 		m.mu.Lock()
-		delete(m.sessions, s.ID)
+		delete(m.sessions, r.s.ID)
 		idle := len(m.sessions) == 0
 		m.mu.Unlock()
-		m.finished(s, mach, err, log, dir)
+		m.finished(r, end, log, dir)
 		if idle {
 			// A migration's buffers (relay, TLS records, image files)
 			// are garbage now; give the memory back rather than keep a
@@ -477,31 +487,36 @@ func (m *Manager) spawn(s *Session, mach machine, log *zap.Logger, dir string) b
 			m.cfg.AfterSession()
 		}
 	}()
-	return true
+	return r
 }
 
 // finished logs a session's end once, tidies its directory, and hands a
 // session that ended in doubt to a resolver.
-func (m *Manager) finished(s *Session, mach machine, err error, log *zap.Logger, dir string) {
-	m.record(s, mach, err, log)
-	if src, ok := mach.(*source); ok && src.inDoubt {
-		log.Error("migration in doubt", zap.Error(err), zap.String("images", dir))
-		s.resolver = m.startResolver(s.ID, src.rec, dir, log, api.HistoryEntry{Started: s.started, Result: s.result})
+func (m *Manager) finished(r *running, end migrate.End, log *zap.Logger, dir string) {
+	s := r.s
+	if end.Crashed {
+		return // as if the daemon had died: the next start recovers
+	}
+	m.record(s, end, log)
+	if end.Outcome == api.OutcomeInDoubt && s.Direction == api.DirectionOut {
+		log.Error("migration in doubt", zap.Error(end.Err), zap.String("images", dir))
+		rec := end.Record
+		r.resolver = m.startResolver(s.ID, &rec, dir, log, api.HistoryEntry{Started: s.Started, Result: end.Result})
 		return
 	}
-	if err != nil {
-		fields := []zap.Field{zap.Error(err), zap.String("images", dir)}
-		var pe *panicError
-		if errors.As(err, &pe) {
-			fields = append(fields, zap.ByteString("stack", pe.stack))
+	if end.Err != nil {
+		fields := []zap.Field{zap.Error(end.Err), zap.String("images", dir)}
+		var pe *migrate.PanicError
+		if errors.As(end.Err, &pe) {
+			fields = append(fields, zap.ByteString("stack", pe.Stack))
 		}
 		log.Error("migration failed", fields...)
 		return
 	}
-	log.Info("migration succeeded", resultFields(s.Direction, s.result)...)
+	log.Info("migration succeeded", resultFields(s.Direction, end.Result)...)
 	// A destination whose source did not confirm keeps its record for the
 	// source's query.
-	if d, ok := mach.(*dest); ok && !d.rec.Done {
+	if s.Direction == api.DirectionIn && !end.Record.Done {
 		return
 	}
 	if !m.cfg.KeepImages {
@@ -514,7 +529,7 @@ func (m *Manager) finished(s *Session, mach machine, err error, log *zap.Logger,
 func resultFields(direction string, r api.Result) []zap.Field {
 	f := []zap.Field{zap.Int("dest_pid", r.DestPID), zap.String("mode", r.Mode), zap.Int64("total_ms", r.TotalMS),
 		zap.Int64("bytes", r.Bytes), zap.Int64("page_bytes", r.PageBytes)}
-	if direction == Outgoing {
+	if direction == api.DirectionOut {
 		f = append(f, zap.Int64("frozen_ms", r.FrozenMS))
 	}
 	if r.LazyMS > 0 {
@@ -533,34 +548,15 @@ func resultFields(direction string, r api.Result) []zap.Field {
 }
 
 // record adds a finished session to the history.
-func (m *Manager) record(s *Session, mach machine, err error, log *zap.Logger) {
+func (m *Manager) record(s *migrate.Session, end migrate.End, log *zap.Logger) {
 	e := api.HistoryEntry{
-		ID: s.ID.String(), Direction: s.Direction, PID: int(s.pid.Load()), Peer: s.Peer,
-		Started: s.started, Ended: time.Now(), Outcome: api.OutcomeRolledBack, Result: s.result,
-	}
-	switch mach := mach.(type) {
-	case *source:
-		switch {
-		case mach.inDoubt:
-			e.Outcome = api.OutcomeInDoubt
-		case err == nil:
-			e.Outcome = api.OutcomeCommitted
-		}
-	case *dest:
-		if mach.rec.State == stCommitted {
-			e.Outcome = api.OutcomeCommitted
-		}
-		if mach.srcPID > 0 {
-			e.PID = mach.srcPID // the session's pid is the restored one by now
-		}
-		if e.Result.Mode == "" {
-			e.Result.Mode = mach.mode
-		}
+		ID: s.ID.String(), Direction: s.Direction, PID: end.Result.SourcePID, Peer: s.Peer,
+		Started: s.Started, Ended: time.Now(), Outcome: end.Outcome, Result: end.Result,
 	}
 	if e.Outcome != api.OutcomeCommitted {
-		e.Error = api.AsError(err)
+		e.Error = api.AsError(end.Err)
 	}
-	if herr := m.history.add(e); herr != nil {
+	if herr := m.history.Add(e); herr != nil {
 		log.Warn("cannot record the migration in the history", zap.Error(herr))
 	}
 }
@@ -568,7 +564,7 @@ func (m *Manager) record(s *Session, mach machine, err error, log *zap.Logger) {
 // History returns the newest limit finished migrations (all kept, if
 // limit <= 0), newest first.
 func (m *Manager) History(limit int) ([]api.HistoryEntry, error) {
-	return m.history.list(limit)
+	return m.history.List(limit)
 }
 
 // Migrate moves the process tree rooted at req.PID to the daemon at
@@ -603,7 +599,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	if _, err := rand.Read(id[:]); err != nil {
 		return api.Result{}, err
 	}
-	log := m.log.With(zap.Stringer("session", id), zap.Int("pid", req.PID), zap.String("peer", addr), zap.String("direction", Outgoing))
+	log := m.log.With(zap.Stringer("session", id), zap.Int("pid", req.PID), zap.String("peer", addr), zap.String("direction", api.DirectionOut))
 	log.Info("outgoing migration", zap.Int("caller_uid", caller.UID))
 
 	m.warnInsecure(log)
@@ -613,23 +609,15 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	}
 	memLink, err := m.dial(ctx, addr, id, wire.RoleMem)
 	if err != nil {
-		rpcLink.close()
+		rpcLink.Close()
 		return api.Result{}, err
 	}
 	dir := m.sessionDir(id)
 	if err := os.Mkdir(dir, 0o700); err != nil {
-		rpcLink.close()
-		memLink.close()
+		rpcLink.Close()
+		memLink.Close()
 		return api.Result{}, err
 	}
-	s, err := newSession(id, Outgoing, addr)
-	if err != nil {
-		rpcLink.close()
-		memLink.close()
-		os.Remove(dir)
-		return api.Result{}, err
-	}
-	s.pid.Store(int64(req.PID))
 
 	// The loop must never block on a slow client: progress goes through a
 	// buffer, and when the buffer is full an update is dropped (the next
@@ -644,10 +632,10 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 			}
 		}
 	}()
-	src, err := newSource(s, sourceParams{
-		log: log, criu: m.cfg.CRIU, info: m.cfg.Info, dir: dir, proc: info, dest: addr,
-		peerTimeout: m.cfg.PeerTimeout, gate: m.gate, mode: mode, asSource: m.cfg.AsSource,
-		progress: func(ev api.Event) {
+	s, err := migrate.NewSource(migrate.SourceConfig{
+		ID: id, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
+		PeerTimeout: m.cfg.PeerTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource,
+		Progress: func(ev api.Event) {
 			select {
 			case events <- ev:
 			default:
@@ -655,36 +643,37 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		},
 	}, rpcLink, memLink)
 	if err != nil {
-		s.l.close()
+		os.Remove(dir)
 		close(events)
 		return api.Result{}, err
 	}
-	if !m.spawn(s, src, log, dir) {
-		src.cleanup()
-		s.l.close()
+	r := m.spawn(&running{s: s, out: true}, log, dir)
+	if r == nil {
+		s.Close()
 		close(events)
 		return api.Result{}, api.Errorf(api.CodeUnavailable, "phauld is shutting down")
 	}
-	<-s.Done()
+	<-r.done
 	close(events)
 	<-forwarded
-	if r := s.resolver; r != nil {
+	end := s.End()
+	if res := r.resolver; res != nil {
 		if progress != nil {
 			progress(api.Event{Event: api.EventProgress, ID: id.String(), Phase: "in-doubt"})
 		}
-		return m.awaitResolver(r, s)
+		return m.awaitResolver(res, end)
 	}
-	return s.result, s.err
+	return end.Result, end.Err
 }
 
 // awaitResolver waits a while for the outcome of a session in doubt.
-func (m *Manager) awaitResolver(r *resolver, s *Session) (api.Result, error) {
+func (m *Manager) awaitResolver(r *resolver, end migrate.End) (api.Result, error) {
 	select {
 	case <-r.done:
 	case <-time.After(m.cfg.InDoubtWait):
-		return s.result, s.err
+		return end.Result, end.Err
 	}
-	res := s.result
+	res := end.Result
 	switch r.outcome {
 	case wire.OutcomeCommitted:
 		res.DestPID = r.destPID
@@ -693,7 +682,7 @@ func (m *Manager) awaitResolver(r *resolver, s *Session) (api.Result, error) {
 		return res, api.Errorf(api.CodeAborted,
 			"migration failed; the destination did not commit, and the process was resumed here (pid %d)", r.rec.PID)
 	}
-	return res, s.err
+	return res, end.Err
 }
 
 // destAddr turns HOST or HOST:PORT into HOST:PORT.
@@ -749,9 +738,9 @@ func (m *Manager) checkPID(pid int) (proc.Info, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for _, s := range m.sessions {
-		if s.Direction == Outgoing && int(s.pid.Load()) == pid {
-			return proc.Info{}, api.Errorf(api.CodeConflict, "pid %d is already being migrated (session %s)", pid, s.ID)
+	for _, r := range m.sessions {
+		if r.out && r.s.Info().PID == pid {
+			return proc.Info{}, api.Errorf(api.CodeConflict, "pid %d is already being migrated (session %s)", pid, r.s.ID)
 		}
 	}
 	return info, nil
@@ -759,7 +748,7 @@ func (m *Manager) checkPID(pid int) (proc.Info, error) {
 
 // dial opens one connection of a migration (or a query), authenticates
 // the destination (mutual TLS, unless insecure), and does the handshake.
-func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role wire.Role) (*link, error) {
+func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role wire.Role) (*transport.Link, error) {
 	unreachable := func(err error) error {
 		return api.Errorf(api.CodeUnavailable,
 			"cannot reach the destination phauld at %s: %v (is phauld running there? try 'systemctl status phauld.socket' on that host)", addr, err)
@@ -769,7 +758,7 @@ func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role
 	if err != nil {
 		return nil, unreachable(err)
 	}
-	lk, err := newLink(c)
+	lk, err := transport.NewLink(c)
 	if err != nil {
 		return nil, err
 	}
@@ -778,21 +767,21 @@ func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role
 	deadline, _ := ctx.Deadline()
 	if m.cfg.ClientTLS != nil {
 		host, _, _ := net.SplitHostPort(addr)
-		if err := lk.clientTLS(ctx, m.cfg.ClientTLS(host)); err != nil {
-			lk.close()
+		if err := lk.ClientTLS(ctx, m.cfg.ClientTLS(host)); err != nil {
+			lk.Close()
 			return nil, api.Errorf(api.CodeUnavailable,
 				"cannot open a trusted connection to the destination at %s: %v (both daemons need certificates from the same CA, and the destination's must be valid for %q; see 'phaulctl pki --help')",
-				addr, tlsError(err), host)
+				addr, transport.TLSError(err), host)
 		}
 	}
-	lk.setDeadline(deadline)
-	if err := wire.WriteMessage(lk.stream(), &wire.Hello{Proto: wire.Version, Role: role, Session: id, Daemon: version.Daemon()}); err != nil {
-		lk.close()
+	lk.SetDeadline(deadline)
+	if err := wire.WriteMessage(lk.Stream(), &wire.Hello{Proto: wire.Version, Role: role, Session: id, Daemon: version.Daemon()}); err != nil {
+		lk.Close()
 		return nil, unreachable(err)
 	}
-	msg, err := wire.ReadMessage(lk.stream(), wire.Handshake)
+	msg, err := wire.ReadMessage(lk.Stream(), wire.Handshake)
 	if err != nil {
-		lk.close()
+		lk.Close()
 		if m.cfg.ClientTLS == nil && (errors.Is(err, wire.ErrMagic) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
 			return nil, api.Errorf(api.CodeUnavailable,
 				"the destination phauld at %s did not answer in plain TCP (%v): it probably requires TLS; run both daemons with certificates, or both with --insecure", addr, err)
@@ -801,14 +790,14 @@ func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role
 	}
 	reply, ok := msg.(*wire.HelloReply)
 	if !ok {
-		lk.close()
+		lk.Close()
 		return nil, unreachable(fmt.Errorf("handshake: got %s", msg.Type()))
 	}
 	if !reply.OK {
-		lk.close()
+		lk.Close()
 		return nil, api.Errorf(api.CodeUnavailable, "the destination phauld at %s refused the %s connection: %s", addr, role, reply.Error)
 	}
-	lk.setDeadline(time.Time{})
+	lk.SetDeadline(time.Time{})
 	return lk, nil
 }
 
@@ -818,8 +807,8 @@ func (m *Manager) Sessions() []api.Session {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	list := make([]api.Session, 0, len(m.sessions)+len(m.resolvers))
-	for _, s := range m.sessions {
-		list = append(list, s.Info())
+	for _, r := range m.sessions {
+		list = append(list, r.s.Info())
 	}
 	for _, r := range m.resolvers {
 		list = append(list, r.info())
@@ -840,17 +829,17 @@ func (m *Manager) Shutdown(ctx context.Context) error {
 		h.timer.Stop()
 		for _, c := range h.conns {
 			if c != nil {
-				c.close()
+				c.Close()
 			}
 		}
 		delete(m.halves, id)
 	}
 	for lk := range m.shaking {
 		// Wakes a handshake blocked on the socket; its goroutine closes it.
-		lk.shutdown()
+		lk.Shutdown()
 	}
-	for _, s := range m.sessions {
-		s.Stop()
+	for _, r := range m.sessions {
+		r.s.Stop()
 	}
 	for _, r := range m.resolvers {
 		close(r.stop)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -27,7 +28,7 @@ func newTestManager(t *testing.T, pairTimeout time.Duration) (*Manager, string) 
 	t.Helper()
 	m, err := NewManager(Config{
 		Log:              zaptest.NewLogger(t),
-		CRIU:             criu.New("/nonexistent/criu"),
+		CRIU:             migrate.FromClient(criu.New("/nonexistent/criu")),
 		Info:             criu.Info{Version: criu.Version{Major: 4, Minor: 2}},
 		StateDir:         t.TempDir(),
 		PairTimeout:      pairTimeout,
@@ -128,7 +129,7 @@ func TestPairsByIDNotOrder(t *testing.T) {
 	waitSessions(t, m, 2)
 	ids := map[string]bool{}
 	for _, s := range m.Sessions() {
-		ids[s.ID] = s.Direction == Incoming
+		ids[s.ID] = s.Direction == api.DirectionIn
 	}
 	if !ids[x.String()] || !ids[y.String()] {
 		t.Fatalf("sessions %v, want incoming %s and %s", ids, x, y)
@@ -276,48 +277,6 @@ func TestDestAddr(t *testing.T) {
 	}
 }
 
-// panicky is a machine that panics when it begins.
-type panicky struct{ cleaned bool }
-
-func (p *panicky) begin() error                 { panic("boom") }
-func (p *panicky) finished() bool               { return true }
-func (p *panicky) stop()                        {}
-func (p *panicky) cleanup()                     { p.cleaned = true }
-func (p *panicky) outcome() (api.Result, error) { return api.Result{}, nil }
-func (p *panicky) cancel() error                { return nil }
-
-// TestPanicEndsOneSession checks that a session that panics ends alone:
-// its clean-up runs, the error says so, and the manager and a session
-// beside it carry on.
-func TestPanicEndsOneSession(t *testing.T) {
-	m, addr := newTestManager(t, 10*time.Second)
-	id := newID(t)
-	rpc, _ := hello(t, addr, id, wire.RoleRPC)
-	hello(t, addr, id, wire.RoleMem)
-	waitSessions(t, m, 1)
-
-	s, err := newSession(newID(t), Incoming, "test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &panicky{}
-	if !m.spawn(s, p, zaptest.NewLogger(t), t.TempDir()) {
-		t.Fatal("spawn refused")
-	}
-	<-s.Done()
-	var pe *panicError
-	if !errors.As(s.err, &pe) || !p.cleaned || len(pe.stack) == 0 {
-		t.Fatalf("panicking session: err %v, cleaned %v", s.err, p.cleaned)
-	}
-	waitSessions(t, m, 1)
-	ping, _ := wire.Marshal(&wire.Ping{Seq: 3})
-	rpc.Write(ping)
-	rpc.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if msg, err := wire.ReadMessage(rpc, wire.RPC); err != nil || msg.Type() != wire.TypePong {
-		t.Fatalf("the other session after the panic: %v, %v", msg, err)
-	}
-}
-
 // TestCheckPID refuses what must not be migrated before anything starts.
 func TestCheckPID(t *testing.T) {
 	m, _ := newTestManager(t, time.Second)
@@ -346,37 +305,5 @@ func TestCheckPID(t *testing.T) {
 	defer func() { child.Process.Kill(); child.Wait() }()
 	if info, err := m.checkPID(child.Process.Pid); err != nil || info.PID != child.Process.Pid {
 		t.Errorf("checkPID(child) = %+v, %v", info, err)
-	}
-}
-
-func TestDumpGate(t *testing.T) {
-	dir := t.TempDir()
-	g, other := newDumpGate(dir), newDumpGate(dir) // two daemons
-	ab, ok, err := g.tryAcquire([]string{"a", "b"})
-	if err != nil || !ok {
-		t.Fatalf("free keys refused: %v", err)
-	}
-	if _, ok, _ := other.tryAcquire([]string{"b", "c"}); ok {
-		t.Fatal("a key held by another daemon granted")
-	}
-	if _, ok, _ := g.tryAcquire([]string{"a"}); ok {
-		t.Fatal("a key held by another session of the same daemon granted")
-	}
-	c, ok, _ := other.tryAcquire([]string{"c"})
-	if !ok {
-		t.Fatal("a refused acquire left a key taken")
-	}
-	ab.release()
-	b, ok, _ := other.tryAcquire([]string{"b"})
-	if !ok {
-		t.Fatal("released key refused")
-	}
-	b.release()
-	c.release()
-	if left, _ := os.ReadDir(dir); len(left) != 0 {
-		t.Errorf("lock files left after release: %v", left)
-	}
-	if keys := dumpKeys(os.Getpid()); len(keys) != 1 || !strings.HasPrefix(keys[0], "cwd-") {
-		t.Fatalf("dumpKeys(self) = %q", keys)
 	}
 }

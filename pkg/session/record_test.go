@@ -14,33 +14,14 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
-func TestRecordSaveLoad(t *testing.T) {
-	dir := t.TempDir()
-	r := &record{ID: "x", Role: roleDest, State: stRestored, PID: 42, StartTime: 7}
-	if err := r.save(dir); err != nil {
-		t.Fatal(err)
-	}
-	got, err := loadRecord(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got.State != stRestored || got.PID != 42 || got.StartTime != 7 || got.Created.IsZero() {
-		t.Fatalf("loaded %+v", got)
-	}
-	if _, err := os.Stat(filepath.Join(dir, recordName+".tmp")); !os.IsNotExist(err) {
-		t.Fatalf("temporary record left behind: %v", err)
-	}
-	if fi, _ := os.Stat(filepath.Join(dir, recordName)); fi.Mode().Perm() != 0o600 {
-		t.Fatalf("record mode %v, want 0600", fi.Mode().Perm())
-	}
-}
-
 // sessionDir makes a session directory holding rec, last updated ago.
-func sessionDir(t *testing.T, m *Manager, rec *record, ago time.Duration) (wire.SessionID, string) {
+func sessionDir(t *testing.T, m *Manager, rec *store.Record, ago time.Duration) (wire.SessionID, string) {
 	t.Helper()
 	id := newID(t)
 	dir := m.sessionDir(id)
@@ -48,7 +29,7 @@ func sessionDir(t *testing.T, m *Manager, rec *record, ago time.Duration) (wire.
 		t.Fatal(err)
 	}
 	rec.ID = id.String()
-	if err := rec.save(dir); err != nil {
+	if err := rec.Save(dir); err != nil {
 		t.Fatal(err)
 	}
 	if ago > 0 {
@@ -59,7 +40,7 @@ func sessionDir(t *testing.T, m *Manager, rec *record, ago time.Duration) (wire.
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(filepath.Join(dir, recordName), b, 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, store.RecordName), b, 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -69,18 +50,18 @@ func sessionDir(t *testing.T, m *Manager, rec *record, ago time.Duration) (wire.
 func TestCleanOld(t *testing.T) {
 	m, _ := newTestManager(t, time.Second)
 	week := 7 * 24 * time.Hour
-	_, oldAborted := sessionDir(t, m, &record{Role: roleSource, State: stAborted}, 8*24*time.Hour)
-	_, newAborted := sessionDir(t, m, &record{Role: roleSource, State: stAborted}, time.Hour)
-	_, oldInDoubt := sessionDir(t, m, &record{Role: roleSource, State: stCommitSent}, 30*24*time.Hour)
-	_, oldCommitted := sessionDir(t, m, &record{Role: roleDest, State: stCommitted}, 8*24*time.Hour)
-	_, newCommitted := sessionDir(t, m, &record{Role: roleDest, State: stCommitted}, time.Hour)
+	_, oldAborted := sessionDir(t, m, &store.Record{Role: store.RoleSource, State: store.Aborted}, 8*24*time.Hour)
+	_, newAborted := sessionDir(t, m, &store.Record{Role: store.RoleSource, State: store.Aborted}, time.Hour)
+	_, oldInDoubt := sessionDir(t, m, &store.Record{Role: store.RoleSource, State: store.CommitSent}, 30*24*time.Hour)
+	_, oldCommitted := sessionDir(t, m, &store.Record{Role: store.RoleDest, State: store.Committed}, 8*24*time.Hour)
+	_, newCommitted := sessionDir(t, m, &store.Record{Role: store.RoleDest, State: store.Committed}, time.Hour)
 	m.CleanOld(week)
 	for dir, keep := range map[string]bool{
 		oldAborted: false, newAborted: true, oldInDoubt: true, oldCommitted: false, newCommitted: true,
 	} {
 		_, err := os.Stat(dir)
 		if kept := err == nil; kept != keep {
-			rec, _ := loadRecord(dir)
+			rec, _ := store.Load(dir)
 			t.Errorf("%+v: kept %v, want %v", rec, kept, keep)
 		}
 	}
@@ -138,9 +119,9 @@ func TestRecoverByRecord(t *testing.T) {
 	srcCmd, srcInfo := stoppedChild(t)
 	dstCmd, dstInfo := stoppedChild(t)
 	okCmd, okInfo := stoppedChild(t)
-	_, srcDir := sessionDir(t, m, &record{Role: roleSource, State: stDumping, PID: srcInfo.PID, StartTime: srcInfo.StartTime}, 0)
-	_, dstDir := sessionDir(t, m, &record{Role: roleDest, State: stRestored, PID: dstInfo.PID, StartTime: dstInfo.StartTime}, 0)
-	_, okDir := sessionDir(t, m, &record{Role: roleDest, State: stCommitted, PID: okInfo.PID, StartTime: okInfo.StartTime}, 0)
+	_, srcDir := sessionDir(t, m, &store.Record{Role: store.RoleSource, State: store.Dumping, PID: srcInfo.PID, StartTime: srcInfo.StartTime}, 0)
+	_, dstDir := sessionDir(t, m, &store.Record{Role: store.RoleDest, State: store.Restored, PID: dstInfo.PID, StartTime: dstInfo.StartTime}, 0)
+	_, okDir := sessionDir(t, m, &store.Record{Role: store.RoleDest, State: store.Committed, PID: okInfo.PID, StartTime: okInfo.StartTime}, 0)
 
 	if err := m.Recover(); err != nil {
 		t.Fatal(err)
@@ -154,8 +135,8 @@ func TestRecoverByRecord(t *testing.T) {
 	if s := state(t, okCmd.Process.Pid, 5*time.Second); s == 'T' || s == 'X' {
 		t.Errorf("committed copy state %c after recovery, want running", s)
 	}
-	for dir, want := range map[string]string{srcDir: stAborted, dstDir: stAborted, okDir: stCommitted} {
-		if rec, err := loadRecord(dir); err != nil || rec.State != want {
+	for dir, want := range map[string]string{srcDir: store.Aborted, dstDir: store.Aborted, okDir: store.Committed} {
+		if rec, err := store.Load(dir); err != nil || rec.State != want {
 			t.Errorf("record in %s: %+v, %v; want state %s", dir, rec, err, want)
 		}
 	}
@@ -164,12 +145,12 @@ func TestRecoverByRecord(t *testing.T) {
 // TestRecoverNeverSignalsAnotherProcess checks that a record whose pid now
 // belongs to another process (same pid, other start time) is left alone.
 func TestRecoverNeverSignalsAnotherProcess(t *testing.T) {
-	m, err := NewManager(Config{Log: zaptest.NewLogger(t), CRIU: criu.New("/nonexistent"), StateDir: t.TempDir(), Insecure: true})
+	m, err := NewManager(Config{Log: zaptest.NewLogger(t), CRIU: migrate.FromClient(criu.New("/nonexistent")), StateDir: t.TempDir(), Insecure: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd, info := stoppedChild(t)
-	sessionDir(t, m, &record{Role: roleDest, State: stRestored, PID: info.PID, StartTime: info.StartTime + 1}, 0)
+	sessionDir(t, m, &store.Record{Role: store.RoleDest, State: store.Restored, PID: info.PID, StartTime: info.StartTime + 1}, 0)
 	if err := m.Recover(); err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,8 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/store"
+	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -28,29 +30,29 @@ func (m *Manager) Recover() error {
 	if err != nil {
 		return err
 	}
-	known, _ := m.history.list(0)
+	known, _ := m.history.List(0)
 	recorded := map[string]bool{}
 	for _, e := range known {
 		recorded[e.ID+"/"+e.Direction] = true
 	}
 	// note adds a session the previous run did not finish to the history.
-	note := func(id wire.SessionID, rec *record, outcome string) {
-		dir := Incoming
-		if rec.Role == roleSource {
-			dir = Outgoing
+	note := func(id wire.SessionID, rec *store.Record, outcome string) {
+		dir := api.DirectionIn
+		if rec.Role == store.RoleSource {
+			dir = api.DirectionOut
 		}
 		if recorded[id.String()+"/"+dir] {
 			return
 		}
 		e := api.HistoryEntry{ID: id.String(), Direction: dir, PID: rec.PID, Peer: rec.Peer, Started: rec.Created,
 			Ended: time.Now(), Outcome: outcome, Result: api.Result{ID: id.String(), SourcePID: rec.PID}}
-		if rec.Role == roleDest {
+		if rec.Role == store.RoleDest {
 			e.PID, e.Result.SourcePID, e.Result.DestPID = rec.SourcePID, rec.SourcePID, rec.PID
 		}
 		if outcome != api.OutcomeCommitted {
 			e.Error = api.Errorf(api.CodeAborted, "%s", rec.Error)
 		}
-		if err := m.history.add(e); err != nil {
+		if err := m.history.Add(e); err != nil {
 			m.log.Warn("cannot record the migration in the history", zap.Error(err))
 		}
 	}
@@ -60,43 +62,43 @@ func (m *Manager) Recover() error {
 			continue
 		}
 		dir := filepath.Join(root, e.Name())
-		rec, err := loadRecord(dir)
+		rec, err := store.Load(dir)
 		if err != nil {
 			if !errors.Is(err, os.ErrNotExist) {
 				m.log.Warn("unreadable session record", zap.String("dir", dir), zap.Error(err))
 			}
 			continue
 		}
-		if rec.terminal() {
+		if rec.Terminal() {
 			continue
 		}
 		log := m.log.With(zap.Stringer("session", id), zap.String("peer", rec.Peer), zap.String("state", rec.State))
 		switch {
-		case rec.Role == roleSource && rec.State == stDumping:
+		case rec.Role == store.RoleSource && rec.State == store.Dumping:
 			// The commit was never asked: the tree is ours. CRIU resumed
 			// it if it still held it; if it had already left it stopped,
 			// resume it.
 			log.Warn("recovering: migration interrupted before the commit; resuming the source tree", zap.Int("pid", rec.PID))
 			resumeSource(log, rec.PID, rec.StartTime)
-			rec.State, rec.Error = stAborted, "interrupted: phauld restarted"
+			rec.State, rec.Error = store.Aborted, "interrupted: phauld restarted"
 			m.saveRecovered(log, rec, dir)
 			note(id, rec, api.OutcomeRolledBack)
-		case rec.Role == roleSource && rec.State == stCommitSent:
+		case rec.Role == store.RoleSource && rec.State == store.CommitSent:
 			log.Warn("recovering: the commit was asked before the restart; asking the destination", zap.Int("pid", rec.PID))
 			m.startResolver(id, rec, dir, log, api.HistoryEntry{Started: rec.Created, Result: api.Result{ID: id.String(), SourcePID: rec.PID, Dest: rec.Peer}})
-		case rec.Role == roleSource && rec.State == stCommitted:
+		case rec.Role == store.RoleSource && rec.State == store.Committed:
 			log.Info("recovering: committed; removing the source tree", zap.Int("pid", rec.PID))
 			killTree(log, rec.PID, rec.StartTime)
 			rec.Done = true
 			m.saveRecovered(log, rec, dir)
 			note(id, rec, api.OutcomeCommitted)
-		case rec.Role == roleDest && rec.State == stRestored:
+		case rec.Role == store.RoleDest && rec.State == store.Restored:
 			log.Warn("recovering: restored but not committed; discarding this copy", zap.Int("dest_pid", rec.PID))
 			killTree(log, rec.PID, rec.StartTime)
-			rec.State, rec.Error = stAborted, "interrupted before the commit: phauld restarted"
+			rec.State, rec.Error = store.Aborted, "interrupted before the commit: phauld restarted"
 			m.saveRecovered(log, rec, dir)
 			note(id, rec, api.OutcomeRolledBack)
-		case rec.Role == roleDest && rec.State == stCommitted:
+		case rec.Role == store.RoleDest && rec.State == store.Committed:
 			// Committed: make sure the tree runs (the resume may not have
 			// happened), and keep the record for the source's query.
 			log.Info("recovering: committed here; making sure the process runs", zap.Int("dest_pid", rec.PID))
@@ -105,9 +107,9 @@ func (m *Manager) Recover() error {
 				proc.CloseAll(tree)
 			}
 			note(id, rec, api.OutcomeCommitted)
-		case rec.Role == roleDest:
+		case rec.Role == store.RoleDest:
 			log.Warn("recovering: interrupted before anything was restored")
-			rec.State, rec.Error = stAborted, "interrupted: phauld restarted"
+			rec.State, rec.Error = store.Aborted, "interrupted: phauld restarted"
 			m.saveRecovered(log, rec, dir)
 			note(id, rec, api.OutcomeRolledBack)
 		}
@@ -115,8 +117,8 @@ func (m *Manager) Recover() error {
 	return nil
 }
 
-func (m *Manager) saveRecovered(log *zap.Logger, rec *record, dir string) {
-	if err := rec.save(dir); err != nil {
+func (m *Manager) saveRecovered(log *zap.Logger, rec *store.Record, dir string) {
+	if err := rec.Save(dir); err != nil {
 		log.Error("cannot record the recovery", zap.Error(err))
 	}
 }
@@ -170,7 +172,7 @@ func killTree(log *zap.Logger, pid int, start uint64) {
 // gets an answer, then kills or resumes the stopped tree accordingly.
 type resolver struct {
 	id      wire.SessionID
-	rec     *record
+	rec     *store.Record
 	dir     string
 	started time.Time
 	stop    chan struct{}
@@ -182,7 +184,7 @@ type resolver struct {
 	destPID int
 }
 
-func (m *Manager) startResolver(id wire.SessionID, rec *record, dir string, log *zap.Logger, entry api.HistoryEntry) *resolver {
+func (m *Manager) startResolver(id wire.SessionID, rec *store.Record, dir string, log *zap.Logger, entry api.HistoryEntry) *resolver {
 	r := &resolver{id: id, rec: rec, dir: dir, started: time.Now(), stop: make(chan struct{}), done: make(chan struct{}), entry: entry}
 	m.mu.Lock()
 	if m.closing {
@@ -239,32 +241,32 @@ func (m *Manager) settle(r *resolver, log *zap.Logger) {
 	case wire.OutcomeCommitted:
 		log.Info("resolved: the destination committed; removing the source tree", zap.Int("dest_pid", r.destPID))
 		killTree(log, r.rec.PID, r.rec.StartTime)
-		r.rec.State, r.rec.Done = stCommitted, true
+		r.rec.State, r.rec.Done = store.Committed, true
 	case wire.OutcomeAborted:
 		log.Info("resolved: the destination did not commit; resuming the source tree", zap.Int("pid", r.rec.PID))
 		resumeSource(log, r.rec.PID, r.rec.StartTime)
-		r.rec.State = stAborted
+		r.rec.State = store.Aborted
 	}
-	if err := r.rec.save(r.dir); err != nil {
+	if err := r.rec.Save(r.dir); err != nil {
 		log.Error("cannot record the outcome", zap.Error(err))
 		return
 	}
 	e := r.entry
-	e.ID, e.Direction, e.PID, e.Peer, e.Ended = r.id.String(), Outgoing, r.rec.PID, r.rec.Peer, time.Now()
+	e.ID, e.Direction, e.PID, e.Peer, e.Ended = r.id.String(), api.DirectionOut, r.rec.PID, r.rec.Peer, time.Now()
 	if r.outcome == wire.OutcomeCommitted {
 		e.Outcome, e.Error, e.Result.DestPID = api.OutcomeCommitted, nil, r.destPID
 	} else {
 		e.Outcome = api.OutcomeRolledBack
 		e.Error = api.Errorf(api.CodeAborted, "the commit was asked and its answer lost; the destination then said it had not committed")
 	}
-	if err := m.history.add(e); err != nil {
+	if err := m.history.Add(e); err != nil {
 		log.Warn("cannot record the migration in the history", zap.Error(err))
 	}
 	// The destination may forget the session now.
 	if lk, err := m.dialQuery(r.rec.Peer, r.id); err == nil {
-		lk.setDeadline(time.Now().Add(m.cfg.HandshakeTimeout))
-		wire.WriteMessage(lk.stream(), &wire.Done{})
-		lk.close()
+		lk.SetDeadline(time.Now().Add(m.cfg.HandshakeTimeout))
+		wire.WriteMessage(lk.Stream(), &wire.Done{})
+		lk.Close()
 	}
 	if r.outcome == wire.OutcomeCommitted && !m.cfg.KeepImages {
 		removeAll(log, r.dir)
@@ -272,7 +274,7 @@ func (m *Manager) settle(r *resolver, log *zap.Logger) {
 }
 
 // dialQuery opens a query connection for session id to addr.
-func (m *Manager) dialQuery(addr string, id wire.SessionID) (*link, error) {
+func (m *Manager) dialQuery(addr string, id wire.SessionID) (*transport.Link, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.DialTimeout)
 	defer cancel()
 	return m.dial(ctx, addr, id, wire.RoleQuery)
@@ -284,12 +286,12 @@ func (m *Manager) query(addr string, id wire.SessionID) (string, int, error) {
 	if err != nil {
 		return "", 0, err
 	}
-	defer lk.close()
-	lk.setDeadline(time.Now().Add(m.cfg.HandshakeTimeout + 10*time.Second))
-	if err := wire.WriteMessage(lk.stream(), &wire.Resolve{}); err != nil {
+	defer lk.Close()
+	lk.SetDeadline(time.Now().Add(m.cfg.HandshakeTimeout + 10*time.Second))
+	if err := wire.WriteMessage(lk.Stream(), &wire.Resolve{}); err != nil {
 		return "", 0, err
 	}
-	msg, err := wire.ReadMessage(lk.stream(), wire.Query)
+	msg, err := wire.ReadMessage(lk.Stream(), wire.Query)
 	if err != nil {
 		return "", 0, fmt.Errorf("read outcome: %w", err)
 	}
@@ -302,9 +304,9 @@ func (m *Manager) query(addr string, id wire.SessionID) (string, int, error) {
 
 // answerQuery serves a query connection: the source asks how session id
 // ended (Resolve) or says it acted on the answer (Done).
-func (m *Manager) answerQuery(lk *link, id wire.SessionID, log *zap.Logger) {
-	lk.setDeadline(time.Now().Add(m.cfg.HandshakeTimeout + 10*time.Second))
-	msg, err := wire.ReadMessage(lk.stream(), wire.Query)
+func (m *Manager) answerQuery(lk *transport.Link, id wire.SessionID, log *zap.Logger) {
+	lk.SetDeadline(time.Now().Add(m.cfg.HandshakeTimeout + 10*time.Second))
+	msg, err := wire.ReadMessage(lk.Stream(), wire.Query)
 	if err != nil {
 		log.Warn("query connection dropped", zap.Error(err))
 		return
@@ -314,19 +316,19 @@ func (m *Manager) answerQuery(lk *link, id wire.SessionID, log *zap.Logger) {
 	case *wire.Resolve:
 		outcome, pid := m.outcomeOf(id, dir)
 		log.Info("source asked the outcome", zap.String("outcome", outcome))
-		if err := wire.WriteMessage(lk.stream(), &wire.Outcome{Outcome: outcome, PID: pid}); err != nil {
+		if err := wire.WriteMessage(lk.Stream(), &wire.Outcome{Outcome: outcome, PID: pid}); err != nil {
 			log.Warn("cannot send the outcome", zap.Error(err))
 		}
 	case *wire.Done:
-		rec, err := loadRecord(dir)
-		if err != nil || rec.Role != roleDest {
+		rec, err := store.Load(dir)
+		if err != nil || rec.Role != store.RoleDest {
 			return
 		}
 		rec.Done = true
-		if err := rec.save(dir); err != nil {
+		if err := rec.Save(dir); err != nil {
 			log.Warn("cannot record the end", zap.Error(err))
 		}
-		if rec.State == stCommitted && !m.cfg.KeepImages {
+		if rec.State == store.Committed && !m.cfg.KeepImages {
 			removeAll(log, dir)
 		}
 	default:
@@ -339,23 +341,19 @@ func (m *Manager) answerQuery(lk *link, id wire.SessionID, log *zap.Logger) {
 // does), else read from its record.
 func (m *Manager) outcomeOf(id wire.SessionID, dir string) (string, int) {
 	m.mu.Lock()
-	s := m.sessions[id]
+	r := m.sessions[id]
 	m.mu.Unlock()
-	if s != nil {
-		if d, ok := s.m.(*dest); ok {
-			var outcome string
-			var pid int
-			if s.call(func() { outcome, pid = d.resolve() }) {
-				return outcome, pid
-			}
-			<-s.Done()
+	if r != nil {
+		if outcome, pid, ok := r.s.Resolve(); ok {
+			return outcome, pid
 		}
+		<-r.done
 	}
-	rec, err := loadRecord(dir)
-	if err != nil || rec.Role != roleDest {
+	rec, err := store.Load(dir)
+	if err != nil || rec.Role != store.RoleDest {
 		return wire.OutcomeUnknown, 0
 	}
-	if rec.State == stCommitted {
+	if rec.State == store.Committed {
 		return wire.OutcomeCommitted, rec.PID
 	}
 	return wire.OutcomeAborted, 0
@@ -365,7 +363,7 @@ func (m *Manager) outcomeOf(id wire.SessionID, dir string) (string, int) {
 // hex digits, unambiguous).
 func (m *Manager) Cancel(prefix string) (api.Session, error) {
 	m.mu.Lock()
-	var found *Session
+	var found *running
 	var res *resolver
 	n := 0
 	if len(prefix) >= 4 {
@@ -390,11 +388,8 @@ func (m *Manager) Cancel(prefix string) (api.Session, error) {
 		return res.info(), api.Errorf(api.CodeConflict,
 			"session %s has asked the destination to commit and is waiting for its answer: too late to cancel", res.id)
 	}
-	var err error
-	if !found.call(func() { err = found.m.cancel() }) {
-		return api.Session{}, api.Errorf(api.CodeNotFound, "session %s has just ended", found.ID)
-	}
-	return found.Info(), err
+	err := found.s.Cancel()
+	return found.s.Info(), err
 }
 
 func hasPrefix(id wire.SessionID, prefix string) bool {
@@ -405,7 +400,7 @@ func hasPrefix(id wire.SessionID, prefix string) bool {
 func (r *resolver) info() api.Session {
 	return api.Session{
 		ID:        r.id.String(),
-		Direction: Outgoing,
+		Direction: api.DirectionOut,
 		PID:       r.rec.PID,
 		Peer:      r.rec.Peer,
 		Phase:     "in-doubt",
@@ -441,8 +436,8 @@ func (m *Manager) CleanOld(age time.Duration) {
 			continue
 		}
 		when := info.ModTime()
-		if rec, err := loadRecord(dir); err == nil {
-			if !rec.terminal() && !(rec.Role == roleDest && rec.State == stCommitted) {
+		if rec, err := store.Load(dir); err == nil {
+			if !rec.Terminal() && !(rec.Role == store.RoleDest && rec.State == store.Committed) {
 				continue // the commit rule still needs it
 			}
 			when = rec.Updated

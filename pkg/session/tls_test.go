@@ -5,13 +5,11 @@ package session
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"io"
 	"net"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,6 +17,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/wire"
 )
@@ -44,7 +43,7 @@ func newTLSManager(t *testing.T, id *pki.Loaded) (*Manager, string, *observer.Ob
 	t.Helper()
 	core, logs := observer.New(zap.DebugLevel)
 	m, err := NewManager(Config{
-		Log: zap.New(core), CRIU: criu.New("/nonexistent/criu"),
+		Log: zap.New(core), CRIU: migrate.FromClient(criu.New("/nonexistent/criu")),
 		Info:     criu.Info{Version: criu.Version{Major: 4, Minor: 2}},
 		StateDir: t.TempDir(), HandshakeTimeout: 2 * time.Second,
 		ServerTLS: id.ServerConfig(), ClientTLS: id.ClientConfig,
@@ -76,14 +75,14 @@ func TestTLSPairs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer rpc.close()
+	defer rpc.Close()
 	mem, err := m.dial(ctx, addr, sid, wire.RoleMem)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer mem.close()
+	defer mem.Close()
 	waitSessions(t, m, 1)
-	if rpc.tls == nil || rpc.tls.ConnectionState().Version != tls.VersionTLS13 {
+	if rpc.TLSVersion() != tls.VersionTLS13 {
 		t.Fatal("the rpc connection is not TLS 1.3")
 	}
 }
@@ -158,122 +157,4 @@ func TestTLSRefusals(t *testing.T) {
 func withRoots(cfg *tls.Config, trust *pki.Loaded) *tls.Config {
 	cfg.RootCAs = trust.CAs
 	return cfg
-}
-
-// TestRelayOverTLS pushes 32 MiB each way through a relay whose mem
-// connection is a TLS link in loop mode, as in a real session.
-func TestRelayOverTLS(t *testing.T) {
-	id, _ := testPKI(t)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	var srv net.Conn
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		srv, _ = l.Accept()
-	}()
-	cli, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	wg.Wait()
-	ours, err := newLink(srv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer := tls.Client(cli, id.ClientConfig("127.0.0.1"))
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	hsErr := make(chan error, 1)
-	go func() { hsErr <- peer.HandshakeContext(ctx) }()
-	if err := ours.serverTLS(ctx, id.ServerConfig()); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-hsErr; err != nil {
-		t.Fatal(err)
-	}
-
-	lp, err := newLoop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	local, criuEnd := newPageSocketForTest(t)
-	defer criuEnd.Close()
-	mem, err := newConn(lp, "mem", ours, wire.Mem, 4<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := newRelay(lp, local, mem)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mem.onMessage = r.fromPeer
-	failed := make(chan error, 2)
-	mem.onClose = func(err error) {
-		if err != io.EOF {
-			failed <- err
-		}
-	}
-	r.onError = func(err error) { failed <- err }
-	stop := runLoop(t, lp)
-	defer stop()
-
-	const size = 32 << 20
-	up, down := make([]byte, size), make([]byte, size)
-	rand.Read(up)
-	rand.Read(down)
-	go func() {
-		criuEnd.Write(up)
-	}()
-	go func() {
-		for off := 0; off < size; off += wire.DataChunk {
-			b, _ := wire.Marshal(&wire.PageData{Data: down[off:min(size, off+wire.DataChunk)]})
-			peer.Write(b)
-		}
-	}()
-	gotDown := make(chan []byte, 1)
-	go func() {
-		buf := make([]byte, size)
-		_, err := io.ReadFull(criuEnd, buf)
-		if err != nil {
-			failed <- err
-		}
-		gotDown <- buf
-	}()
-	var gotUp bytes.Buffer
-	dec := wire.NewDecoder(wire.Mem, 1<<20)
-	for gotUp.Len() < size {
-		n, err := peer.Read(dec.Space())
-		if err != nil {
-			t.Fatalf("peer read after %d bytes: %v", gotUp.Len(), err)
-		}
-		dec.Commit(n)
-		for {
-			m, err := dec.Next()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if m == nil {
-				break
-			}
-			gotUp.Write(m.(*wire.PageData).Data)
-		}
-	}
-	if !bytes.Equal(gotUp.Bytes(), up) {
-		t.Fatal("bytes CRIU wrote arrived changed")
-	}
-	select {
-	case d := <-gotDown:
-		if !bytes.Equal(d, down) {
-			t.Fatal("bytes the peer sent arrived changed")
-		}
-	case err := <-failed:
-		t.Fatal(err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("timed out")
-	}
 }

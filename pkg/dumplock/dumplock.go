@@ -1,6 +1,8 @@
 //go:build linux
 
-package session
+// Package dumplock keeps two CRIU dumps from working in the same directory
+// at once, across sessions and across every phauld on a host.
+package dumplock
 
 import (
 	"errors"
@@ -16,12 +18,12 @@ import (
 	"github.com/phaul/phaul/pkg/proc"
 )
 
-// DefaultDumpLockDir holds the dump gate's lock files. It is the same for
+// DefaultDir holds the lock files. It is the same for
 // every phauld on a host, so that daemons sharing a host (tests, the
 // demo) also keep out of each other's way.
-const DefaultDumpLockDir = "/run/lock/phauld"
+const DefaultDir = "/run/lock/phauld"
 
-// dumpGate keeps two CRIU dumps from working in the same directory at
+// Gate keeps two CRIU dumps from working in the same directory at
 // once. CRIU's parasite, dumping a task whose /proc belongs to another pid
 // namespace (a pid-namespace init that did not remount /proc), mounts a
 // private procfs on "proc.crtools" in the task's working directory and
@@ -31,25 +33,26 @@ const DefaultDumpLockDir = "/run/lock/phauld"
 // whatever mount namespace sees it) with a lock file each, held with
 // flock: across sessions and across daemons. Dumps elsewhere run in
 // parallel.
-type dumpGate struct {
+type Gate struct {
 	dir string
 }
 
-func newDumpGate(dir string) *dumpGate { return &dumpGate{dir: dir} }
+// New returns a gate whose lock files are in dir.
+func New(dir string) *Gate { return &Gate{dir: dir} }
 
-// gateLocks are the lock files one dump holds.
-type gateLocks []*os.File
+// Locks are the lock files one dump holds.
+type Locks []*os.File
 
-// tryAcquire takes every key, or none if one is held elsewhere.
-func (g *dumpGate) tryAcquire(keys []string) (gateLocks, bool, error) {
+// TryAcquire takes every key, or none if one is held elsewhere.
+func (g *Gate) TryAcquire(keys []string) (Locks, bool, error) {
 	if err := os.MkdirAll(g.dir, 0o700); err != nil {
 		return nil, false, fmt.Errorf("dump gate: %w", err)
 	}
-	var held gateLocks
+	var held Locks
 	for _, k := range keys {
 		f, err := g.lock(filepath.Join(g.dir, k+".lock"))
 		if err != nil || f == nil {
-			held.release()
+			held.Release()
 			return nil, false, err
 		}
 		held = append(held, f)
@@ -58,7 +61,7 @@ func (g *dumpGate) tryAcquire(keys []string) (gateLocks, bool, error) {
 }
 
 // lock takes one lock file: nil if another holds it.
-func (g *dumpGate) lock(path string) (*os.File, error) {
+func (g *Gate) lock(path string) (*os.File, error) {
 	for {
 		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 		if err != nil {
@@ -81,17 +84,17 @@ func (g *dumpGate) lock(path string) (*os.File, error) {
 	}
 }
 
-// release lets other dumps in these directories go on.
-func (l gateLocks) release() {
+// Release lets other dumps in these directories go on.
+func (l Locks) Release() {
 	for _, f := range l {
 		os.Remove(f.Name()) // before the unlock: see lock
 		f.Close()
 	}
 }
 
-// dumpKeys are the gate keys of the tree rooted at pid: the working
+// Keys are the gate keys of the tree rooted at pid: the working
 // directory of each of its tasks, as device and inode.
-func dumpKeys(pid int) []string {
+func Keys(pid int) []string {
 	pids, err := proc.Tree(pid)
 	if err != nil {
 		pids = []int{pid}

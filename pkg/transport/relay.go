@@ -1,6 +1,6 @@
 //go:build linux
 
-package session
+package transport
 
 import (
 	"fmt"
@@ -9,19 +9,20 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/phaul/phaul/pkg/epoll"
+	"github.com/phaul/phaul/pkg/loop"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
-// relay carries CRIU's page-server stream between a local socket, whose
+// Relay carries CRIU's page-server stream between a local socket, whose
 // other end CRIU holds, and the mem connection to the peer daemon. The
 // same relay runs on both sides: the source's CRIU dumps into it, the
 // destination's CRIU page server reads from it, and the page server's
 // acknowledgements travel back the same way. phauld sits in the middle of
 // the stream so that it can count it (and, later, encrypt it).
-type relay struct {
-	l     *loop
+type Relay struct {
+	l     *loop.Loop
 	local int // our end of the socketpair; CRIU has the other
-	mem   *conn
+	mem   *Conn
 
 	localOut    [][]byte
 	localOutLen int
@@ -37,17 +38,17 @@ type relay struct {
 	// sends (TLS); a plain link sends the buffer itself.
 	buf []byte
 
-	// holdEOF keeps the end of the peer's page stream from CRIU: a lazy
+	// HoldEOF keeps the end of the peer's page stream from CRIU: a lazy
 	// dump's page server takes a clean end of stream for a finished
 	// transfer. It ends well by lazy-pages' own close command, inside the
 	// stream, or as a failure by close (a reset).
-	holdEOF bool
+	HoldEOF bool
 
-	// onError reports a failure of the local side. Failures of the mem
+	// OnError reports a failure of the local side. Failures of the mem
 	// side go to the mem conn's onClose.
-	onError func(error)
-	// onEnd runs once both directions have ended.
-	onEnd func()
+	OnError func(error)
+	// OnEnd runs once both directions have ended.
+	OnEnd func()
 }
 
 // newPageSocket returns a connected pair of stream sockets: ours
@@ -81,7 +82,7 @@ func newPageSocket() (ours int, theirs *os.File, err error) {
 
 // newTCPPageSocket is newPageSocket over loopback TCP, for a lazy dump:
 // unlike a Unix socket, phauld can then end the connection with a reset
-// (see relay.close), which CRIU tells apart from a clean close.
+// (see Relay.Close), which CRIU tells apart from a clean close.
 func newTCPPageSocket() (ours int, theirs *os.File, err error) {
 	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -147,11 +148,11 @@ func newTCPPageSocket() (ours int, theirs *os.File, err error) {
 	}
 }
 
-// openRelay makes the socket a CRIU gets for its page stream (a socket
+// OpenRelay makes the socket a CRIU gets for its page stream (a socket
 // pair; with tcp, a loopback TCP connection whose every close is a reset)
 // and the relay between our end of it and mem. The caller hands theirs to
 // CRIU and closes it.
-func openRelay(l *loop, mem *conn, tcp bool, onError func(error)) (r *relay, theirs *os.File, err error) {
+func OpenRelay(l *loop.Loop, mem *Conn, tcp bool, onError func(error)) (r *Relay, theirs *os.File, err error) {
 	open := newPageSocket
 	if tcp {
 		open = newTCPPageSocket
@@ -165,20 +166,20 @@ func openRelay(l *loop, mem *conn, tcp bool, onError func(error)) (r *relay, the
 		theirs.Close()
 		return nil, nil, err
 	}
-	r.onError = onError
+	r.OnError = onError
 	return r, theirs, nil
 }
 
-func newRelay(l *loop, local int, mem *conn) (*relay, error) {
-	r := &relay{l: l, local: local, mem: mem}
-	if err := l.watch(local, epoll.In|epoll.RDHup, r.handle); err != nil {
+func newRelay(l *loop.Loop, local int, mem *Conn) (*Relay, error) {
+	r := &Relay{l: l, local: local, mem: mem}
+	if err := l.Watch(local, epoll.In|epoll.RDHup, r.handle); err != nil {
 		return nil, err
 	}
-	mem.onDrain = r.memDrained
+	mem.OnDrain = r.memDrained
 	return r, nil
 }
 
-func (r *relay) handle(events uint32) {
+func (r *Relay) handle(events uint32) {
 	if r.closed {
 		return
 	}
@@ -195,7 +196,7 @@ const smallFrame = 64 << 10
 
 // readLocal forwards what CRIU wrote as PageData frames. Each read lands
 // behind room for the frame header, so the bytes are not copied again.
-func (r *relay) readLocal() {
+func (r *Relay) readLocal() {
 	for round := 0; round < readRounds && !r.localPaused && !r.closed; round++ {
 		if r.buf == nil {
 			r.buf = make([]byte, wire.HeaderLen+wire.DataChunk)
@@ -214,7 +215,7 @@ func (r *relay) readLocal() {
 		}
 		if n == 0 {
 			r.localEOF = true
-			r.mem.send(&wire.PageEOF{})
+			r.mem.Send(&wire.PageEOF{})
 			r.update()
 			r.checkEnd()
 			return
@@ -235,8 +236,8 @@ func (r *relay) readLocal() {
 				r.buf = nil
 			}
 		}
-		r.mem.queue(frame)
-		if r.mem.outLen() >= highWater {
+		r.mem.Queue(frame)
+		if r.mem.OutLen() >= HighWater {
 			r.localPaused = true
 		}
 	}
@@ -244,15 +245,15 @@ func (r *relay) readLocal() {
 }
 
 // memDrained restarts reading CRIU's side once the mem queue has room.
-func (r *relay) memDrained() {
+func (r *Relay) memDrained() {
 	if r.localPaused && !r.closed {
 		r.localPaused = false
 		r.update()
 	}
 }
 
-// fromPeer handles a page message from the mem connection.
-func (r *relay) fromPeer(m wire.Message) error {
+// FromPeer handles a page message from the mem connection.
+func (r *Relay) FromPeer(m wire.Message) error {
 	switch m := m.(type) {
 	case *wire.PageData:
 		if r.remoteEOF {
@@ -274,7 +275,7 @@ func (r *relay) fromPeer(m wire.Message) error {
 
 // writeLocal writes b to CRIU, queueing (a copy of) what does not fit now.
 // b may alias the mem decoder's buffer.
-func (r *relay) writeLocal(b []byte) {
+func (r *Relay) writeLocal(b []byte) {
 	if r.closed {
 		return
 	}
@@ -297,14 +298,14 @@ func (r *relay) writeLocal(b []byte) {
 	if len(b) > 0 {
 		r.localOut = append(r.localOut, append([]byte(nil), b...))
 		r.localOutLen += len(b)
-		if r.localOutLen >= highWater {
-			r.mem.pause(true)
+		if r.localOutLen >= HighWater {
+			r.mem.Pause(true)
 		}
 	}
 	r.update()
 }
 
-func (r *relay) flushLocal() {
+func (r *Relay) flushLocal() {
 	for r.localOutLen > 0 && !r.closed {
 		iov := r.localOut
 		if len(iov) > maxIovecs {
@@ -335,10 +336,10 @@ func (r *relay) flushLocal() {
 	if r.closed {
 		return
 	}
-	if r.localOutLen < lowWater {
-		r.mem.pause(false)
+	if r.localOutLen < LowWater {
+		r.mem.Pause(false)
 	}
-	if r.remoteEOF && r.localOutLen == 0 && !r.shutdown && !r.holdEOF {
+	if r.remoteEOF && r.localOutLen == 0 && !r.shutdown && !r.HoldEOF {
 		r.shutdown = true
 		// CRIU may be gone already; then there is nobody to tell.
 		unix.Shutdown(r.local, unix.SHUT_WR)
@@ -347,7 +348,7 @@ func (r *relay) flushLocal() {
 	r.checkEnd()
 }
 
-func (r *relay) update() {
+func (r *Relay) update() {
 	if r.closed {
 		return
 	}
@@ -358,44 +359,44 @@ func (r *relay) update() {
 	if r.localOutLen > 0 {
 		ev |= epoll.Out
 	}
-	r.l.setEvents(r.local, ev)
+	r.l.SetEvents(r.local, ev)
 }
 
-func (r *relay) checkEnd() {
-	if r.localEOF && r.shutdown && r.onEnd != nil {
-		end := r.onEnd
-		r.onEnd = nil
+func (r *Relay) checkEnd() {
+	if r.localEOF && r.shutdown && r.OnEnd != nil {
+		end := r.OnEnd
+		r.OnEnd = nil
 		end()
 	}
 }
 
-// done reports whether both directions of the page stream have ended.
-func (r *relay) done() bool { return r.localEOF && r.shutdown }
-
-func (r *relay) fail(err error) {
+func (r *Relay) fail(err error) {
 	if r.closed {
 		return
 	}
-	r.close()
-	if r.onError != nil {
-		r.onError(err)
+	r.Close()
+	if r.OnError != nil {
+		r.OnError(err)
 	}
 }
 
-// close closes our end of the local socket: a CRIU still writing to it
+// Close closes our end of the local socket: a CRIU still writing to it
 // fails, which is how a dump in progress is aborted. On a lazy dump's TCP
 // socket the close is a reset (SO_LINGER 0 from its creation): CRIU's
 // lazy page server reads ECONNRESET, takes the transfer for failed and
 // resumes the tree, where a clean end of stream would count as success.
-func (r *relay) close() {
+func (r *Relay) Close() {
 	if r.closed {
 		return
 	}
 	r.closed = true
-	r.l.unwatch(r.local)
+	r.l.Unwatch(r.local)
 	unix.Close(r.local)
 	r.localOut, r.localOutLen = nil, 0
-	if r.mem.onDrain != nil {
-		r.mem.onDrain = nil
-	}
+	r.mem.OnDrain = nil
 }
+
+// Sent and Received count the page-stream bytes that crossed the relay
+// (payload, not framing).
+func (r *Relay) Sent() int64     { return r.sent }
+func (r *Relay) Received() int64 { return r.received }

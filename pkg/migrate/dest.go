@@ -1,6 +1,6 @@
 //go:build linux
 
-package session
+package migrate
 
 import (
 	"errors"
@@ -19,6 +19,8 @@ import (
 	"github.com/phaul/phaul/pkg/epoll"
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/store"
+	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -52,27 +54,37 @@ var dstStateNames = [...]string{"prepare", "checks", "page-server", "receive", "
 
 func (s dstState) String() string { return dstStateNames[s] }
 
-type destParams struct {
-	log         *zap.Logger
-	criu        *criu.Client
-	info        criu.Info
-	dir         string
-	peerTimeout time.Duration
-	keepImages  bool
-	place       func(pids []int) error
-	asDest      Capabilities
-	cpuChecks   *cpuChecks
+// DestConfig is what a destination session needs to know.
+type DestConfig struct {
+	ID wire.SessionID
+	// Peer is the source's address.
+	Peer string
+	Log  *zap.Logger
+	// CRIU runs the checks, page server, lazy-pages and restore; Info is
+	// what probing it found.
+	CRIU CRIU
+	Info criu.Info
+	// Dir is the session's directory: its record, images and CRIU logs.
+	Dir         string
+	PeerTimeout time.Duration
+	// KeepImages keeps the images after the commit.
+	KeepImages bool
+	// Place, if set, moves the restored tree (its pids) out of the
+	// daemon's cgroup before it runs.
+	Place     func(pids []int) error
+	AsDest    Capabilities
+	CPUChecks *CPUChecks
 }
 
 // dest is the state machine of the daemon a process arrives at. It is the
 // side that decides the commit: see docs/design.md.
 type dest struct {
 	s   *Session
-	p   destParams
+	p   DestConfig
 	log *zap.Logger
-	rec *record
+	rec *store.Record
 
-	rpc, mem *conn
+	rpc, mem *transport.Conn
 	ph       *phaseTimer
 	state    dstState
 	hb       *heartbeat
@@ -82,7 +94,7 @@ type dest struct {
 	check    *criuWatch
 	ps       *criuWatch
 	psDone   bool
-	relay    *relay
+	relay    *transport.Relay
 	recv     receiver
 	want     int // files the source said it sent; -1 until Restore
 	restoreW *criuWatch
@@ -98,7 +110,7 @@ type dest struct {
 
 	// Lazy migrations: the lazy-pages daemon, and whether it brought
 	// every page in (and how many).
-	lazy      *criu.LazyPages
+	lazy      LazyPages
 	pagesIn   bool
 	lazyPages uint64
 	// restoreStats are CRIU's, for the result; tResumed and tPagesIn time
@@ -109,48 +121,66 @@ type dest struct {
 	failure error
 }
 
-func newDest(s *Session, p destParams, rpcLink, memLink *link) (*dest, error) {
-	m := &dest{s: s, p: p, log: p.log, want: -1}
-	m.recv.dir = p.dir
-	m.ph = newPhaseTimer(s, p.log)
-	m.rec = &record{ID: s.ID.String(), Role: roleDest, Peer: s.Peer}
-	var err error
-	if m.rpc, err = newConn(s.l, "rpc", rpcLink, wire.RPC, 64<<10); err != nil {
-		rpcLink.close()
-		memLink.close()
+// NewDest returns the session that receives a migration on the
+// connections rpc and mem; Run starts it.
+func NewDest(c DestConfig, rpc, mem *transport.Link) (*Session, error) {
+	s, err := newSession(c.ID, api.DirectionIn, c.Peer)
+	if err != nil {
+		rpc.Close()
+		mem.Close()
 		return nil, err
 	}
-	if m.mem, err = newConn(s.l, "mem", memLink, wire.Mem, 4<<20); err != nil {
-		m.rpc.close()
-		memLink.close()
+	m, err := newDest(s, c, rpc, mem)
+	if err != nil {
+		s.l.Close()
+		return nil, err
+	}
+	s.m = m
+	return s, nil
+}
+
+func newDest(s *Session, p DestConfig, rpcLink, memLink *transport.Link) (*dest, error) {
+	m := &dest{s: s, p: p, log: p.Log, want: -1}
+	m.recv.dir = p.Dir
+	m.ph = newPhaseTimer(s, p.Log)
+	m.rec = &store.Record{ID: s.ID.String(), Role: store.RoleDest, Peer: s.Peer}
+	var err error
+	if m.rpc, err = transport.NewConn(s.l, "rpc", rpcLink, wire.RPC, 64<<10); err != nil {
+		rpcLink.Close()
+		memLink.Close()
+		return nil, err
+	}
+	if m.mem, err = transport.NewConn(s.l, "mem", memLink, wire.Mem, 4<<20); err != nil {
+		m.rpc.Close()
+		memLink.Close()
 		return nil, err
 	}
 	// An error handling a message aborts the migration by the rule (and
 	// tells the peer why); it does not just drop the connection.
-	m.rpc.onMessage = func(msg wire.Message) error {
+	m.rpc.OnMessage = func(msg wire.Message) error {
 		if err := m.onRPC(msg); err != nil {
 			m.abort(err)
 		}
 		return nil
 	}
-	m.rpc.onClose = m.onConnClose
-	m.mem.onClose = m.onConnClose
-	m.mem.onMessage = func(msg wire.Message) error {
+	m.rpc.OnClose = m.onConnClose
+	m.mem.OnClose = m.onConnClose
+	m.mem.OnMessage = func(msg wire.Message) error {
 		if m.relay == nil {
 			return protocolErr("page data before the page server started")
 		}
-		return m.relay.fromPeer(msg)
+		return m.relay.FromPeer(msg)
 	}
 	return m, nil
 }
 
 func (m *dest) begin() error {
 	m.ph.enter("prepare")
-	m.rec.State = stReceiving
-	if err := m.rec.save(m.p.dir); err != nil {
+	m.rec.State = store.Receiving
+	if err := m.rec.Save(m.p.Dir); err != nil {
 		return err
 	}
-	m.hb = startHeartbeat(m.s.l, m.rpc, []*conn{m.rpc, m.mem}, m.p.peerTimeout, m.onSilent)
+	m.hb = startHeartbeat(m.s.l, m.rpc, []*transport.Conn{m.rpc, m.mem}, m.p.PeerTimeout, m.onSilent)
 	return nil
 }
 
@@ -159,7 +189,7 @@ func (m *dest) finished() bool { return m.state == dstEnd }
 func (m *dest) onRPC(msg wire.Message) error {
 	switch msg := msg.(type) {
 	case *wire.Ping:
-		return m.rpc.send(&wire.Pong{Seq: msg.Seq})
+		return m.rpc.Send(&wire.Pong{Seq: msg.Seq})
 	case *wire.Pong:
 		return nil
 	case *wire.Fail:
@@ -245,18 +275,18 @@ func (m *dest) prepare(p *wire.Prepare) error {
 		// A source from before modes: copy is all it does.
 		requested, src = api.ModeCopy, Capabilities{api.ModeCopy: ""}
 	}
-	mode, err := chooseMode(requested, src, m.p.asDest)
+	mode, err := chooseMode(requested, src, m.p.AsDest)
 	if err != nil {
 		return err
 	}
 	m.mode = mode
 	m.log = m.log.With(zap.String("mode", mode))
 	m.ph.log = m.log
-	mine := m.p.info.Version.Code()
+	mine := m.p.Info.Version.Code()
 	if p.CRIUVersion > mine {
 		return api.Errorf(api.CodePrecondition,
 			"destination CRIU %s is older than the source's %s: images may not restore; install CRIU >= %s on the destination",
-			m.p.info.Version, criu.VersionFromCode(p.CRIUVersion), criu.VersionFromCode(p.CRIUVersion))
+			m.p.Info.Version, criu.VersionFromCode(p.CRIUVersion), criu.VersionFromCode(p.CRIUVersion))
 	}
 	m.ph.enter("checks")
 	if len(p.CPUInfo) == 0 {
@@ -264,18 +294,18 @@ func (m *dest) prepare(p *wire.Prepare) error {
 		return m.checked("skipped")
 	}
 	m.cpuInfo = p.CPUInfo
-	if r, ok := m.p.cpuChecks.lookup(p.CPUInfo); ok {
+	if r, ok := m.p.CPUChecks.lookup(p.CPUInfo); ok {
 		m.log.Debug("CPU check passed before for this source's cpuinfo", zap.String("cpu_check", r))
 		return m.checked(r)
 	}
-	dir := filepath.Join(m.p.dir, "cpuinfo")
+	dir := filepath.Join(m.p.Dir, "cpuinfo")
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return err
 	}
 	if err := os.WriteFile(filepath.Join(dir, "cpuinfo.img"), p.CPUInfo, 0o600); err != nil {
 		return err
 	}
-	op, err := m.p.criu.StartCPUInfoCheck(criu.Options{ImagesDir: dir, LogFile: "cpuinfo-check.log"})
+	op, err := m.p.CRIU.StartCPUInfoCheck(criu.Options{ImagesDir: dir, LogFile: "cpuinfo-check.log"})
 	if err != nil {
 		return err
 	}
@@ -288,11 +318,11 @@ func (m *dest) onCheck(ev criu.Event) error {
 	var ce *criu.Error
 	switch {
 	case ev.Err == nil:
-		m.p.cpuChecks.remember(m.cpuInfo, "ok")
+		m.p.CPUChecks.remember(m.cpuInfo, "ok")
 		return m.checked("ok")
 	case errors.As(ev.Err, &ce) && ce.Errno == unix.ENOTSUP:
 		m.log.Warn("CRIU cannot compare CPUs here: CPU check skipped")
-		m.p.cpuChecks.remember(m.cpuInfo, "skipped")
+		m.p.CPUChecks.remember(m.cpuInfo, "skipped")
 		return m.checked("skipped")
 	default:
 		return api.Errorf(api.CodePrecondition, "this CPU cannot run tasks dumped on the source: %v", ev.Err)
@@ -308,17 +338,17 @@ func (m *dest) checked(cpuCheck string) error {
 	m.state = dstReceive
 	m.ph.enter("receive")
 	m.psDone = true // no page server before the restore
-	return m.rpc.send(&wire.Ready{CRIUVersion: m.p.info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode})
+	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode})
 }
 
 func (m *dest) startPageServer(cpuCheck string) error {
-	relay, theirs, err := openRelay(m.s.l, m.mem, false, m.abort)
+	relay, theirs, err := transport.OpenRelay(m.s.l, m.mem, false, m.abort)
 	if err != nil {
 		return err
 	}
 	defer theirs.Close()
 	m.relay = relay
-	op, err := m.p.criu.StartPageServer(criu.Options{ImagesDir: m.p.dir, LogFile: "page-server.log", PageServer: theirs})
+	op, err := m.p.CRIU.StartPageServer(criu.Options{ImagesDir: m.p.Dir, LogFile: "page-server.log", PageServer: theirs})
 	if err != nil {
 		return err
 	}
@@ -342,7 +372,7 @@ func (m *dest) onPageServer(ev criu.Event, cpuCheck string) error {
 		}
 		m.state = dstReceive
 		m.ph.enter("receive")
-		return m.rpc.send(&wire.Ready{CRIUVersion: m.p.info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode})
+		return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode})
 	}
 	// WAIT_PID answered: the page server has exited.
 	if !ev.Status.Exited() || ev.Status.ExitStatus() != 0 {
@@ -382,27 +412,27 @@ func (m *dest) maybeRestore() error {
 // memory from the source, over the mem connection; the restore starts
 // once it listens.
 func (m *dest) startLazyPages() error {
-	relay, theirs, err := openRelay(m.s.l, m.mem, false, m.abort)
+	relay, theirs, err := transport.OpenRelay(m.s.l, m.mem, false, m.abort)
 	if err != nil {
 		return err
 	}
 	defer theirs.Close()
 	m.relay = relay
-	lp, err := m.p.criu.StartLazyPages(m.p.dir, theirs)
+	lp, err := m.p.CRIU.StartLazyPages(m.p.Dir, theirs)
 	if err != nil {
 		return err
 	}
 	m.lazy = lp
 	m.state = dstRestore
-	if err := m.s.l.watch(lp.StatusFd(), epoll.In|epoll.Hup, func(uint32) {
-		m.s.l.unwatch(lp.StatusFd())
+	if err := m.s.l.Watch(lp.StatusFd(), epoll.In|epoll.Hup, func(uint32) {
+		m.s.l.Unwatch(lp.StatusFd())
 		if m.state != dstRestore || m.restoreW != nil {
 			return // aborted meanwhile
 		}
 		if !lp.Ready() {
 			lp.Kill()
 			m.abort(api.Errorf(api.CodeAborted, "CRIU's lazy-pages daemon did not start (%v); see %s, or use --mode copy",
-				lp.Result(), filepath.Join(m.p.dir, criu.LazyPagesLog)))
+				lp.Result(), filepath.Join(m.p.Dir, criu.LazyPagesLog)))
 			return
 		}
 		if err := m.startRestore(); err != nil {
@@ -411,8 +441,8 @@ func (m *dest) startLazyPages() error {
 	}); err != nil {
 		return err
 	}
-	return m.s.l.watch(lp.ExitFd(), epoll.In, func(uint32) {
-		m.s.l.unwatch(lp.ExitFd())
+	return m.s.l.Watch(lp.ExitFd(), epoll.In, func(uint32) {
+		m.s.l.Unwatch(lp.ExitFd())
 		m.onLazyPagesExit()
 	})
 }
@@ -421,8 +451,8 @@ func (m *dest) startLazyPages() error {
 // session).
 func (m *dest) unwatchLazy() {
 	if m.lazy != nil {
-		m.s.l.unwatch(m.lazy.StatusFd())
-		m.s.l.unwatch(m.lazy.ExitFd())
+		m.s.l.Unwatch(m.lazy.StatusFd())
+		m.s.l.Unwatch(m.lazy.ExitFd())
 	}
 }
 
@@ -439,7 +469,7 @@ func (m *dest) onLazyPagesExit() {
 	if m.restoreW == nil {
 		// Exited before the restore had started.
 		m.abort(api.Errorf(api.CodeAborted, "CRIU's lazy-pages daemon exited before the restore; see %s",
-			filepath.Join(m.p.dir, criu.LazyPagesLog)))
+			filepath.Join(m.p.Dir, criu.LazyPagesLog)))
 		return
 	}
 	// lazy-pages also ends well when the processes it serves exit (its
@@ -456,7 +486,7 @@ func (m *dest) onLazyPagesExit() {
 	if m.state == dstResumed {
 		// Else resumeLazy says it, after Resumed: the source counts on
 		// that order.
-		if err := m.rpc.send(&wire.PagesIn{Pages: copied}); err != nil {
+		if err := m.rpc.Send(&wire.PagesIn{Pages: copied}); err != nil {
 			m.abort(err)
 		}
 	}
@@ -484,12 +514,12 @@ func (m *dest) resumeLazy() error {
 	m.tResumed = time.Now()
 	m.ph.enter("lazy")
 	m.log.Info("the restored tree runs; its memory follows", zap.Int("dest_pid", m.pid))
-	if err := m.rpc.send(&wire.Resumed{PID: m.pid}); err != nil {
+	if err := m.rpc.Send(&wire.Resumed{PID: m.pid}); err != nil {
 		return err
 	}
 	if m.pagesIn {
 		// Every page came in before the tree ran.
-		return m.rpc.send(&wire.PagesIn{Pages: m.lazyPages})
+		return m.rpc.Send(&wire.PagesIn{Pages: m.lazyPages})
 	}
 	return nil
 }
@@ -498,14 +528,14 @@ func (m *dest) resumeLazy() error {
 // systemd, into a scope of its own), before it runs: it must not share
 // the daemon's fate (a stop of phauld's service).
 func (m *dest) place() {
-	if m.p.place == nil {
+	if m.p.Place == nil {
 		return
 	}
 	pids := make([]int, len(m.tree))
 	for i, p := range m.tree {
 		pids[i] = p.PID
 	}
-	if err := m.p.place(pids); err != nil {
+	if err := m.p.Place(pids); err != nil {
 		m.log.Warn("cannot move the restored tree to its own scope; it stays in phauld's cgroup", zap.Error(err))
 	}
 }
@@ -513,7 +543,7 @@ func (m *dest) place() {
 // startRestore runs CRIU's restore of the received images.
 func (m *dest) startRestore() error {
 	opts := criu.Options{
-		ImagesDir:    m.p.dir,
+		ImagesDir:    m.p.Dir,
 		LogFile:      "restore.log",
 		LeaveStopped: true,
 		Notify:       true,
@@ -531,7 +561,7 @@ func (m *dest) startRestore() error {
 		opts.ExtUnixSk = true
 		opts.InheritFds = append(opts.InheritFds, criu.InheritFd{Key: fmt.Sprintf("socket:[%d]", ino), File: f})
 	}
-	op, err := m.p.criu.StartRestore(opts)
+	op, err := m.p.CRIU.StartRestore(opts)
 	for _, in := range opts.InheritFds {
 		in.File.Close() // CRIU has its own copies
 	}
@@ -564,7 +594,7 @@ func (m *dest) onRestore(ev criu.Event) error {
 	}
 	m.tree = tree
 	msg := &wire.Restored{PID: m.pid, RestoreMS: time.Since(m.tRestore).Milliseconds()}
-	if st, err := criu.ReadRestoreStats(m.p.dir); err == nil {
+	if st, err := criu.ReadRestoreStats(m.p.Dir); err == nil {
 		msg.Stats = &wire.RestoreStats{
 			PagesCompared: st.PagesCompared, PagesSkippedCOW: st.PagesSkippedCOW, PagesRestored: st.PagesRestored,
 			ForkingUS: st.ForkingUS, RestoreUS: st.RestoreUS,
@@ -576,7 +606,7 @@ func (m *dest) onRestore(ev criu.Event) error {
 	}
 	m.state = dstRestored
 	m.ph.enter("wait-commit")
-	return m.rpc.send(msg)
+	return m.rpc.Send(msg)
 }
 
 // restored records the restored tree before CRIU lets it exist past the
@@ -589,8 +619,8 @@ func (m *dest) restored(pid int) error {
 		return api.Errorf(api.CodeAborted, "restored root pid %d: %v", pid, err)
 	}
 	m.pid = pid
-	m.rec.State, m.rec.PID, m.rec.StartTime = stRestored, pid, info.StartTime
-	if err := m.rec.save(m.p.dir); err != nil {
+	m.rec.State, m.rec.PID, m.rec.StartTime = store.Restored, pid, info.StartTime
+	if err := m.rec.Save(m.p.Dir); err != nil {
 		m.restoreW.op.Reply(false)
 		return err
 	}
@@ -606,10 +636,10 @@ func (m *dest) commit() error {
 			return err
 		}
 	}
-	m.rec.State = stCommitted
-	if err := m.rec.save(m.p.dir); err != nil {
+	m.rec.State = store.Committed
+	if err := m.rec.Save(m.p.Dir); err != nil {
 		// Not recorded, not committed: refuse, and the source resumes.
-		m.rec.State = stRestored
+		m.rec.State = store.Restored
 		return api.Errorf(api.CodeAborted, "cannot record the commit: %v", err)
 	}
 	lazy := m.state == dstResumed // already placed and running
@@ -625,10 +655,10 @@ func (m *dest) commit() error {
 	m.log.Info("migration committed: process runs here", zap.Int("dest_pid", m.pid))
 	// Tell the source first: removing the images of a big process takes
 	// tens of milliseconds, and the source's copy waits, stopped.
-	err := m.rpc.send(&wire.Committed{PID: m.pid})
-	m.rpc.flush()
-	if !m.p.keepImages {
-		if err := removeImages(m.p.dir); err != nil {
+	err := m.rpc.Send(&wire.Committed{PID: m.pid})
+	m.rpc.Flush()
+	if !m.p.KeepImages {
+		if err := store.RemoveImages(m.p.Dir); err != nil {
 			m.log.Warn("cannot remove images", zap.Error(err))
 		}
 	}
@@ -639,7 +669,7 @@ func (m *dest) commit() error {
 func (m *dest) finish(acked bool) {
 	if acked {
 		m.rec.Done = true
-		if err := m.rec.save(m.p.dir); err != nil {
+		if err := m.rec.Save(m.p.Dir); err != nil {
 			m.log.Warn("cannot record the end", zap.Error(err))
 		}
 	} else {
@@ -688,13 +718,13 @@ func (m *dest) abort(err error) {
 	// again, which must then return.
 	m.state = dstEnd
 	m.log.Warn("aborted before the commit: discarding this copy")
-	if !m.rpc.closed {
+	if !m.rpc.Closed() {
 		e := api.AsError(err)
-		m.rpc.send(&wire.Fail{Code: string(e.Code), Message: e.Message})
+		m.rpc.Send(&wire.Fail{Code: string(e.Code), Message: e.Message})
 	}
 	m.discard()
-	m.rec.State, m.rec.Error = stAborted, errString(err)
-	if err := m.rec.save(m.p.dir); err != nil {
+	m.rec.State, m.rec.Error = store.Aborted, errString(err)
+	if err := m.rec.Save(m.p.Dir); err != nil {
 		m.log.Error("cannot record the abort", zap.Error(err))
 	}
 }
@@ -761,12 +791,12 @@ func (m *dest) resolve() (string, int) {
 	// Commit waiting in the rpc socket decides. (A session loop woken by
 	// the question, as after SIGSTOP and SIGCONT, may not have read it
 	// yet.)
-	if m.rpc != nil && !m.rpc.closed && (m.state == dstRestored || m.state == dstResumed) {
-		m.rpc.read()
+	if m.rpc != nil && !m.rpc.Closed() && (m.state == dstRestored || m.state == dstResumed) {
+		m.rpc.Read()
 	}
 	switch m.state {
 	case dstCommitted, dstEnd:
-		if m.rec.State == stCommitted {
+		if m.rec.State == store.Committed {
 			return wire.OutcomeCommitted, m.pid
 		}
 		return wire.OutcomeAborted, 0
@@ -800,45 +830,62 @@ func (m *dest) cleanup() {
 		}
 	}
 	if m.relay != nil {
-		m.relay.close()
+		m.relay.Close()
 	}
 	if m.lazy != nil {
 		// A committed migration's daemon has exited; any other was
 		// killed by discard.
 		m.lazy.Kill()
 		m.lazy.Result()
-		m.s.l.unwatch(m.lazy.StatusFd())
-		m.s.l.unwatch(m.lazy.ExitFd())
+		m.s.l.Unwatch(m.lazy.StatusFd())
+		m.s.l.Unwatch(m.lazy.ExitFd())
 		m.lazy.Close()
 	}
-	m.rpc.flush()
-	m.rpc.close()
-	m.mem.close()
+	m.rpc.Flush()
+	m.rpc.Close()
+	m.mem.Close()
 	proc.CloseAll(m.tree)
 }
 
-func (m *dest) outcome() (api.Result, error) {
-	if m.failure != nil {
-		return api.Result{}, m.failure
-	}
+func (m *dest) outcome() End {
 	var pages int64
 	if m.relay != nil {
-		pages = m.relay.received
+		pages = m.relay.Received()
 	}
 	var lazyMS int64
 	if !m.tResumed.IsZero() && m.tPagesIn.After(m.tResumed) {
 		lazyMS = m.tPagesIn.Sub(m.tResumed).Milliseconds()
 	}
-	return api.Result{
+	e := End{Record: *m.rec, Result: api.Result{
 		ID:        m.s.ID.String(),
 		SourcePID: m.srcPID,
 		DestPID:   m.pid,
-		TotalMS:   time.Since(m.s.started).Milliseconds(),
-		Bytes:     m.rpc.bytesOut + m.rpc.bytesIn + m.mem.bytesOut + m.mem.bytesIn,
+		TotalMS:   time.Since(m.s.Started).Milliseconds(),
+		Bytes:     m.rpc.BytesOut() + m.rpc.BytesIn() + m.mem.BytesOut() + m.mem.BytesIn(),
 		PageBytes: pages,
 		PhasesMS:  m.ph.took,
 		Mode:      m.mode,
 		LazyMS:    lazyMS,
 		Restore:   m.restoreStats,
-	}, nil
+	}}
+	// The record decides: committed there is committed, whatever went
+	// wrong after.
+	if m.rec.State == store.Committed {
+		e.Outcome = api.OutcomeCommitted
+		return e
+	}
+	e.Outcome, e.Err = api.OutcomeRolledBack, m.failure
+	if e.Err == nil {
+		e.Err = api.Errorf(api.CodeAborted, "the migration ended before the commit")
+	}
+	return e
+}
+
+func (m *dest) crash() {
+	if m.lazy != nil {
+		m.lazy.Kill() // its parent-death signal
+	}
+	m.recv.close()
+	proc.CloseAll(m.tree)
+	m.tree = nil
 }

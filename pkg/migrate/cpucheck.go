@@ -1,27 +1,28 @@
-package session
+package migrate
 
 import (
 	"crypto/sha256"
 	"sync"
 )
 
-// cpuChecks remembers the CPU checks this destination passed, by the
+// CPUChecks remembers the CPU checks this destination passed, by the
 // source's cpuinfo image: the check (a CRIU run, tens of milliseconds)
 // depends only on that image and this host's CPU and CRIU, none of which
 // change while phauld runs, so a second migration from the same kind of
 // host need not run it again. Failures are not remembered: they are
 // checked anew each time.
-type cpuChecks struct {
+type CPUChecks struct {
 	mu     sync.Mutex
 	passed map[[sha256.Size]byte]string
 }
 
-func newCPUChecks() *cpuChecks {
-	return &cpuChecks{passed: map[[sha256.Size]byte]string{}}
+// NewCPUChecks returns an empty memory of CPU checks.
+func NewCPUChecks() *CPUChecks {
+	return &CPUChecks{passed: map[[sha256.Size]byte]string{}}
 }
 
 // lookup returns the remembered result ("ok" or "skipped") for image.
-func (c *cpuChecks) lookup(image []byte) (string, bool) {
+func (c *CPUChecks) lookup(image []byte) (string, bool) {
 	if c == nil {
 		return "", false
 	}
@@ -32,7 +33,7 @@ func (c *cpuChecks) lookup(image []byte) (string, bool) {
 }
 
 // remember records that image passed with result.
-func (c *cpuChecks) remember(image []byte, result string) {
+func (c *CPUChecks) remember(image []byte, result string) {
 	if c == nil {
 		return
 	}

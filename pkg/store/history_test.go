@@ -1,6 +1,6 @@
 //go:build linux
 
-package session
+package store
 
 import (
 	"fmt"
@@ -13,23 +13,23 @@ import (
 
 func TestHistory(t *testing.T) {
 	dir := t.TempDir()
-	h, err := openHistory(dir)
+	h, err := OpenHistory(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if list, err := h.list(0); err != nil || len(list) != 0 {
+	if list, err := h.List(0); err != nil || len(list) != 0 {
 		t.Fatalf("empty history: %v, %v", list, err)
 	}
 	for i := 0; i < 3; i++ {
-		if err := h.add(api.HistoryEntry{ID: fmt.Sprint("s", i), Direction: Outgoing, Outcome: api.OutcomeCommitted}); err != nil {
+		if err := h.Add(api.HistoryEntry{ID: fmt.Sprint("s", i), Direction: api.DirectionOut, Outcome: api.OutcomeCommitted}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// In doubt, then settled: the later entry wins.
-	h.add(api.HistoryEntry{ID: "s3", Direction: Outgoing, Outcome: api.OutcomeInDoubt})
-	h.add(api.HistoryEntry{ID: "s3", Direction: Outgoing, Outcome: api.OutcomeRolledBack})
+	h.Add(api.HistoryEntry{ID: "s3", Direction: api.DirectionOut, Outcome: api.OutcomeInDoubt})
+	h.Add(api.HistoryEntry{ID: "s3", Direction: api.DirectionOut, Outcome: api.OutcomeRolledBack})
 	// The other end of s3, on the same host: a second entry.
-	h.add(api.HistoryEntry{ID: "s3", Direction: Incoming, Outcome: api.OutcomeRolledBack})
+	h.Add(api.HistoryEntry{ID: "s3", Direction: api.DirectionIn, Outcome: api.OutcomeRolledBack})
 
 	// A torn last line (a crash mid-write) is skipped.
 	f, _ := os.OpenFile(filepath.Join(dir, "history.jsonl"), os.O_WRONLY|os.O_APPEND, 0)
@@ -37,11 +37,11 @@ func TestHistory(t *testing.T) {
 	f.Close()
 
 	// Across a restart.
-	h, err = openHistory(dir)
+	h, err = OpenHistory(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	list, err := h.list(0)
+	list, err := h.List(0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,19 +53,19 @@ func TestHistory(t *testing.T) {
 	if fmt.Sprint(got) != want {
 		t.Errorf("history = %v, want %v", got, want)
 	}
-	if two, _ := h.list(2); len(two) != 2 || two[0].ID != "s3" {
+	if two, _ := h.List(2); len(two) != 2 || two[0].ID != "s3" {
 		t.Errorf("list(2) = %v", two)
 	}
 }
 
 func TestHistoryTrimmed(t *testing.T) {
 	dir := t.TempDir()
-	h, err := openHistory(dir)
+	h, err := OpenHistory(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < 2*historyKeep+1; i++ {
-		if err := h.add(api.HistoryEntry{ID: fmt.Sprint(i), Direction: Outgoing}); err != nil {
+		if err := h.Add(api.HistoryEntry{ID: fmt.Sprint(i), Direction: api.DirectionOut}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -81,22 +81,22 @@ func TestHistoryTrimmed(t *testing.T) {
 // list never returns more than the history keeps, even before the file
 // is trimmed (it is cut back only once it holds twice as many).
 func TestHistoryListBound(t *testing.T) {
-	h, err := openHistory(t.TempDir())
+	h, err := OpenHistory(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < historyKeep+10; i++ {
-		if err := h.add(api.HistoryEntry{ID: fmt.Sprint(i), Direction: "out"}); err != nil {
+		if err := h.Add(api.HistoryEntry{ID: fmt.Sprint(i), Direction: "out"}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for _, limit := range []int{0, -1, historyKeep + 5} {
-		list, err := h.list(limit)
+		list, err := h.List(limit)
 		if err != nil || len(list) != historyKeep {
 			t.Fatalf("list(%d) = %d entries, %v; want %d", limit, len(list), err, historyKeep)
 		}
 	}
-	if list, _ := h.list(3); len(list) != 3 || list[0].ID != fmt.Sprint(historyKeep+9) {
+	if list, _ := h.List(3); len(list) != 3 || list[0].ID != fmt.Sprint(historyKeep+9) {
 		t.Fatalf("list(3) = %+v; want the newest three, newest first", list)
 	}
 }

@@ -1,6 +1,6 @@
 //go:build linux
 
-package session
+package migrate
 
 import (
 	"crypto/sha256"
@@ -16,6 +16,8 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/store"
+	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -38,7 +40,7 @@ func imageFiles(dir string) ([]string, error) {
 	var names []string
 	for _, e := range ents {
 		n := e.Name()
-		if !e.Type().IsRegular() || strings.HasSuffix(n, ".log") || strings.HasPrefix(n, "stats-") || strings.HasPrefix(n, recordName) || n == criu.LazyDumpConf {
+		if !e.Type().IsRegular() || strings.HasSuffix(n, ".log") || strings.HasPrefix(n, "stats-") || strings.HasPrefix(n, store.RecordName) || n == criu.LazyDumpConf {
 			continue
 		}
 		if !wire.ValidFileName(n) {
@@ -52,7 +54,7 @@ func imageFiles(dir string) ([]string, error) {
 
 // sendFiles queues the named files of dir on c, each as FileBegin, FileData
 // chunks and FileEnd with its SHA-256. It returns the bytes of file data.
-func sendFiles(c *conn, dir string, names []string) (int64, error) {
+func sendFiles(c *transport.Conn, dir string, names []string) (int64, error) {
 	var total int64
 	for _, n := range names {
 		b, err := os.ReadFile(filepath.Join(dir, n))
@@ -62,17 +64,17 @@ func sendFiles(c *conn, dir string, names []string) (int64, error) {
 		if len(b) > maxImageFile {
 			return total, fmt.Errorf("image %s is %d bytes, over the %d-byte limit", n, len(b), maxImageFile)
 		}
-		if err := c.send(&wire.FileBegin{Name: n, Size: int64(len(b))}); err != nil {
+		if err := c.Send(&wire.FileBegin{Name: n, Size: int64(len(b))}); err != nil {
 			return total, err
 		}
 		for off := 0; off < len(b); off += wire.DataChunk {
 			chunk := b[off:min(len(b), off+wire.DataChunk)]
 			frame := make([]byte, 0, wire.HeaderLen+len(chunk))
 			frame = wire.AppendHeader(frame, wire.TypeFileData, len(chunk))
-			c.queue(append(frame, chunk...))
+			c.Queue(append(frame, chunk...))
 		}
 		sum := sha256.Sum256(b)
-		if err := c.send(&wire.FileEnd{SHA256: hex.EncodeToString(sum[:])}); err != nil {
+		if err := c.Send(&wire.FileEnd{SHA256: hex.EncodeToString(sum[:])}); err != nil {
 			return total, err
 		}
 		total += int64(len(b))

@@ -1,6 +1,6 @@
 //go:build linux
 
-package session
+package migrate
 
 import (
 	"errors"
@@ -15,8 +15,12 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/dumplock"
 	"github.com/phaul/phaul/pkg/journal"
+	"github.com/phaul/phaul/pkg/loop"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/store"
+	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -53,38 +57,45 @@ var srcStateNames = [...]string{"prepare", "dump", "restore", "release", "lazy",
 
 func (s srcState) String() string { return srcStateNames[s] }
 
-// sourceParams is what a source session needs to know.
-type sourceParams struct {
-	log         *zap.Logger
-	criu        *criu.Client
-	info        criu.Info
-	dir         string
-	proc        proc.Info
-	dest        string
-	peerTimeout time.Duration
-	gate        *dumpGate
-	progress    func(api.Event)
-	// mode is what the user asked for; asSource what this host can do.
-	mode     string
-	asSource Capabilities
+// SourceConfig is what a source session needs to know.
+type SourceConfig struct {
+	ID  wire.SessionID
+	Log *zap.Logger
+	// CRIU runs the dump; Info is what probing it found.
+	CRIU CRIU
+	Info criu.Info
+	// Dir is the session's directory: its record, images and CRIU logs.
+	Dir string
+	// Proc is the root of the tree to migrate, as checked.
+	Proc proc.Info
+	// Dest is the destination's address.
+	Dest        string
+	PeerTimeout time.Duration
+	Gate        *dumplock.Gate
+	// Progress receives progress events; it is called on the session's
+	// loop and must not block.
+	Progress func(api.Event)
+	// Mode is what the user asked for; AsSource what this host can do.
+	Mode     string
+	AsSource Capabilities
 }
 
 // source is the state machine of the daemon a process leaves.
 type source struct {
 	s   *Session
-	p   sourceParams
+	p   SourceConfig
 	log *zap.Logger
-	rec *record
+	rec *store.Record
 
-	rpc, mem *conn
+	rpc, mem *transport.Conn
 	ph       *phaseTimer
 	state    srcState
 	hb       *heartbeat
 
 	dump      *criuWatch
-	gateLocks gateLocks // dump gate locks held
-	waiting   *timer    // retries the dump gate
-	relay     *relay
+	gateLocks dumplock.Locks // dump gate locks held
+	waiting   *loop.Timer    // retries the dump gate
+	relay     *transport.Relay
 	released  bool // post-dump answered "go on": CRIU leaves the tree stopped
 	// postDumpAnswered: CRIU's post-dump notification has its answer.
 	postDumpAnswered bool
@@ -96,7 +107,7 @@ type source struct {
 	fileBytes int64
 
 	t0, tDump, tCommitted time.Time
-	progressTimer         *timer
+	progressTimer         *loop.Timer
 
 	failure error
 	// inDoubt: the commit was asked and its answer lost; the manager
@@ -123,36 +134,55 @@ type source struct {
 // as page-server bytes over it (its headers are a fraction of a percent).
 const pageSize = 4096
 
-func newSource(s *Session, p sourceParams, rpcLink, memLink *link) (*source, error) {
-	m := &source{s: s, p: p, log: p.log, t0: s.started}
-	m.ph = newPhaseTimer(s, p.log)
-	m.rec = &record{ID: s.ID.String(), Role: roleSource, Peer: p.dest, PID: p.proc.PID, StartTime: p.proc.StartTime}
-	var err error
-	if m.rpc, err = newConn(s.l, "rpc", rpcLink, wire.RPC, 64<<10); err != nil {
-		rpcLink.close()
-		memLink.close()
+// NewSource returns the session that migrates c.Proc's tree over the
+// connections rpc and mem to the destination; Run starts it.
+func NewSource(c SourceConfig, rpc, mem *transport.Link) (*Session, error) {
+	s, err := newSession(c.ID, api.DirectionOut, c.Dest)
+	if err != nil {
+		rpc.Close()
+		mem.Close()
 		return nil, err
 	}
-	if m.mem, err = newConn(s.l, "mem", memLink, wire.Mem, 4<<20); err != nil {
-		m.rpc.close()
-		memLink.close()
+	s.pid.Store(int64(c.Proc.PID))
+	m, err := newSource(s, c, rpc, mem)
+	if err != nil {
+		s.l.Close()
+		return nil, err
+	}
+	s.m = m
+	return s, nil
+}
+
+func newSource(s *Session, p SourceConfig, rpcLink, memLink *transport.Link) (*source, error) {
+	m := &source{s: s, p: p, log: p.Log, t0: s.Started}
+	m.ph = newPhaseTimer(s, p.Log)
+	m.rec = &store.Record{ID: s.ID.String(), Role: store.RoleSource, Peer: p.Dest, PID: p.Proc.PID, StartTime: p.Proc.StartTime}
+	var err error
+	if m.rpc, err = transport.NewConn(s.l, "rpc", rpcLink, wire.RPC, 64<<10); err != nil {
+		rpcLink.Close()
+		memLink.Close()
+		return nil, err
+	}
+	if m.mem, err = transport.NewConn(s.l, "mem", memLink, wire.Mem, 4<<20); err != nil {
+		m.rpc.Close()
+		memLink.Close()
 		return nil, err
 	}
 	// An error handling a message aborts the migration by the rule (and
 	// tells the peer why); it does not just drop the connection.
-	m.rpc.onMessage = func(msg wire.Message) error {
+	m.rpc.OnMessage = func(msg wire.Message) error {
 		if err := m.onRPC(msg); err != nil {
 			m.abort(err)
 		}
 		return nil
 	}
-	m.rpc.onClose = m.onConnClose
-	m.mem.onClose = m.onConnClose
-	m.mem.onMessage = func(msg wire.Message) error {
+	m.rpc.OnClose = m.onConnClose
+	m.mem.OnClose = m.onConnClose
+	m.mem.OnMessage = func(msg wire.Message) error {
 		if m.relay == nil {
 			return protocolErr("page data before the dump started")
 		}
-		return m.relay.fromPeer(msg)
+		return m.relay.FromPeer(msg)
 	}
 	return m, nil
 }
@@ -160,24 +190,24 @@ func newSource(s *Session, p sourceParams, rpcLink, memLink *link) (*source, err
 func (m *source) begin() error {
 	m.ph.enter("prepare")
 	m.emit()
-	m.hb = startHeartbeat(m.s.l, m.rpc, []*conn{m.rpc, m.mem}, m.p.peerTimeout, m.onSilent)
-	m.journal = journalStreams(m.p.proc.PID, m.log)
-	if pids, err := proc.Tree(m.p.proc.PID); err == nil {
+	m.hb = startHeartbeat(m.s.l, m.rpc, []*transport.Conn{m.rpc, m.mem}, m.p.PeerTimeout, m.onSilent)
+	m.journal = journalStreams(m.p.Proc.PID, m.log)
+	if pids, err := proc.Tree(m.p.Proc.PID); err == nil {
 		m.memBytes = proc.Resident(pids)
 	}
 	var modes []string
 	for _, x := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
-		if m.p.asSource.Can(x) {
+		if m.p.AsSource.Can(x) {
 			modes = append(modes, x)
 		}
 	}
-	return m.rpc.send(&wire.Prepare{
-		PID:            m.p.proc.PID,
-		CRIUVersion:    m.p.info.Version.Code(),
-		CPUInfo:        m.p.info.CPUInfo,
-		Name:           printable(m.p.proc.Comm),
+	return m.rpc.Send(&wire.Prepare{
+		PID:            m.p.Proc.PID,
+		CRIUVersion:    m.p.Info.Version.Code(),
+		CPUInfo:        m.p.Info.CPUInfo,
+		Name:           printable(m.p.Proc.Comm),
 		JournalStreams: m.journal,
-		Mode:           m.p.mode,
+		Mode:           m.p.Mode,
 		SourceModes:    modes,
 	})
 }
@@ -224,23 +254,23 @@ func journalStreams(pid int, log *zap.Logger) []uint64 {
 func (m *source) finished() bool { return m.state == srcEnd }
 
 func (m *source) emit() {
-	if m.p.progress == nil {
+	if m.p.Progress == nil {
 		return
 	}
 	var pages int64
 	if m.relay != nil {
-		pages = m.relay.sent
+		pages = m.relay.Sent()
 	}
 	b := pages + m.fileBytes
 	m.s.bytes.Store(b)
-	m.p.progress(api.Event{Event: api.EventProgress, ID: m.s.ID.String(), Phase: m.ph.name, Bytes: b,
+	m.p.Progress(api.Event{Event: api.EventProgress, ID: m.s.ID.String(), Phase: m.ph.name, Bytes: b,
 		Pages: pages / pageSize, MemBytes: m.memBytes, ElapsedMS: time.Since(m.t0).Milliseconds()})
 }
 
 func (m *source) onRPC(msg wire.Message) error {
 	switch msg := msg.(type) {
 	case *wire.Ping:
-		return m.rpc.send(&wire.Pong{Seq: msg.Seq})
+		return m.rpc.Send(&wire.Pong{Seq: msg.Seq})
 	case *wire.Pong:
 		return nil
 	case *wire.Fail:
@@ -265,8 +295,8 @@ func (m *source) onRPC(msg wire.Message) error {
 		if m.mode == "" {
 			m.mode = api.ModeCopy // a destination from before modes
 		}
-		if (m.p.mode != api.ModeAuto && m.p.mode != "" && m.mode != m.p.mode) || !m.p.asSource.Can(m.mode) {
-			m.abort(api.Errorf(api.CodePrecondition, "the destination chose mode %q, which is not what was asked (%s) or this host cannot run it; upgrade phauld there, or use --mode copy", m.mode, m.p.mode))
+		if (m.p.Mode != api.ModeAuto && m.p.Mode != "" && m.mode != m.p.Mode) || !m.p.AsSource.Can(m.mode) {
+			m.abort(api.Errorf(api.CodePrecondition, "the destination chose mode %q, which is not what was asked (%s) or this host cannot run it; upgrade phauld there, or use --mode copy", m.mode, m.p.Mode))
 			return nil
 		}
 		m.log = m.log.With(zap.String("mode", m.mode))
@@ -286,7 +316,7 @@ func (m *source) onRPC(msg wire.Message) error {
 			// copy and this one resumes.
 			m.state = srcLazy
 			m.ph.enter("lazy")
-			return m.rpc.send(&wire.Resume{})
+			return m.rpc.Send(&wire.Resume{})
 		}
 		// Release the tree from CRIU: it stays stopped, and from now on
 		// its fate is phauld's to decide, after the destination's commit.
@@ -326,7 +356,7 @@ func (m *source) startDumpWhenFree() error {
 	if m.state != srcPrepare {
 		return nil
 	}
-	locks, ok, err := m.p.gate.tryAcquire(dumpKeys(m.p.proc.PID))
+	locks, ok, err := m.p.Gate.TryAcquire(dumplock.Keys(m.p.Proc.PID))
 	if err != nil {
 		return err
 	}
@@ -335,7 +365,7 @@ func (m *source) startDumpWhenFree() error {
 			m.log.Info("waiting for another dump in the same directory")
 			m.ph.enter("waiting")
 		}
-		m.waiting = m.s.l.after(20*time.Millisecond, func() {
+		m.waiting = m.s.l.After(20*time.Millisecond, func() {
 			if err := m.startDumpWhenFree(); err != nil {
 				m.abort(err)
 			}
@@ -349,33 +379,33 @@ func (m *source) startDumpWhenFree() error {
 // openGate lets other dumps in the tree's directories go on: once CRIU is
 // past the tasks' parasites.
 func (m *source) openGate() {
-	m.gateLocks.release()
+	m.gateLocks.Release()
 	m.gateLocks = nil
 }
 
 func (m *source) startDump() error {
 	// The record goes first: a daemon restarting after a crash must know
 	// a tree may be frozen.
-	m.rec.State = stDumping
-	if err := m.rec.save(m.p.dir); err != nil {
+	m.rec.State = store.Dumping
+	if err := m.rec.Save(m.p.Dir); err != nil {
 		return err
 	}
 	lazy := m.mode == api.ModeLazy
 	// A lazy dump's socket is TCP, so that a failure can reset it.
-	relay, theirs, err := openRelay(m.s.l, m.mem, lazy, m.abort)
+	relay, theirs, err := transport.OpenRelay(m.s.l, m.mem, lazy, m.abort)
 	if err != nil {
 		return err
 	}
 	// CRIU gets its own copy of the socket at exec; ours closes now.
 	defer theirs.Close()
 	m.relay = relay
-	m.relay.holdEOF = lazy
+	m.relay.HoldEOF = lazy
 	m.ph.enter("dump")
 	m.tDump = time.Now()
 	opts := criu.Options{
-		ImagesDir:    m.p.dir,
+		ImagesDir:    m.p.Dir,
 		LogFile:      "dump.log",
-		PID:          m.p.proc.PID,
+		PID:          m.p.Proc.PID,
 		LeaveStopped: true,
 		Notify:       true,
 		PageServer:   theirs,
@@ -385,7 +415,7 @@ func (m *source) startDump() error {
 		opts.ExtUnixSk = true
 		opts.External = append(opts.External, fmt.Sprintf("unix[%d]", ino))
 	}
-	op, err := m.p.criu.StartDump(opts)
+	op, err := m.p.CRIU.StartDump(opts)
 	if err != nil {
 		return api.Errorf(api.CodeAborted, "start criu dump: %v", err)
 	}
@@ -402,7 +432,7 @@ func (m *source) startDump() error {
 func (m *source) tickProgress() {
 	m.emit()
 	if m.state == srcDump || m.state == srcRestore || m.state == srcLazy {
-		m.progressTimer = m.s.l.after(250*time.Millisecond, m.tickProgress)
+		m.progressTimer = m.s.l.After(250*time.Millisecond, m.tickProgress)
 	}
 }
 
@@ -454,7 +484,7 @@ func (m *source) onDump(ev criu.Event) error {
 			return nil
 		}
 		m.readDumpStats()
-		tree, err := proc.OpenTree(m.p.proc.PID, m.p.proc.StartTime)
+		tree, err := proc.OpenTree(m.p.Proc.PID, m.p.Proc.StartTime)
 		if err != nil {
 			m.abort(api.Errorf(api.CodeAborted, "source tree after dump: %v", err))
 			return nil
@@ -464,13 +494,13 @@ func (m *source) onDump(ev criu.Event) error {
 		// commit-sent must ask the destination; one that does not may
 		// resume the tree, since the destination can only commit on a
 		// Commit it received.
-		m.rec.State = stCommitSent
-		if err := m.rec.save(m.p.dir); err != nil {
+		m.rec.State = store.CommitSent
+		if err := m.rec.Save(m.p.Dir); err != nil {
 			m.abort(err)
 			return nil
 		}
 		m.state = srcCommit
-		return m.rpc.send(&wire.Commit{})
+		return m.rpc.Send(&wire.Commit{})
 	case srcAbort:
 		if m.mode == api.ModeLazy && ev.Err == nil {
 			// The page server finished before the reset reached it: CRIU
@@ -501,7 +531,7 @@ func (m *source) onLazyServed(err error) error {
 		m.abort(api.Errorf(api.CodeAborted, "serving pages to the destination: %v", err))
 		return nil
 	}
-	tree, terr := proc.OpenTree(m.p.proc.PID, m.p.proc.StartTime)
+	tree, terr := proc.OpenTree(m.p.Proc.PID, m.p.Proc.StartTime)
 	if terr != nil {
 		m.abort(api.Errorf(api.CodeAborted, "source tree after the lazy dump: %v", terr))
 		return nil
@@ -518,17 +548,17 @@ func (m *source) askLazyCommit() error {
 	if !m.served || !m.pagesIn || m.state != srcLazy {
 		return nil
 	}
-	m.rec.State = stCommitSent
-	if err := m.rec.save(m.p.dir); err != nil {
+	m.rec.State = store.CommitSent
+	if err := m.rec.Save(m.p.Dir); err != nil {
 		return err
 	}
 	m.state = srcCommit
 	m.ph.enter("commit")
-	return m.rpc.send(&wire.Commit{})
+	return m.rpc.Send(&wire.Commit{})
 }
 
 func (m *source) readDumpStats() {
-	st, err := criu.ReadDumpStats(m.p.dir)
+	st, err := criu.ReadDumpStats(m.p.Dir)
 	if err != nil {
 		m.log.Warn("no dump statistics", zap.Error(err))
 		return
@@ -540,11 +570,11 @@ func (m *source) readDumpStats() {
 // restore. The tree stays frozen meanwhile.
 func (m *source) shipImages() error {
 	m.ph.enter("images")
-	names, err := imageFiles(m.p.dir)
+	names, err := imageFiles(m.p.Dir)
 	if err != nil {
 		return fmt.Errorf("list images: %w", err)
 	}
-	n, err := sendFiles(m.rpc, m.p.dir, names)
+	n, err := sendFiles(m.rpc, m.p.Dir, names)
 	m.fileBytes = n
 	if err != nil {
 		return err
@@ -554,7 +584,7 @@ func (m *source) shipImages() error {
 	}
 	m.state = srcRestore
 	m.ph.enter("restore")
-	return m.rpc.send(&wire.Restore{Files: len(names)})
+	return m.rpc.Send(&wire.Restore{Files: len(names)})
 }
 
 func (m *source) onConnClose(err error) {
@@ -586,7 +616,7 @@ func (m *source) abort(err error) {
 		return
 	case srcPrepare:
 		m.state = srcAbort
-		m.waiting.cancel()
+		m.waiting.Cancel()
 		m.tellPeer(err)
 		m.end()
 	case srcDump:
@@ -595,7 +625,7 @@ func (m *source) abort(err error) {
 		m.tellPeer(err)
 		// CRIU fails writing pages, or answers "no" at post-dump.
 		if m.relay != nil {
-			m.relay.close()
+			m.relay.Close()
 		}
 		m.waitCRIU()
 	case srcRestore, srcLazy:
@@ -610,7 +640,7 @@ func (m *source) abort(err error) {
 			// CRIU is serving pages: a reset makes it stop, fail, and
 			// resume the tree; its response then ends the rollback.
 			m.log.Warn("rolling back: stopping CRIU's page server, which resumes the tree")
-			m.relay.close()
+			m.relay.Close()
 			return
 		}
 		m.log.Warn("rolling back: telling CRIU to resume the tree")
@@ -635,7 +665,7 @@ func (m *source) abort(err error) {
 		m.inDoubt = true
 		m.failure = api.Errorf(api.CodeInDoubt,
 			"%v, after the commit was asked: the process is held stopped here (pid %d) until the destination says whether it committed",
-			err, m.p.proc.PID)
+			err, m.p.Proc.PID)
 		m.log.Error("migration in doubt: the source tree stays stopped until the destination answers")
 		m.state = srcEnd
 	}
@@ -663,11 +693,11 @@ func (m *source) waitCRIU() {
 
 // tellPeer sends Fail to the destination if the rpc connection is up.
 func (m *source) tellPeer(err error) {
-	if m.rpc.closed {
+	if m.rpc.Closed() {
 		return
 	}
 	e := api.AsError(err)
-	m.rpc.send(&wire.Fail{Code: string(e.Code), Message: e.Message})
+	m.rpc.Send(&wire.Fail{Code: string(e.Code), Message: e.Message})
 }
 
 // rollbackStopped resumes a tree CRIU left stopped, after the destination
@@ -684,7 +714,7 @@ func (m *source) rollbackStopped(err error) {
 func (m *source) end() {
 	if m.released && m.tree == nil {
 		// CRIU left the tree stopped; resume it ourselves.
-		if tree, err := proc.OpenTree(m.p.proc.PID, m.p.proc.StartTime); err == nil {
+		if tree, err := proc.OpenTree(m.p.Proc.PID, m.p.Proc.StartTime); err == nil {
 			m.tree = tree
 		}
 	}
@@ -696,8 +726,8 @@ func (m *source) end() {
 	}
 	m.state = srcEnd
 	if m.rec.State != "" {
-		m.rec.State, m.rec.Error = stAborted, errString(m.failure)
-		if err := m.rec.save(m.p.dir); err != nil {
+		m.rec.State, m.rec.Error = store.Aborted, errString(m.failure)
+		if err := m.rec.Save(m.p.Dir); err != nil {
 			m.log.Error("cannot record the rollback", zap.Error(err))
 		}
 	}
@@ -705,10 +735,10 @@ func (m *source) end() {
 		e := api.AsError(m.failure)
 		if resumeErr != nil {
 			m.failure = api.Errorf(e.Code, "migration failed, and the process may still be stopped here (pid %d: %v); resume it with kill -CONT on it and its children: %s",
-				m.p.proc.PID, resumeErr, e.Message)
+				m.p.Proc.PID, resumeErr, e.Message)
 			return
 		}
-		m.failure = api.Errorf(e.Code, "migration failed; the process was resumed here (pid %d): %s", m.p.proc.PID, e.Message)
+		m.failure = api.Errorf(e.Code, "migration failed; the process was resumed here (pid %d): %s", m.p.Proc.PID, e.Message)
 		m.log.Info("rolled back: the process runs on the source")
 	}
 }
@@ -747,8 +777,8 @@ func errString(err error) string {
 func (m *source) finishCommitted() {
 	// Commit is recorded on the destination and the tree runs there: the
 	// stopped copy here must go.
-	m.rec.State = stCommitted
-	if err := m.rec.save(m.p.dir); err != nil {
+	m.rec.State = store.Committed
+	if err := m.rec.Save(m.p.Dir); err != nil {
 		// Not fatal: after a crash the record says commit-sent, and the
 		// destination will say it committed.
 		m.log.Error("cannot record the commit", zap.Error(err))
@@ -759,9 +789,9 @@ func (m *source) finishCommitted() {
 	if err := proc.WaitExited(m.tree, 5*time.Second); err != nil {
 		m.log.Error("source tree did not exit", zap.Error(err))
 	}
-	m.rpc.send(&wire.Done{})
+	m.rpc.Send(&wire.Done{})
 	m.rec.Done = true
-	if err := m.rec.save(m.p.dir); err != nil {
+	if err := m.rec.Save(m.p.Dir); err != nil {
 		m.log.Error("cannot record the end", zap.Error(err))
 	}
 	m.ph.enter("done")
@@ -787,8 +817,8 @@ func (m *source) cancel() error {
 }
 
 func (m *source) cleanup() {
-	m.progressTimer.cancel()
-	m.waiting.cancel()
+	m.progressTimer.Cancel()
+	m.waiting.Cancel()
 	m.hb.stop()
 	m.openGate()
 	if m.state != srcEnd {
@@ -802,12 +832,12 @@ func (m *source) cleanup() {
 		m.dump.stop()
 	}
 	if m.relay != nil {
-		m.relay.close()
+		m.relay.Close()
 	}
 	// Flush what we can (a final Done or Fail) without blocking.
-	m.rpc.flush()
-	m.rpc.close()
-	m.mem.close()
+	m.rpc.Flush()
+	m.rpc.Close()
+	m.mem.Close()
 	proc.CloseAll(m.tree)
 }
 
@@ -815,11 +845,11 @@ func (m *source) cleanup() {
 func (m *source) result() api.Result {
 	r := api.Result{
 		ID:        m.s.ID.String(),
-		SourcePID: m.p.proc.PID,
+		SourcePID: m.p.Proc.PID,
 		DestPID:   m.destPID,
-		Dest:      m.p.dest,
+		Dest:      m.p.Dest,
 		TotalMS:   time.Since(m.t0).Milliseconds(),
-		Bytes:     m.rpc.bytesOut + m.rpc.bytesIn + m.mem.bytesOut + m.mem.bytesIn,
+		Bytes:     m.rpc.BytesOut() + m.rpc.BytesIn() + m.mem.BytesOut() + m.mem.BytesIn(),
 		PhasesMS:  m.ph.took,
 		Mode:      m.mode,
 	}
@@ -842,7 +872,7 @@ func (m *source) result() api.Result {
 		}
 	}
 	if m.relay != nil {
-		r.PageBytes = m.relay.sent
+		r.PageBytes = m.relay.Sent()
 	}
 	if d := m.dumpStats; d != nil {
 		r.Dump = &api.DumpStats{
@@ -860,9 +890,23 @@ func (m *source) result() api.Result {
 	return r
 }
 
-func (m *source) outcome() (api.Result, error) {
-	if m.failure != nil && m.tCommitted.IsZero() {
-		return m.result(), m.failure
+func (m *source) outcome() End {
+	e := End{Result: m.result(), Record: *m.rec}
+	switch {
+	case !m.tCommitted.IsZero():
+		e.Outcome = api.OutcomeCommitted
+	case m.inDoubt || m.state == srcCommit:
+		// Asked, and not answered: only the destination can say.
+		e.Outcome, e.Err = api.OutcomeInDoubt, m.failure
+	default:
+		e.Outcome, e.Err = api.OutcomeRolledBack, m.failure
 	}
-	return m.result(), nil
+	return e
+}
+
+func (m *source) crash() {
+	m.gateLocks.Release()
+	m.gateLocks = nil
+	proc.CloseAll(m.tree)
+	m.tree = nil
 }

@@ -1,9 +1,9 @@
-package session
+package migrate
 
 import "testing"
 
 func TestCPUChecks(t *testing.T) {
-	c := newCPUChecks()
+	c := NewCPUChecks()
 	a, b := []byte("cpuinfo of host A"), []byte("cpuinfo of host B")
 	if _, ok := c.lookup(a); ok {
 		t.Fatal("an empty cache found a result")
@@ -15,7 +15,7 @@ func TestCPUChecks(t *testing.T) {
 	if _, ok := c.lookup(b); ok {
 		t.Fatal("another image found a's result")
 	}
-	var none *cpuChecks
+	var none *CPUChecks
 	none.remember(a, "ok")
 	if _, ok := none.lookup(a); ok {
 		t.Fatal("a nil cache remembers")

@@ -1,6 +1,10 @@
 //go:build linux
 
-package session
+// Package store keeps what a daemon must remember across a crash: one
+// record per session (where it is in the commit rule, written before each
+// step a restarting daemon must know about) and the history of finished
+// migrations.
+package store
 
 import (
 	"encoding/json"
@@ -12,31 +16,31 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// recordName is the file in a session's directory that says where the
+// RecordName is the file in a session's directory that says where the
 // session is in the commit rule, written before each step that a daemon
 // restarting after a crash must know about.
-const recordName = "session.json"
+const RecordName = "session.json"
 
 // Roles in records.
 const (
-	roleSource = "source"
-	roleDest   = "dest"
+	RoleSource = "source"
+	RoleDest   = "dest"
 )
 
 // Record states. A source goes dumping → commit-sent → committed, or to
 // aborted; a destination goes receiving → restored → committed, or to
 // aborted. Done marks a session both sides have finished with.
 const (
-	stDumping    = "dumping"
-	stCommitSent = "commit-sent"
-	stReceiving  = "receiving"
-	stRestored   = "restored"
-	stCommitted  = "committed"
-	stAborted    = "aborted"
+	Dumping    = "dumping"
+	CommitSent = "commit-sent"
+	Receiving  = "receiving"
+	Restored   = "restored"
+	Committed  = "committed"
+	Aborted    = "aborted"
 )
 
-// record is what a daemon keeps on disk about one session.
-type record struct {
+// Record is what a daemon keeps on disk about one session.
+type Record struct {
 	ID    string `json:"id"`
 	Role  string `json:"role"`
 	State string `json:"state"`
@@ -57,16 +61,16 @@ type record struct {
 	Updated time.Time `json:"updated"`
 }
 
-// terminal reports whether the record's session needs nothing more from
+// Terminal reports whether the record's session needs nothing more from
 // this daemon.
-func (r *record) terminal() bool {
-	return r.Done || r.State == stAborted
+func (r *Record) Terminal() bool {
+	return r.Done || r.State == Aborted
 }
 
-// save writes r to dir atomically and durably: a crash leaves either the
+// Save writes r to dir atomically and durably: a crash leaves either the
 // old record or the new one, never a torn one, and the new one survives a
 // power cut once save returns.
-func (r *record) save(dir string) error {
+func (r *Record) Save(dir string) error {
 	r.Updated = time.Now().UTC()
 	if r.Created.IsZero() {
 		r.Created = r.Updated
@@ -75,7 +79,7 @@ func (r *record) save(dir string) error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, recordName+".tmp")
+	tmp := filepath.Join(dir, RecordName+".tmp")
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return fmt.Errorf("write session record: %w", err)
@@ -91,7 +95,7 @@ func (r *record) save(dir string) error {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("write session record: %w", err)
 	}
-	if err := os.Rename(tmp, filepath.Join(dir, recordName)); err != nil {
+	if err := os.Rename(tmp, filepath.Join(dir, RecordName)); err != nil {
 		return fmt.Errorf("write session record: %w", err)
 	}
 	return syncDir(dir)
@@ -109,30 +113,30 @@ func syncDir(dir string) error {
 	return nil
 }
 
-// loadRecord reads the record in dir.
-func loadRecord(dir string) (*record, error) {
-	b, err := os.ReadFile(filepath.Join(dir, recordName))
+// Load reads the record in dir.
+func Load(dir string) (*Record, error) {
+	b, err := os.ReadFile(filepath.Join(dir, RecordName))
 	if err != nil {
 		return nil, err
 	}
-	r := &record{}
+	r := &Record{}
 	if err := json.Unmarshal(b, r); err != nil {
-		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, recordName), err)
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, RecordName), err)
 	}
 	return r, nil
 }
 
-// removeImages deletes a session's image files, keeping its record and
+// RemoveImages deletes a session's image files, keeping its record and
 // logs: after a commit the images are no longer needed, but the record
 // must stay until the source has heard the outcome.
-func removeImages(dir string) error {
+func RemoveImages(dir string) error {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return err
 	}
 	for _, e := range ents {
 		n := e.Name()
-		if n == recordName || filepath.Ext(n) == ".log" {
+		if n == RecordName || filepath.Ext(n) == ".log" {
 			continue
 		}
 		if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {

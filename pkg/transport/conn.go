@@ -1,6 +1,6 @@
 //go:build linux
 
-package session
+package transport
 
 import (
 	"fmt"
@@ -12,48 +12,49 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/phaul/phaul/pkg/epoll"
+	"github.com/phaul/phaul/pkg/loop"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
 // Flow-control marks for queued outbound bytes: producers stop above
-// highWater and start again below lowWater.
+// HighWater and start again below LowWater.
 const (
-	highWater = 8 << 20
-	lowWater  = 2 << 20
+	HighWater = 8 << 20
+	LowWater  = 2 << 20
 )
 
 // readRounds bounds the reads one readiness event may do, so that one busy
 // socket cannot starve the others of a session's loop.
 const readRounds = 16
 
-// conn is one connection of a migration (rpc or mem), owned by a session's
-// loop: a link (socket, TLS) with a frame decoder on the way in and a queue
+// Conn is one connection of a migration (rpc or mem), owned by a session's
+// loop: a Link (socket, TLS) with a frame decoder on the way in and a queue
 // on the way out.
-type conn struct {
+type Conn struct {
 	name string
-	link *link
-	l    *loop
+	link *Link
+	l    *loop.Loop
 	dec  *wire.Decoder
 
 	paused  bool // reading stopped for flow control
 	eof     bool // the peer closed its side
 	closed  bool
 	failure error
-	again   *timer // a read cut short, to resume
+	again   *loop.Timer // a read cut short, to resume
 
 	lastRecv time.Time
 	bytesIn  int64
 	bytesOut int64
 
-	// onMessage handles each decoded message; an error closes the conn.
+	// OnMessage handles each decoded message; an error closes the conn.
 	// The message may alias the decoder's buffer: copy what must outlive
 	// the call.
-	onMessage func(wire.Message) error
-	// onClose runs once when the conn fails or the peer closes it: err
+	OnMessage func(wire.Message) error
+	// OnClose runs once when the conn fails or the peer closes it: err
 	// is io.EOF for an orderly close.
-	onClose func(err error)
-	// onDrain, if set, runs when queued bytes fall below lowWater.
-	onDrain func()
+	OnClose func(err error)
+	// OnDrain, if set, runs when queued bytes fall below LowWater.
+	OnDrain func()
 }
 
 // detach takes the socket out of a net.Conn: it duplicates the descriptor
@@ -90,39 +91,40 @@ func detach(c net.Conn) (int, error) {
 	return fd, nil
 }
 
-// newConn registers lk with the loop. ch says which messages may arrive.
-func newConn(l *loop, name string, lk *link, ch wire.Channel, bufSize int) (*conn, error) {
+// NewConn registers lk with the loop. ch says which messages may arrive.
+func NewConn(l *loop.Loop, name string, lk *Link, ch wire.Channel, bufSize int) (*Conn, error) {
 	lk.enterLoop()
-	c := &conn{name: name, link: lk, l: l, dec: wire.NewDecoder(ch, bufSize), lastRecv: time.Now()}
-	if err := l.watch(lk.fd(), epoll.In|epoll.RDHup, c.handle); err != nil {
+	c := &Conn{name: name, link: lk, l: l, dec: wire.NewDecoder(ch, bufSize), lastRecv: time.Now()}
+	if err := l.Watch(lk.Fd(), epoll.In|epoll.RDHup, c.handle); err != nil {
 		return nil, err
 	}
 	return c, nil
 }
 
-func (c *conn) handle(events uint32) {
+func (c *Conn) handle(events uint32) {
 	if c.closed {
 		return
 	}
 	if events&(epoll.In|epoll.Hup|epoll.Err|epoll.RDHup) != 0 && !c.paused && !c.eof {
-		c.read()
+		c.Read()
 	}
 	if c.closed {
 		return
 	}
 	if events&epoll.Out != 0 || (events&epoll.Err != 0 && c.link.queued() > 0) {
-		c.flush()
+		c.Flush()
 	}
 }
 
-func (c *conn) read() {
-	c.again.cancel()
+// Read reads and handles what has arrived, as a readiness event would.
+func (c *Conn) Read() {
+	c.again.Cancel()
 	for round := 0; !c.paused && !c.closed; round++ {
 		if round == readRounds {
 			// Fair to the loop's other sockets: go on next round. A TLS
 			// link may hold whole records the socket no longer signals,
 			// so this cannot wait for epoll.
-			c.again = c.l.after(0, c.read)
+			c.again = c.l.After(0, c.Read)
 			return
 		}
 		n, err := c.link.read(c.dec.Space())
@@ -155,7 +157,7 @@ func (c *conn) read() {
 			if m == nil {
 				break
 			}
-			if err := c.onMessage(m); err != nil {
+			if err := c.OnMessage(m); err != nil {
 				c.fail(err)
 				return
 			}
@@ -163,19 +165,19 @@ func (c *conn) read() {
 	}
 }
 
-// send queues m and tries to write it at once.
-func (c *conn) send(m wire.Message) error {
+// Send queues m and tries to write it at once.
+func (c *Conn) Send(m wire.Message) error {
 	b, err := wire.Marshal(m)
 	if err != nil {
 		return err
 	}
-	c.queue(b)
+	c.Queue(b)
 	return nil
 }
 
-// queue queues an encoded frame (or part of one) and tries to write it.
+// Queue queues an encoded frame (or part of one) and tries to write it.
 // The conn owns b from now on.
-func (c *conn) queue(b []byte) {
+func (c *Conn) Queue(b []byte) {
 	if c.closed || len(b) == 0 {
 		return
 	}
@@ -184,13 +186,14 @@ func (c *conn) queue(b []byte) {
 		return
 	}
 	c.bytesOut += int64(len(b))
-	c.flush()
+	c.Flush()
 }
 
 // maxIovecs bounds one writev.
 const maxIovecs = 64
 
-func (c *conn) flush() {
+// Flush writes what is queued, as much as the socket takes now.
+func (c *Conn) Flush() {
 	if c.closed {
 		return
 	}
@@ -199,21 +202,21 @@ func (c *conn) flush() {
 		return
 	}
 	c.update()
-	if c.link.queued() < lowWater && c.onDrain != nil && !c.closed {
-		c.onDrain()
+	if c.link.queued() < LowWater && c.OnDrain != nil && !c.closed {
+		c.OnDrain()
 	}
 }
 
-// outLen is how many bytes wait to be written.
-func (c *conn) outLen() int {
+// OutLen is how many bytes wait to be written.
+func (c *Conn) OutLen() int {
 	if c.closed {
 		return 0
 	}
 	return c.link.queued()
 }
 
-// pause stops or restarts reading (flow control).
-func (c *conn) pause(p bool) {
+// Pause stops or restarts reading (flow control).
+func (c *Conn) Pause(p bool) {
 	if c.paused == p || c.closed {
 		return
 	}
@@ -231,18 +234,18 @@ func (c *conn) pause(p bool) {
 			if m == nil {
 				break
 			}
-			if err := c.onMessage(m); err != nil {
+			if err := c.OnMessage(m); err != nil {
 				c.fail(err)
 				return
 			}
 		}
 		if !c.closed && !c.paused {
-			c.read()
+			c.Read()
 		}
 	}
 }
 
-func (c *conn) update() {
+func (c *Conn) update() {
 	if c.closed {
 		return
 	}
@@ -253,32 +256,56 @@ func (c *conn) update() {
 	if c.link.queued() > 0 {
 		ev |= epoll.Out
 	}
-	c.l.setEvents(c.link.fd(), ev)
+	c.l.SetEvents(c.link.Fd(), ev)
 }
 
-// flushed reports whether everything queued has been written.
-func (c *conn) flushed() bool { return c.outLen() == 0 }
+// Flushed reports whether everything queued has been written.
+func (c *Conn) Flushed() bool { return c.OutLen() == 0 }
 
 // fail closes the conn and reports err (io.EOF for an orderly close) to
-// onClose, once.
-func (c *conn) fail(err error) {
+// OnClose, once.
+func (c *Conn) fail(err error) {
 	if c.closed {
 		return
 	}
 	c.failure = err
-	c.close()
-	if c.onClose != nil {
-		c.onClose(err)
+	c.Close()
+	if c.OnClose != nil {
+		c.OnClose(err)
 	}
 }
 
-// close closes the socket without reporting. Unsent data is dropped.
-func (c *conn) close() {
+// Close closes the socket without reporting. Unsent data is dropped.
+func (c *Conn) Close() {
 	if c.closed {
 		return
 	}
 	c.closed = true
-	c.again.cancel()
-	c.l.unwatch(c.link.fd())
-	c.link.close()
+	c.again.Cancel()
+	c.l.Unwatch(c.link.Fd())
+	c.link.Close()
+}
+
+// Closed reports whether the conn is closed.
+func (c *Conn) Closed() bool { return c.closed }
+
+// Link is the conn's link.
+func (c *Conn) Link() *Link { return c.link }
+
+// LastRecv is when bytes last arrived.
+func (c *Conn) LastRecv() time.Time { return c.lastRecv }
+
+// BytesIn and BytesOut count what crossed the connection.
+func (c *Conn) BytesIn() int64  { return c.bytesIn }
+func (c *Conn) BytesOut() int64 { return c.bytesOut }
+
+// Pending reports whether bytes (or a hang-up) wait to be read that the
+// loop has not read yet.
+func (c *Conn) Pending() bool {
+	if c.closed {
+		return false
+	}
+	fds := []unix.PollFd{{Fd: int32(c.link.Fd()), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0
 }

@@ -1,6 +1,6 @@
 //go:build linux
 
-package session
+package store
 
 import (
 	"bufio"
@@ -18,20 +18,21 @@ import (
 // back to that many when it holds twice as many lines.
 const historyKeep = 1000
 
-// history is the log of finished migrations, STATE/history.jsonl: one
+// History is the log of finished migrations, STATE/history.jsonl: one
 // JSON object per line, appended as each migration ends. A later line for
 // the same session (an in-doubt one settled) supersedes the earlier. It
 // survives restarts; a host crash may lose the newest lines, which only
 // the log is about.
-type history struct {
+type History struct {
 	path string
 
 	mu    sync.Mutex
 	lines int
 }
 
-func openHistory(stateDir string) (*history, error) {
-	h := &history{path: filepath.Join(stateDir, "history.jsonl")}
+// OpenHistory opens STATEDIR/history.jsonl, creating it at the first Add.
+func OpenHistory(stateDir string) (*History, error) {
+	h := &History{path: filepath.Join(stateDir, "history.jsonl")}
 	entries, err := h.read()
 	if err != nil {
 		return nil, err
@@ -45,8 +46,8 @@ func openHistory(stateDir string) (*history, error) {
 	return h, nil
 }
 
-// add appends e.
-func (h *history) add(e api.HistoryEntry) error {
+// Add appends e.
+func (h *History) Add(e api.HistoryEntry) error {
 	b, err := json.Marshal(e)
 	if err != nil {
 		return err
@@ -73,9 +74,9 @@ func (h *history) add(e api.HistoryEntry) error {
 	return nil
 }
 
-// list returns the newest limit migrations (all it keeps, the newest
+// List returns the newest limit migrations (all it keeps, the newest
 // historyKeep, if limit <= 0 or more), newest first, one per session.
-func (h *history) list(limit int) ([]api.HistoryEntry, error) {
+func (h *History) List(limit int) ([]api.HistoryEntry, error) {
 	if limit <= 0 || limit > historyKeep {
 		limit = historyKeep
 	}
@@ -101,7 +102,7 @@ func (h *history) list(limit int) ([]api.HistoryEntry, error) {
 
 // read returns every entry in the file, oldest first. Lines that do not
 // parse (a torn last line after a crash) are skipped.
-func (h *history) read() ([]api.HistoryEntry, error) {
+func (h *History) read() ([]api.HistoryEntry, error) {
 	f, err := os.Open(h.path)
 	if os.IsNotExist(err) {
 		return nil, nil
@@ -127,7 +128,7 @@ func (h *history) read() ([]api.HistoryEntry, error) {
 
 // rewrite replaces the file with entries, atomically. Called with mu held
 // (or before h is shared).
-func (h *history) rewrite(entries []api.HistoryEntry) error {
+func (h *History) rewrite(entries []api.HistoryEntry) error {
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	for _, e := range entries {

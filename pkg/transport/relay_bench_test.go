@@ -1,6 +1,6 @@
 //go:build linux
 
-package session
+package transport
 
 import (
 	"context"
@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/loop"
 	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/wire"
@@ -207,19 +208,19 @@ func streamOnce(b *testing.B, cc *criu.Client, pid int, useRelay bool, tlsID *pk
 				s()
 			}
 		}()
-		cl, err := newLink(client)
+		cl, err := NewLink(client)
 		if err != nil {
 			return 0, err
 		}
-		sl, err := newLink(server)
+		sl, err := NewLink(server)
 		if err != nil {
 			return 0, err
 		}
 		if tlsID != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			done := make(chan error, 1)
-			go func() { done <- sl.serverTLS(ctx, tlsID.ServerConfig()) }()
-			err := cl.clientTLS(ctx, tlsID.ClientConfig("127.0.0.2"))
+			go func() { done <- sl.ServerTLS(ctx, tlsID.ServerConfig()) }()
+			err := cl.ClientTLS(ctx, tlsID.ClientConfig("127.0.0.2"))
 			if serr := <-done; err == nil {
 				err = serr
 			}
@@ -229,14 +230,14 @@ func streamOnce(b *testing.B, cc *criu.Client, pid int, useRelay bool, tlsID *pk
 			}
 		}
 		for _, side := range []struct {
-			lk   *link
+			lk   *Link
 			file **os.File
 		}{{cl, &dumpEnd}, {sl, &psEnd}} {
-			l, err := newLoop()
+			l, err := loop.New()
 			if err != nil {
 				return 0, err
 			}
-			mem, err := newConn(l, "mem", side.lk, wire.Mem, 4<<20)
+			mem, err := NewConn(l, "mem", side.lk, wire.Mem, 4<<20)
 			if err != nil {
 				return 0, err
 			}
@@ -248,7 +249,7 @@ func streamOnce(b *testing.B, cc *criu.Client, pid int, useRelay bool, tlsID *pk
 			if err != nil {
 				return 0, err
 			}
-			mem.onMessage = r.fromPeer
+			mem.OnMessage = r.FromPeer
 			*side.file = theirs
 			stops = append(stops, runLoopFor(b, l, r, mem))
 		}
@@ -315,7 +316,7 @@ func streamOnce(b *testing.B, cc *criu.Client, pid int, useRelay bool, tlsID *pk
 }
 
 // runLoopFor runs l until the relay has ended, then releases everything.
-func runLoopFor(b *testing.B, l *loop, r *relay, mem *conn) func() {
+func runLoopFor(b *testing.B, l *loop.Loop, r *Relay, mem *Conn) func() {
 	done := make(chan struct{})
 	stop := make(chan struct{})
 	go func() {
@@ -326,7 +327,7 @@ func runLoopFor(b *testing.B, l *loop, r *relay, mem *conn) func() {
 				return
 			default:
 			}
-			if _, err := l.runOnce(); err != nil {
+			if _, err := l.RunOnce(); err != nil {
 				b.Error(err)
 				return
 			}
@@ -334,10 +335,10 @@ func runLoopFor(b *testing.B, l *loop, r *relay, mem *conn) func() {
 	}()
 	return func() {
 		close(stop)
-		l.wake()
+		l.Wake()
 		<-done
-		r.close()
-		mem.close()
-		l.close()
+		r.Close()
+		mem.Close()
+		l.Close()
 	}
 }

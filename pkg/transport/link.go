@@ -1,6 +1,12 @@
 //go:build linux
 
-package session
+// Package transport carries a migration's bytes: a Link is one TCP
+// connection (mutual TLS unless the daemons run --insecure) taken out of Go's
+// net package so a session loop alone owns it; a Conn frames messages on a
+// Link with flow control; a Relay carries CRIU's page-server stream between a
+// local socket CRIU holds and the mem connection. Everything here runs on a
+// session's loop (pkg/loop) and never blocks it.
+package transport
 
 import (
 	"context"
@@ -15,12 +21,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// link is one connection of a migration as its session loop drives it: a
+// Link is one connection of a migration as its session loop drives it: a
 // non-blocking socket, and the TLS session on it unless the daemons run
 // with --insecure. Before it joins a loop (handshakes) it is used blocking,
 // with deadlines; in the loop it never blocks: reads return
 // errWouldBlock, writes are queued and flushed when the socket takes them.
-type link struct {
+type Link struct {
 	fc  *fdConn
 	tls *tls.Conn // nil on a plain link
 }
@@ -36,30 +42,30 @@ func (wouldBlock) Error() string   { return "would block" }
 func (wouldBlock) Timeout() bool   { return true }
 func (wouldBlock) Temporary() bool { return true }
 
-// newLink takes the socket out of c (see detach) and wraps it.
-func newLink(c net.Conn) (*link, error) {
+// NewLink takes the socket out of c (see detach) and wraps it.
+func NewLink(c net.Conn) (*Link, error) {
 	local, remote := c.LocalAddr(), c.RemoteAddr()
 	fd, err := detach(c)
 	if err != nil {
 		return nil, err
 	}
-	return &link{fc: &fdConn{fd: fd, local: local, remote: remote}}, nil
+	return &Link{fc: &fdConn{fd: fd, local: local, remote: remote}}, nil
 }
 
-// serverTLS runs the server side of a TLS handshake on l, blocking until
+// ServerTLS runs the server side of a TLS handshake on l, blocking until
 // ctx ends.
-func (l *link) serverTLS(ctx context.Context, cfg *tls.Config) error {
+func (l *Link) ServerTLS(ctx context.Context, cfg *tls.Config) error {
 	l.tls = tls.Server(l.fc, cfg)
 	return l.handshakeTLS(ctx)
 }
 
-// clientTLS runs the client side of a TLS handshake on l.
-func (l *link) clientTLS(ctx context.Context, cfg *tls.Config) error {
+// ClientTLS runs the client side of a TLS handshake on l.
+func (l *Link) ClientTLS(ctx context.Context, cfg *tls.Config) error {
 	l.tls = tls.Client(l.fc, cfg)
 	return l.handshakeTLS(ctx)
 }
 
-func (l *link) handshakeTLS(ctx context.Context) error {
+func (l *Link) handshakeTLS(ctx context.Context) error {
 	if d, ok := ctx.Deadline(); ok {
 		l.fc.SetDeadline(d)
 		defer l.fc.SetDeadline(time.Time{})
@@ -67,19 +73,20 @@ func (l *link) handshakeTLS(ctx context.Context) error {
 	return l.tls.HandshakeContext(ctx)
 }
 
-// stream is l as a blocking byte stream, for the handshakes.
-func (l *link) stream() io.ReadWriter {
+// Stream is l as a blocking byte stream, for the handshakes.
+func (l *Link) Stream() io.ReadWriter {
 	if l.tls != nil {
 		return l.tls
 	}
 	return l.fc
 }
 
-// setDeadline bounds blocking reads and writes.
-func (l *link) setDeadline(t time.Time) { l.fc.SetDeadline(t) }
+// SetDeadline bounds blocking reads and writes.
+func (l *Link) SetDeadline(t time.Time) { l.fc.SetDeadline(t) }
 
-// peerCert is the peer's verified certificate's first name, for logs.
-func (l *link) peerName() string {
+// PeerName is the first name of the peer's verified certificate, for
+// logs ("" on a plain link).
+func (l *Link) PeerName() string {
 	if l.tls == nil {
 		return ""
 	}
@@ -91,13 +98,16 @@ func (l *link) peerName() string {
 }
 
 // enterLoop switches l to loop mode: non-blocking from now on.
-func (l *link) enterLoop() { l.fc.loop = true }
+func (l *Link) enterLoop() { l.fc.loop = true }
 
-func (l *link) fd() int              { return l.fc.fd }
-func (l *link) remoteAddr() net.Addr { return l.fc.remote }
+// Fd is the socket's descriptor.
+func (l *Link) Fd() int { return l.fc.fd }
+
+// RemoteAddr is the peer's address.
+func (l *Link) RemoteAddr() net.Addr { return l.fc.remote }
 
 // read reads what is available now into p, or returns errWouldBlock.
-func (l *link) read(p []byte) (int, error) {
+func (l *Link) read(p []byte) (int, error) {
 	if l.tls != nil {
 		return l.tls.Read(p)
 	}
@@ -106,7 +116,7 @@ func (l *link) read(p []byte) (int, error) {
 
 // send queues b to be sent; the link owns b from now on (a plain link
 // sends it as is, without a copy).
-func (l *link) send(b []byte) error {
+func (l *Link) send(b []byte) error {
 	if l.tls != nil {
 		_, err := l.tls.Write(b)
 		return err
@@ -117,20 +127,20 @@ func (l *link) send(b []byte) error {
 
 // copies reports whether send copies what it is given (TLS encrypts it
 // into its own buffers): the caller may then reuse its buffer.
-func (l *link) copies() bool { return l.tls != nil }
+func (l *Link) copies() bool { return l.tls != nil }
 
 // flush writes what is queued, as much as the socket takes now.
-func (l *link) flush() error { return l.fc.flush() }
+func (l *Link) flush() error { return l.fc.flush() }
 
 // queued is how many bytes wait to be written to the socket.
-func (l *link) queued() int { return l.fc.outLen }
+func (l *Link) queued() int { return l.fc.outLen }
 
-// close closes the socket. What is still queued is lost.
-func (l *link) close() { l.fc.Close() }
+// Close closes the socket. What is still queued is lost.
+func (l *Link) Close() { l.fc.Close() }
 
-// shutdown shuts the socket down both ways, waking whoever blocks on it,
+// Shutdown shuts the socket down both ways, waking whoever blocks on it,
 // without closing the descriptor (its owner does).
-func (l *link) shutdown() { unix.Shutdown(l.fc.fd, unix.SHUT_RDWR) }
+func (l *Link) Shutdown() { unix.Shutdown(l.fc.fd, unix.SHUT_RDWR) }
 
 // fdConn is a net.Conn on a non-blocking socket the session owns, so that
 // crypto/tls can run on it: blocking (with deadlines, by poll) while the
@@ -337,11 +347,20 @@ func (c *fdConn) SetDeadline(t time.Time) error {
 func (c *fdConn) SetReadDeadline(t time.Time) error  { c.rdDeadline = t; return nil }
 func (c *fdConn) SetWriteDeadline(t time.Time) error { c.wrDeadline = t; return nil }
 
-// tlsError explains a failed TLS handshake in an operator's terms.
-func tlsError(err error) error {
+// TLSError explains a failed TLS handshake in an operator's terms.
+func TLSError(err error) error {
 	var rec tls.RecordHeaderError
 	if errors.As(err, &rec) {
 		return fmt.Errorf("TLS handshake failed: the peer does not speak TLS (a daemon running with --insecure?): %w", err)
 	}
 	return fmt.Errorf("TLS handshake failed: %w", err)
+}
+
+// TLSVersion is the negotiated TLS version (tls.VersionTLS13, ...), or 0
+// on a plain link.
+func (l *Link) TLSVersion() uint16 {
+	if l.tls == nil {
+		return 0
+	}
+	return l.tls.ConnectionState().Version
 }
