@@ -26,6 +26,22 @@ process runs on the destination; it then prints the pid it has there.
 Until the destination has restored the process and committed, the process
 stays on this host, frozen; any failure resumes it here.
 
+A process (and every process of its tree) is part of one migration at a
+time: a second migrate of it is refused at once, naming the migration that
+holds it, until that one has ended (in doubt included).
+
+Exit status:
+  0  the process runs on the destination;
+  1  refused or failed before anything was touched (bad arguments, no such
+     process, checks, the destination unreachable), or phauld could not
+     be asked;
+  3  the migration failed and was rolled back: the process was seen
+     running here again;
+  4  in doubt: the destination was lost after the commit was asked, or the
+     process was not seen running here after a rollback. It is held
+     stopped here until the destination answers; 'phaulctl list' shows
+     it, and 'phaulctl resolve' settles it when the destination cannot.
+
 --mode picks how memory moves:
   copy     all memory moves while the process is frozen;
   lazy     post-copy: the process resumes on the destination before its
@@ -63,7 +79,7 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 			})
 			prog.done()
 			if err != nil {
-				return err
+				return migrateExit(err)
 			}
 			if c.json {
 				return c.printJSON(res)
@@ -232,7 +248,10 @@ func newList(c *cli) *cobra.Command {
 its direction (out: leaving this host; in: arriving), the process's pid on
 the source, the other daemon, the phase, the bytes moved and its age.
 A session "in-doubt" asked the destination to commit and lost it before
-the answer: its process is held stopped here until the destination says.`,
+the answer: its process is held stopped here until the destination says;
+a line under the table says what it waits for, and when the destination
+cannot say (it has no record of the session), how an operator settles it
+(phaulctl resolve).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			list, err := c.client().Sessions(cmd.Context())
@@ -275,6 +294,54 @@ destination decides.`,
 	return cmd
 }
 
+func newResolve(c *cli) *cobra.Command {
+	var resume, kill bool
+	cmd := &cobra.Command{
+		Use:   "resolve ID --resume|--kill",
+		Short: "Settle a migration in doubt that the destination cannot settle",
+		Long: `Resolve settles the migration in doubt whose session id starts with ID (at
+least 4 hex digits; 'phaulctl list' shows it, phase in-doubt): its source
+asked the destination to commit and lost it before the answer, and the
+destination cannot say how it ended (it has no record of the session, or
+cannot be reached). The process is held stopped on this host meanwhile.
+
+First find out whether the process runs on the destination. Then:
+  --kill    it does: kill the stopped copy here;
+  --resume  it does not: resume the copy here.
+The wrong choice leaves two copies running (--resume while it runs there)
+or none (--kill while it does not). Resolve asks the destination once more
+first; if it can be reached and answers, its answer settles the migration
+and resolve is refused, saying what it answered. Only root may resolve.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if resume == kill {
+				return fmt.Errorf("give exactly one of --resume (the process does not run on the destination) or --kill (it does)")
+			}
+			action := "resume"
+			if kill {
+				action = "kill"
+			}
+			s, err := c.client().Resolve(cmd.Context(), args[0], action)
+			if err != nil {
+				return err
+			}
+			if c.json {
+				return c.printJSON(s)
+			}
+			if kill {
+				fmt.Fprintf(c.stdout, "settled session %s: the stopped copy here (pid %d) was killed\n", s.ID, s.PID)
+			} else {
+				fmt.Fprintf(c.stdout, "settled session %s: the process runs here again (pid %d)\n", s.ID, s.PID)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&resume, "resume", false, "resume the copy held stopped here: the process does not run on the destination")
+	cmd.Flags().BoolVar(&kill, "kill", false, "kill the copy held stopped here: the process runs on the destination")
+	cmd.Flags().BoolVar(&c.json, "json", false, "print the settled session as JSON")
+	return cmd
+}
+
 func (c *cli) printSessions(list []api.Session) error {
 	if len(list) == 0 {
 		fmt.Fprintln(c.stdout, "no migrations in progress")
@@ -282,11 +349,21 @@ func (c *cli) printSessions(list []api.Session) error {
 	}
 	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "SESSION\tDIR\tPID\tPEER\tPHASE\tBYTES\tAGE")
+	var notes []string
 	for _, s := range list {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.ID, s.Direction, s.PID, s.Peer, s.Phase,
 			bytesHuman(s.Bytes), (time.Duration(s.AgeMS) * time.Millisecond).Round(100*time.Millisecond))
+		if s.Note != "" {
+			notes = append(notes, fmt.Sprintf("%s: %s", s.ID[:min(8, len(s.ID))], s.Note))
+		}
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, n := range notes {
+		fmt.Fprintln(c.stdout, n)
+	}
+	return nil
 }
 
 func ms(v int64) string {

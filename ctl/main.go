@@ -48,7 +48,45 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	c.report(err)
+	var ee *exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
 	return 1
+}
+
+// Exit codes of phaulctl migrate besides 0 (the process runs on the
+// destination) and 1 (refused, or any other failure: nothing was touched,
+// or the daemon could not be asked). packaging/man/phaulctl.1 lists them.
+const (
+	// exitRolledBack: the migration failed and was rolled back; the
+	// process was seen running here again.
+	exitRolledBack = 3
+	// exitInDoubt: the outcome is not known (the destination was lost
+	// after the commit was asked), or the process was not seen running
+	// here after a rollback: it is held stopped here until settled
+	// (phaulctl list, phaulctl resolve).
+	exitInDoubt = 4
+)
+
+// exitError is an error with its own exit code.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+// migrateExit gives a failed migration its exit code, by what it left.
+func migrateExit(err error) error {
+	switch api.CodeOf(err) {
+	case api.CodeAborted, api.CodeCanceled:
+		return &exitError{code: exitRolledBack, err: err}
+	case api.CodeInDoubt:
+		return &exitError{code: exitInDoubt, err: err}
+	}
+	return err
 }
 
 func newRoot(c *cli) *cobra.Command {
@@ -66,7 +104,7 @@ Set up phauld on both hosts first: systemctl enable --now phauld.socket`,
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().StringVar(&c.socket, "socket", api.DefaultSocket, "phauld's control socket")
-	root.AddCommand(newMigrate(c), newStatus(c), newList(c), newHistory(c), newCancel(c), newPKI(c))
+	root.AddCommand(newMigrate(c), newStatus(c), newList(c), newHistory(c), newCancel(c), newResolve(c), newPKI(c))
 	return root
 }
 

@@ -6,19 +6,14 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"os/signal"
-	"os/user"
-	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -28,6 +23,7 @@ import (
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/control"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/guard"
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/netlock"
@@ -35,10 +31,13 @@ import (
 	"github.com/phaul/phaul/pkg/session"
 	"github.com/phaul/phaul/pkg/systemd"
 	"github.com/phaul/phaul/pkg/version"
-	"github.com/phaul/phaul/pkg/wire"
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == guard.Command {
+		// phauld re-executed as a restored copy's guard (pkg/guard).
+		os.Exit(guard.Main(os.Args[2:]))
+	}
 	if err := run(context.Background(), os.Args[1:], os.Stderr); err != nil {
 		if !errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(os.Stderr, "phauld:", err)
@@ -183,19 +182,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		zap.Bool("mem_track", info.Features.MemTrack), zap.Bool("lazy_pages", info.Features.LazyPages),
 		zap.Bool("cpuinfo", info.CPUInfo != nil))
 
-	// Lazy dumps keep pages in pipes larger than the kernel's default
-	// limit allows.
-	pipeBlock := ""
-	if was, err := criu.EnsurePipeMaxSize(criu.LazyPipeSize); err != nil {
-		pipeBlock = fmt.Sprintf("fs.pipe-max-size is below the %d bytes lazy dumps need, and phauld could not raise it (%v): run 'sysctl -w fs.pipe-max-size=%d'",
-			criu.LazyPipeSize, err, criu.LazyPipeSize)
-		log.Warn("lazy migrations from this host are off", zap.Error(err))
-	} else if was < criu.LazyPipeSize {
-		log.Info("raised fs.pipe-max-size for CRIU's lazy pages", zap.Int("was", was), zap.Int("now", criu.LazyPipeSize))
-	}
-	asSource, asDest := migrate.HostCapabilities(info.Features.MemTrack, info.Features.LazyPages, pipeBlock)
-	log.Info("migration modes", zap.Stringer("as_source", asSource), zap.Stringer("as_destination", asDest))
-
+	asSource, asDest := migrate.DetectModes(info, log)
 	tidy := func() {
 		removed, err := netlock.Clean(-1)
 		switch {
@@ -225,19 +212,22 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 		migLs = []net.Listener{l}
 	}
-	gid, err := ensureGroup(o.group)
+	gid, err := control.EnsureGroup(o.group)
 	if err != nil {
 		log.Error("control group unavailable: only root may use phauld", zap.String("group", o.group), zap.Error(err))
 		gid = -1
 	}
 	if ctlL == nil {
-		if ctlL, err = listenControl(o.control, gid); err != nil {
+		if ctlL, err = control.Listen(o.control, gid); err != nil {
 			closeAll(migLs)
 			return err
 		}
 	}
-	sec := loadSecurity(o, log)
+	sec := pki.LoadSecurity(o.tlsDir, o.insecure, log)
+	placer := systemd.NewPlacer()
+	defer placer.Close()
 
+	policy := control.Policy{GroupID: gid, Group: o.group}
 	mgr, err := session.NewManager(session.Config{
 		Log:         log.Named("session"),
 		CRIU:        migrate.FromClient(cc),
@@ -255,11 +245,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 				stopSignals()
 			}
 		},
-		Place:     placer(log),
-		ServerTLS: sec.server,
-		ClientTLS: sec.client,
+		Place:     scopes(placer, log),
+		Guard:     guards(log),
+		Authorize: policy.CanMigrateTree,
+		ServerTLS: sec.Server,
+		ClientTLS: sec.Client,
 		Insecure:  o.insecure,
-		Disabled:  sec.disabled,
+		Disabled:  sec.Disabled,
 	})
 	if err != nil {
 		closeAll(migLs)
@@ -274,11 +266,11 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("recover sessions: %w", err)
 	}
 	mgr.CleanOld(o.keepFailed)
-	svc := &service{mgr: mgr, info: info, modes: modeSupport(asSource, asDest), criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String(), sec: sec}
+	svc := &service{mgr: mgr, info: info, modes: migrate.ModeSupport(asSource, asDest), criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String(), sec: sec}
 	for _, l := range migLs {
 		svc.listen = append(svc.listen, l.Addr().String())
 	}
-	ctl := control.New(svc, control.Policy{GroupID: gid, Group: o.group}, log.Named("control"))
+	ctl := control.New(svc, policy, log.Named("control"))
 
 	// Daemon-level parts fail together: if a listener dies, phauld stops.
 	serveErr := make(chan error, len(migLs)+1)
@@ -289,23 +281,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	janitorDone := make(chan struct{})
 	go func() {
 		defer close(janitorDone)
-		t := time.NewTicker(time.Hour)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				mgr.CleanOld(o.keepFailed)
-				tidy()
-			}
-		}
+		mgr.Janitor(ctx, time.Hour, o.keepFailed, tidy)
 	}()
 
-	systemd.Notify("READY=1\nSTATUS=" + statusLine(svc.listen, nil))
+	systemd.Notify("READY=1\nSTATUS=" + systemd.StatusLine(svc.listen, nil))
 	// The service manager's view: STATUS kept current, WATCHDOG pinged
 	// while the manager answers.
-	go notifyLoop(ctx, mgr, svc.listen)
+	go systemd.KeepStatus(ctx, svc.listen, mgr.Sessions)
 	log.Info("phauld ready", zap.String("version", version.Version), zap.Strings("listen", svc.listen),
 		zap.String("control", svc.control), zap.String("state_dir", o.stateDir))
 
@@ -338,70 +320,16 @@ func closeAll(ls []net.Listener) {
 	}
 }
 
-// listenControl opens the control socket at path, replacing a stale socket
-// file left by a phauld that died, but never one in use. It is mode 0660,
-// owned by root and the control group (gid; -1: root's group).
-func listenControl(path string, gid int) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("control socket directory: %w", err)
-	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().Type() != os.ModeSocket {
-			return nil, fmt.Errorf("control socket %s exists and is not a socket; remove it", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("another phauld is serving %s; stop it first, or pass --control", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("remove stale control socket: %w", err)
-		}
-	}
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	if err := os.Chmod(path, 0o660); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	if gid >= 0 {
-		if err := os.Chown(path, 0, gid); err != nil {
-			l.Close()
-			return nil, fmt.Errorf("control socket: %w", err)
-		}
-	}
-	return l, nil
-}
-
-// ensureGroup returns the gid of group name, creating it (a system group)
-// if it does not exist.
-func ensureGroup(name string) (int, error) {
-	if g, err := user.LookupGroup(name); err == nil {
-		return strconv.Atoi(g.Gid)
-	}
-	if out, err := exec.Command("groupadd", "--system", name).CombinedOutput(); err != nil {
-		return -1, fmt.Errorf("groupadd --system %s: %v: %s", name, err, strings.TrimSpace(string(out)))
-	}
-	g, err := user.LookupGroup(name)
-	if err != nil {
-		return -1, err
-	}
-	return strconv.Atoi(g.Gid)
-}
-
-// placer moves a restored tree into a scope of its own when systemd
+// scopes moves a restored tree into a scope of its own when systemd
 // manages this host, so that stopping phauld's service never stops it.
 // Elsewhere the tree is not phauld's child anyway.
-func placer(log *zap.Logger) func(wire.SessionID, []int) error {
+func scopes(p *systemd.Placer, log *zap.Logger) func(ctx context.Context, id string, pids []int) error {
 	if !systemd.Booted() {
 		return nil
 	}
-	return func(id wire.SessionID, pids []int) error {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		name := "phaul-" + id.String() + ".scope"
-		if err := systemd.PlaceInScope(ctx, name, "process migrated by phaul, session "+id.String(), pids); err != nil {
+	return func(ctx context.Context, id string, pids []int) error {
+		name := "phaul-" + id + ".scope"
+		if err := p.Place(ctx, name, "process migrated by phaul, session "+id, pids); err != nil {
 			return err
 		}
 		log.Info("restored tree placed in its own scope", zap.String("scope", name), zap.String("slice", systemd.ScopeSlice))
@@ -409,160 +337,14 @@ func placer(log *zap.Logger) func(wire.SessionID, []int) error {
 	}
 }
 
-// modeSupport says, per mode, whether this host can run it on either
-// side: "" if it can, else why not.
-func modeSupport(asSource, asDest migrate.Capabilities) map[string]string {
-	out := map[string]string{}
-	for _, m := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
-		var why []string
-		if !asSource.Can(m) {
-			why = append(why, "as a source: "+asSource[m])
-		}
-		if !asDest.Can(m) {
-			why = append(why, "as a destination: "+asDest[m])
-		}
-		out[m] = strings.Join(why, "; ")
-	}
-	return out
-}
-
-// statusLine is what STATUS= says.
-func statusLine(listen []string, sessions []api.Session) string {
-	s := "serving migrations on " + strings.Join(listen, ", ")
-	if len(sessions) == 0 {
-		return s + "; idle"
-	}
-	var ids []string
-	for _, x := range sessions {
-		ids = append(ids, fmt.Sprintf("%s %s pid %d %s", x.ID[:8], x.Direction, x.PID, x.Phase))
-	}
-	return fmt.Sprintf("%s; %d migration(s): %s", s, len(sessions), strings.Join(ids, ", "))
-}
-
-// notifyLoop keeps STATUS= current and pings the watchdog at half its
-// interval, until ctx ends. STATUS= follows sessions and their phases
-// within a quarter second and is sent only when it changes. A ping
-// follows a call into the session manager, so a daemon whose manager hangs
-// stops pinging and systemd restarts it.
-func notifyLoop(ctx context.Context, mgr *session.Manager, listen []string) {
-	wd := systemd.WatchdogInterval()
-	tick := 250 * time.Millisecond
-	if wd > 0 && wd/2 < tick {
-		tick = wd / 2
-	}
-	t := time.NewTicker(tick)
-	defer t.Stop()
-	// READY=1 came with the idle line.
-	last, pinged := statusLine(listen, nil), time.Now()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		var msg []string
-		if line := statusLine(listen, mgr.Sessions()); line != last {
-			msg = append(msg, "STATUS="+line)
-			last = line
-		}
-		if wd > 0 && time.Since(pinged) >= wd/2-tick/2 {
-			msg = append(msg, "WATCHDOG=1")
-			pinged = time.Now()
-		}
-		if len(msg) > 0 {
-			systemd.Notify(strings.Join(msg, "\n"))
-		}
-	}
-}
-
-// security is how this daemon protects migrations.
-type security struct {
-	mode     string
-	server   *tls.Config
-	client   func(serverName string) *tls.Config
-	disabled error
-	id       *pki.Loaded
-}
-
-// loadSecurity reads the TLS identity, or takes --insecure. Without
-// either, migrations are disabled, and the error says what to run.
-func loadSecurity(o options, log *zap.Logger) security {
-	if o.insecure {
-		log.Warn("--insecure: migrations run over plain TCP, unauthenticated and unencrypted; use it only on a network you trust")
-		return security{mode: api.SecurityInsecure}
-	}
-	id, err := pki.Load(o.tlsDir)
+// guards starts restored copies' guards: phauld's own binary, re-executed.
+func guards(log *zap.Logger) func(dir string, pid int, start uint64) (migrate.Guard, error) {
+	exe, err := os.Executable()
 	if err != nil {
-		disabled := api.Errorf(api.CodePrecondition,
-			"this phauld serves no migrations: it has no usable TLS certificates in %s (%v). "+
-				"Make them: on one host run 'phaulctl pki init --dir %s'; for every other host run "+
-				"'phaulctl pki issue --dir %s --name HOST --out DIR' there and copy DIR to that host's %s; then restart phauld. "+
-				"Or run every phauld with --insecure, on a network you trust",
-			o.tlsDir, err, o.tlsDir, o.tlsDir, o.tlsDir)
-		log.Error("migrations disabled", zap.Error(disabled))
-		return security{mode: api.SecurityDisabled, disabled: disabled}
+		log.Warn("cannot find phauld's own binary: restored copies go unguarded until the commit", zap.Error(err))
+		return nil
 	}
-	log.Info("mutual TLS", zap.String("tls_dir", o.tlsDir), zap.Strings("names", id.Names()), zap.Time("expires", id.Leaf.NotAfter))
-	if left := time.Until(id.Leaf.NotAfter); left < 30*24*time.Hour {
-		log.Warn("this daemon's certificate expires soon; issue a new one", zap.Duration("left", left.Round(time.Hour)))
+	return func(dir string, pid int, start uint64) (migrate.Guard, error) {
+		return guard.Start(exe, dir, pid, start)
 	}
-	return security{mode: api.SecurityTLS, server: id.ServerConfig(), client: id.ClientConfig, id: id}
-}
-
-// service is the daemon as the control API sees it.
-type service struct {
-	sec      security
-	mgr      *session.Manager
-	info     criu.Info
-	criuPath string
-	stateDir string
-	control  string
-	listen   []string
-	modes    map[string]string
-}
-
-func (s *service) Status(context.Context) api.Status {
-	st := api.Status{
-		Version:  version.Version,
-		PID:      os.Getpid(),
-		Listen:   s.listen,
-		Control:  s.control,
-		StateDir: s.stateDir,
-		CRIU: api.CRIU{
-			Path:    s.criuPath,
-			Version: s.info.Version.String(),
-			Features: map[string]bool{
-				"mem_track":   s.info.Features.MemTrack,
-				"lazy_pages":  s.info.Features.LazyPages,
-				"pidfd_store": s.info.Features.PidfdStore,
-				"cpuinfo":     s.info.CPUInfo != nil,
-			},
-		},
-		Security: s.sec.mode,
-		Modes:    s.modes,
-		Sessions: s.mgr.Sessions(),
-	}
-	if s.sec.id != nil {
-		st.TLSNames = s.sec.id.Names()
-		exp := s.sec.id.Leaf.NotAfter
-		st.TLSExpires = &exp
-	}
-	if s.sec.disabled != nil {
-		st.Disabled = s.sec.disabled.Error()
-	}
-	return st
-}
-
-func (s *service) Sessions(context.Context) []api.Session { return s.mgr.Sessions() }
-
-func (s *service) History(_ context.Context, limit int) ([]api.HistoryEntry, error) {
-	return s.mgr.History(limit)
-}
-
-func (s *service) Migrate(ctx context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error) {
-	return s.mgr.Migrate(ctx, caller, req, progress)
-}
-
-func (s *service) Cancel(_ context.Context, _ api.Caller, id string) (api.Session, error) {
-	return s.mgr.Cancel(id)
 }

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/journal"
 )
 
@@ -38,20 +37,6 @@ func TestParseFlags(t *testing.T) {
 	o, err := parseFlags([]string{"--listen", "127.0.0.1:1", "--insecure"}, io.Discard)
 	if err != nil || o.listen != "127.0.0.1:1" || !o.insecure || o.tlsDir != "/etc/phauld/tls" {
 		t.Errorf("parseFlags = %+v, %v", o, err)
-	}
-}
-
-func TestStatusLine(t *testing.T) {
-	listen := []string{"[::]:12345"}
-	if got, want := statusLine(listen, nil), "serving migrations on [::]:12345; idle"; got != want {
-		t.Errorf("idle: %q, want %q", got, want)
-	}
-	got := statusLine(listen, []api.Session{
-		{ID: "0123456789abcdef0123456789abcdef", Direction: "out", PID: 42, Phase: "dump"},
-		{ID: "fedcba9876543210fedcba9876543210", Direction: "in", PID: 7, Phase: "restore"},
-	})
-	if want := "serving migrations on [::]:12345; 2 migration(s): 01234567 out pid 42 dump, fedcba98 in pid 7 restore"; got != want {
-		t.Errorf("busy: %q, want %q", got, want)
 	}
 }
 

@@ -209,6 +209,18 @@ type Session struct {
 	Bytes     int64     `json:"bytes"`
 	Started   time.Time `json:"started"`
 	AgeMS     int64     `json:"age_ms"`
+	// Note says what the session waits for, when that is not plain from
+	// its phase (a session in doubt: what an operator may do).
+	Note string `json:"note,omitempty"`
+}
+
+// ResolveRequest settles a migration in doubt that neither daemon can
+// settle (the destination has no record of it, or cannot be reached), as
+// an operator decides: Action "resume" resumes the process held stopped on
+// the source, "kill" kills it (because it runs on the destination). The
+// daemon refuses it while the destination can be reached and answers.
+type ResolveRequest struct {
+	Action string `json:"action"`
 }
 
 // CRIU describes the daemon's CRIU.
@@ -268,6 +280,10 @@ const (
 	// OutcomeInDoubt: the source lost the destination after asking the
 	// commit; a later entry settles it.
 	OutcomeInDoubt = "in-doubt"
+	// OutcomeKilled: in doubt, and the destination could not say whether
+	// it committed; an operator had the source's copy killed
+	// (phaulctl resolve --kill).
+	OutcomeKilled = "killed-by-operator"
 )
 
 // Security modes.

@@ -183,3 +183,18 @@ func (c *Client) Migrate(ctx context.Context, req api.MigrateRequest, onEvent fu
 	}
 	return api.Result{}, errors.New("phauld ended the response without a result: it may have stopped; check 'journalctl -u phauld'")
 }
+
+// Resolve settles the migration in doubt whose id starts with id, as an
+// operator decides: action is "resume" or "kill" (see api.ResolveRequest).
+func (c *Client) Resolve(ctx context.Context, id, action string) (api.Session, error) {
+	var s api.Session
+	resp, err := c.do(ctx, http.MethodPost, "/v1/sessions/"+url.PathEscape(id)+"/resolve", api.ResolveRequest{Action: action})
+	if err != nil {
+		return s, err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
+		return s, fmt.Errorf("decode session: %w", err)
+	}
+	return s, nil
+}

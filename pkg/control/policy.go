@@ -61,7 +61,9 @@ func (p Policy) CanUse(c api.Caller) error {
 }
 
 // CanMigrate allows root to migrate any process, and a member of the
-// control group to migrate a tree of processes that all belong to it.
+// control group to migrate a tree of processes that all belong to it. It
+// is the early answer the control API gives; the daemon asks
+// CanMigrateTree again on the identity it records.
 func (p Policy) CanMigrate(c api.Caller, pid int) error {
 	if err := p.CanUse(c); err != nil {
 		return err
@@ -69,10 +71,31 @@ func (p Policy) CanMigrate(c api.Caller, pid int) error {
 	if c.UID == 0 {
 		return nil
 	}
-	pids, err := proc.Tree(pid)
+	root, err := proc.Stat(pid)
 	if err != nil {
 		// Not found: let the daemon say so, with its own message.
 		return nil
+	}
+	pids, err := proc.Tree(pid)
+	if err != nil {
+		return nil
+	}
+	return p.CanMigrateTree(c, root, pids)
+}
+
+// CanMigrateTree is CanMigrate for the tree rooted at root (as it was
+// identified: pid and start time) whose processes are pids: a process
+// that is not root any more (its pid reused) is refused, so an answer
+// about one process is never taken for another.
+func (p Policy) CanMigrateTree(c api.Caller, root proc.Info, pids []int) error {
+	if err := p.CanUse(c); err != nil {
+		return err
+	}
+	if c.UID == 0 {
+		return nil
+	}
+	if cur, err := proc.Stat(root.PID); err != nil || cur.StartTime != root.StartTime {
+		return api.Errorf(api.CodeNotFound, "pid %d exited while it was checked", root.PID)
 	}
 	for _, q := range pids {
 		info, err := proc.Stat(q)

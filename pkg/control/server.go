@@ -31,6 +31,9 @@ type Service interface {
 	Sessions(ctx context.Context) []api.Session
 	Migrate(ctx context.Context, caller api.Caller, req api.MigrateRequest, progress func(api.Event)) (api.Result, error)
 	Cancel(ctx context.Context, caller api.Caller, id string) (api.Session, error)
+	// Resolve settles a migration in doubt as an operator decides
+	// (api.ResolveRequest).
+	Resolve(ctx context.Context, caller api.Caller, id, action string) (api.Session, error)
 	// History returns the newest limit finished migrations (all kept if
 	// limit <= 0), newest first.
 	History(ctx context.Context, limit int) ([]api.HistoryEntry, error)
@@ -54,6 +57,7 @@ func New(svc Service, policy Policy, log *zap.Logger) *Server {
 	mux.HandleFunc("POST /v1/migrate", s.migrate)
 	mux.HandleFunc("GET /v1/sessions", s.sessions)
 	mux.HandleFunc("POST /v1/sessions/{id}/cancel", s.cancel)
+	mux.HandleFunc("POST /v1/sessions/{id}/resolve", s.resolve)
 	mux.HandleFunc("GET /v1/history", s.history)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, api.Errorf(api.CodeNotFound, "no endpoint %s %s", r.Method, r.URL.Path))
@@ -167,6 +171,27 @@ func (s *Server) cancel(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sess, err := s.svc.Cancel(r.Context(), caller, id)
+	if err != nil {
+		writeError(w, httpStatus(err), err)
+		return
+	}
+	writeJSON(w, http.StatusOK, sess)
+}
+
+// resolve is root's only: it decides the fate of a process the daemons
+// could not settle, without them.
+func (s *Server) resolve(w http.ResponseWriter, r *http.Request) {
+	caller := CallerFrom(r.Context())
+	if caller.UID != 0 {
+		s.refuse(w, r, api.Errorf(api.CodePermission, "only root may settle a migration in doubt"))
+		return
+	}
+	var req api.ResolveRequest
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	sess, err := s.svc.Resolve(r.Context(), caller, r.PathValue("id"), req.Action)
 	if err != nil {
 		writeError(w, httpStatus(err), err)
 		return

@@ -39,6 +39,11 @@ func (f *fakeService) Cancel(_ context.Context, _ api.Caller, id string) (api.Se
 	return api.Session{ID: "abcd1234"}, nil
 }
 
+func (f *fakeService) Resolve(_ context.Context, caller api.Caller, id, action string) (api.Session, error) {
+	f.caller = caller
+	return api.Session{ID: id, Phase: action}, nil
+}
+
 func (f *fakeService) History(_ context.Context, limit int) ([]api.HistoryEntry, error) {
 	all := []api.HistoryEntry{{ID: "s2", Outcome: api.OutcomeCommitted}, {ID: "s1", Outcome: api.OutcomeRolledBack}}
 	if limit > 0 && limit < len(all) {

@@ -51,6 +51,9 @@ type Options struct {
 	// daemon until that one closes; a restore leaves it to the lazy-pages
 	// daemon running in ImagesDir (see StartLazyPages).
 	LazyPages bool
+	// GhostLimit is the largest deleted file (by allocated size) a dump
+	// carries in its images; 0 is CRIU's default, 1 MiB.
+	GhostLimit uint32
 	// configFile is a CRIU configuration file for what RPC cannot say.
 	configFile string
 }
@@ -124,6 +127,9 @@ func (o *Options) rpcOpts() *rpc.CriuOpts {
 	}
 	if o.configFile != "" {
 		r.ConfigFile = proto.String(o.configFile)
+	}
+	if o.GhostLimit != 0 {
+		r.GhostLimit = proto.Uint32(o.GhostLimit)
 	}
 	for _, in := range o.InheritFds {
 		r.InheritFd = append(r.InheritFd, &rpc.InheritFd{Key: proto.String(in.Key), Fd: proto.Int32(fd)})

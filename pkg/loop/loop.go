@@ -14,8 +14,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/phaul/phaul/pkg/epoll"
 )
 
@@ -189,20 +187,3 @@ func (l *Loop) runPosted() {
 
 // Close releases the poller. The watched fds are closed by their owners.
 func (l *Loop) Close() { l.poller.Close() }
-
-// Abandon closes every descriptor the loop watches, and the poller, without
-// running any callback: what the kernel does to a process that dies. It is
-// how the unit tier of the commit rule kills a daemon mid-migration; the
-// descriptors' owners must not be used afterwards.
-func (l *Loop) Abandon() {
-	for fd := range l.watches {
-		l.poller.Delete(fd)
-		unix.Close(fd)
-	}
-	clear(l.watches)
-	l.timers = nil
-	l.mu.Lock()
-	l.posted = nil
-	l.mu.Unlock()
-	l.poller.Close()
-}

@@ -18,6 +18,10 @@ type CRIU interface {
 	StartRestore(criu.Options) (Op, error)
 	StartCPUInfoCheck(criu.Options) (Op, error)
 	StartLazyPages(dir string, ps *os.File) (LazyPages, error)
+	// Stopped lists the tasks of the dump in dir that were stopped by a
+	// job-control signal when CRIU froze them, by their pid in their own
+	// pid namespace (see criu.StoppedTasks).
+	Stopped(dir string) (map[int]bool, error)
 }
 
 // Op is one CRIU request in progress (see criu.Op).
@@ -71,6 +75,8 @@ func (c clientCRIU) StartLazyPages(dir string, ps *os.File) (LazyPages, error) {
 	}
 	return lp, nil
 }
+
+func (c clientCRIU) Stopped(dir string) (map[int]bool, error) { return criu.StoppedTasks(dir) }
 
 // op keeps a nil *criu.Op from becoming a non-nil Op.
 func op(o *criu.Op, err error) (Op, error) {

@@ -3,11 +3,13 @@
 package migrate
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"sort"
 	"syscall"
 	"time"
 
@@ -70,8 +72,12 @@ type DestConfig struct {
 	// KeepImages keeps the images after the commit.
 	KeepImages bool
 	// Place, if set, moves the restored tree (its pids) out of the
-	// daemon's cgroup before it runs.
-	Place     func(pids []int) error
+	// daemon's cgroup before it runs. It must return by ctx's deadline.
+	Place func(ctx context.Context, pids []int) error
+	// Guard, if set, starts the dead man's switch of a restored copy
+	// (see Guard): from the restore until the commit, it kills the copy
+	// if this daemon dies.
+	Guard     func(dir string, pid int, start uint64) (Guard, error)
 	AsDest    Capabilities
 	CPUChecks *CPUChecks
 }
@@ -84,17 +90,16 @@ type dest struct {
 	log *zap.Logger
 	rec *store.Record
 
-	rpc, mem *transport.Conn
-	ph       *phaseTimer
-	state    dstState
-	hb       *heartbeat
+	conns
+	ph    *phaseTimer
+	state dstState
+	hb    *heartbeat
 
 	srcPID   int
 	cpuInfo  []byte // the source's cpuinfo image
 	check    *criuWatch
 	ps       *criuWatch
 	psDone   bool
-	relay    *transport.Relay
 	recv     receiver
 	want     int // files the source said it sent; -1 until Restore
 	restoreW *criuWatch
@@ -102,6 +107,13 @@ type dest struct {
 
 	pid  int // root of the restored tree
 	tree []*proc.Process
+	// stopped are the tasks job control had stopped when they were
+	// dumped (by their pid in their namespace): they stay stopped.
+	stopped map[int]bool
+	// guard kills the restored copy if this daemon dies before the
+	// commit; resuming is set while a lazy copy is being resumed.
+	guard    Guard
+	resuming bool
 
 	name    string   // the root process's command name
 	journal []uint64 // its journal stream sockets, to reconnect
@@ -144,32 +156,8 @@ func newDest(s *Session, p DestConfig, rpcLink, memLink *transport.Link) (*dest,
 	m.recv.dir = p.Dir
 	m.ph = newPhaseTimer(s, p.Log)
 	m.rec = &store.Record{ID: s.ID.String(), Role: store.RoleDest, Peer: s.Peer}
-	var err error
-	if m.rpc, err = transport.NewConn(s.l, "rpc", rpcLink, wire.RPC, 64<<10); err != nil {
-		rpcLink.Close()
-		memLink.Close()
+	if err := m.open(s.l, rpcLink, memLink, m.onRPC, m.abort, m.onConnClose); err != nil {
 		return nil, err
-	}
-	if m.mem, err = transport.NewConn(s.l, "mem", memLink, wire.Mem, 4<<20); err != nil {
-		m.rpc.Close()
-		memLink.Close()
-		return nil, err
-	}
-	// An error handling a message aborts the migration by the rule (and
-	// tells the peer why); it does not just drop the connection.
-	m.rpc.OnMessage = func(msg wire.Message) error {
-		if err := m.onRPC(msg); err != nil {
-			m.abort(err)
-		}
-		return nil
-	}
-	m.rpc.OnClose = m.onConnClose
-	m.mem.OnClose = m.onConnClose
-	m.mem.OnMessage = func(msg wire.Message) error {
-		if m.relay == nil {
-			return protocolErr("page data before the page server started")
-		}
-		return m.relay.FromPeer(msg)
 	}
 	return m, nil
 }
@@ -226,7 +214,7 @@ func (m *dest) onRPC(msg wire.Message) error {
 		m.want = msg.Files
 		return m.maybeRestore()
 	case *wire.Resume:
-		if m.state != dstRestored || m.mode != api.ModeLazy {
+		if m.state != dstRestored || m.mode != api.ModeLazy || m.resuming {
 			break
 		}
 		return m.resumeLazy()
@@ -504,38 +492,56 @@ func (m *dest) treeAlive() error {
 
 // resumeLazy lets a lazy migration's tree run before all its memory is
 // here. It is not the commit: a failure before Commit kills it and the
-// source resumes its own.
+// source resumes its own. Placing the tree in its scope and seeing it
+// resumed wait, so they happen off the loop.
 func (m *dest) resumeLazy() error {
-	m.place()
-	if err := proc.SignalAll(m.tree, syscall.SIGCONT); err != nil {
-		return api.Errorf(api.CodeAborted, "resume the restored tree: %v", err)
-	}
-	m.state = dstResumed
-	m.tResumed = time.Now()
-	m.ph.enter("lazy")
-	m.log.Info("the restored tree runs; its memory follows", zap.Int("dest_pid", m.pid))
-	if err := m.rpc.Send(&wire.Resumed{PID: m.pid}); err != nil {
-		return err
-	}
-	if m.pagesIn {
-		// Every page came in before the tree ran.
-		return m.rpc.Send(&wire.PagesIn{Pages: m.lazyPages})
-	}
+	m.resuming = true
+	tree := m.tree
+	var err error
+	m.s.work(func() {
+		m.place(tree)
+		err = proc.ResumeTree(tree, m.stopped)
+	}, func() {
+		m.resuming = false
+		if m.state != dstRestored {
+			return // aborted meanwhile; the copy is discarded
+		}
+		if err != nil {
+			m.abort(api.Errorf(api.CodeAborted, "resume the restored tree: %v", err))
+			return
+		}
+		m.state = dstResumed
+		m.tResumed = time.Now()
+		m.ph.enter("lazy")
+		m.log.Info("the restored tree runs; its memory follows", zap.Int("dest_pid", m.pid))
+		m.rpc.Send(&wire.Resumed{PID: m.pid})
+		if m.pagesIn {
+			// Every page came in before the tree ran.
+			m.rpc.Send(&wire.PagesIn{Pages: m.lazyPages})
+		}
+	})
 	return nil
 }
 
+// placeTimeout bounds moving a restored tree into its scope: systemd
+// answers in milliseconds; a tree that cannot be placed runs where it is.
+const placeTimeout = 2 * time.Second
+
 // place moves the restored tree out of the daemon's cgroup (under
 // systemd, into a scope of its own), before it runs: it must not share
-// the daemon's fate (a stop of phauld's service).
-func (m *dest) place() {
+// the daemon's fate (a stop of phauld's service). It may take up to
+// placeTimeout: it runs off the loop.
+func (m *dest) place(tree []*proc.Process) {
 	if m.p.Place == nil {
 		return
 	}
-	pids := make([]int, len(m.tree))
-	for i, p := range m.tree {
+	pids := make([]int, len(tree))
+	for i, p := range tree {
 		pids[i] = p.PID
 	}
-	if err := m.p.Place(pids); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), placeTimeout)
+	defer cancel()
+	if err := m.p.Place(ctx, pids); err != nil {
 		m.log.Warn("cannot move the restored tree to its own scope; it stays in phauld's cgroup", zap.Error(err))
 	}
 }
@@ -593,20 +599,51 @@ func (m *dest) onRestore(ev criu.Event) error {
 		return api.Errorf(api.CodeAborted, "restored tree: %v", err)
 	}
 	m.tree = tree
+	if err := m.startGuard(); err != nil {
+		return err
+	}
 	msg := &wire.Restored{PID: m.pid, RestoreMS: time.Since(m.tRestore).Milliseconds()}
 	if st, err := criu.ReadRestoreStats(m.p.Dir); err == nil {
-		msg.Stats = &wire.RestoreStats{
-			PagesCompared: st.PagesCompared, PagesSkippedCOW: st.PagesSkippedCOW, PagesRestored: st.PagesRestored,
-			ForkingUS: st.ForkingUS, RestoreUS: st.RestoreUS,
-		}
-		m.restoreStats = &api.RestoreStats{
-			PagesCompared: st.PagesCompared, PagesSkippedCOW: st.PagesSkippedCOW, PagesRestored: st.PagesRestored,
-			ForkingUS: st.ForkingUS, RestoreUS: st.RestoreUS,
-		}
+		msg.Stats, m.restoreStats = &st, &st
 	}
 	m.state = dstRestored
 	m.ph.enter("wait-commit")
 	return m.rpc.Send(msg)
+}
+
+// startGuard starts the restored copy's dead man's switch, and watches it:
+// a guard that ends before the commit leaves the copy unguarded, and the
+// migration is given up (the source resumes its own).
+func (m *dest) startGuard() error {
+	if m.p.Guard == nil {
+		return nil
+	}
+	g, err := m.p.Guard(m.p.Dir, m.pid, m.rec.StartTime)
+	if err != nil {
+		return api.Errorf(api.CodeAborted, "cannot start the guard of the restored copy: %v", err)
+	}
+	m.guard = g
+	return m.s.l.Watch(g.Fd(), epoll.In|epoll.Hup, func(uint32) {
+		m.s.l.Unwatch(g.Fd())
+		if m.state < dstCommitted {
+			m.abort(api.Errorf(api.CodeAborted, "the guard of the restored copy ended before the commit"))
+		}
+	})
+}
+
+// endGuard ends the guard: released, it leaves the copy (committed);
+// otherwise it kills it unless the record says committed.
+func (m *dest) endGuard(release bool) {
+	if m.guard == nil {
+		return
+	}
+	m.s.l.Unwatch(m.guard.Fd())
+	if release {
+		m.guard.Release()
+	} else {
+		m.guard.Close()
+	}
+	m.guard = nil
 }
 
 // restored records the restored tree before CRIU lets it exist past the
@@ -619,7 +656,12 @@ func (m *dest) restored(pid int) error {
 		return api.Errorf(api.CodeAborted, "restored root pid %d: %v", pid, err)
 	}
 	m.pid = pid
-	m.rec.State, m.rec.PID, m.rec.StartTime = store.Restored, pid, info.StartTime
+	stopped, err := m.p.CRIU.Stopped(m.p.Dir)
+	if err != nil {
+		m.log.Warn("cannot tell which tasks job control had stopped; all will be resumed", zap.Error(err))
+	}
+	m.stopped = stopped
+	m.rec.State, m.rec.PID, m.rec.StartTime, m.rec.Stopped = store.Restored, pid, info.StartTime, sortedKeys(stopped)
 	if err := m.rec.Save(m.p.Dir); err != nil {
 		m.restoreW.op.Reply(false)
 		return err
@@ -629,7 +671,9 @@ func (m *dest) restored(pid int) error {
 }
 
 // commit is the commit point: once the record says committed, the
-// migration is final and the restored tree runs.
+// migration is final and the restored tree runs. Placing and resuming a
+// copy that was kept stopped (copy mode) wait, so they happen off the
+// loop; Committed follows.
 func (m *dest) commit() error {
 	if m.state == dstResumed {
 		if err := m.treeAlive(); err != nil {
@@ -644,25 +688,40 @@ func (m *dest) commit() error {
 	}
 	lazy := m.state == dstResumed // already placed and running
 	m.state = dstCommitted
+	// The record says committed: the guard would leave the copy anyway.
+	m.endGuard(true)
 	m.ph.enter("committed")
-	if !lazy {
-		m.place()
+	if lazy {
+		m.committed(nil)
+		return nil
 	}
-	if err := proc.SignalAll(m.tree, syscall.SIGCONT); err != nil {
+	tree := m.tree
+	var err error
+	m.s.work(func() {
+		m.place(tree)
+		err = proc.ResumeTree(tree, m.stopped)
+	}, func() { m.committed(err) })
+	return nil
+}
+
+// committed tells the source, once the copy runs.
+func (m *dest) committed(resumeErr error) {
+	if resumeErr != nil {
 		// Committed all the same; a restart retries the resume.
-		m.log.Error("cannot resume the restored tree", zap.Error(err))
+		m.log.Error("cannot resume the restored tree", zap.Error(resumeErr))
 	}
 	m.log.Info("migration committed: process runs here", zap.Int("dest_pid", m.pid))
 	// Tell the source first: removing the images of a big process takes
 	// tens of milliseconds, and the source's copy waits, stopped.
-	err := m.rpc.Send(&wire.Committed{PID: m.pid})
-	m.rpc.Flush()
+	if !m.rpc.Closed() {
+		m.rpc.Send(&wire.Committed{PID: m.pid})
+		m.rpc.Flush()
+	}
 	if !m.p.KeepImages {
 		if err := store.RemoveImages(m.p.Dir); err != nil {
 			m.log.Warn("cannot remove images", zap.Error(err))
 		}
 	}
-	return err
 }
 
 // finish ends a committed session; acked says the source confirmed.
@@ -714,6 +773,7 @@ func (m *dest) abort(err error) {
 		return
 	}
 	m.failure = err
+	running := m.state == dstResumed
 	// Ended before anything else: sending Fail may fail and call abort
 	// again, which must then return.
 	m.state = dstEnd
@@ -722,30 +782,35 @@ func (m *dest) abort(err error) {
 		e := api.AsError(err)
 		m.rpc.Send(&wire.Fail{Code: string(e.Code), Message: e.Message})
 	}
-	m.discard()
-	m.rec.State, m.rec.Error = store.Aborted, errString(err)
-	if err := m.rec.Save(m.p.Dir); err != nil {
-		m.log.Error("cannot record the abort", zap.Error(err))
-	}
+	m.s.work(m.discard(running), func() {
+		m.rec.State, m.rec.Error = store.Aborted, errString(err)
+		if err := m.rec.Save(m.p.Dir); err != nil {
+			m.log.Error("cannot record the abort", zap.Error(err))
+		}
+	})
 }
 
-// discard kills the restored tree, if any. A restore still running is told
-// no at its next notification (its socket closes), and CRIU kills what it
-// restored; a CRIU that has not exited within abandonGrace is killed with
-// what it forked.
-func (m *dest) discard() {
+// discard kills the restored tree, if any, at once, and returns what must
+// wait (off the loop): a restore still running is told no (its socket
+// closes) and CRIU kills what it restored, and one that has not exited
+// within abandonGrace is killed with what it forked; the killed tree's
+// exit. running says the copy ran (lazy), and may have forked since the
+// restore.
+func (m *dest) discard(running bool) (wait func()) {
 	if m.lazy != nil {
 		m.unwatchLazy()
 		m.lazy.Kill()
 	}
-	if m.restoreW != nil {
-		if m.restoreW.abandon() {
-			m.log.Warn("CRIU's restore did not end when told to: killed it and what it had restored", zap.Int("criu_pid", m.restoreW.op.Pid()))
+	var restore Op
+	if w := m.restoreW; w != nil {
+		if !w.done {
+			w.done = true
+			m.s.l.Unwatch(w.op.Fd())
 		}
+		restore = w.op
 	}
-	if m.tree != nil && m.state == dstResumed {
-		// A lazy copy ran and may have forked since the restore: stop
-		// what we know, then look for the rest.
+	if m.tree != nil && running {
+		// Stop what we know, then look for the rest.
 		proc.SignalAll(m.tree, syscall.SIGSTOP)
 		if fresh, err := proc.OpenTree(m.pid, m.rec.StartTime); err == nil {
 			m.tree = mergeTree(m.tree, fresh)
@@ -756,13 +821,20 @@ func (m *dest) discard() {
 			m.tree = tree
 		}
 	}
-	if m.tree != nil {
-		proc.SignalAll(m.tree, syscall.SIGKILL)
-		if err := proc.WaitExited(m.tree, 5*time.Second); err != nil {
-			m.log.Error("restored tree did not exit", zap.Error(err))
+	tree := m.tree
+	m.tree = nil
+	proc.SignalAll(tree, syscall.SIGKILL)
+	// Two killers: should this daemon die now, the guard goes on.
+	m.endGuard(false)
+	log := m.log
+	return func() {
+		if restore != nil && restore.Abandon(abandonGrace) {
+			log.Warn("CRIU's restore did not end when told to: killed it and what it had restored", zap.Int("criu_pid", restore.Pid()))
 		}
-		proc.CloseAll(m.tree)
-		m.tree = nil
+		if err := proc.WaitExited(tree, proc.KillWithin); err != nil {
+			log.Error("restored tree did not exit", zap.Error(err))
+		}
+		proc.CloseAll(tree)
 	}
 }
 
@@ -821,16 +893,15 @@ func (m *dest) cancel() error {
 func (m *dest) cleanup() {
 	m.hb.stop()
 	if m.state != dstEnd && m.state != dstCommitted {
-		m.discard()
+		// A panic mid-way: make the outcome safe, here and now.
+		m.discard(m.state == dstResumed)()
 	}
+	m.endGuard(m.rec.State == store.Committed)
 	m.recv.close()
 	for _, w := range []*criuWatch{m.check, m.ps, m.restoreW} {
 		if w != nil {
 			w.stop()
 		}
-	}
-	if m.relay != nil {
-		m.relay.Close()
 	}
 	if m.lazy != nil {
 		// A committed migration's daemon has exited; any other was
@@ -841,9 +912,7 @@ func (m *dest) cleanup() {
 		m.s.l.Unwatch(m.lazy.ExitFd())
 		m.lazy.Close()
 	}
-	m.rpc.Flush()
-	m.rpc.Close()
-	m.mem.Close()
+	m.close()
 	proc.CloseAll(m.tree)
 }
 
@@ -861,7 +930,7 @@ func (m *dest) outcome() End {
 		SourcePID: m.srcPID,
 		DestPID:   m.pid,
 		TotalMS:   time.Since(m.s.Started).Milliseconds(),
-		Bytes:     m.rpc.BytesOut() + m.rpc.BytesIn() + m.mem.BytesOut() + m.mem.BytesIn(),
+		Bytes:     m.bytes(),
 		PageBytes: pages,
 		PhasesMS:  m.ph.took,
 		Mode:      m.mode,
@@ -883,9 +952,32 @@ func (m *dest) outcome() End {
 
 func (m *dest) crash() {
 	if m.lazy != nil {
+		m.unwatchLazy()
 		m.lazy.Kill() // its parent-death signal
+		m.lazy.Close()
+		m.lazy = nil
 	}
+	m.endGuard(false) // its end of the guard's socket closes
 	m.recv.close()
+	for _, w := range []*criuWatch{m.check, m.ps, m.restoreW} {
+		if w != nil {
+			w.stop()
+		}
+	}
+	if m.relay != nil {
+		m.relay.Close()
+	}
+	m.rpc.Close()
+	m.mem.Close()
 	proc.CloseAll(m.tree)
 	m.tree = nil
+}
+
+func sortedKeys(set map[int]bool) []int {
+	keys := make([]int, 0, len(set))
+	for k := range set {
+		keys = append(keys, k)
+	}
+	sort.Ints(keys)
+	return keys
 }

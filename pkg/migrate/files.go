@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"hash"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -25,9 +26,12 @@ import (
 // are small (kilobytes per task); the largest legitimate ones are ghost
 // files and tmpfs contents.
 const (
-	maxImageFile  = 1 << 30
-	maxImageTotal = 4 << 30
+	maxImageFile  = 16 << 30
+	maxImageTotal = 64 << 30
 	maxImageFiles = 100_000
+	// minFree is what a destination keeps free on the filesystem of
+	// its state directory, whatever images arrive.
+	minFree = 256 << 20
 )
 
 // imageFiles lists the files of a dump to ship: every regular file in dir
@@ -52,34 +56,125 @@ func imageFiles(dir string) ([]string, error) {
 	return names, nil
 }
 
-// sendFiles queues the named files of dir on c, each as FileBegin, FileData
-// chunks and FileEnd with its SHA-256. It returns the bytes of file data.
-func sendFiles(c *transport.Conn, dir string, names []string) (int64, error) {
-	var total int64
-	for _, n := range names {
-		b, err := os.ReadFile(filepath.Join(dir, n))
-		if err != nil {
-			return total, err
-		}
-		if len(b) > maxImageFile {
-			return total, fmt.Errorf("image %s is %d bytes, over the %d-byte limit", n, len(b), maxImageFile)
-		}
-		if err := c.Send(&wire.FileBegin{Name: n, Size: int64(len(b))}); err != nil {
-			return total, err
-		}
-		for off := 0; off < len(b); off += wire.DataChunk {
-			chunk := b[off:min(len(b), off+wire.DataChunk)]
-			frame := make([]byte, 0, wire.HeaderLen+len(chunk))
-			frame = wire.AppendHeader(frame, wire.TypeFileData, len(chunk))
-			c.Queue(append(frame, chunk...))
-		}
-		sum := sha256.Sum256(b)
-		if err := c.Send(&wire.FileEnd{SHA256: hex.EncodeToString(sum[:])}); err != nil {
-			return total, err
-		}
-		total += int64(len(b))
+// sender streams image files on an rpc conn, each as FileBegin, FileData
+// chunks and FileEnd with its SHA-256, a chunk at a time: it never lets
+// more than transport.HighWater wait in the conn's queue, and goes on as
+// the conn drains. So a dump with large images (a tmpfs, deleted files)
+// costs this daemon a bounded amount of memory, whatever their size.
+type sender struct {
+	c     *transport.Conn
+	dir   string
+	names []string
+	next  int // index of the next file to open
+	f     *os.File
+	sum   hash.Hash
+	// sent is the file data queued so far, all files.
+	sent int64
+	buf  []byte
+	// done runs once, when every file is queued (err nil) or sending
+	// failed.
+	done func(err error)
+	over bool
+	// pumping: pump is running. Queueing flushes, and a flush that
+	// drains the conn calls pump (OnDrain): that inner call must not
+	// step while the outer one is mid-step.
+	pumping bool
+}
+
+func newSender(c *transport.Conn, dir string, names []string, done func(error)) *sender {
+	return &sender{c: c, dir: dir, names: names, done: done}
+}
+
+// start begins sending; the rest follows as the conn drains.
+func (s *sender) start() {
+	s.c.OnDrain = s.pump
+	s.pump()
+}
+
+// pump queues what it can without passing the high-water mark.
+func (s *sender) pump() {
+	if s.pumping {
+		return
 	}
-	return total, nil
+	s.pumping = true
+	defer func() { s.pumping = false }()
+	for !s.over && !s.c.Closed() && s.c.OutLen() < transport.HighWater {
+		if err := s.step(); err != nil {
+			s.finish(err)
+			return
+		}
+	}
+}
+
+// step queues the next piece: a file's beginning, a chunk of it, or its
+// end; after the last file, it finishes.
+func (s *sender) step() error {
+	if s.f == nil {
+		if s.next == len(s.names) {
+			s.finish(nil)
+			return nil
+		}
+		name := s.names[s.next]
+		s.next++
+		f, err := os.Open(filepath.Join(s.dir, name))
+		if err != nil {
+			return err
+		}
+		st, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return err
+		}
+		if st.Size() > maxImageFile {
+			f.Close()
+			return fmt.Errorf("image %s is %d bytes, over the %d-byte limit", name, st.Size(), maxImageFile)
+		}
+		s.f, s.sum = f, sha256.New()
+		return s.c.Send(&wire.FileBegin{Name: name, Size: st.Size()})
+	}
+	// A plain link keeps the buffer it is given until the socket takes
+	// it; a TLS link copies it into its records, so one buffer does.
+	if s.buf == nil || !s.c.Link().Copies() {
+		s.buf = make([]byte, wire.HeaderLen+wire.DataChunk)
+	}
+	n, err := io.ReadFull(s.f, s.buf[wire.HeaderLen:])
+	if n > 0 {
+		s.sum.Write(s.buf[wire.HeaderLen : wire.HeaderLen+n])
+		wire.PutHeader(s.buf, wire.TypeFileData, n)
+		s.c.Queue(s.buf[:wire.HeaderLen+n])
+		s.sent += int64(n)
+	}
+	switch {
+	case err == nil:
+		return nil
+	case err == io.EOF || err == io.ErrUnexpectedEOF:
+		s.f.Close()
+		s.f = nil
+		return s.c.Send(&wire.FileEnd{SHA256: hex.EncodeToString(s.sum.Sum(nil))})
+	default:
+		return err
+	}
+}
+
+func (s *sender) finish(err error) {
+	if s.over {
+		return
+	}
+	s.over = true
+	s.stop()
+	s.done(err)
+}
+
+// stop stops sending (an aborted migration) and closes the file open.
+func (s *sender) stop() {
+	s.over = true
+	if s.c.OnDrain != nil {
+		s.c.OnDrain = nil
+	}
+	if s.f != nil {
+		s.f.Close()
+		s.f = nil
+	}
 }
 
 // receiver writes the image files a source sends into the session's own
@@ -107,6 +202,13 @@ func (r *receiver) begin(m *wire.FileBegin) error {
 	if m.Size > maxImageFile || r.total+m.Size > maxImageTotal || r.files >= maxImageFiles {
 		return api.Errorf(api.CodeInvalid, "image file %s (%d bytes) exceeds the destination's limits (%d bytes a file, %d in all, %d files)",
 			m.Name, m.Size, maxImageFile, maxImageTotal, maxImageFiles)
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(r.dir, &fs); err == nil {
+		if free := int64(fs.Bavail) * fs.Bsize; m.Size > free-minFree {
+			return api.Errorf(api.CodePrecondition, "no room for image file %s (%d bytes) on the destination: %d bytes free in %s, and %d must stay free",
+				m.Name, m.Size, free, r.dir, minFree)
+		}
 	}
 	fd, err := unix.Open(filepath.Join(r.dir, m.Name), unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {

@@ -2,6 +2,11 @@ package migrate
 
 import (
 	"fmt"
+	"strings"
+
+	"go.uber.org/zap"
+
+	"github.com/phaul/phaul/pkg/criu"
 
 	"github.com/phaul/phaul/pkg/api"
 )
@@ -92,4 +97,39 @@ func (c Capabilities) String() string {
 		}
 	}
 	return s
+}
+
+// ModeSupport says, per mode, whether this host can run it on either
+// side: "" if it can, else why not.
+func ModeSupport(asSource, asDest Capabilities) map[string]string {
+	out := map[string]string{}
+	for _, m := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
+		var why []string
+		if !asSource.Can(m) {
+			why = append(why, "as a source: "+asSource[m])
+		}
+		if !asDest.Can(m) {
+			why = append(why, "as a destination: "+asDest[m])
+		}
+		out[m] = strings.Join(why, "; ")
+	}
+	return out
+}
+
+// DetectModes finds the modes this host can run from what probing CRIU
+// found, and makes lazy dumps possible: they keep pages in pipes larger
+// than the kernel's default limit allows, so fs.pipe-max-size is raised
+// (host-wide) to criu.LazyPipeSize when it is lower.
+func DetectModes(info criu.Info, log *zap.Logger) (asSource, asDest Capabilities) {
+	pipeBlock := ""
+	if was, err := criu.EnsurePipeMaxSize(criu.LazyPipeSize); err != nil {
+		pipeBlock = fmt.Sprintf("fs.pipe-max-size is below the %d bytes lazy dumps need, and phauld could not raise it (%v): run 'sysctl -w fs.pipe-max-size=%d'",
+			criu.LazyPipeSize, err, criu.LazyPipeSize)
+		log.Warn("lazy migrations from this host are off", zap.Error(err))
+	} else if was < criu.LazyPipeSize {
+		log.Info("raised fs.pipe-max-size for CRIU's lazy pages", zap.Int("was", was), zap.Int("now", criu.LazyPipeSize))
+	}
+	asSource, asDest = HostCapabilities(info.Features.MemTrack, info.Features.LazyPages, pipeBlock)
+	log.Info("migration modes", zap.Stringer("as_source", asSource), zap.Stringer("as_destination", asDest))
+	return asSource, asDest
 }

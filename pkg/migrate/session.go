@@ -36,6 +36,9 @@ type Session struct {
 	l       *loop.Loop
 	m       machine
 	crashed atomic.Bool
+	// pending counts work running off the loop (see work); the session
+	// does not end before it is done. Loop only.
+	pending int
 	done    chan struct{}
 	// end is set before done is closed.
 	end End
@@ -140,9 +143,11 @@ type machine interface {
 	// cleanup releases everything, making the outcome safe if the
 	// machine did not finish (a panic): it runs even then.
 	cleanup()
-	// crash releases what the kernel would release at the daemon's
-	// death and that the loop does not watch (locks, pidfds, children
-	// that die with phauld), and nothing else.
+	// crash releases what the kernel releases at the daemon's death:
+	// it closes every descriptor (sockets, CRIU's RPC sockets, locks,
+	// pidfds, files), each through its owner, and kills the children
+	// that die with phauld; it sends nothing, records nothing, signals
+	// no tree.
 	crash()
 	// outcome is how the machine ended.
 	outcome() End
@@ -199,14 +204,14 @@ func (s *Session) run() (crashed bool) {
 		return false
 	}
 	stopped := false
-	for !s.m.finished() {
+	for !s.m.finished() || s.pending > 0 {
 		if _, werr := s.l.RunOnce(); werr != nil {
 			err = fmt.Errorf("session loop: %w", werr)
 			return false
 		}
 		if s.crashed.Load() {
 			s.m.crash()
-			s.l.Abandon()
+			s.l.Close()
 			return true
 		}
 		if s.l.StopRequested() && !stopped {
@@ -216,6 +221,22 @@ func (s *Session) run() (crashed bool) {
 	}
 	s.end = s.m.outcome()
 	return false
+}
+
+// work runs fn on a goroutine of its own, so that nothing that may take
+// time (waiting for processes, calls to systemd) blocks the loop, and then
+// done on the loop. The session does not end before done has run; done
+// must check that what fn was for still holds (the session may have moved
+// on meanwhile). Call it on the loop.
+func (s *Session) work(fn, done func()) {
+	s.pending++
+	go func() {
+		fn()
+		s.l.Post(func() {
+			s.pending--
+			done()
+		})
+	}()
 }
 
 // PanicError is a session that panicked. The manager logs it once, with

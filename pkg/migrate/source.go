@@ -6,9 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"sort"
 	"strings"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -34,6 +34,9 @@ const (
 	srcPrepare srcState = iota
 	// srcDump: CRIU is dumping; pages stream through the relay.
 	srcDump
+	// srcImages: the tree is frozen, held by CRIU at post-dump; the
+	// images are streaming to the destination.
+	srcImages
 	// srcRestore: the tree is frozen, held by CRIU at post-dump; images
 	// sent; waiting for Restored.
 	srcRestore
@@ -49,11 +52,17 @@ const (
 	srcCommit
 	// srcAbort: rolling back; waiting for CRIU to resume the tree.
 	srcAbort
+	// srcResume: rolling back; the tree is being resumed (if CRIU left
+	// it stopped) and seen running, off the loop.
+	srcResume
+	// srcKill: committed; the stopped copy here is being killed, off the
+	// loop.
+	srcKill
 	// srcEnd: finished: committed, rolled back, or in doubt.
 	srcEnd
 )
 
-var srcStateNames = [...]string{"prepare", "dump", "restore", "release", "lazy", "commit", "abort", "end"}
+var srcStateNames = [...]string{"prepare", "dump", "images", "restore", "release", "lazy", "commit", "abort", "resume", "kill", "end"}
 
 func (s srcState) String() string { return srcStateNames[s] }
 
@@ -87,23 +96,26 @@ type source struct {
 	log *zap.Logger
 	rec *store.Record
 
-	rpc, mem *transport.Conn
-	ph       *phaseTimer
-	state    srcState
-	hb       *heartbeat
+	conns
+	ph    *phaseTimer
+	state srcState
+	hb    *heartbeat
 
 	dump      *criuWatch
 	gateLocks dumplock.Locks // dump gate locks held
 	waiting   *loop.Timer    // retries the dump gate
-	relay     *transport.Relay
-	released  bool // post-dump answered "go on": CRIU leaves the tree stopped
+	released  bool           // post-dump answered "go on": CRIU leaves the tree stopped
+	images    *sender        // streams the images while the tree is frozen
+	// stopped are the tasks stopped by job control when CRIU froze them
+	// (by their pid in their namespace): a resume leaves them stopped.
+	stopped map[int]bool
 	// postDumpAnswered: CRIU's post-dump notification has its answer.
 	postDumpAnswered bool
 	tree             []*proc.Process
 
 	destPID   int
-	restore   *wire.RestoreStats
-	dumpStats *criu.DumpStats
+	restore   *api.RestoreStats
+	dumpStats *api.DumpStats
 	fileBytes int64
 
 	t0, tDump, tCommitted time.Time
@@ -157,32 +169,8 @@ func newSource(s *Session, p SourceConfig, rpcLink, memLink *transport.Link) (*s
 	m := &source{s: s, p: p, log: p.Log, t0: s.Started}
 	m.ph = newPhaseTimer(s, p.Log)
 	m.rec = &store.Record{ID: s.ID.String(), Role: store.RoleSource, Peer: p.Dest, PID: p.Proc.PID, StartTime: p.Proc.StartTime}
-	var err error
-	if m.rpc, err = transport.NewConn(s.l, "rpc", rpcLink, wire.RPC, 64<<10); err != nil {
-		rpcLink.Close()
-		memLink.Close()
+	if err := m.open(s.l, rpcLink, memLink, m.onRPC, m.abort, m.onConnClose); err != nil {
 		return nil, err
-	}
-	if m.mem, err = transport.NewConn(s.l, "mem", memLink, wire.Mem, 4<<20); err != nil {
-		m.rpc.Close()
-		memLink.Close()
-		return nil, err
-	}
-	// An error handling a message aborts the migration by the rule (and
-	// tells the peer why); it does not just drop the connection.
-	m.rpc.OnMessage = func(msg wire.Message) error {
-		if err := m.onRPC(msg); err != nil {
-			m.abort(err)
-		}
-		return nil
-	}
-	m.rpc.OnClose = m.onConnClose
-	m.mem.OnClose = m.onConnClose
-	m.mem.OnMessage = func(msg wire.Message) error {
-		if m.relay == nil {
-			return protocolErr("page data before the dump started")
-		}
-		return m.relay.FromPeer(msg)
 	}
 	return m, nil
 }
@@ -261,7 +249,11 @@ func (m *source) emit() {
 	if m.relay != nil {
 		pages = m.relay.Sent()
 	}
-	b := pages + m.fileBytes
+	files := m.fileBytes
+	if m.images != nil {
+		files = m.images.sent
+	}
+	b := pages + files
 	m.s.bytes.Store(b)
 	m.p.Progress(api.Event{Event: api.EventProgress, ID: m.s.ID.String(), Phase: m.ph.name, Bytes: b,
 		Pages: pages / pageSize, MemBytes: m.memBytes, ElapsedMS: time.Since(m.t0).Milliseconds()})
@@ -410,6 +402,9 @@ func (m *source) startDump() error {
 		Notify:       true,
 		PageServer:   theirs,
 		LazyPages:    lazy,
+		// Files the tree holds open that were deleted travel in the
+		// images, as large as CRIU allows (it counts allocated size).
+		GhostLimit: math.MaxUint32,
 	}
 	for _, ino := range m.journal {
 		opts.ExtUnixSk = true
@@ -431,7 +426,7 @@ func (m *source) startDump() error {
 
 func (m *source) tickProgress() {
 	m.emit()
-	if m.state == srcDump || m.state == srcRestore || m.state == srcLazy {
+	if m.state == srcDump || m.state == srcImages || m.state == srcRestore || m.state == srcLazy {
 		m.progressTimer = m.s.l.After(250*time.Millisecond, m.tickProgress)
 	}
 }
@@ -447,26 +442,13 @@ func (m *source) onDump(ev criu.Event) error {
 			return m.answerPostDump(false)
 		case m.state == srcAbort:
 			return m.dump.op.Reply(false)
-		case ev.Notify == "post-dump" && m.state == srcDump && m.mode == api.ModeLazy:
-			// Frozen, dumped but for the lazy memory: ship the images,
-			// and let CRIU serve the rest. Saying yes here commits
-			// nothing: a lazy dump resumes the tree if serving fails.
-			if err := m.shipImages(); err != nil {
-				return err
-			}
-			if m.state == srcAbort {
-				return m.answerPostDump(false) // it failed while shipping
-			}
-			return m.answerPostDump(true)
 		case ev.Notify == "post-dump" && m.state == srcDump:
-			// Frozen and fully dumped; CRIU now waits for our word.
-			if err := m.shipImages(); err != nil {
+			// Frozen and dumped (but for the lazy memory, in lazy mode);
+			// CRIU now waits for our word. The images go first.
+			if err := m.frozen(); err != nil {
 				return err
 			}
-			if m.state == srcAbort {
-				return m.answerPostDump(false)
-			}
-			return nil
+			return m.shipImages()
 		default:
 			return m.dump.op.Reply(true)
 		}
@@ -524,6 +506,26 @@ func (m *source) onDump(ev criu.Event) error {
 	}
 }
 
+// frozen takes what the frozen, dumped tree tells: that it is still the
+// process that was checked (a pid that was reused since is refused here,
+// before anything of it leaves), and which of its tasks job control had
+// stopped, which stay so wherever the tree ends up.
+func (m *source) frozen() error {
+	info, err := proc.Stat(m.p.Proc.PID)
+	if err != nil || info.StartTime != m.p.Proc.StartTime {
+		return api.Errorf(api.CodeAborted, "pid %d is not the process that was checked any more: it exited, and its pid was reused", m.p.Proc.PID)
+	}
+	stopped, err := m.p.CRIU.Stopped(m.p.Dir)
+	if err != nil {
+		m.log.Warn("cannot tell which tasks job control had stopped; a rollback resumes them all", zap.Error(err))
+	}
+	m.stopped = stopped
+	if len(stopped) > 0 {
+		m.log.Info("tasks stopped by job control stay stopped", zap.Int("tasks", len(stopped)))
+	}
+	return nil
+}
+
 // onLazyServed takes the end of a lazy dump: CRIU has served the pages
 // (the tree is left stopped here) or failed (it resumed the tree itself).
 func (m *source) onLazyServed(err error) error {
@@ -566,25 +568,41 @@ func (m *source) readDumpStats() {
 	m.dumpStats = &st
 }
 
-// shipImages sends the non-page images and asks the destination to
-// restore. The tree stays frozen meanwhile.
+// shipImages streams the non-page images to the destination, while the
+// tree stays frozen, and then asks it to restore. A lazy dump is told to
+// go on once they are sent: saying yes then commits nothing (a lazy dump
+// resumes the tree if serving its pages fails), and lets CRIU serve the
+// rest.
 func (m *source) shipImages() error {
 	m.ph.enter("images")
 	names, err := imageFiles(m.p.Dir)
 	if err != nil {
 		return fmt.Errorf("list images: %w", err)
 	}
-	n, err := sendFiles(m.rpc, m.p.Dir, names)
-	m.fileBytes = n
-	if err != nil {
-		return err
-	}
-	if m.state != srcDump {
-		return nil // a send failed and aborted the session meanwhile
-	}
-	m.state = srcRestore
-	m.ph.enter("restore")
-	return m.rpc.Send(&wire.Restore{Files: len(names)})
+	m.state = srcImages
+	m.images = newSender(m.rpc, m.p.Dir, names, func(err error) {
+		m.fileBytes = m.images.sent
+		if err != nil {
+			m.abort(api.Errorf(api.CodeAborted, "send images: %v", err))
+			return
+		}
+		if m.state != srcImages {
+			return // aborted meanwhile
+		}
+		m.state = srcRestore
+		m.ph.enter("restore")
+		if err := m.rpc.Send(&wire.Restore{Files: len(names)}); err != nil {
+			m.abort(err)
+			return
+		}
+		if m.mode == api.ModeLazy {
+			if err := m.answerPostDump(true); err != nil {
+				m.abort(err)
+			}
+		}
+	})
+	m.images.start()
+	return nil
 }
 
 func (m *source) onConnClose(err error) {
@@ -612,7 +630,7 @@ func (m *source) abort(err error) {
 		m.failure = err
 	}
 	switch m.state {
-	case srcEnd, srcAbort:
+	case srcEnd, srcAbort, srcResume, srcKill:
 		return
 	case srcPrepare:
 		m.state = srcAbort
@@ -626,6 +644,19 @@ func (m *source) abort(err error) {
 		// CRIU fails writing pages, or answers "no" at post-dump.
 		if m.relay != nil {
 			m.relay.Close()
+		}
+		m.waitCRIU()
+	case srcImages:
+		// Frozen at post-dump, images on their way: CRIU waits for our
+		// word, and "no" resumes the tree.
+		m.log.Warn("rolling back: telling CRIU to resume the tree")
+		m.images.stop()
+		m.state = srcAbort
+		m.tellPeer(err)
+		if rerr := m.answerPostDump(false); rerr != nil {
+			// The swrk socket is gone: CRIU resumes on its own.
+			m.end()
+			return
 		}
 		m.waitCRIU()
 	case srcRestore, srcLazy:
@@ -710,20 +741,43 @@ func (m *source) rollbackStopped(err error) {
 	m.end()
 }
 
-// end finishes an aborted migration: the tree must run here again.
+// end finishes an aborted migration: the tree must run here again. If
+// CRIU left it stopped, it is resumed; either way it is seen running
+// before anything says so. That waits, so it happens off the loop.
 func (m *source) end() {
-	if m.released && m.tree == nil {
-		// CRIU left the tree stopped; resume it ourselves.
-		if tree, err := proc.OpenTree(m.p.Proc.PID, m.p.Proc.StartTime); err == nil {
-			m.tree = tree
+	switch m.state {
+	case srcResume, srcKill, srcEnd:
+		return
+	}
+	m.state = srcResume
+	tree, released := m.tree, m.released
+	var err error
+	m.s.work(func() { err = m.resume(tree, released) }, func() { m.ended(err) })
+}
+
+// resume resumes the tree if CRIU left it stopped (released), and sees it
+// run. It may block: it runs off the loop, or at the very end.
+func (m *source) resume(tree []*proc.Process, released bool) error {
+	pid, start := m.p.Proc.PID, m.p.Proc.StartTime
+	if released {
+		if tree == nil {
+			t, err := proc.OpenTree(pid, start)
+			if err != nil {
+				return fmt.Errorf("cannot find the tree to resume it: %w", err)
+			}
+			defer proc.CloseAll(t)
+			tree = t
+		}
+		if err := proc.ResumeTree(tree, m.stopped); err != nil {
+			return err
 		}
 	}
-	var resumeErr error
-	if m.released && m.tree != nil {
-		if resumeErr = resumeTree(m.tree); resumeErr != nil {
-			m.log.Error("cannot resume the source tree", zap.Error(resumeErr))
-		}
-	}
+	return proc.VerifyRunning(pid, start, m.stopped)
+}
+
+// ended records the rollback and says what it left: the process running
+// here (seen so), or, if it could not be seen running, what to do.
+func (m *source) ended(resumeErr error) {
 	m.state = srcEnd
 	if m.rec.State != "" {
 		m.rec.State, m.rec.Error = store.Aborted, errString(m.failure)
@@ -731,39 +785,17 @@ func (m *source) end() {
 			m.log.Error("cannot record the rollback", zap.Error(err))
 		}
 	}
+	e := api.AsError(m.failure)
+	if resumeErr != nil {
+		m.log.Error("rolled back, but the process was not seen running here", zap.Error(resumeErr))
+		m.failure = api.Errorf(api.CodeInDoubt,
+			"migration failed, and the process was not seen running here afterwards (pid %d: %v); if it is stopped, resume it with kill -CONT on it and its children: %s",
+			m.p.Proc.PID, resumeErr, e.Message)
+		return
+	}
 	if !m.tDump.IsZero() {
-		e := api.AsError(m.failure)
-		if resumeErr != nil {
-			m.failure = api.Errorf(e.Code, "migration failed, and the process may still be stopped here (pid %d: %v); resume it with kill -CONT on it and its children: %s",
-				m.p.Proc.PID, resumeErr, e.Message)
-			return
-		}
 		m.failure = api.Errorf(e.Code, "migration failed; the process was resumed here (pid %d): %s", m.p.Proc.PID, e.Message)
 		m.log.Info("rolled back: the process runs on the source")
-	}
-}
-
-// resumeTree sends SIGCONT to a tree CRIU left stopped, until none of it
-// is stopped: CRIU's own SIGSTOP may land just after its response.
-func resumeTree(tree []*proc.Process) error {
-	deadline := time.Now().Add(2 * time.Second)
-	for {
-		if err := proc.SignalAll(tree, syscall.SIGCONT); err != nil {
-			return err
-		}
-		time.Sleep(5 * time.Millisecond)
-		stopped := 0
-		for _, p := range tree {
-			if info, err := proc.Stat(p.PID); err == nil && info.Stopped() && !p.Exited() {
-				stopped++
-			}
-		}
-		if stopped == 0 {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%d of its processes still stopped after 2 s of SIGCONT", stopped)
-		}
 	}
 }
 
@@ -774,29 +806,31 @@ func errString(err error) string {
 	return err.Error()
 }
 
+// finishCommitted ends a committed migration: the destination recorded the
+// commit and its copy runs, so the stopped copy here must go.
 func (m *source) finishCommitted() {
-	// Commit is recorded on the destination and the tree runs there: the
-	// stopped copy here must go.
 	m.rec.State = store.Committed
 	if err := m.rec.Save(m.p.Dir); err != nil {
 		// Not fatal: after a crash the record says commit-sent, and the
 		// destination will say it committed.
 		m.log.Error("cannot record the commit", zap.Error(err))
 	}
-	if err := proc.SignalAll(m.tree, syscall.SIGKILL); err != nil {
-		m.log.Error("cannot kill the source tree", zap.Error(err))
-	}
-	if err := proc.WaitExited(m.tree, 5*time.Second); err != nil {
-		m.log.Error("source tree did not exit", zap.Error(err))
-	}
-	m.rpc.Send(&wire.Done{})
-	m.rec.Done = true
-	if err := m.rec.Save(m.p.Dir); err != nil {
-		m.log.Error("cannot record the end", zap.Error(err))
-	}
-	m.ph.enter("done")
-	m.state = srcEnd
-	m.emit()
+	m.state = srcKill
+	tree := m.tree
+	var err error
+	m.s.work(func() { err = proc.KillTree(tree) }, func() {
+		if err != nil {
+			m.log.Error("cannot kill the source tree", zap.Error(err))
+		}
+		m.rpc.Send(&wire.Done{})
+		m.rec.Done = true
+		if err := m.rec.Save(m.p.Dir); err != nil {
+			m.log.Error("cannot record the end", zap.Error(err))
+		}
+		m.ph.enter("done")
+		m.state = srcEnd
+		m.emit()
+	})
 }
 
 func (m *source) stop() {
@@ -805,7 +839,7 @@ func (m *source) stop() {
 
 func (m *source) cancel() error {
 	switch {
-	case m.state == srcEnd || m.state == srcAbort:
+	case m.state == srcEnd || m.state == srcAbort || m.state == srcResume:
 		return api.Errorf(api.CodeConflict, "session %s is already ending", m.s.ID)
 	case m.state >= srcCommit:
 		return api.Errorf(api.CodeConflict,
@@ -817,27 +851,25 @@ func (m *source) cancel() error {
 }
 
 func (m *source) cleanup() {
+	if m.images != nil {
+		m.images.stop()
+	}
 	m.progressTimer.Cancel()
 	m.waiting.Cancel()
 	m.hb.stop()
 	m.openGate()
 	if m.state != srcEnd {
 		// A panic mid-way: make the outcome safe. Closing the dump's
-		// socket makes CRIU resume a tree it still holds.
-		if m.released && (m.state < srcCommit || m.state == srcAbort) {
-			m.end()
+		// socket makes CRIU resume a tree it still holds; a tree it left
+		// stopped is resumed here.
+		if m.released && (m.state < srcCommit || m.state == srcAbort || m.state == srcResume) {
+			m.ended(m.resume(m.tree, true))
 		}
 	}
 	if m.dump != nil {
 		m.dump.stop()
 	}
-	if m.relay != nil {
-		m.relay.Close()
-	}
-	// Flush what we can (a final Done or Fail) without blocking.
-	m.rpc.Flush()
-	m.rpc.Close()
-	m.mem.Close()
+	m.close()
 	proc.CloseAll(m.tree)
 }
 
@@ -849,7 +881,7 @@ func (m *source) result() api.Result {
 		DestPID:   m.destPID,
 		Dest:      m.p.Dest,
 		TotalMS:   time.Since(m.t0).Milliseconds(),
-		Bytes:     m.rpc.BytesOut() + m.rpc.BytesIn() + m.mem.BytesOut() + m.mem.BytesIn(),
+		Bytes:     m.bytes(),
 		PhasesMS:  m.ph.took,
 		Mode:      m.mode,
 	}
@@ -874,19 +906,10 @@ func (m *source) result() api.Result {
 	if m.relay != nil {
 		r.PageBytes = m.relay.Sent()
 	}
-	if d := m.dumpStats; d != nil {
-		r.Dump = &api.DumpStats{
-			FreezingUS: d.FreezingUS, FrozenUS: d.FrozenUS, MemdumpUS: d.MemdumpUS, MemwriteUS: d.MemwriteUS,
-			PagesScanned: d.PagesScanned, PagesSkippedParent: d.PagesSkippedParent,
-			PagesWritten: d.PagesWritten, PagesLazy: d.PagesLazy,
-		}
+	if m.dumpStats != nil {
+		r.Dump = m.dumpStats
 	}
-	if rs := m.restore; rs != nil {
-		r.Restore = &api.RestoreStats{
-			PagesCompared: rs.PagesCompared, PagesSkippedCOW: rs.PagesSkippedCOW, PagesRestored: rs.PagesRestored,
-			ForkingUS: rs.ForkingUS, RestoreUS: rs.RestoreUS,
-		}
-	}
+	r.Restore = m.restore
 	return r
 }
 
@@ -905,8 +928,19 @@ func (m *source) outcome() End {
 }
 
 func (m *source) crash() {
+	if m.images != nil {
+		m.images.stop()
+	}
 	m.gateLocks.Release()
 	m.gateLocks = nil
+	if m.dump != nil {
+		m.dump.stop()
+	}
+	if m.relay != nil {
+		m.relay.Close() // a reset, as the kernel's close of it is
+	}
+	m.rpc.Close()
+	m.mem.Close()
 	proc.CloseAll(m.tree)
 	m.tree = nil
 }

@@ -100,18 +100,8 @@ func (w *criuWatch) stop() {
 }
 
 // abandonGrace is how long an abandoned CRIU request may take to exit
-// before it is killed.
+// before it is killed (see Op.Abandon).
 const abandonGrace = 3 * time.Second
-
-// abandon stops watching a request that may be killed (not a dump) and
-// makes sure its CRIU is gone: see criu.Op.Abandon.
-func (w *criuWatch) abandon() (killed bool) {
-	if !w.done {
-		w.done = true
-		w.l.Unwatch(w.op.Fd())
-	}
-	return w.op.Abandon(abandonGrace)
-}
 
 // heartbeat keeps a session's peer honest: it pings the peer on the rpc
 // connection every third of timeout, and calls silent once nothing at all

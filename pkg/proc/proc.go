@@ -21,9 +21,13 @@ import (
 // process that was meant: same pid, other start time).
 var ErrNotFound = errors.New("no such process")
 
-// pfKthread is PF_KTHREAD from the kernel's sched.h: the task is a kernel
-// thread.
-const pfKthread = 0x00200000
+// Task flags from the kernel's sched.h: PF_EXITING, the task is exiting
+// (killed, or returning from main: no longer running its program);
+// PF_KTHREAD, it is a kernel thread.
+const (
+	pfExiting = 0x00000004
+	pfKthread = 0x00200000
+)
 
 // Info is a snapshot of one process.
 type Info struct {
@@ -42,6 +46,10 @@ type Info struct {
 
 // KernelThread reports whether the process is a kernel thread.
 func (i Info) KernelThread() bool { return i.Flags&pfKthread != 0 }
+
+// Exiting reports whether the process is on its way out: it runs no more
+// of its program, whatever its state letter says for the moment.
+func (i Info) Exiting() bool { return i.Flags&pfExiting != 0 }
 
 // Stopped reports whether the process is stopped by a signal or a tracer.
 func (i Info) Stopped() bool { return i.State == 'T' || i.State == 't' }
@@ -296,4 +304,58 @@ func Resident(pids []int) int64 {
 		}
 	}
 	return total
+}
+
+// NSPid is pid's pid in its own (innermost) pid namespace, from the NSpid
+// line of /proc/PID/status: the pid CRIU records it by in a dump.
+func NSPid(pid int) (int, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH) {
+			return 0, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
+		}
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f, ok := strings.CutPrefix(line, "NSpid:"); ok {
+			ids := strings.Fields(f)
+			if len(ids) == 0 {
+				break
+			}
+			return strconv.Atoi(ids[len(ids)-1])
+		}
+	}
+	return 0, fmt.Errorf("pid %d: no NSpid in its status", pid)
+}
+
+// Running reports whether pid runs its program: it exists, is neither
+// stopped (by a signal or a tracer) nor a zombie, and is not on its way
+// out. A process sent SIGKILL counts as gone from that moment, though it
+// may wait in the run queue a while before it exits.
+func Running(pid int) bool {
+	info, err := Stat(pid)
+	if err != nil || info.Stopped() || info.Exiting() || info.State == 'Z' || info.State == 'X' {
+		return false
+	}
+	return !killPending(pid)
+}
+
+// killPending reports whether SIGKILL waits to be taken by pid, from the
+// SigPnd and ShdPnd lines of /proc/PID/status.
+func killPending(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return true // gone
+	}
+	const kill = 1 << (uint(syscall.SIGKILL) - 1)
+	for _, line := range strings.Split(string(b), "\n") {
+		for _, prefix := range []string{"SigPnd:", "ShdPnd:"} {
+			if v, ok := strings.CutPrefix(line, prefix); ok {
+				if set, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil && set&kill != 0 {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }

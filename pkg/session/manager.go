@@ -74,12 +74,22 @@ type Config struct {
 	// Disabled, if set, refuses every migration with this error (phauld
 	// without certificates and without --insecure).
 	Disabled error
+	// Authorize, if set, decides whether caller may migrate the tree
+	// rooted at root (its pids). It is asked with the identity the
+	// migration records (pid and start time), after the tree's pids are
+	// reserved, so a pid reused since an earlier check cannot slip by.
+	Authorize func(caller api.Caller, root proc.Info, pids []int) error
 	// DumpLockDir holds the lock files that keep dumps of processes in
 	// one working directory apart (default dumplock.DefaultDir).
 	DumpLockDir string
 	// Place, if set, moves a restored tree (its pids) out of the daemon's
 	// cgroup before it resumes: under systemd, into a scope of its own.
-	Place func(id wire.SessionID, pids []int) error
+	// It must return by ctx's deadline.
+	Place func(ctx context.Context, id string, pids []int) error
+	// Guard, if set, starts a restored copy's dead man's switch (see
+	// migrate.Guard); without one, a copy that phauld's death leaves
+	// behind lives until phauld starts again and discards it.
+	Guard func(dir string, pid int, start uint64) (migrate.Guard, error)
 }
 
 func (c *Config) setDefaults() {
@@ -129,9 +139,16 @@ type Manager struct {
 	mu        sync.Mutex
 	sessions  map[wire.SessionID]*running
 	resolvers map[wire.SessionID]*resolver
+	// held maps each pid of a tree this daemon is migrating away (or
+	// holds stopped, in doubt, or is recovering) to what holds it: a pid
+	// belongs to one migration at a time (see claim).
+	held      map[int]holder
 	halves    map[wire.SessionID]*half
 	closing   bool
 	listeners []net.Listener
+	// stopping is closed by Shutdown: background work (recovery) gives
+	// up its waits.
+	stopping chan struct{}
 
 	gate       *dumplock.Gate
 	history    *store.History
@@ -179,6 +196,8 @@ func NewManager(cfg Config) (*Manager, error) {
 		log:        cfg.Log,
 		sessions:   map[wire.SessionID]*running{},
 		resolvers:  map[wire.SessionID]*resolver{},
+		held:       map[int]holder{},
+		stopping:   make(chan struct{}),
 		halves:     map[wire.SessionID]*half{},
 		handshakes: make(chan struct{}, maxHandshakes),
 		shaking:    map[*transport.Link]struct{}{},
@@ -322,11 +341,19 @@ func (m *Manager) handshake(c net.Conn) {
 		return
 	}
 	lk.SetDeadline(time.Time{})
-	keep = true
 
 	m.mu.Lock()
+	if m.halves[hello.Session] != h || m.closing {
+		// Dropped while its reply was written (the pair timed out, or
+		// phauld is stopping): this goroutine owns the link, and closes
+		// it.
+		m.mu.Unlock()
+		log.Warn("connection dropped: its pair timed out, or phauld is stopping")
+		return
+	}
+	keep = true
 	h.ready[role] = true
-	complete := h.ready[0] && h.ready[1] && m.halves[hello.Session] == h && !m.closing
+	complete := h.ready[0] && h.ready[1]
 	if complete {
 		delete(m.halves, hello.Session)
 		h.timer.Stop()
@@ -387,7 +414,7 @@ func (m *Manager) expire(id wire.SessionID, h *half) {
 		return
 	}
 	delete(m.halves, id)
-	conns := h.conns
+	conns := h.drop()
 	m.mu.Unlock()
 	for i, c := range conns {
 		if c != nil {
@@ -397,6 +424,26 @@ func (m *Manager) expire(id wire.SessionID, h *half) {
 			c.Close()
 		}
 	}
+}
+
+// drop lets go of a half that is no longer in m.halves (m.mu held). A
+// connection whose handshake goroutine is done with it (ready) is
+// returned for the caller to close; one still being answered belongs to
+// its goroutine, which is woken and closes it itself (it finds the half
+// gone): closing it here could close a descriptor that goroutine is still
+// writing to, or that already belongs to another socket.
+func (h *half) drop() (closable [2]*transport.Link) {
+	h.timer.Stop()
+	for i, c := range h.conns {
+		switch {
+		case c == nil:
+		case h.ready[i]:
+			closable[i] = c
+		default:
+			c.Shutdown()
+		}
+	}
+	return closable
 }
 
 func (m *Manager) sessionDir(id wire.SessionID) string {
@@ -431,9 +478,10 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 		return
 	}
 	cfg := migrate.DestConfig{ID: id, Peer: peer, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir,
-		PeerTimeout: m.cfg.PeerTimeout, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks}
+		PeerTimeout: m.cfg.PeerTimeout, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks,
+		Guard: m.cfg.Guard}
 	if m.cfg.Place != nil {
-		cfg.Place = func(pids []int) error { return m.cfg.Place(id, pids) }
+		cfg.Place = func(ctx context.Context, pids []int) error { return m.cfg.Place(ctx, id.String(), pids) }
 	}
 	s, err := migrate.NewDest(cfg, h.conns[0], h.conns[1])
 	if err != nil {
@@ -504,6 +552,7 @@ func (m *Manager) finished(r *running, end migrate.End, log *zap.Logger, dir str
 		r.resolver = m.startResolver(s.ID, &rec, dir, log, api.HistoryEntry{Started: s.Started, Result: end.Result})
 		return
 	}
+	m.unclaim(s.ID)
 	if end.Err != nil {
 		fields := []zap.Field{zap.Error(end.Err), zap.String("images", dir)}
 		var pe *migrate.PanicError
@@ -583,6 +632,33 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	if err != nil {
 		return api.Result{}, err
 	}
+	var id wire.SessionID
+	if _, err := rand.Read(id[:]); err != nil {
+		return api.Result{}, err
+	}
+	pids, err := proc.Tree(info.PID)
+	if err != nil {
+		return api.Result{}, api.Errorf(api.CodeNotFound, "no process with pid %d on this host", req.PID)
+	}
+	if err := m.claim(id, pids, "migrating"); err != nil {
+		return api.Result{}, err
+	}
+	// From here on the tree is this migration's until it is settled; on
+	// the way out before the session runs, it is let go.
+	spawned := false
+	defer func() {
+		if !spawned {
+			m.unclaim(id)
+		}
+	}()
+	if m.cfg.Authorize != nil {
+		if err := m.cfg.Authorize(caller, info, pids); err != nil {
+			return api.Result{}, err
+		}
+	}
+	if cur, err := proc.Stat(info.PID); err != nil || cur.StartTime != info.StartTime {
+		return api.Result{}, api.Errorf(api.CodeNotFound, "pid %d exited while it was checked", req.PID)
+	}
 	mode := req.Mode
 	if mode == "" {
 		mode = api.ModeAuto
@@ -594,10 +670,6 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	}
 	if mode != api.ModeAuto && !m.cfg.AsSource.Can(mode) {
 		return api.Result{}, api.Errorf(api.CodePrecondition, "%s migration impossible: on this host (the source), %s. Use --mode auto (or copy)", mode, m.cfg.AsSource[mode])
-	}
-	var id wire.SessionID
-	if _, err := rand.Read(id[:]); err != nil {
-		return api.Result{}, err
 	}
 	log := m.log.With(zap.Stringer("session", id), zap.Int("pid", req.PID), zap.String("peer", addr), zap.String("direction", api.DirectionOut))
 	log.Info("outgoing migration", zap.Int("caller_uid", caller.UID))
@@ -648,6 +720,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		return api.Result{}, err
 	}
 	r := m.spawn(&running{s: s, out: true}, log, dir)
+	spawned = r != nil
 	if r == nil {
 		s.Close()
 		close(events)
@@ -736,14 +809,77 @@ func (m *Manager) checkPID(pid int) (proc.Info, error) {
 		return proc.Info{}, api.Errorf(api.CodeInvalid,
 			"pid %d (%s) is an ancestor of phauld: dumping its tree would freeze phauld itself", pid, info.Comm)
 	}
+	return info, nil
+}
+
+// holder is what holds a pid: a session, and what it is doing with it.
+type holder struct {
+	id   wire.SessionID
+	what string // "migrating", "in doubt", "recovering"
+}
+
+// claim makes pids (a tree) id's, under the manager's lock: each pid
+// belongs to at most one migration at a time, from before anything is
+// dialed until the migration is settled (in doubt included). A tree with
+// a pid, or an ancestor, held by another is refused at once, naming the
+// session that holds it.
+func (m *Manager) claim(id wire.SessionID, pids []int, what string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for _, r := range m.sessions {
-		if r.out && r.s.Info().PID == pid {
-			return proc.Info{}, api.Errorf(api.CodeConflict, "pid %d is already being migrated (session %s)", pid, r.s.ID)
+	for _, pid := range pids {
+		if h, ok := m.held[pid]; ok && h.id != id {
+			return m.heldErr(pid, h)
 		}
 	}
-	return info, nil
+	// A process forked into a held tree after it was reserved is held
+	// too: by its ancestor.
+	if len(pids) > 0 {
+		for p := pids[0]; p > 1; {
+			info, err := proc.Stat(p)
+			if err != nil {
+				break
+			}
+			if h, ok := m.held[info.PPID]; ok && h.id != id {
+				return m.heldErr(pids[0], h)
+			}
+			p = info.PPID
+		}
+	}
+	for _, pid := range pids {
+		m.held[pid] = holder{id: id, what: what}
+	}
+	return nil
+}
+
+func (m *Manager) heldErr(pid int, h holder) error {
+	if h.what == "in doubt" {
+		return api.Errorf(api.CodeConflict,
+			"pid %d belongs to migration %s, which is in doubt: its process is held stopped here until the destination says whether it committed (see phaulctl list; an operator can settle it with phaulctl resolve)",
+			pid, h.id)
+	}
+	return api.Errorf(api.CodeConflict, "pid %d belongs to migration %s (%s); wait for it to end (see phaulctl list)", pid, h.id, h.what)
+}
+
+// mark says what id does with the pids it holds.
+func (m *Manager) mark(id wire.SessionID, what string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for pid, h := range m.held {
+		if h.id == id {
+			m.held[pid] = holder{id: id, what: what}
+		}
+	}
+}
+
+// unclaim lets go of every pid id holds.
+func (m *Manager) unclaim(id wire.SessionID) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for pid, h := range m.held {
+		if h.id == id {
+			delete(m.held, pid)
+		}
+	}
 }
 
 // dial opens one connection of a migration (or a query), authenticates
@@ -821,18 +957,20 @@ func (m *Manager) Sessions() []api.Session {
 // eventfd (each ends by its commit rule) and waits for them until ctx ends.
 func (m *Manager) Shutdown(ctx context.Context) error {
 	m.mu.Lock()
+	if !m.closing {
+		close(m.stopping)
+	}
 	m.closing = true
 	for _, l := range m.listeners {
 		l.Close()
 	}
 	for id, h := range m.halves {
-		h.timer.Stop()
-		for _, c := range h.conns {
+		delete(m.halves, id)
+		for _, c := range h.drop() {
 			if c != nil {
 				c.Close()
 			}
 		}
-		delete(m.halves, id)
 	}
 	for lk := range m.shaking {
 		// Wakes a handshake blocked on the socket; its goroutine closes it.

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -140,7 +141,7 @@ func TestPairsByIDNotOrder(t *testing.T) {
 	frame, _ := wire.Marshal(&wire.PageData{Data: []byte("x")})
 	memY.Write(frame)
 	f := readFail(t, rpcY)
-	if !strings.Contains(f.Message, "page data before the page server started") {
+	if !strings.Contains(f.Message, "page data before the page stream began") {
 		t.Fatalf("Y's fail = %+v", f)
 	}
 	waitSessions(t, m, 1)
@@ -306,4 +307,45 @@ func TestCheckPID(t *testing.T) {
 	if info, err := m.checkPID(child.Process.Pid); err != nil || info.PID != child.Process.Pid {
 		t.Errorf("checkPID(child) = %+v, %v", info, err)
 	}
+}
+
+// TestLoneHalvesAndShutdown opens many lone connections whose pairs time
+// out at once, while phauld stops: a connection dropped while its reply is
+// being written belongs to its handshake goroutine, which closes it; no
+// descriptor is closed twice (the race detector watches), every client
+// sees its own reply or the end of its connection, and Shutdown returns.
+func TestLoneHalvesAndShutdown(t *testing.T) {
+	m, addr := newTestManager(t, time.Millisecond)
+	var wg sync.WaitGroup
+	for i := 0; i < 64; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				return // the listener closed
+			}
+			defer c.Close()
+			wire.WriteMessage(c, &wire.Hello{Proto: wire.Version, Role: wire.RoleRPC, Session: newID(t)})
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			msg, err := wire.ReadMessage(c, wire.Handshake)
+			if err != nil {
+				return
+			}
+			if _, ok := msg.(*wire.HelloReply); !ok {
+				t.Errorf("a client read %s, not its reply", msg.Type())
+			}
+			// Then nothing more: the connection ends.
+			if m, err := wire.ReadMessage(c, wire.Handshake); err == nil {
+				t.Errorf("a client read a second message (%s): another connection's", m.Type())
+			}
+		}()
+	}
+	time.Sleep(5 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := m.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
 }

@@ -3,16 +3,19 @@
 package session
 
 import (
+	"context"
 	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"go.uber.org/zap/zaptest"
 
+	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/proc"
@@ -136,9 +139,54 @@ func TestRecoverByRecord(t *testing.T) {
 		t.Errorf("committed copy state %c after recovery, want running", s)
 	}
 	for dir, want := range map[string]string{srcDir: store.Aborted, dstDir: store.Aborted, okDir: store.Committed} {
-		if rec, err := store.Load(dir); err != nil || rec.State != want {
-			t.Errorf("record in %s: %+v, %v; want state %s", dir, rec, err, want)
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			rec, err := store.Load(dir)
+			if err == nil && rec.State == want {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("record in %s: %+v, %v; want state %s", dir, rec, err, want)
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
 		}
+	}
+}
+
+// TestRecoverIsBounded: a record whose tree a CRIU of the previous run
+// still traces (it may hold it for a minute) must not hold up the start:
+// Recover returns at once, and the tree is held meanwhile, so that no
+// migration can take it.
+func TestRecoverIsBounded(t *testing.T) {
+	m, _ := newTestManager(t, time.Second)
+	traced := exec.Command("sleep", "60")
+	traced.SysProcAttr = &syscall.SysProcAttr{Ptrace: true}
+	if err := traced.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { traced.Process.Kill(); traced.Wait() })
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if info, err := proc.Stat(traced.Process.Pid); err == nil && info.State == 't' {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the traced child did not stop in its tracer's hands")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	info, _ := proc.Stat(traced.Process.Pid)
+	sessionDir(t, m, &store.Record{Role: store.RoleSource, State: store.Dumping, PID: info.PID, StartTime: info.StartTime}, 0)
+	start := time.Now()
+	if err := m.Recover(); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Fatalf("Recover took %v with a traced tree", took)
+	}
+	_, err := m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: info.PID, To: "127.0.0.1:1"}, nil)
+	if api.CodeOf(err) != api.CodeConflict || !strings.Contains(err.Error(), "recovering") {
+		t.Fatalf("migrating a tree being recovered: %v; want a conflict naming the recovery", err)
 	}
 }
 

@@ -4,7 +4,6 @@
 package systemd
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"os"
@@ -13,8 +12,6 @@ import (
 
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
-	sddbus "github.com/coreos/go-systemd/v22/dbus"
-	godbus "github.com/godbus/dbus/v5"
 )
 
 // Activated returns the listening sockets systemd passed to this process,
@@ -80,43 +77,4 @@ func WatchdogInterval() time.Duration {
 		return 0
 	}
 	return d
-}
-
-// ScopeSlice is the slice migrated processes' scopes go in: `systemctl
-// status phaul.slice` lists them.
-const ScopeSlice = "phaul.slice"
-
-// PlaceInScope moves pids into a new transient scope unit, name (ending in
-// .scope), in ScopeSlice: they then live and die on their own, not with
-// the unit that started them. It talks to systemd on its private socket,
-// which needs no D-Bus daemon (and root).
-func PlaceInScope(ctx context.Context, name, description string, pids []int) error {
-	conn, err := sddbus.NewSystemdConnectionContext(ctx)
-	if err != nil {
-		return fmt.Errorf("connect to systemd: %w", err)
-	}
-	defer conn.Close()
-	upids := make([]uint32, len(pids))
-	for i, p := range pids {
-		upids[i] = uint32(p)
-	}
-	props := []sddbus.Property{
-		sddbus.PropDescription(description),
-		sddbus.PropSlice(ScopeSlice),
-		sddbus.PropPids(upids...),
-		{Name: "CollectMode", Value: godbus.MakeVariant("inactive-or-failed")},
-	}
-	done := make(chan string, 1)
-	if _, err := conn.StartTransientUnitContext(ctx, name, "fail", props, done); err != nil {
-		return fmt.Errorf("start %s: %w", name, err)
-	}
-	select {
-	case result := <-done:
-		if result != "done" {
-			return fmt.Errorf("start %s: job %s", name, result)
-		}
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("start %s: %w", name, ctx.Err())
-	}
 }

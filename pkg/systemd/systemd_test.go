@@ -1,6 +1,7 @@
 package systemd
 
 import (
+	"github.com/phaul/phaul/pkg/api"
 	"net"
 	"path/filepath"
 	"testing"
@@ -50,5 +51,19 @@ func TestSplitRejects(t *testing.T) {
 	pkt := listen(t, "unixpacket", filepath.Join(dir, "p.sock"))
 	if _, _, err := Split(map[string][]net.Listener{"x": {pkt}}); err == nil {
 		t.Error("a seqpacket socket accepted as the control socket")
+	}
+}
+
+func TestStatusLine(t *testing.T) {
+	listen := []string{"[::]:12345"}
+	if got, want := StatusLine(listen, nil), "serving migrations on [::]:12345; idle"; got != want {
+		t.Errorf("idle: %q, want %q", got, want)
+	}
+	got := StatusLine(listen, []api.Session{
+		{ID: "0123456789abcdef0123456789abcdef", Direction: "out", PID: 42, Phase: "dump"},
+		{ID: "fedcba9876543210fedcba9876543210", Direction: "in", PID: 7, Phase: "restore"},
+	})
+	if want := "serving migrations on [::]:12345; 2 migration(s): 01234567 out pid 42 dump, fedcba98 in pid 7 restore"; got != want {
+		t.Errorf("busy: %q, want %q", got, want)
 	}
 }

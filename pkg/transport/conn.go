@@ -148,19 +148,25 @@ func (c *Conn) Read() {
 		c.dec.Commit(n)
 		c.bytesIn += int64(n)
 		c.lastRecv = time.Now()
-		for !c.closed && !c.paused {
-			m, err := c.dec.Next()
-			if err != nil {
-				c.fail(fmt.Errorf("%s connection: %w", c.name, err))
-				return
-			}
-			if m == nil {
-				break
-			}
-			if err := c.OnMessage(m); err != nil {
-				c.fail(err)
-				return
-			}
+		c.dispatch()
+	}
+}
+
+// dispatch hands the whole frames the decoder holds to OnMessage, until
+// the conn is paused or closed.
+func (c *Conn) dispatch() {
+	for !c.closed && !c.paused {
+		m, err := c.dec.Next()
+		if err != nil {
+			c.fail(fmt.Errorf("%s connection: %w", c.name, err))
+			return
+		}
+		if m == nil {
+			return
+		}
+		if err := c.OnMessage(m); err != nil {
+			c.fail(err)
+			return
 		}
 	}
 }
@@ -188,9 +194,6 @@ func (c *Conn) Queue(b []byte) {
 	c.bytesOut += int64(len(b))
 	c.Flush()
 }
-
-// maxIovecs bounds one writev.
-const maxIovecs = 64
 
 // Flush writes what is queued, as much as the socket takes now.
 func (c *Conn) Flush() {
@@ -225,20 +228,7 @@ func (c *Conn) Pause(p bool) {
 	if !p {
 		// Frames may wait in the decoder, and records in TLS's buffers,
 		// that no readiness event will announce.
-		for !c.closed && !c.paused {
-			m, err := c.dec.Next()
-			if err != nil {
-				c.fail(fmt.Errorf("%s connection: %w", c.name, err))
-				return
-			}
-			if m == nil {
-				break
-			}
-			if err := c.OnMessage(m); err != nil {
-				c.fail(err)
-				return
-			}
-		}
+		c.dispatch()
 		if !c.closed && !c.paused {
 			c.Read()
 		}
@@ -256,7 +246,10 @@ func (c *Conn) update() {
 	if c.link.queued() > 0 {
 		ev |= epoll.Out
 	}
-	c.l.SetEvents(c.link.Fd(), ev)
+	if err := c.l.SetEvents(c.link.Fd(), ev); err != nil {
+		// Unwatchable, it would never be read or written again.
+		c.fail(fmt.Errorf("%s connection: %w", c.name, err))
+	}
 }
 
 // Flushed reports whether everything queued has been written.

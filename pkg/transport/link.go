@@ -16,6 +16,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -29,6 +30,12 @@ import (
 type Link struct {
 	fc  *fdConn
 	tls *tls.Conn // nil on a plain link
+
+	// mu orders Close, which the link's owner calls, with Shutdown, which
+	// others may call to wake the owner: once closed, the descriptor's
+	// number may belong to another socket, which Shutdown must not touch.
+	mu     sync.Mutex
+	closed bool
 }
 
 // errWouldBlock is what a link in loop mode returns when there is nothing
@@ -125,9 +132,10 @@ func (l *Link) send(b []byte) error {
 	return nil
 }
 
-// copies reports whether send copies what it is given (TLS encrypts it
-// into its own buffers): the caller may then reuse its buffer.
-func (l *Link) copies() bool { return l.tls != nil }
+// Copies reports whether sending copies what it is given (TLS encrypts it
+// into its own buffers): the caller may then reuse its buffer. A plain
+// link keeps the buffer until the socket has taken it.
+func (l *Link) Copies() bool { return l.tls != nil }
 
 // flush writes what is queued, as much as the socket takes now.
 func (l *Link) flush() error { return l.fc.flush() }
@@ -135,12 +143,28 @@ func (l *Link) flush() error { return l.fc.flush() }
 // queued is how many bytes wait to be written to the socket.
 func (l *Link) queued() int { return l.fc.outLen }
 
-// Close closes the socket. What is still queued is lost.
-func (l *Link) Close() { l.fc.Close() }
+// Close closes the socket; only the link's owner calls it, once it is
+// done with it (later calls do nothing). What is still queued is lost.
+func (l *Link) Close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return
+	}
+	l.closed = true
+	l.fc.Close()
+}
 
-// Shutdown shuts the socket down both ways, waking whoever blocks on it,
-// without closing the descriptor (its owner does).
-func (l *Link) Shutdown() { unix.Shutdown(l.fc.fd, unix.SHUT_RDWR) }
+// Shutdown shuts the socket down both ways, waking its owner if it blocks
+// on it, without closing the descriptor (the owner does). Any goroutine
+// may call it; on a closed link it does nothing.
+func (l *Link) Shutdown() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.closed {
+		unix.Shutdown(l.fc.fd, unix.SHUT_RDWR)
+	}
+}
 
 // fdConn is a net.Conn on a non-blocking socket the session owns, so that
 // crypto/tls can run on it: blocking (with deadlines, by poll) while the
@@ -156,7 +180,7 @@ type fdConn struct {
 	// out queues whole buffers handed over by a plain link's send; wbuf
 	// collects what TLS writes record by record, so that it goes out in
 	// few large writes. A link uses one or the other, never both.
-	out    [][]byte
+	out    queue
 	wbuf   []byte
 	woff   int
 	outLen int
@@ -228,19 +252,16 @@ func (c *fdConn) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	for off := 0; off < len(p); {
-		n, err := unix.Write(c.fd, p[off:])
+		n, err := write(c.fd, p[off:])
+		off += n
 		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN:
+		case err != nil:
+			return off, err
+		case off < len(p):
 			if err := c.wait(unix.POLLOUT, c.wrDeadline); err != nil {
 				return off, err
 			}
-			continue
-		case err != nil:
-			return off, err
 		}
-		off += n
 	}
 	return len(p), nil
 }
@@ -274,57 +295,24 @@ func (c *fdConn) queue(b []byte) {
 	if c.closed || len(b) == 0 {
 		return
 	}
-	c.out = append(c.out, b)
+	c.out.push(b)
 	c.outLen += len(b)
 }
 
 // flush writes queued bytes until the socket would block.
 func (c *fdConn) flush() error {
-	for c.woff < len(c.wbuf) {
-		n, err := unix.Write(c.fd, c.wbuf[c.woff:])
-		if err == unix.EINTR {
-			continue
-		}
-		if err == unix.EAGAIN {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
+	if c.woff < len(c.wbuf) {
+		n, err := write(c.fd, c.wbuf[c.woff:])
 		c.woff += n
 		c.outLen -= n
-	}
-	if c.woff > 0 {
-		c.wbuf, c.woff = c.wbuf[:0], 0
-	}
-	for c.outLen > 0 {
-		iov := c.out
-		if len(iov) > maxIovecs {
-			iov = iov[:maxIovecs]
-		}
-		n, err := unix.Writev(c.fd, iov)
-		if err == unix.EINTR {
-			continue
-		}
-		if err == unix.EAGAIN {
-			return nil
-		}
-		if err != nil {
+		if err != nil || c.woff < len(c.wbuf) {
 			return err
 		}
-		c.outLen -= n
-		for n > 0 {
-			if n >= len(c.out[0]) {
-				n -= len(c.out[0])
-				c.out[0] = nil
-				c.out = c.out[1:]
-			} else {
-				c.out[0] = c.out[0][n:]
-				n = 0
-			}
-		}
+		c.wbuf, c.woff = c.wbuf[:0], 0
 	}
-	return nil
+	n, err := c.out.writeTo(c.fd)
+	c.outLen -= n
+	return err
 }
 
 func (c *fdConn) Close() error {
@@ -332,7 +320,7 @@ func (c *fdConn) Close() error {
 		return nil
 	}
 	c.closed = true
-	c.out, c.wbuf, c.outLen = nil, nil, 0
+	c.out, c.wbuf, c.outLen = queue{}, nil, 0
 	return unix.Close(c.fd)
 }
 

@@ -24,8 +24,7 @@ type Relay struct {
 	local int // our end of the socketpair; CRIU has the other
 	mem   *Conn
 
-	localOut    [][]byte
-	localOutLen int
+	localOut    queue
 	localPaused bool // reading local stopped: mem's queue is full
 	localEOF    bool // CRIU closed its side
 	remoteEOF   bool // the peer's CRIU closed its side
@@ -223,7 +222,7 @@ func (r *Relay) readLocal() {
 		wire.PutHeader(buf, wire.TypePageData, n)
 		r.sent += int64(n)
 		frame := buf[:wire.HeaderLen+n]
-		if !r.mem.link.copies() {
+		if !r.mem.link.Copies() {
 			// A plain link keeps the frame until the socket takes it,
 			// so the buffer cannot be read into again. A small read (a
 			// lazy page answer) is copied out; a big one keeps its
@@ -279,26 +278,17 @@ func (r *Relay) writeLocal(b []byte) {
 	if r.closed {
 		return
 	}
-	if r.localOutLen == 0 {
-		for len(b) > 0 {
-			n, err := unix.Write(r.local, b)
-			if err == unix.EINTR {
-				continue
-			}
-			if err == unix.EAGAIN {
-				break
-			}
-			if err != nil {
-				r.fail(fmt.Errorf("write page stream to criu: %w", err))
-				return
-			}
-			b = b[n:]
+	if r.localOut.len() == 0 {
+		n, err := write(r.local, b)
+		if err != nil {
+			r.fail(fmt.Errorf("write page stream to criu: %w", err))
+			return
 		}
+		b = b[n:]
 	}
 	if len(b) > 0 {
-		r.localOut = append(r.localOut, append([]byte(nil), b...))
-		r.localOutLen += len(b)
-		if r.localOutLen >= HighWater {
+		r.localOut.push(append([]byte(nil), b...))
+		if r.localOut.len() >= HighWater {
 			r.mem.Pause(true)
 		}
 	}
@@ -306,40 +296,17 @@ func (r *Relay) writeLocal(b []byte) {
 }
 
 func (r *Relay) flushLocal() {
-	for r.localOutLen > 0 && !r.closed {
-		iov := r.localOut
-		if len(iov) > maxIovecs {
-			iov = iov[:maxIovecs]
-		}
-		n, err := unix.Writev(r.local, iov)
-		if err == unix.EINTR {
-			continue
-		}
-		if err == unix.EAGAIN {
-			break
-		}
-		if err != nil {
-			r.fail(fmt.Errorf("write page stream to criu: %w", err))
-			return
-		}
-		r.localOutLen -= n
-		for n > 0 {
-			if n >= len(r.localOut[0]) {
-				n -= len(r.localOut[0])
-				r.localOut = r.localOut[1:]
-			} else {
-				r.localOut[0] = r.localOut[0][n:]
-				n = 0
-			}
-		}
+	if _, err := r.localOut.writeTo(r.local); err != nil {
+		r.fail(fmt.Errorf("write page stream to criu: %w", err))
+		return
 	}
 	if r.closed {
 		return
 	}
-	if r.localOutLen < LowWater {
+	if r.localOut.len() < LowWater {
 		r.mem.Pause(false)
 	}
-	if r.remoteEOF && r.localOutLen == 0 && !r.shutdown && !r.HoldEOF {
+	if r.remoteEOF && r.localOut.len() == 0 && !r.shutdown && !r.HoldEOF {
 		r.shutdown = true
 		// CRIU may be gone already; then there is nobody to tell.
 		unix.Shutdown(r.local, unix.SHUT_WR)
@@ -356,10 +323,13 @@ func (r *Relay) update() {
 	if !r.localPaused && !r.localEOF {
 		ev |= epoll.In | epoll.RDHup
 	}
-	if r.localOutLen > 0 {
+	if r.localOut.len() > 0 {
 		ev |= epoll.Out
 	}
-	r.l.SetEvents(r.local, ev)
+	if err := r.l.SetEvents(r.local, ev); err != nil {
+		// Unwatchable, CRIU's side would never be served again.
+		r.fail(fmt.Errorf("page stream from criu: %w", err))
+	}
 }
 
 func (r *Relay) checkEnd() {
@@ -392,7 +362,7 @@ func (r *Relay) Close() {
 	r.closed = true
 	r.l.Unwatch(r.local)
 	unix.Close(r.local)
-	r.localOut, r.localOutLen = nil, 0
+	r.localOut = queue{}
 	r.mem.OnDrain = nil
 }
 

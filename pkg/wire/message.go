@@ -4,6 +4,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/phaul/phaul/pkg/api"
 	"regexp"
 )
 
@@ -325,16 +326,7 @@ type Restored struct {
 	// RestoreMS is how long CRIU's restore took, as the destination saw it.
 	RestoreMS int64 `json:"restore_ms"`
 	// Stats are CRIU's restore statistics, when it wrote them.
-	Stats *RestoreStats `json:"stats,omitempty"`
-}
-
-// RestoreStats are CRIU's own restore figures.
-type RestoreStats struct {
-	PagesCompared   uint64 `json:"pages_compared"`
-	PagesSkippedCOW uint64 `json:"pages_skipped_cow"`
-	PagesRestored   uint64 `json:"pages_restored"`
-	ForkingUS       uint32 `json:"forking_us"`
-	RestoreUS       uint32 `json:"restore_us"`
+	Stats *api.RestoreStats `json:"stats,omitempty"`
 }
 
 // Commit asks the destination to commit: resume its copy and make the

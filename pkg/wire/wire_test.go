@@ -1,6 +1,8 @@
 package wire
 
 import (
+	"github.com/phaul/phaul/pkg/api"
+
 	"bytes"
 	"errors"
 	"io"
@@ -23,7 +25,7 @@ func sampleMessages() []Message {
 		&FileData{Data: []byte("0123456789")},
 		&FileEnd{SHA256: strings.Repeat("ab", 32)},
 		&Restore{Files: 3},
-		&Restored{PID: 7, RestoreMS: 12, Stats: &RestoreStats{PagesRestored: 5}},
+		&Restored{PID: 7, RestoreMS: 12, Stats: &api.RestoreStats{PagesRestored: 5}},
 		&Commit{},
 		&Committed{PID: 7},
 		&Done{},

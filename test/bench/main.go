@@ -33,7 +33,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -52,6 +51,7 @@ import (
 	"github.com/phaul/phaul/pkg/client"
 	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/test/harness"
 )
 
 func main() {
@@ -135,34 +135,25 @@ func run() error {
 	if err := pki.Init(filepath.Join(tlsDir, "ca"), []string{"127.0.0.1"}); err != nil {
 		return err
 	}
-	pairs := map[string][2]*daemon{}
+	pairs := map[string][2]*harness.Daemon{}
 	for i, pair := range []string{pairTLS, pairNoTLS} {
-		var flags [2][]string
-		if pair == pairNoTLS {
-			flags = [2][]string{{"--insecure"}, {"--insecure"}}
-		} else {
-			for j, host := range []string{"127.0.0.1", "127.0.0.2"} {
-				dir := filepath.Join(tlsDir, host)
-				if err := pki.Issue(filepath.Join(tlsDir, "ca"), dir, []string{host}); err != nil {
-					return err
-				}
-				flags[j] = []string{"--tls-dir", dir}
+		var ds [2]*harness.Daemon
+		for j, host := range []string{"127.0.0.1", "127.0.0.2"} {
+			d, err := harness.StartDaemon(harness.DaemonConfig{
+				Name: fmt.Sprintf("%s-%c", pair, 'A'+j), Addr: fmt.Sprintf("%s:%d", host, 24001+10*i+j),
+				Dir: filepath.Join(c.work, fmt.Sprintf("%s-%c", pair, 'A'+j)), Phauld: filepath.Join(c.bin, "phauld"),
+				Phaulctl: filepath.Join(c.bin, "phaulctl"), Insecure: pair == pairNoTLS, CA: filepath.Join(tlsDir, "ca"),
+			})
+			if err != nil {
+				return err
 			}
+			defer d.Stop(time.Minute)
+			ds[j] = d
 		}
-		a, err := startDaemon(c, pair+"-A", fmt.Sprintf("127.0.0.1:%d", 24001+10*i), flags[0])
-		if err != nil {
-			return err
-		}
-		defer a.stop()
-		b, err := startDaemon(c, pair+"-B", fmt.Sprintf("127.0.0.2:%d", 24002+10*i), flags[1])
-		if err != nil {
-			return err
-		}
-		defer b.stop()
-		pairs[pair] = [2]*daemon{a, b}
+		pairs[pair] = ds
 	}
 	time.Sleep(500 * time.Millisecond)
-	idleRSS := rssMiB(pairs[pairTLS][0].cmd.Process.Pid)
+	idleRSS := rssMiB(pairs[pairTLS][0].PID())
 
 	host, _ := os.Hostname()
 	fmt.Printf("phaul bench on %s: %s, %d CPUs, %s RAM, kernel %s, %s\n", host, cpuModel(), numCPU(), memTotal(), kernel(), criuVersion())
@@ -280,7 +271,7 @@ func run() error {
 		check(ov < 50, "%s: phaul's own time per migration %.1f ms, median (target < 50 ms)", name, ov)
 	}
 	check(idleRSS < 30, "idle phauld resident memory %.1f MiB (target < 30 MiB); after the runs: %.1f MiB",
-		idleRSS, rssMiB(pairs[pairTLS][0].cmd.Process.Pid))
+		idleRSS, rssMiB(pairs[pairTLS][0].PID()))
 	fmt.Println("\nphaul's own time: the total less CRIU's dump and restore, the lazy transfer and the commit (which\n" +
 		"kills the source copy): connecting, the TLS and protocol handshakes, the version and CPU checks,\n" +
 		"starting the destination's page server, shipping the images.")
@@ -293,107 +284,23 @@ type measure struct {
 	overhead     float64 // phaul's own milliseconds (0 for bare runs)
 }
 
-// daemon is a phauld for the benchmark.
-type daemon struct {
-	addr, socket string
-	cmd          *exec.Cmd
-}
-
-func startDaemon(c config, name, addr string, flags []string) (*daemon, error) {
-	dir := filepath.Join(c.work, name)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
-	d := &daemon{addr: addr, socket: filepath.Join(dir, "ctl.sock")}
-	logf, err := os.Create(filepath.Join(dir, "phauld.log"))
-	if err != nil {
-		return nil, err
-	}
-	d.cmd = exec.Command(filepath.Join(c.bin, "phauld"), append([]string{"--listen", addr, "--control", d.socket, "--state-dir", dir}, flags...)...)
-	d.cmd.Stdout, d.cmd.Stderr = logf, logf
-	if err := d.cmd.Start(); err != nil {
-		return nil, err
-	}
-	for i := 0; i < 300; i++ {
-		if _, err := client.New(d.socket).Status(context.Background()); err == nil {
-			return d, nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	d.stop()
-	return nil, fmt.Errorf("phauld %s did not start (log: %s)", name, logf.Name())
-}
-
-func (d *daemon) stop() {
-	d.cmd.Process.Signal(syscall.SIGTERM)
-	d.cmd.Wait()
-}
-
-// workload is one started test process, the init of its own pid
-// namespace.
-type workload struct {
-	status string
-	holder *exec.Cmd
-	pid    int
-}
-
-type report struct {
-	Seq   uint64 `json:"seq"`
-	GapNS int64  `json:"gap_ns"`
-	Sum   string `json:"sum"`
-	Want  string `json:"expect"`
-}
-
-func startWorkload(c config, bin string, ld load) (*workload, error) {
+// startWorkload starts one workload of ld, the init of its own pid
+// namespace, and makes it report once: what its start cost is no pause.
+func startWorkload(c config, bin string, ld load) (*harness.Workload, error) {
 	dir, err := os.MkdirTemp(c.work, "w-")
 	if err != nil {
 		return nil, err
 	}
-	w := &workload{status: filepath.Join(dir, "status.json")}
-	w.holder = exec.Command("unshare", "-p", "-f", "--", "setsid", bin, "--mem", strconv.Itoa(ld.memMiB),
-		"--dirty", strconv.Itoa(ld.dirtyMiB), "--status", w.status)
-	w.holder.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := w.holder.Start(); err != nil {
+	w, err := harness.StartWorkload(harness.WorkloadConfig{Bin: bin, Dir: dir, MemMiB: ld.memMiB, Seed: 1,
+		Extra: []string{"--dirty", strconv.Itoa(ld.dirtyMiB)}})
+	if err != nil {
 		return nil, err
 	}
-	go w.holder.Wait()
-	for i := 0; i < 600; i++ {
-		kids, _ := proc.Children(w.holder.Process.Pid)
-		if len(kids) == 1 {
-			if _, err := os.Stat(w.status); err == nil {
-				w.pid = kids[0]
-				// A first report resets the gap: what the start cost
-				// is no pause.
-				if _, err := w.ask(w.pid); err != nil {
-					kill(w.pid)
-					w.holder.Process.Kill()
-					return nil, err
-				}
-				return w, nil
-			}
-		}
-		time.Sleep(50 * time.Millisecond)
+	if _, err := w.Report(w.PID); err != nil {
+		w.Kill()
+		return nil, err
 	}
-	return nil, fmt.Errorf("workload did not start")
-}
-
-// ask makes the process pid report, and returns the report.
-func (w *workload) ask(pid int) (report, error) {
-	var before report
-	if b, err := os.ReadFile(w.status); err == nil {
-		json.Unmarshal(b, &before)
-	}
-	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
-		return report{}, err
-	}
-	for i := 0; i < 1000; i++ {
-		var r report
-		if b, err := os.ReadFile(w.status); err == nil && json.Unmarshal(b, &r) == nil && r.Seq > before.Seq {
-			return r, nil
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return report{}, fmt.Errorf("pid %d did not report", pid)
+	return w, nil
 }
 
 func kill(pid int) {
@@ -406,28 +313,27 @@ func kill(pid int) {
 
 // pauseAfter reads the pause the migration caused from the workload now
 // running as pid, and checks its memory.
-func pauseAfter(w *workload, pid int) (float64, error) {
+func pauseAfter(w *harness.Workload, pid int) (float64, error) {
 	time.Sleep(50 * time.Millisecond)
-	r, err := w.ask(pid)
+	r, err := w.Report(pid)
 	if err != nil {
 		return 0, err
 	}
-	if r.Sum != r.Want {
-		return 0, fmt.Errorf("memory checksum %s after migration, want %s", r.Sum, r.Want)
+	if r.Sum != r.Expect {
+		return 0, fmt.Errorf("memory checksum %s after migration, want %s", r.Sum, r.Expect)
 	}
 	return float64(r.GapNS) / 1e6, nil
 }
 
-func runPhaul(c config, bin string, ld load, mode string, pair [2]*daemon) (measure, error) {
+func runPhaul(c config, bin string, ld load, mode string, pair [2]*harness.Daemon) (measure, error) {
 	w, err := startWorkload(c, bin, ld)
 	if err != nil {
 		return measure{}, err
 	}
-	defer w.holder.Process.Kill()
+	defer w.Kill()
 	a, b := pair[0], pair[1]
-	res, err := client.New(a.socket).Migrate(context.Background(), api.MigrateRequest{PID: w.pid, To: b.addr, Mode: mode}, nil)
+	res, err := client.New(a.Socket).Migrate(context.Background(), api.MigrateRequest{PID: w.PID, To: b.Addr, Mode: mode}, nil)
 	if err != nil {
-		kill(w.pid)
 		return measure{}, err
 	}
 	defer kill(res.DestPID)
@@ -486,7 +392,7 @@ func runBare(c config, bin string, ld load, i int) (measure, error) {
 	if err != nil {
 		return measure{}, err
 	}
-	defer w.holder.Process.Kill()
+	defer w.Kill()
 	src, dst, err := bareDirs(c, "bare", i)
 	if err != nil {
 		return measure{}, err
@@ -498,27 +404,27 @@ func runBare(c config, bin string, ld load, i int) (measure, error) {
 	start := time.Now()
 	// --daemon: criu returns once the page server listens.
 	if err := criu("page-server", "-D", dst, "--address", "127.0.0.2", "--port", port, "--daemon", "-o", "ps.log", "-v4"); err != nil {
-		kill(w.pid)
+		kill(w.PID)
 		return measure{}, err
 	}
 	dumpStart := time.Now()
-	if err := criu(append([]string{"dump", "-t", strconv.Itoa(w.pid), "-D", src, "--page-server", "--address", "127.0.0.2",
+	if err := criu(append([]string{"dump", "-t", strconv.Itoa(w.PID), "-D", src, "--page-server", "--address", "127.0.0.2",
 		"--port", port, "--leave-stopped", "-o", "dump.log"}, bareCommon...)...); err != nil {
-		kill(w.pid)
+		kill(w.PID)
 		return measure{}, err
 	}
 	dump := time.Since(dumpStart)
 	if err := copyImages(src, dst); err != nil {
-		kill(w.pid)
+		kill(w.PID)
 		return measure{}, err
 	}
 	pidfile := filepath.Join(dst, "restored.pid")
 	if err := criu(append([]string{"restore", "-D", dst, "--restore-detached", "--pidfile", pidfile, "-o", "restore.log"}, bareCommon...)...); err != nil {
-		syscall.Kill(w.pid, syscall.SIGCONT)
-		kill(w.pid)
+		syscall.Kill(w.PID, syscall.SIGCONT)
+		kill(w.PID)
 		return measure{}, err
 	}
-	kill(w.pid)
+	kill(w.PID)
 	total := time.Since(start)
 	rpid, err := readPid(pidfile)
 	if err != nil {
@@ -540,7 +446,7 @@ func runBareLazy(c config, bin string, ld load, i int) (measure, error) {
 	if err != nil {
 		return measure{}, err
 	}
-	defer w.holder.Process.Kill()
+	defer w.Kill()
 	src, dst, err := bareDirs(c, "lazy", i)
 	if err != nil {
 		return measure{}, err
@@ -550,12 +456,12 @@ func runBareLazy(c config, bin string, ld load, i int) (measure, error) {
 	port := strconv.Itoa(24200 + i%50)
 
 	start := time.Now()
-	dump := exec.Command("criu", append([]string{"dump", "-t", strconv.Itoa(w.pid), "-D", src, "--lazy-pages",
+	dump := exec.Command("criu", append([]string{"dump", "-t", strconv.Itoa(w.PID), "-D", src, "--lazy-pages",
 		"--address", "127.0.0.1", "--port", port, "--leave-stopped", "-o", "dump.log"}, bareCommon...)...)
 	var dumpOut bytes.Buffer
 	dump.Stdout, dump.Stderr = &dumpOut, &dumpOut
 	if err := dump.Start(); err != nil {
-		kill(w.pid)
+		kill(w.PID)
 		return measure{}, err
 	}
 	dumped := make(chan error, 1)
@@ -563,8 +469,8 @@ func runBareLazy(c config, bin string, ld load, i int) (measure, error) {
 	fail := func(err error) (measure, error) {
 		dump.Process.Kill()
 		<-dumped
-		syscall.Kill(w.pid, syscall.SIGCONT)
-		kill(w.pid)
+		syscall.Kill(w.PID, syscall.SIGCONT)
+		kill(w.PID)
 		return measure{}, fmt.Errorf("%w\n%s", err, dumpOut.String())
 	}
 	// The images are written and the page server listens.
@@ -610,7 +516,7 @@ func runBareLazy(c config, bin string, ld load, i int) (measure, error) {
 	if err := <-dumped; err != nil {
 		return measure{}, fmt.Errorf("lazy dump: %v\n%s", err, dumpOut.String())
 	}
-	kill(w.pid)
+	kill(w.PID)
 	total := time.Since(start)
 	pause, err := pauseAfter(w, rpid)
 	if err != nil {

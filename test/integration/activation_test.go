@@ -38,8 +38,8 @@ func TestSocketActivation(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil {
 		t.Fatal(err)
 	}
-	if len(st.Listen) != 1 || st.Listen[0] != a.addr || st.Control != a.socket {
-		t.Errorf("activated daemon serves %v and %s; want %s and %s", st.Listen, st.Control, a.addr, a.socket)
+	if len(st.Listen) != 1 || st.Listen[0] != a.addr || st.Control != a.Socket {
+		t.Errorf("activated daemon serves %v and %s; want %s and %s", st.Listen, st.Control, a.addr, a.Socket)
 	}
 	if !strings.Contains(a.log(), "socket-activated") {
 		t.Error("A's log does not say it was socket-activated")

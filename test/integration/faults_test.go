@@ -4,6 +4,7 @@ package integration
 
 import (
 	"fmt"
+	"github.com/phaul/phaul/test/faultproxy"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -39,13 +40,13 @@ type point struct {
 }
 
 var points = []point{
-	{key: "before-dump", name: "before the dump (destination ready)", dir: toSource, typ: wire.TypeReady, nth: 1},
-	{key: "pages", name: "during page transfer", dir: toDest, typ: wire.TypePageData, nth: 40},
-	{key: "images", name: "during image transfer", dir: toDest, typ: wire.TypeFileBegin, nth: 3},
-	{key: "restore", name: "during restore", dir: toDest, typ: wire.TypeRestore, nth: 1, duringRestore: true},
-	{key: "restored", name: "after restore, before the commit is asked", dir: toSource, typ: wire.TypeRestored, nth: 1},
-	{key: "commit-sent", name: "commit asked, not yet received", dir: toDest, typ: wire.TypeCommit, nth: 1},
-	{key: "committed", name: "after the commit", dir: toSource, typ: wire.TypeCommitted, nth: 1},
+	{key: "before-dump", name: "before the dump (destination ready)", dir: faultproxy.ToSource, typ: wire.TypeReady, nth: 1},
+	{key: "pages", name: "during page transfer", dir: faultproxy.ToDest, typ: wire.TypePageData, nth: 40},
+	{key: "images", name: "during image transfer", dir: faultproxy.ToDest, typ: wire.TypeFileBegin, nth: 3},
+	{key: "restore", name: "during restore", dir: faultproxy.ToDest, typ: wire.TypeRestore, nth: 1, duringRestore: true},
+	{key: "restored", name: "after restore, before the commit is asked", dir: faultproxy.ToSource, typ: wire.TypeRestored, nth: 1},
+	{key: "commit-sent", name: "commit asked, not yet received", dir: faultproxy.ToDest, typ: wire.TypeCommit, nth: 1},
+	{key: "committed", name: "after the commit", dir: faultproxy.ToSource, typ: wire.TypeCommitted, nth: 1},
 }
 
 // fault is what goes wrong.
@@ -182,7 +183,7 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	inject := func() {
 		switch f.key {
 		case "drop":
-			px.dropAll()
+			px.DropAll()
 		case "kill-dest":
 			b.kill()
 			b.start()
@@ -206,30 +207,30 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 			cancelResult = a.phaulctl(t, "cancel", list[0].ID[:8])
 		}
 	}
-	r := &rule{dir: p.dir, typ: p.typ, nth: p.nth, action: actPass}
+	r := &faultproxy.Rule{Dir: p.dir, Type: p.typ, Nth: p.nth, Action: faultproxy.Pass}
 	switch {
 	case p.duringRestore:
 	case f.key == "drop":
-		r.action = actDrop
+		r.Action = faultproxy.Drop
 	case f.key == "kill-source" || f.key == "term-source" || f.key == "term-dest":
 		// The frame is lost with the daemon that stops: it never
 		// arrives.
-		r.hook, r.action = inject, actSwallow
+		r.Hook, r.Action = inject, faultproxy.Swallow
 	default:
-		r.hook = inject
+		r.Hook = inject
 	}
-	px.arm(r)
+	px.Arm(r)
 
 	migrated := make(chan ctlResult, 1)
 	go func() {
-		migrated <- a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.addr(), "--mode", mode, "--json")
+		migrated <- a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.Addr(), "--mode", mode, "--json")
 	}()
 	select {
-	case <-r.fired:
+	case <-r.Fired():
 	case res := <-migrated:
 		// The fault itself may end the migration before we look.
 		select {
-		case <-r.fired:
+		case <-r.Fired():
 			migrated <- res
 		default:
 			t.Fatalf("migration ended without reaching the point: exit %d: %s %s", res.code, res.stdout, res.stderr)
@@ -237,7 +238,7 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	case <-time.After(2 * time.Minute):
 		t.Fatal("the point was not reached within 2 minutes")
 	}
-	<-r.done
+	<-r.Done()
 	if p.duringRestore {
 		// The restore's result (Restored) is held until the fault is in:
 		// a restore quicker than the test's look at the log must not let
@@ -245,7 +246,7 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 		// the "restored" or a later one.
 		injected := make(chan struct{})
 		if f.key != "restore-fail" {
-			px.arm(&rule{dir: toSource, typ: wire.TypeRestored, nth: 1, action: actPass, hook: func() { <-injected }})
+			px.Arm(&faultproxy.Rule{Dir: faultproxy.ToSource, Type: wire.TypeRestored, Nth: 1, Action: faultproxy.Pass, Hook: func() { <-injected }})
 		}
 		waitFor(t, "the destination to start restoring", 30*time.Second, func() bool {
 			return strings.Contains(b.log(), `"phase": "receive"`)
@@ -328,7 +329,7 @@ func settleToOneCopy(t *testing.T, a, b *daemon, w *workload) int {
 		if len(a.sessions(t)) != 0 || len(b.sessions(t)) != 0 {
 			return false
 		}
-		alive = cellProcesses(w)
+		alive = w.Processes()
 		for _, pid := range alive {
 			w.track(pid)
 		}
@@ -394,32 +395,6 @@ func processesIn(dirs ...string) map[int]string {
 func isSourceCopy(w *workload, pid int, src proc.Info) bool {
 	info, err := proc.Stat(pid)
 	return err == nil && pid == w.pid && info.StartTime == src.StartTime
-}
-
-// cellProcesses are the processes of w's tree, wherever they are, that
-// have not exited: every process running the workload binary with w's
-// status file.
-func cellProcesses(w *workload) []int {
-	ents, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
-		if err != nil || exe != bins.workload {
-			continue
-		}
-		cmdline, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if !strings.Contains(string(cmdline), w.status) {
-			continue
-		}
-		if info, err := proc.Stat(pid); err == nil && info.State != 'Z' {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {

@@ -10,26 +10,21 @@ package integration
 
 import (
 	"bytes"
-	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/phaul/phaul/pkg/api"
-	"github.com/phaul/phaul/pkg/client"
 	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/proc"
-	"github.com/phaul/phaul/test/pattern"
+	"github.com/phaul/phaul/test/faultproxy"
+	"github.com/phaul/phaul/test/harness"
+	"github.com/phaul/phaul/test/report"
 )
 
 // bins holds the binaries under test, built once by TestMain.
@@ -129,17 +124,13 @@ func repoRoot() string {
 
 // daemon is one phauld under test.
 type daemon struct {
-	t       *testing.T
-	name    string
-	addr    string
-	socket  string
-	state   string
-	logPath string
-	args    []string
-	o       daemonOpts
-	cmd     *exec.Cmd
-	exited  chan struct{}
-	notes   *notifySink
+	*harness.Daemon
+	t     *testing.T
+	name  string
+	addr  string
+	state string
+	o     daemonOpts
+	notes *notifySink
 }
 
 type daemonOpts struct {
@@ -147,10 +138,8 @@ type daemonOpts struct {
 	wrap []string
 	// extra flags.
 	flags []string
-	// activated starts phauld through systemd-socket-activate, which
-	// listens on the daemon's address and control socket and starts
-	// phauld on the first connection to either. --listen and --control
-	// are then given values phauld cannot use, to show they are ignored.
+	// activated starts phauld through systemd-socket-activate (see
+	// harness.DaemonConfig.Activated).
 	activated bool
 	// insecure runs the daemon with --insecure (plain TCP: the fault
 	// proxy reads frames); otherwise it gets a certificate from the
@@ -166,6 +155,8 @@ type daemonOpts struct {
 	// is set; d.notes collects what it sends.
 	notify   bool
 	watchdog time.Duration
+	// phauld is the daemon binary (default: the race-detector build).
+	phauld string
 }
 
 // startDaemon starts a phauld listening on addr (an address on loopback)
@@ -174,43 +165,37 @@ type daemonOpts struct {
 // test failed.
 func startDaemon(t *testing.T, name, addr string, o daemonOpts) *daemon {
 	t.Helper()
-	dir := t.TempDir()
-	d := &daemon{
-		t:       t,
-		name:    name,
-		addr:    addr,
-		o:       o,
-		socket:  filepath.Join(dir, "ctl.sock"),
-		state:   filepath.Join(dir, "state"),
-		logPath: filepath.Join(dir, "phauld.log"),
+	c := harness.DaemonConfig{Name: name, Addr: addr, Dir: t.TempDir(), Phauld: bins.phauld, Phaulctl: bins.phaulctl,
+		Wrap: o.wrap, Flags: o.flags, Activated: o.activated, Insecure: o.insecure, CA: bins.ca, TLSDir: o.tlsDir}
+	if o.phauld != "" {
+		c.Phauld = o.phauld
 	}
-	d.args = append([]string{}, o.wrap...)
-	if o.activated {
-		d.args = append(d.args, "systemd-socket-activate", "-l", addr, "-l", d.socket, "--fdname=migrate:control",
-			bins.phauld, "--listen", "192.0.2.1:12345", "--control", "/proc/phauld-unused.sock")
-	} else {
-		d.args = append(d.args, bins.phauld, "--listen", addr, "--control", d.socket)
+	hd, err := harness.NewDaemon(c)
+	if err != nil {
+		t.Fatal(err)
 	}
-	d.args = append(d.args, "--state-dir", d.state, "--log-level", "debug")
-	switch {
-	case o.insecure:
-		d.args = append(d.args, "--insecure")
-	case o.tlsDir != "":
-		d.args = append(d.args, "--tls-dir", o.tlsDir)
-	default:
-		tlsDir := filepath.Join(dir, "tls")
-		host, _, _ := net.SplitHostPort(addr)
-		if err := pki.Issue(bins.ca, tlsDir, []string{host}); err != nil {
-			t.Fatal(err)
+	d := &daemon{Daemon: hd, t: t, name: name, addr: addr, state: hd.State, o: o}
+	if o.journal {
+		stream, env := journalStderr(t, "phauld-"+name)
+		d.Output = stream
+		d.Env = append(os.Environ(), "JOURNAL_STREAM="+env)
+	}
+	if o.notify {
+		d.notes = listenNotify(t, d)
+		env := d.Env
+		if env == nil {
+			env = os.Environ()
 		}
-		d.args = append(d.args, "--tls-dir", tlsDir)
+		env = append(env, "NOTIFY_SOCKET="+d.notes.path)
+		if o.watchdog > 0 {
+			env = append(env, fmt.Sprintf("WATCHDOG_USEC=%d", o.watchdog.Microseconds()))
+		}
+		d.Env = env
 	}
-	d.args = append(d.args, o.flags...)
 	t.Cleanup(func() {
 		d.stop(t)
 		if t.Failed() {
-			b, _ := os.ReadFile(d.logPath)
-			t.Logf("--- log of phauld %s (%s) ---\n%s", name, addr, b)
+			t.Logf("--- log of phauld %s (%s) ---\n%s", name, addr, d.log())
 			d.logCRIUErrors(t)
 		}
 	})
@@ -218,104 +203,34 @@ func startDaemon(t *testing.T, name, addr string, o daemonOpts) *daemon {
 	return d
 }
 
-// start runs the daemon (again, after a kill: its log goes on in the same
-// file) and waits until it answers.
+// start runs the daemon (again, after a kill) and waits until it answers.
 func (d *daemon) start() {
-	t := d.t
-	t.Helper()
-	logf, err := os.OpenFile(d.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.exited = make(chan struct{})
-	d.cmd = exec.Command(d.args[0], d.args[1:]...)
-	d.cmd.Stdout, d.cmd.Stderr = logf, logf
-	if d.o.journal {
-		stream, env := journalStderr(t, "phauld-"+d.name)
-		d.cmd.Stdout, d.cmd.Stderr = stream, stream
-		d.cmd.Env = append(os.Environ(), "JOURNAL_STREAM="+env)
-	}
-	if d.o.notify {
-		if d.notes == nil {
-			d.notes = listenNotify(t, d)
-		}
-		env := d.cmd.Env
-		if env == nil {
-			env = os.Environ()
-		}
-		env = append(env, "NOTIFY_SOCKET="+d.notes.path)
-		if d.o.watchdog > 0 {
-			env = append(env, fmt.Sprintf("WATCHDOG_USEC=%d", d.o.watchdog.Microseconds()))
-		}
-		d.cmd.Env = env
-	}
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	logf.Close()
-	exited := d.exited
-	cmd := d.cmd
-	go func() {
-		cmd.Wait()
-		close(exited)
-	}()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var err error
-		if d.o.activated {
-			// Do not connect: that would start phauld.
-			_, err = os.Stat(d.socket)
-		} else {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			_, err = client.New(d.socket).Status(ctx)
-			cancel()
-		}
-		if err == nil {
-			return
-		}
-		select {
-		case <-exited:
-			b, _ := os.ReadFile(d.logPath)
-			t.Fatalf("phauld %s exited at start-up: %v\n%s", d.name, cmd.ProcessState, b)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("phauld %s not answering after 30s: %v", d.name, err)
-		}
-		time.Sleep(50 * time.Millisecond)
+	d.t.Helper()
+	if err := d.Start(); err != nil {
+		d.t.Fatal(err)
 	}
 }
 
 // kill kills the daemon with SIGKILL and waits for it to be gone.
-func (d *daemon) kill() {
-	d.cmd.Process.Signal(syscall.SIGKILL)
-	<-d.exited
-}
+func (d *daemon) kill() { d.Kill() }
 
 // terminate stops the daemon with SIGTERM and fails the test unless it
 // exits within limit (its --stop-timeout) and a little slack.
 func (d *daemon) terminate(t *testing.T, limit time.Duration) {
-	start := time.Now()
-	d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.exited:
-	case <-time.After(limit + 5*time.Second):
-		t.Errorf("phauld %s still running %v after SIGTERM (stop timeout %v); killing it", d.name, time.Since(start), limit)
-		d.kill()
+	if err := d.Terminate(limit); err != nil {
+		t.Error(err)
 	}
 }
 
 // pause stops the daemon with SIGSTOP: it stops answering, its sockets
 // stay open. resume undoes it.
-func (d *daemon) pause()  { d.cmd.Process.Signal(syscall.SIGSTOP) }
-func (d *daemon) resume() { d.cmd.Process.Signal(syscall.SIGCONT) }
+func (d *daemon) pause()  { d.Pause() }
+func (d *daemon) resume() { d.Resume() }
 
 // sessions lists the daemon's sessions.
 func (d *daemon) sessions(t *testing.T) []api.Session {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	list, err := client.New(d.socket).Sessions(ctx)
+	list, err := d.Sessions()
 	if err != nil {
 		t.Fatalf("phauld %s: list: %v", d.name, err)
 	}
@@ -324,22 +239,8 @@ func (d *daemon) sessions(t *testing.T) []api.Session {
 
 // stop sends SIGTERM and waits; SIGKILL if it does not exit in time.
 func (d *daemon) stop(t *testing.T) {
-	if d.exited == nil {
-		return
-	}
-	select {
-	case <-d.exited:
-		return
-	default:
-	}
-	d.cmd.Process.Signal(syscall.SIGCONT) // in case a test paused it
-	d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.exited:
-	case <-time.After(90 * time.Second):
-		t.Errorf("phauld %s did not exit within 90s of SIGTERM; killing it", d.name)
-		d.cmd.Process.Kill()
-		<-d.exited
+	if err := d.Stop(90 * time.Second); err != nil {
+		t.Error(err)
 	}
 }
 
@@ -366,10 +267,7 @@ func (d *daemon) logCRIUErrors(t *testing.T) {
 	}
 }
 
-func (d *daemon) log() string {
-	b, _ := os.ReadFile(d.logPath)
-	return string(b)
-}
+func (d *daemon) log() string { return d.Log() }
 
 // ctlResult is what one phaulctl run did.
 type ctlResult struct {
@@ -381,20 +279,11 @@ type ctlResult struct {
 // phaulctl runs phaulctl against d.
 func (d *daemon) phaulctl(t *testing.T, args ...string) ctlResult {
 	t.Helper()
-	cmd := exec.Command(bins.phaulctl, append([]string{"--socket", d.socket}, args...)...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	r := ctlResult{stdout: out.String(), stderr: errb.String()}
-	var ee *exec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &ee):
-		r.code = ee.ExitCode()
-	default:
-		t.Fatalf("run phaulctl: %v", err)
+	r, err := d.Ctl(args...)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return r
+	return ctlResult{code: r.Code, stdout: r.Stdout, stderr: r.Stderr}
 }
 
 // migrate runs `phaulctl migrate --json` and decodes the result; it fails
@@ -407,49 +296,25 @@ func (d *daemon) migrate(t *testing.T, pid int, to *daemon) api.Result {
 // migrateTo is migrate to an address (a proxy's).
 func (d *daemon) migrateTo(t *testing.T, pid int, addr string) api.Result {
 	t.Helper()
-	r := d.phaulctl(t, "migrate", "--pid", strconv.Itoa(pid), "--to", addr, "--json")
-	if r.code != 0 {
-		t.Fatalf("phaulctl migrate exited %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
-	}
-	var res api.Result
-	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil {
-		t.Fatalf("phaulctl migrate --json printed %q: %v", r.stdout, err)
+	res, r, err := d.Migrate(pid, addr)
+	if err != nil || r.Code != 0 {
+		t.Fatalf("phaulctl migrate exited %d (%v)\nstdout: %s\nstderr: %s", r.Code, err, r.Stdout, r.Stderr)
 	}
 	return res
 }
 
-// status is what the workload reports (test/workload.Status).
-type status struct {
-	Token    string `json:"token"`
-	Seq      uint64 `json:"seq"`
-	Counter  uint64 `json:"counter"`
-	Sum      string `json:"sum"`
-	Expect   string `json:"expect"`
-	HostPID  int    `json:"host_pid"`
-	NSPID    int    `json:"ns_pid"`
-	MaxGapNS int64  `json:"max_gap_ns"`
-	GapNS    int64  `json:"gap_ns"`
-	MemMiB   int    `json:"mem_mib"`
-	Seed     uint64 `json:"seed"`
-	Child    int    `json:"child"`
-}
+// status is what the workload reports.
+type status = report.Report
 
-// workload is a test process tree: the init of its own pid namespace,
-// holding pseudo-random memory, with children.
+// workload is a test process tree (see harness.Workload).
 type workload struct {
+	*harness.Workload
 	t        *testing.T
-	dir      string
+	pid      int
 	status   string
 	seed     uint64
 	memMiB   int
 	children int
-	unshare  *exec.Cmd
-	pid      int // host pid of the namespace's init
-
-	mu sync.Mutex
-	// pids are every pid this tree has had, on either daemon, to kill at
-	// the end.
-	pids []int
 }
 
 type workloadOpts struct {
@@ -462,155 +327,45 @@ type workloadOpts struct {
 }
 
 // startWorkload starts `unshare -p -f -- setsid workload ...` and waits
-// until it has written its first report.
+// until it has written its first report. It is killed at the end of the
+// test, wherever it went.
 func startWorkload(t *testing.T, o workloadOpts) *workload {
 	t.Helper()
-	if o.memMiB == 0 {
-		o.memMiB = 64
-	}
-	if o.seed == 0 {
-		o.seed = uint64(time.Now().UnixNano())
-	}
-	dir := t.TempDir()
-	w := &workload{t: t, dir: dir, status: filepath.Join(dir, "status.json"), seed: o.seed, memMiB: o.memMiB, children: o.children}
-	args := []string{"-p", "-f", "--", "setsid", bins.workload,
-		"--mem", strconv.Itoa(o.memMiB), "--seed", strconv.FormatUint(o.seed, 10),
-		"--children", strconv.Itoa(o.children), "--status", w.status}
-	args = append(args, o.extra...)
-	w.unshare = exec.Command("unshare", args...)
-	null, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	hw, err := harness.StartWorkload(harness.WorkloadConfig{Bin: bins.workload, Dir: t.TempDir(),
+		MemMiB: o.memMiB, Children: o.children, Seed: o.seed, Extra: o.extra, Output: o.stdout})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer null.Close()
-	w.unshare.Stdin, w.unshare.Stdout, w.unshare.Stderr = null, null, null
-	if o.stdout != nil {
-		w.unshare.Stdout, w.unshare.Stderr = o.stdout, o.stdout
-	}
-	// Its own session, so it has no terminal CRIU would have to handle.
-	w.unshare.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := w.unshare.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go w.unshare.Wait()
-	t.Cleanup(w.kill)
-
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		kids, _ := proc.Children(w.unshare.Process.Pid)
-		if len(kids) == 1 {
-			w.pid = kids[0]
-			w.track(w.pid)
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("workload did not start")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	for {
-		if st, err := w.readFile(w.status); err == nil && st.Seq >= 1 {
-			if kids, _ := proc.Children(w.pid); len(kids) >= o.children {
-				for _, k := range kids {
-					w.track(k)
-				}
-				if w.childrenReported() {
-					return w
-				}
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("workload did not report")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	t.Cleanup(hw.Kill)
+	return &workload{Workload: hw, t: t, pid: hw.PID, status: hw.Status, seed: hw.Seed, memMiB: hw.MemMiB, children: hw.Children}
 }
 
-func (w *workload) childrenReported() bool {
-	for i := 0; i < w.children; i++ {
-		if _, err := w.readFile(w.childStatus(i)); err != nil {
-			return false
-		}
-	}
-	return true
-}
+func (w *workload) childStatus(i int) string { return w.ChildStatus(i) }
 
-func (w *workload) childStatus(i int) string { return fmt.Sprintf("%s.child%d", w.status, i) }
+func (w *workload) track(pid int) { w.Track(pid) }
 
-func (w *workload) track(pid int) {
-	w.mu.Lock()
-	w.pids = append(w.pids, pid)
-	w.mu.Unlock()
-}
-
-// kill kills every process of the tree this test started, wherever it
-// went: only pids this test saw.
-func (w *workload) kill() {
-	w.mu.Lock()
-	pids := append([]int(nil), w.pids...)
-	w.mu.Unlock()
-	for _, pid := range pids {
-		if tree, err := proc.OpenTree(pid, 0); err == nil {
-			if info, err := proc.Stat(pid); err == nil && strings.HasPrefix(info.Comm, "workload") {
-				proc.SignalAll(tree, syscall.SIGKILL)
-			}
-			proc.CloseAll(tree)
-		}
-	}
-	if w.unshare.Process != nil {
-		w.unshare.Process.Kill()
-	}
-}
-
-func (w *workload) readFile(path string) (status, error) {
-	var st status
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return st, err
-	}
-	err = json.Unmarshal(b, &st)
-	return st, err
-}
+func (w *workload) readFile(path string) (status, error) { return report.Read(path) }
 
 // report asks the process pid to write its state to path (SIGUSR1) and
 // returns the new report.
 func (w *workload) report(pid int, path string) status {
 	w.t.Helper()
-	before, _ := w.readFile(path)
-	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
-		w.t.Fatalf("signal workload pid %d: %v", pid, err)
+	st, err := report.AskPID(path, pid, 10*time.Second)
+	if err != nil {
+		w.t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		st, err := w.readFile(path)
-		if err == nil && st.Seq > before.Seq {
-			return st
-		}
-		if time.Now().After(deadline) {
-			w.t.Fatalf("workload pid %d did not report to %s within 10s", pid, path)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	return st
 }
 
 // expectedSum is the checksum the workload's memory must have.
-func expectedSum(memMiB int, seed uint64) string {
-	return strconv.FormatUint(pattern.Expected(memMiB<<20, seed), 16)
-}
+func expectedSum(memMiB int, seed uint64) string { return report.ExpectedSum(memMiB, seed) }
 
 // checkIntact checks a report against the memory the process was started
 // with and against an earlier report of the same process.
 func checkIntact(t *testing.T, what string, st, before status, memMiB int, seed uint64) {
 	t.Helper()
-	if st.Token != before.Token {
-		t.Errorf("%s: token %s, was %s: this is not the same process", what, st.Token, before.Token)
-	}
-	want := expectedSum(memMiB, seed)
-	if st.Sum != want || st.Expect != want {
-		t.Errorf("%s: memory checksum %s (at start %s), want %s", what, st.Sum, st.Expect, want)
-	}
-	if st.Counter <= before.Counter {
-		t.Errorf("%s: counter %d, was %d before: it did not go on", what, st.Counter, before.Counter)
+	if why := report.Intact(st, before, memMiB, seed); why != "" {
+		t.Errorf("%s: %s", what, why)
 	}
 }
 
@@ -661,4 +416,16 @@ func workloadPIDs(t *testing.T) map[int]bool {
 		}
 	}
 	return pids
+}
+
+// newFaultProxy starts a fault proxy (test/faultproxy) on addr to target,
+// closed at the end of the test.
+func newFaultProxy(t *testing.T, addr, target string) *faultproxy.Proxy {
+	t.Helper()
+	p, err := faultproxy.New(addr, target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p
 }

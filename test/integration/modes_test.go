@@ -4,6 +4,7 @@ package integration
 
 import (
 	"encoding/json"
+	"github.com/phaul/phaul/test/faultproxy"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -127,15 +128,15 @@ func TestLazyLinkFailure(t *testing.T) {
 	// In a lazy migration page data flows only after the restore: the
 	// 40th frame of it is well inside the lazy phase.
 	var destPID int
-	r := &rule{dir: toDest, typ: wire.TypePageData, nth: 40, action: actDrop, hook: func() {
+	r := &faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypePageData, Nth: 40, Action: faultproxy.Drop, Hook: func() {
 		for _, s := range b.sessions(t) {
 			destPID = s.PID
 		}
 	}}
-	px.arm(r)
-	res := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.addr(), "--mode", "lazy")
+	px.Arm(r)
+	res := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.Addr(), "--mode", "lazy")
 	select {
-	case <-r.fired:
+	case <-r.Fired():
 	default:
 		t.Fatalf("the migration ended before the link was cut: exit %d: %s", res.code, res.stderr)
 	}
@@ -228,7 +229,7 @@ func TestModeChoice(t *testing.T) {
 	if _, err := exec.LookPath("script"); err != nil {
 		t.Fatal("script (util-linux) is missing")
 	}
-	cmd := exec.Command("script", "-qec", strings.Join([]string{bins.phaulctl, "--socket", a.socket,
+	cmd := exec.Command("script", "-qec", strings.Join([]string{bins.phaulctl, "--socket", a.Socket,
 		"migrate", "--pid", strconv.Itoa(destPID), "--to", b.addr, "--mode", "copy"}, " "), "/dev/null")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -237,7 +238,7 @@ func TestModeChoice(t *testing.T) {
 	if !strings.Contains(string(out), "\r\x1b[K") || !strings.Contains(string(out), "dump") {
 		t.Errorf("on a terminal: want a progress bar redrawn in place, got %q", out)
 	}
-	for _, pid := range cellProcesses(w) {
+	for _, pid := range w.Processes() {
 		w.track(pid)
 	}
 }
@@ -256,7 +257,7 @@ func TestLazyDestCopyDies(t *testing.T) {
 	srcInfo, _ := proc.Stat(w.pid)
 
 	killed := 0
-	r := &rule{dir: toDest, typ: wire.TypePageData, nth: 40, action: actPass, hook: func() {
+	r := &faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypePageData, Nth: 40, Action: faultproxy.Pass, Hook: func() {
 		// The destination's session names the restored copy's pid.
 		for _, s := range b.sessions(t) {
 			if s.PID > 0 && s.PID != w.pid {
@@ -267,8 +268,8 @@ func TestLazyDestCopyDies(t *testing.T) {
 			}
 		}
 	}}
-	px.arm(r)
-	res := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.addr(), "--mode", "lazy")
+	px.Arm(r)
+	res := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.Addr(), "--mode", "lazy")
 	if pid := destPIDIn(res.stdout); pid > 0 {
 		w.track(pid) // it went through: the test's cleanup must find the copy
 	}

@@ -69,7 +69,7 @@ func (s *notifySink) read() {
 func (s *notifySink) serving() bool {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if _, err := client.New(s.d.socket).Status(ctx); err != nil {
+	if _, err := client.New(s.d.Socket).Status(ctx); err != nil {
 		return false
 	}
 	c, err := net.DialTimeout("tcp", s.d.addr, 2*time.Second)
@@ -165,8 +165,8 @@ func TestNotify(t *testing.T) {
 
 	// B served its one migration: it stops by itself, cleanly.
 	select {
-	case <-b.exited:
-		if code := b.cmd.ProcessState.ExitCode(); code != 0 {
+	case <-b.Exited():
+		if code := b.ExitCode(); code != 0 {
 			t.Errorf("phauld B --one-shot exited %d after its migration", code)
 		}
 	case <-time.After(30 * time.Second):
@@ -182,7 +182,7 @@ func TestNotify(t *testing.T) {
 	// A stops on SIGTERM, saying so first.
 	a.terminate(t, 30*time.Second)
 	a.notes.first(t, "STOPPING=1", time.Second)
-	if _, err := os.Stat(a.socket); err == nil {
-		t.Errorf("A left its control socket %s behind", a.socket)
+	if _, err := os.Stat(a.Socket); err == nil {
+		t.Errorf("A left its control socket %s behind", a.Socket)
 	}
 }

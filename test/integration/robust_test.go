@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"github.com/phaul/phaul/test/faultproxy"
 	"net"
 	"strconv"
 	"strings"
@@ -136,7 +137,7 @@ func TestBadBytesOnPort(t *testing.T) {
 	}
 	// While the migration is held at its page transfer, throw the bad
 	// bytes at the destination's real port.
-	r := &rule{dir: toDest, typ: wire.TypePageData, nth: 20, action: actPass, hook: func() {
+	r := &faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypePageData, Nth: 20, Action: faultproxy.Pass, Hook: func() {
 		for name, payload := range bad {
 			c, err := net.Dial("tcp", b.addr)
 			if err != nil {
@@ -157,8 +158,8 @@ func TestBadBytesOnPort(t *testing.T) {
 			c.Close()
 		}
 	}}
-	px.arm(r)
-	res := a.migrateTo(t, w.pid, px.addr())
+	px.Arm(r)
+	res := a.migrateTo(t, w.pid, px.Addr())
 	w.track(res.DestPID)
 	waitRunning(t, res.DestPID)
 	checkIntact(t, "migrated under fire", w.report(res.DestPID, w.status), before, w.memMiB, w.seed)
@@ -172,7 +173,7 @@ func TestBadBytesOnPort(t *testing.T) {
 	if n := strings.Count(log, "handshake failed: connection dropped"); n < 4 {
 		t.Errorf("destination logged %d dropped handshakes, want at least 4", n)
 	}
-	if _, err := proc.Stat(b.cmd.Process.Pid); err != nil {
+	if _, err := proc.Stat(b.PID()); err != nil {
 		t.Fatal("the destination daemon died")
 	}
 }
@@ -202,8 +203,8 @@ func TestBadBytesInSession(t *testing.T) {
 			w := startWorkload(t, workloadOpts{memMiB: 32})
 			before := w.report(w.pid, w.status)
 			info, _ := proc.Stat(w.pid)
-			px.arm(&rule{dir: toDest, typ: wire.TypeFileBegin, nth: 1, action: actInject, inject: c.inject})
-			r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.addr())
+			px.Arm(&faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypeFileBegin, Nth: 1, Action: faultproxy.Inject, Bytes: c.inject})
+			r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.Addr())
 			if r.code == 0 {
 				t.Fatalf("migration with bad bytes succeeded: %s", r.stdout)
 			}
@@ -218,7 +219,7 @@ func TestBadBytesInSession(t *testing.T) {
 			waitFor(t, "the sessions to end", 30*time.Second, func() bool {
 				return len(a.sessions(t)) == 0 && len(b.sessions(t)) == 0
 			})
-			if n := len(cellProcesses(w)); n != 1 {
+			if n := len(w.Processes()); n != 1 {
 				t.Errorf("%d copies of the process, want 1", n)
 			}
 		})

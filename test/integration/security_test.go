@@ -245,13 +245,13 @@ func TestControlSocketPermissions(t *testing.T) {
 	a := startDaemon(t, "A", "127.0.0.1:17441", daemonOpts{})
 	b := startDaemon(t, "B", "127.0.0.2:17442", daemonOpts{})
 	// Other users must reach the socket's directory.
-	openUp(filepath.Dir(a.socket), 0o755)
+	openUp(filepath.Dir(a.Socket), 0o755)
 	g, err := user.LookupGroup("phaul")
 	if err != nil {
 		t.Fatalf("phauld did not create group phaul: %v", err)
 	}
 	gid, _ := strconv.Atoi(g.Gid)
-	fi, err := os.Stat(a.socket)
+	fi, err := os.Stat(a.Socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -262,7 +262,7 @@ func TestControlSocketPermissions(t *testing.T) {
 
 	const outsiderUID, memberUID = 54321, 54322
 	as := func(uid int, groups []uint32, args ...string) ctlResult {
-		cmd := exec.Command(bins.phaulctl, append([]string{"--socket", a.socket}, args...)...)
+		cmd := exec.Command(bins.phaulctl, append([]string{"--socket", a.Socket}, args...)...)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), Groups: groups}}
 		var out, errb bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &errb

@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"github.com/phaul/phaul/test/report"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -170,40 +171,17 @@ func tail(b []byte, n int) []byte {
 	return b
 }
 
-// status is the workload's report.
-type status struct {
-	Token   string `json:"token"`
-	Seq     uint64 `json:"seq"`
-	Counter uint64 `json:"counter"`
-	Sum     string `json:"sum"`
-	Expect  string `json:"expect"`
-	HostPID int    `json:"host_pid"`
-}
-
 // report asks the workload (pid in the container) for a report.
-func (c *container) report(t *testing.T, pid int) status {
+func (c *container) report(t *testing.T, pid int) report.Report {
 	t.Helper()
-	path := filepath.Join(c.root, "var/lib/workload/status.json")
-	read := func() (status, error) {
-		var st status
-		b, err := os.ReadFile(path)
-		if err == nil {
-			err = json.Unmarshal(b, &st)
-		}
-		return st, err
+	st, err := report.Ask(filepath.Join(c.root, "var/lib/workload/status.json"), func() error {
+		_, err := c.sh(fmt.Sprintf("kill -USR1 %d", pid))
+		return err
+	}, 10*time.Second)
+	if err != nil {
+		t.Fatalf("%s: workload pid %d: %v", c.name, pid, err)
 	}
-	before, _ := read()
-	c.must(t, fmt.Sprintf("kill -USR1 %d", pid))
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if st, err := read(); err == nil && st.Seq > before.Seq {
-			return st
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: workload pid %d did not report", c.name, pid)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return st
 }
 
 // TestTwoHosts installs the .deb in two containers, enables phauld.socket

@@ -39,25 +39,8 @@ import (
 	"time"
 
 	"github.com/phaul/phaul/test/pattern"
+	"github.com/phaul/phaul/test/report"
 )
-
-// Status is what the workload reports on SIGUSR1.
-type Status struct {
-	Token    string `json:"token"`
-	Seq      uint64 `json:"seq"`
-	Counter  uint64 `json:"counter"`
-	Sum      string `json:"sum"`
-	Expect   string `json:"expect"`
-	HostPID  int    `json:"host_pid"`
-	NSPID    int    `json:"ns_pid"`
-	MaxGapNS int64  `json:"max_gap_ns"`
-	// GapNS is the longest gap since the previous report.
-	GapNS   int64  `json:"gap_ns"`
-	MemMiB  int    `json:"mem_mib"`
-	Seed    uint64 `json:"seed"`
-	Child   int    `json:"child"`
-	Written string `json:"written"`
-}
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
@@ -102,7 +85,7 @@ func run(args []string) error {
 	w := &worker{
 		mem:    mem,
 		status: *status,
-		st: Status{
+		st: report.Report{
 			Token:  fmt.Sprintf("%x", token),
 			Expect: strconv.FormatUint(expect, 16),
 			MemMiB: *memMiB,
@@ -186,7 +169,7 @@ type worker struct {
 	mu         sync.Mutex
 	mem        []byte
 	status     string
-	st         Status
+	st         report.Report
 	dirtyBytes int
 	dirtyOff   int
 }

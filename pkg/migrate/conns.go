@@ -1,0 +1,65 @@
+//go:build linux
+
+package migrate
+
+import (
+	"github.com/phaul/phaul/pkg/loop"
+	"github.com/phaul/phaul/pkg/transport"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// conns are a migration's two connections on its session's loop, and the
+// relay of its page stream once there is one.
+type conns struct {
+	rpc, mem *transport.Conn
+	relay    *transport.Relay
+}
+
+// open puts rpcLink and memLink on l. Messages on rpc go to onRPC, and an
+// error there aborts the migration by the commit rule (telling the peer
+// why) rather than just dropping the connection; page data on mem goes to
+// the relay, once there is one; a failure of either connection goes to
+// onClose. On error both links are closed.
+func (c *conns) open(l *loop.Loop, rpcLink, memLink *transport.Link, onRPC func(wire.Message) error, abort, onClose func(error)) error {
+	var err error
+	if c.rpc, err = transport.NewConn(l, "rpc", rpcLink, wire.RPC, 64<<10); err != nil {
+		rpcLink.Close()
+		memLink.Close()
+		return err
+	}
+	if c.mem, err = transport.NewConn(l, "mem", memLink, wire.Mem, 4<<20); err != nil {
+		c.rpc.Close()
+		memLink.Close()
+		return err
+	}
+	c.rpc.OnMessage = func(msg wire.Message) error {
+		if err := onRPC(msg); err != nil {
+			abort(err)
+		}
+		return nil
+	}
+	c.rpc.OnClose, c.mem.OnClose = onClose, onClose
+	c.mem.OnMessage = func(msg wire.Message) error {
+		if c.relay == nil {
+			return protocolErr("page data before the page stream began")
+		}
+		return c.relay.FromPeer(msg)
+	}
+	return nil
+}
+
+// bytes is what crossed both connections.
+func (c *conns) bytes() int64 {
+	return c.rpc.BytesOut() + c.rpc.BytesIn() + c.mem.BytesOut() + c.mem.BytesIn()
+}
+
+// close closes the relay and both connections, after flushing what the
+// rpc connection can take now (a final Done or Fail) without blocking.
+func (c *conns) close() {
+	if c.relay != nil {
+		c.relay.Close()
+	}
+	c.rpc.Flush()
+	c.rpc.Close()
+	c.mem.Close()
+}

@@ -1,0 +1,112 @@
+//go:build linux
+
+package session
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/store"
+	"github.com/phaul/phaul/pkg/wire"
+)
+
+// Cancel cancels the session whose id starts with prefix (at least 4
+// hex digits, unambiguous).
+func (m *Manager) Cancel(prefix string) (api.Session, error) {
+	m.mu.Lock()
+	var found *running
+	var res *resolver
+	n := 0
+	if len(prefix) >= 4 {
+		for id, s := range m.sessions {
+			if hasPrefix(id, prefix) {
+				found, n = s, n+1
+			}
+		}
+		for id, r := range m.resolvers {
+			if hasPrefix(id, prefix) {
+				res, n = r, n+1
+			}
+		}
+	}
+	m.mu.Unlock()
+	switch {
+	case n == 0:
+		return api.Session{}, api.Errorf(api.CodeNotFound, "no migration in progress has an id starting with %q (see phaulctl list)", prefix)
+	case n > 1:
+		return api.Session{}, api.Errorf(api.CodeInvalid, "%q matches %d migrations: give more of the id", prefix, n)
+	case res != nil:
+		return res.info(), api.Errorf(api.CodeConflict,
+			"session %s has asked the destination to commit and is waiting for its answer: too late to cancel", res.id)
+	}
+	err := found.s.Cancel()
+	return found.s.Info(), err
+}
+
+func hasPrefix(id wire.SessionID, prefix string) bool {
+	s := id.String()
+	return len(prefix) <= len(s) && s[:len(prefix)] == prefix
+}
+
+// CleanOld removes the directories of finished sessions last touched more
+// than age ago. Sessions still in flight, and records a peer may still ask
+// about, are kept.
+func (m *Manager) CleanOld(age time.Duration) {
+	root := filepath.Join(m.cfg.StateDir, "sessions")
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		id, err := wire.ParseSessionID(e.Name())
+		if err != nil {
+			continue
+		}
+		m.mu.Lock()
+		_, live := m.sessions[id]
+		_, resolving := m.resolvers[id]
+		m.mu.Unlock()
+		if live || resolving {
+			continue
+		}
+		dir := filepath.Join(root, e.Name())
+		info, err := os.Stat(dir)
+		if err != nil {
+			continue
+		}
+		when := info.ModTime()
+		if rec, err := store.Load(dir); err == nil {
+			if !rec.Terminal() && !(rec.Role == store.RoleDest && rec.State == store.Committed) {
+				continue // the commit rule still needs it
+			}
+			when = rec.Updated
+		}
+		if time.Since(when) > age {
+			m.log.Info("removing an old session directory", zap.String("dir", dir), zap.Time("last_update", when))
+			removeAll(m.log, dir)
+		}
+	}
+}
+
+// Janitor removes, every interval until ctx ends, the directories of
+// sessions finished more than keep ago (CleanOld), and runs tidy.
+func (m *Manager) Janitor(ctx context.Context, every, keep time.Duration, tidy func()) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			m.CleanOld(keep)
+			if tidy != nil {
+				tidy()
+			}
+		}
+	}
+}

@@ -1,0 +1,535 @@
+//go:build linux
+
+package session
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/guard"
+	"github.com/phaul/phaul/pkg/migrate"
+	"github.com/phaul/phaul/pkg/migrate/migratetest"
+	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/store"
+	"github.com/phaul/phaul/pkg/wire"
+	"github.com/phaul/phaul/test/faultproxy"
+)
+
+// The unit tier of the commit rule: two managers in this process, each
+// with its own state directory, a fake CRIU (pkg/migrate/migratetest) on
+// real processes, in-process guards, and a fault proxy between them. Each
+// cell migrates a real process, strikes one fault at one point, and checks
+// that exactly one copy ends up running, on the side the rule says; a
+// watcher samples all the while and fails on any moment with two running
+// copies after the commit (in copy mode, at any moment: no copy runs
+// beside another there, ever). It needs neither root nor CRIU.
+
+// rulePeerTimeout is the daemons' peer timeout in the unit tier.
+const rulePeerTimeout = 600 * time.Millisecond
+
+// ruleDaemon is one manager of a cell.
+type ruleDaemon struct {
+	t     *testing.T
+	name  string
+	state string
+	fake  *migratetest.CRIU
+	m     *Manager
+	l     net.Listener
+	// crashed: ended by crash (nothing of it may be stopped again).
+	crashed bool
+}
+
+// newRuleDaemon starts a manager on state (recovering what is there) and
+// serves it on a loopback port of its own.
+func newRuleDaemon(t *testing.T, name, state string, fake *migratetest.CRIU) *ruleDaemon {
+	t.Helper()
+	asSource, asDest := migrate.HostCapabilities(false, true, "")
+	m, err := NewManager(Config{
+		Log:              zaptest.NewLogger(t).Named(name),
+		CRIU:             fake,
+		Info:             criu.Info{Version: criu.Version{Major: 4, Minor: 2}, CPUInfo: []byte("fake cpuinfo")},
+		AsSource:         asSource,
+		AsDest:           asDest,
+		StateDir:         state,
+		HandshakeTimeout: 2 * time.Second,
+		PeerTimeout:      rulePeerTimeout,
+		InDoubtWait:      30 * time.Second,
+		DumpLockDir:      filepath.Join(state, "locks"),
+		Insecure:         true,
+		Guard: func(dir string, pid int, start uint64) (migrate.Guard, error) {
+			return guard.InProcess(dir, pid, start)
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Recover(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go m.Serve(l)
+	d := &ruleDaemon{t: t, name: name, state: state, fake: fake, m: m, l: l}
+	t.Cleanup(d.stop)
+	return d
+}
+
+func (d *ruleDaemon) addr() string { return d.l.Addr().String() }
+
+func (d *ruleDaemon) stop() {
+	if d.crashed {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := d.m.Shutdown(ctx); err != nil {
+		d.t.Errorf("%s: shutdown: %v", d.name, err)
+	}
+}
+
+// crash ends the daemon as a SIGKILL would: every session's descriptors
+// close and nothing else happens; resolvers stop where they are.
+func (d *ruleDaemon) crash() {
+	m := d.m
+	d.crashed = true
+	m.mu.Lock()
+	if !m.closing {
+		close(m.stopping)
+	}
+	m.closing = true
+	for _, l := range m.listeners {
+		l.Close()
+	}
+	for _, r := range m.sessions {
+		r.s.Crash()
+	}
+	for _, r := range m.resolvers {
+		close(r.stop)
+	}
+	for id, h := range m.halves {
+		delete(m.halves, id)
+		for _, c := range h.drop() {
+			if c != nil {
+				c.Close()
+			}
+		}
+	}
+	for lk := range m.shaking {
+		lk.Shutdown()
+	}
+	m.mu.Unlock()
+	m.sessWG.Wait()
+	m.connWG.Wait()
+}
+
+// restart is the daemon started again on its state directory, after a
+// crash.
+func (d *ruleDaemon) restart() *ruleDaemon {
+	return newRuleDaemon(d.t, d.name, d.state, d.fake)
+}
+
+// settled reports whether the daemon has nothing in flight (its
+// resolvers included).
+func (d *ruleDaemon) settled() bool { return len(d.m.Sessions()) == 0 }
+
+// gaveUp reports whether the daemon has no migration running: none, or
+// only ones in doubt, waiting for the other side.
+func (d *ruleDaemon) gaveUp() bool {
+	for _, s := range d.m.Sessions() {
+		if s.Phase != "in-doubt" {
+			return false
+		}
+	}
+	return true
+}
+
+// copies are the running copies of the process: the source's, and those
+// the fake restored.
+type copies struct {
+	src   int
+	start uint64
+	fake  *migratetest.CRIU
+}
+
+func (c copies) running() (src bool, dst []int) {
+	if info, err := proc.Stat(c.src); err == nil && info.StartTime == c.start && migratetest.Running(c.src) {
+		src = true
+	}
+	for _, p := range c.fake.Restored() {
+		if migratetest.Running(p.PID) {
+			dst = append(dst, p.PID)
+		}
+	}
+	return src, dst
+}
+
+// committed reports whether the destination recorded a commit (the
+// commit point).
+func committed(state string) bool {
+	recs, _ := filepath.Glob(filepath.Join(state, "sessions", "*"))
+	for _, dir := range recs {
+		if rec, err := store.Load(dir); err == nil && rec.Role == store.RoleDest && rec.State == store.Committed {
+			return true
+		}
+	}
+	return false
+}
+
+// watch samples the copies until stop, and reports the first moment it
+// saw two running: after the commit point, or at all (strict).
+func watch(c copies, destState string, strict bool, stop <-chan struct{}) <-chan string {
+	out := make(chan string, 1)
+	go func() {
+		defer close(out)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			after := committed(destState) // read first: the copies are sampled after it
+			src, dst := c.running()
+			if n := len(dst) + map[bool]int{true: 1}[src]; n > 1 && (after || strict) {
+				out <- fmt.Sprintf("two running copies (source %v, destination %v), commit recorded %v", src, dst, after)
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	return out
+}
+
+// rulePoint is where a fault strikes: the frame the proxy holds, or (for
+// the restore) the fake CRIU's post-restore step.
+type rulePoint struct {
+	key     string
+	dir     string
+	typ     wire.Type
+	restore bool
+}
+
+var rulePoints = []rulePoint{
+	{key: "before-dump", dir: faultproxy.ToSource, typ: wire.TypeReady},
+	{key: "pages", dir: faultproxy.ToDest, typ: wire.TypePageData},
+	{key: "images", dir: faultproxy.ToDest, typ: wire.TypeFileBegin},
+	{key: "restore", restore: true},
+	{key: "restored", dir: faultproxy.ToSource, typ: wire.TypeRestored},
+	{key: "commit-sent", dir: faultproxy.ToDest, typ: wire.TypeCommit},
+	{key: "committed", dir: faultproxy.ToSource, typ: wire.TypeCommitted},
+}
+
+var ruleFaults = []string{"drop", "silent-dest", "silent-source", "cancel", "crash-dest", "crash-source"}
+
+// ruleExpected is the commit rule, cell by cell, as the unit tier strikes
+// it: the destination decides, and commits only on a Commit it received.
+// (A silent side here keeps hearing its peer and keeps its own clock: it
+// differs from a stopped daemon of the integration matrix.)
+func ruleExpected(p, f string) string {
+	switch p {
+	case "committed":
+		// Committed: nothing can undo it.
+		return sideDest
+	case "commit-sent":
+		switch f {
+		case "silent-dest", "cancel":
+			// The Commit arrives; the destination commits, and the
+			// source learns it (after the silence) or is refused the
+			// cancel.
+			return sideDest
+		}
+		// The Commit is lost (with the connections, held by a silenced
+		// source until the destination gave up and said so, or lost
+		// with the daemon that had it): the destination never commits.
+		return sideSource
+	}
+	return sideSource
+}
+
+// TestCommitRule runs every cell of the unit tier, in both modes.
+func TestCommitRule(t *testing.T) {
+	for _, mode := range []string{api.ModeCopy, api.ModeLazy} {
+		for _, p := range rulePoints {
+			for _, f := range ruleFaults {
+				t.Run(mode+"/"+p.key+"/"+f, func(t *testing.T) {
+					t.Parallel()
+					runRuleCell(t, mode, p, f, ruleExpected(p.key, f))
+				})
+			}
+		}
+	}
+}
+
+func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string) {
+	root := t.TempDir()
+	fake := migratetest.New(t, migratetest.Config{Memory: 2 << 20, Chunk: 256 << 10})
+	a := newRuleDaemon(t, "A", filepath.Join(root, "a"), fake)
+	b := newRuleDaemon(t, "B", filepath.Join(root, "b"), fake)
+	px, err := faultproxy.New("127.0.0.1:0", b.addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer px.Close()
+	pid := migratetest.StartTree(t)
+	info, _ := proc.Stat(pid)
+	c := copies{src: pid, start: info.StartTime, fake: fake}
+	stopWatch := make(chan struct{})
+	seen := watch(c, b.state, mode == api.ModeCopy, stopWatch)
+
+	var cancelErr error
+	var cancelled atomic.Bool
+	inject := func() {
+		switch f {
+		case "drop":
+			px.DropAll()
+		case "silent-dest":
+			px.Silence(faultproxy.ToSource)
+		case "silent-source":
+			px.Silence(faultproxy.ToDest)
+		case "cancel":
+			for _, s := range a.m.Sessions() {
+				_, cancelErr = a.m.Cancel(s.ID[:8])
+				cancelled.Store(true)
+			}
+		case "crash-dest":
+			b.crash()
+			b = b.restart()
+			px.SetTarget(b.addr())
+		case "crash-source":
+			a.crash()
+		}
+	}
+	fired := make(chan struct{})
+	var rule *faultproxy.Rule
+	if p.restore {
+		// The fault strikes while the destination's CRIU restores.
+		var once sync.Once
+		fake.SetHook(func(ctx context.Context, s migratetest.Step, dir string) error {
+			if s == migratetest.StepPostRestore && strings.HasPrefix(dir, b.state) {
+				once.Do(func() {
+					close(fired)
+					inject()
+				})
+			}
+			return nil
+		})
+	} else {
+		r := &faultproxy.Rule{Dir: p.dir, Type: p.typ, Nth: 1, Action: faultproxy.Pass, Hook: func() {
+			inject()
+		}}
+		switch f {
+		case "drop":
+			r.Action, r.Hook = faultproxy.Drop, nil
+		case "crash-source":
+			r.Action = faultproxy.Swallow // lost with the daemon that stopped
+		}
+		px.Arm(r)
+		go func() {
+			<-r.Fired()
+			close(fired)
+		}()
+		rule = r
+	}
+
+	type outcome struct {
+		res api.Result
+		err error
+		// running: the source copy ran when the error came back.
+		running bool
+	}
+	done := make(chan outcome, 1)
+	am := a.m
+	go func() {
+		res, err := am.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: pid, To: px.Addr(), Mode: mode}, nil)
+		src, _ := c.running()
+		done <- outcome{res, err, src}
+	}()
+	select {
+	case <-fired:
+	case o := <-done:
+		// The fault itself may end the migration before this looks.
+		select {
+		case <-fired:
+			done <- o
+		case <-time.After(2 * time.Second):
+			t.Fatalf("the migration ended before the point: %+v, %v", o.res, o.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the point was not reached within 30 s")
+	}
+	if rule != nil {
+		<-rule.Done()
+	}
+
+	// Heal a silence once the other side has given up; start a crashed
+	// source again once the destination has reacted.
+	waitRule(t, "the fault to play out", 30*time.Second, func() bool {
+		switch f {
+		case "silent-dest":
+			if a.gaveUp() {
+				px.Heal(faultproxy.ToSource)
+				return true
+			}
+			return false
+		case "silent-source":
+			if b.settled() {
+				px.Heal(faultproxy.ToDest)
+				return true
+			}
+			return false
+		case "crash-source":
+			if b.settled() {
+				a = a.restart()
+				return true
+			}
+			return false
+		}
+		return true
+	})
+
+	var o outcome
+	if f != "crash-source" {
+		select {
+		case o = <-done:
+		case <-time.After(60 * time.Second):
+			t.Fatal("Migrate did not return within 60 s")
+		}
+	}
+	// Settle: both done with the session, one running copy.
+	var src bool
+	var dst []int
+	waitRule(t, "one running copy, both daemons settled", 60*time.Second, func() bool {
+		select {
+		case two, ok := <-seen:
+			if ok {
+				t.Fatalf("the watcher saw %s", two)
+			}
+		default:
+		}
+		if !a.settled() || !b.settled() {
+			return false
+		}
+		src, dst = c.running()
+		return len(dst)+map[bool]int{true: 1}[src] == 1
+	})
+	close(stopWatch)
+	if two, ok := <-seen; ok {
+		t.Errorf("the watcher saw %s", two)
+	}
+	got := sideDest
+	if src {
+		got = sideSource
+	}
+	if got != want {
+		t.Fatalf("the process runs on the %s, the rule says the %s", got, want)
+	}
+	if got == sideDest && !fake.Intact(dst[0]) {
+		t.Errorf("the destination's copy (pid %d) runs without all its memory", dst[0])
+	}
+	if f == "crash-source" {
+		return // the caller went with the daemon
+	}
+	// What the caller was told matches what happened, and was seen.
+	if (o.err == nil) != (want == sideDest) {
+		t.Errorf("Migrate returned %v, but the process runs on the %s", o.err, want)
+	}
+	if o.err != nil && strings.Contains(o.err.Error(), "resumed here") && !o.running {
+		t.Errorf("Migrate said %q while the source copy was not running", o.err)
+	}
+	if o.err != nil {
+		if code := api.CodeOf(o.err); code != api.CodeAborted && code != api.CodeCanceled {
+			t.Errorf("rolled back with code %s (%v); want aborted or canceled", code, o.err)
+		}
+	}
+	if f == "cancel" {
+		refused := p.key == "commit-sent" || p.key == "committed"
+		if !cancelled.Load() && !p.restore {
+			t.Error("no session was there to cancel")
+		}
+		if (cancelErr != nil) != refused {
+			t.Errorf("cancel at %s: %v; want refused=%v", p.key, cancelErr, refused)
+		}
+	}
+}
+
+func waitRule(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Sides a process may end up on.
+const (
+	sideSource = "source"
+	sideDest   = "destination"
+)
+
+// TestCommitRuleCRIUFails: wherever CRIU fails (the dump, the page server,
+// the restore, lazy-pages, the CPU check), the process runs on the source,
+// intact, and the caller is told it was rolled back.
+func TestCommitRuleCRIUFails(t *testing.T) {
+	for _, c := range []struct {
+		mode string
+		step migratetest.Step
+	}{
+		{api.ModeCopy, migratetest.StepCPUCheck},
+		{api.ModeCopy, migratetest.StepDumpStart},
+		{api.ModeCopy, migratetest.StepDumpPages},
+		{api.ModeCopy, migratetest.StepPagesReceived},
+		{api.ModeCopy, migratetest.StepRestoreStart},
+		{api.ModeCopy, migratetest.StepPostRestore},
+		{api.ModeCopy, migratetest.StepRestoreEnd},
+		{api.ModeCopy, migratetest.StepDumpEnd},
+		{api.ModeLazy, migratetest.StepDumpPages},
+		{api.ModeLazy, migratetest.StepLazyPagesStart},
+		{api.ModeLazy, migratetest.StepPostRestore},
+		{api.ModeLazy, migratetest.StepLazyServe},
+		{api.ModeLazy, migratetest.StepLazyFetch},
+	} {
+		t.Run(c.mode+"/"+string(c.step), func(t *testing.T) {
+			t.Parallel()
+			root := t.TempDir()
+			fake := migratetest.New(t, migratetest.Config{Hook: migratetest.FailAt(c.step, errors.New("injected failure"))})
+			a := newRuleDaemon(t, "A", filepath.Join(root, "a"), fake)
+			b := newRuleDaemon(t, "B", filepath.Join(root, "b"), fake)
+			pid := migratetest.StartTree(t)
+			info, _ := proc.Stat(pid)
+			cp := copies{src: pid, start: info.StartTime, fake: fake}
+			stop := make(chan struct{})
+			seen := watch(cp, b.state, c.mode == api.ModeCopy, stop)
+			_, err := a.m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: pid, To: b.addr(), Mode: c.mode}, nil)
+			if err == nil {
+				t.Fatal("the migration succeeded though CRIU failed")
+			}
+			if code := api.CodeOf(err); code != api.CodeAborted && code != api.CodePrecondition {
+				t.Errorf("error code %s (%v)", code, err)
+			}
+			waitRule(t, "the source copy alone running", 10*time.Second, func() bool {
+				src, dst := cp.running()
+				return src && len(dst) == 0 && a.settled() && b.settled()
+			})
+			close(stop)
+			if two, ok := <-seen; ok {
+				t.Errorf("the watcher saw %s", two)
+			}
+		})
+	}
+}

@@ -1,0 +1,73 @@
+//go:build linux
+
+package transport
+
+import "golang.org/x/sys/unix"
+
+// maxIovecs bounds one writev.
+const maxIovecs = 64
+
+// write writes b to the non-blocking fd until it is all written or the
+// socket would block, and returns how much it wrote. EINTR is retried;
+// EAGAIN is not an error.
+func write(fd int, b []byte) (int, error) {
+	off := 0
+	for off < len(b) {
+		n, err := unix.Write(fd, b[off:])
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return off, nil
+		case err != nil:
+			return off, err
+		}
+		off += n
+	}
+	return off, nil
+}
+
+// queue is bytes waiting for a non-blocking socket, as the buffers they
+// were handed over in (never copied into one).
+type queue struct {
+	bufs [][]byte
+	n    int
+}
+
+func (q *queue) push(b []byte) {
+	q.bufs = append(q.bufs, b)
+	q.n += len(b)
+}
+
+func (q *queue) len() int { return q.n }
+
+// writeTo writes what is queued to fd, with writev, until all is written or
+// the socket would block, and returns how much it wrote.
+func (q *queue) writeTo(fd int) (int, error) {
+	total := 0
+	for q.n > 0 {
+		iov := q.bufs[:min(len(q.bufs), maxIovecs)]
+		n, err := unix.Writev(fd, iov)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return total, nil
+		case err != nil:
+			return total, err
+		}
+		total += n
+		q.n -= n
+		for n > 0 {
+			if n >= len(q.bufs[0]) {
+				n -= len(q.bufs[0])
+				q.bufs[0] = nil
+				q.bufs = q.bufs[1:]
+			} else {
+				q.bufs[0] = q.bufs[0][n:]
+				n = 0
+			}
+		}
+	}
+	return total, nil
+}

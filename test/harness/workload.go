@@ -1,0 +1,204 @@
+//go:build linux
+
+package harness
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/test/report"
+)
+
+// WorkloadConfig says how to start a test workload.
+type WorkloadConfig struct {
+	// Bin is the workload binary (test/workload); Dir holds its status
+	// files.
+	Bin, Dir string
+	// MemMiB of pseudo-random memory (64 if 0), seeded by Seed (the
+	// time if 0); Children of its own, each a copy.
+	MemMiB   int
+	Children int
+	Seed     uint64
+	// Extra are more workload flags.
+	Extra []string
+	// Output, if set, is its stdout and stderr (else /dev/null).
+	Output *os.File
+}
+
+// Workload is a test process tree: the init of its own pid namespace
+// (unshare -p -f -- setsid workload ...), holding pseudo-random memory,
+// with children.
+type Workload struct {
+	WorkloadConfig
+	// Status is its status file; PID the host pid of the namespace's
+	// init.
+	Status  string
+	PID     int
+	unshare *exec.Cmd
+
+	mu sync.Mutex
+	// pids are every pid this tree has had, on either daemon, to kill at
+	// the end.
+	pids []int
+}
+
+// StartWorkload starts a workload and waits until it and its children
+// have written their first reports.
+func StartWorkload(c WorkloadConfig) (*Workload, error) {
+	if c.MemMiB == 0 {
+		c.MemMiB = 64
+	}
+	if c.Seed == 0 {
+		c.Seed = uint64(time.Now().UnixNano())
+	}
+	w := &Workload{WorkloadConfig: c, Status: filepath.Join(c.Dir, "status.json")}
+	args := []string{"-p", "-f", "--", "setsid", c.Bin,
+		"--mem", strconv.Itoa(c.MemMiB), "--seed", strconv.FormatUint(c.Seed, 10),
+		"--children", strconv.Itoa(c.Children), "--status", w.Status}
+	args = append(args, c.Extra...)
+	w.unshare = exec.Command("unshare", args...)
+	null, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer null.Close()
+	w.unshare.Stdin, w.unshare.Stdout, w.unshare.Stderr = null, null, null
+	if c.Output != nil {
+		w.unshare.Stdout, w.unshare.Stderr = c.Output, c.Output
+	}
+	// Its own session, so it has no terminal CRIU would have to handle.
+	w.unshare.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := w.unshare.Start(); err != nil {
+		return nil, err
+	}
+	go w.unshare.Wait()
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		kids, _ := proc.Children(w.unshare.Process.Pid)
+		if len(kids) == 1 {
+			w.PID = kids[0]
+			w.Track(w.PID)
+			break
+		}
+		if time.Now().After(deadline) {
+			w.Kill()
+			return nil, fmt.Errorf("workload did not start")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for {
+		if st, err := report.Read(w.Status); err == nil && st.Seq >= 1 {
+			if kids, _ := proc.Children(w.PID); len(kids) >= c.Children {
+				for _, k := range kids {
+					w.Track(k)
+				}
+				if w.childrenReported() {
+					return w, nil
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			w.Kill()
+			return nil, fmt.Errorf("workload did not report")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (w *Workload) childrenReported() bool {
+	for i := 0; i < w.Children; i++ {
+		if _, err := report.Read(w.ChildStatus(i)); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// ChildStatus is child i's status file.
+func (w *Workload) ChildStatus(i int) string { return fmt.Sprintf("%s.child%d", w.Status, i) }
+
+// Track adds pid to the processes Kill kills.
+func (w *Workload) Track(pid int) {
+	w.mu.Lock()
+	w.pids = append(w.pids, pid)
+	w.mu.Unlock()
+}
+
+// Kill kills every process of the tree, wherever it went: only pids that
+// were tracked, and only while they still run the workload.
+func (w *Workload) Kill() {
+	w.mu.Lock()
+	pids := append([]int(nil), w.pids...)
+	w.mu.Unlock()
+	for _, pid := range pids {
+		if tree, err := proc.OpenTree(pid, 0); err == nil {
+			if info, err := proc.Stat(pid); err == nil && strings.HasPrefix(info.Comm, "workload") {
+				proc.SignalAll(tree, syscall.SIGKILL)
+			}
+			proc.CloseAll(tree)
+		}
+	}
+	if w.unshare.Process != nil {
+		w.unshare.Process.Kill()
+	}
+}
+
+// Report asks the process pid (one copy of the tree's root) for a report
+// in the root's status file.
+func (w *Workload) Report(pid int) (report.Report, error) {
+	return report.AskPID(w.Status, pid, 10*time.Second)
+}
+
+// Intact checks a report of the root against its memory and an earlier
+// report (see report.Intact).
+func (w *Workload) Intact(r, before report.Report) string {
+	return report.Intact(r, before, w.MemMiB, w.Seed)
+}
+
+// Processes are the processes of the tree that have not exited, wherever
+// they are: every process running the workload binary with this tree's
+// status file. Zombies do not count (this host reaps orphans late).
+func (w *Workload) Processes() []int {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
+		if err != nil || exe != w.Bin {
+			continue
+		}
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if !strings.Contains(string(cmdline), w.Status) {
+			continue
+		}
+		if info, err := proc.Stat(pid); err == nil && info.State != 'Z' {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// Roots are the copies of the tree's root among Processes: those whose
+// command line names the root's own status file (children name theirs).
+func (w *Workload) Roots() []int {
+	var roots []int
+	for _, pid := range w.Processes() {
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+		if strings.Contains(string(cmdline), w.Status+"\x00") || strings.HasSuffix(string(cmdline), w.Status) {
+			roots = append(roots, pid)
+		}
+	}
+	return roots
+}
