@@ -177,12 +177,11 @@ type fdConn struct {
 	rdDeadline    time.Time
 	wrDeadline    time.Time
 
-	// out queues whole buffers handed over by a plain link's send; wbuf
-	// collects what TLS writes record by record, so that it goes out in
-	// few large writes. A link uses one or the other, never both.
+	// out queues what waits for the socket: the buffers a plain link's
+	// send hands over, as they are, or copies of what TLS writes record
+	// by record, packed into chunks so that it goes out in few large
+	// writes. Either way a buffer is let go once written.
 	out    queue
-	wbuf   []byte
-	woff   int
 	outLen int
 
 	// rbuf batches socket reads: crypto/tls asks for a record at a time.
@@ -246,7 +245,7 @@ func (c *fdConn) rawRead(p []byte) (int, error) {
 func (c *fdConn) Write(p []byte) (int, error) {
 	if c.loop {
 		if !c.closed {
-			c.wbuf = append(c.wbuf, p...)
+			c.out.pushCopy(p)
 			c.outLen += len(p)
 		}
 		return len(p), nil
@@ -301,15 +300,6 @@ func (c *fdConn) queue(b []byte) {
 
 // flush writes queued bytes until the socket would block.
 func (c *fdConn) flush() error {
-	if c.woff < len(c.wbuf) {
-		n, err := write(c.fd, c.wbuf[c.woff:])
-		c.woff += n
-		c.outLen -= n
-		if err != nil || c.woff < len(c.wbuf) {
-			return err
-		}
-		c.wbuf, c.woff = c.wbuf[:0], 0
-	}
 	n, err := c.out.writeTo(c.fd)
 	c.outLen -= n
 	return err
@@ -320,7 +310,7 @@ func (c *fdConn) Close() error {
 		return nil
 	}
 	c.closed = true
-	c.out, c.wbuf, c.outLen = queue{}, nil, 0
+	c.out, c.outLen = queue{}, 0
 	return unix.Close(c.fd)
 }
 

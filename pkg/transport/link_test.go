@@ -3,6 +3,8 @@
 package transport
 
 import (
+	"context"
+	"crypto/tls"
 	"net"
 	"os"
 	"sync"
@@ -109,4 +111,93 @@ func TestWatchFailureFailsConn(t *testing.T) {
 	if failed == nil || !c.Closed() {
 		t.Fatalf("after epoll refused the change: closed %v, error %v; want the conn failed", c.Closed(), failed)
 	}
+}
+
+// TestTLSQueueBounded streams 96 MiB through a TLS link in loop mode,
+// never queueing past the high-water mark, to a peer reading slowly: the
+// link must not keep what it has already written (its write buffer grew
+// with everything ever sent while the socket never fully drained), nor
+// hold much more than what waits.
+func TestTLSQueueBounded(t *testing.T) {
+	id, _ := testPKI(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := l.Accept()
+		accepted <- c
+	}()
+	cli, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, err := NewLink(<-accepted)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := tls.Client(cli, id.ClientConfig("127.0.0.1"))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hs := make(chan error, 1)
+	go func() { hs <- peer.HandshakeContext(ctx) }()
+	if err := ours.ServerTLS(ctx, id.ServerConfig()); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-hs; err != nil {
+		t.Fatal(err)
+	}
+	lp, err := loop.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lp.Close()
+	c, err := NewConn(lp, "rpc", ours, wire.RPC, 64<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.OnMessage = func(wire.Message) error { return nil }
+	const total = 96 << 20
+	go func() {
+		buf := make([]byte, 256<<10)
+		for n := 0; ; {
+			if n < 32<<20 {
+				time.Sleep(2 * time.Millisecond) // slow at first
+			}
+			m, err := peer.Read(buf)
+			n += m
+			if err != nil {
+				return
+			}
+		}
+	}()
+	chunk := make([]byte, wire.HeaderLen+wire.DataChunk)
+	wire.PutHeader(chunk, wire.TypeFileData, wire.DataChunk)
+	peak := 0
+	for sent := 0; sent < total || !c.Flushed(); {
+		for sent < total && c.OutLen() < HighWater {
+			c.Queue(chunk)
+			sent += wire.DataChunk
+		}
+		held := 0
+		for _, b := range ours.fc.out.bufs {
+			held += cap(b)
+		}
+		peak = max(peak, held)
+		if sent >= total && c.Flushed() {
+			break
+		}
+		if _, err := lp.RunOnce(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The mark, the chunk queued on the last look under it, TLS's
+	// framing, and the spare room of the buffers copies are packed in.
+	if limit := HighWater + 2*wire.DataChunk + 2*copyChunk; peak > limit {
+		t.Errorf("the TLS link held %d KiB for a stream kept under %d KiB", peak>>10, HighWater>>10)
+	}
+	t.Logf("the TLS link held at most %d KiB", peak>>10)
 }

@@ -39,6 +39,24 @@ func (q *queue) push(b []byte) {
 	q.n += len(b)
 }
 
+// copyChunk is the size of the buffers pushCopy packs copies into.
+const copyChunk = 256 << 10
+
+// pushCopy queues a copy of b (whose owner reuses it), packed into the
+// last buffer when it has room.
+func (q *queue) pushCopy(b []byte) {
+	if n := len(q.bufs); n > 0 {
+		if last := q.bufs[n-1]; cap(last)-len(last) >= len(b) {
+			q.bufs[n-1] = append(last, b...)
+			q.n += len(b)
+			return
+		}
+	}
+	c := make([]byte, len(b), max(copyChunk, len(b)))
+	copy(c, b)
+	q.push(c)
+}
+
 func (q *queue) len() int { return q.n }
 
 // writeTo writes what is queued to fd, with writev, until all is written or
