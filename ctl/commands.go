@@ -41,6 +41,8 @@ Exit status:
      process was not seen running here after a rollback. It is held
      stopped here until the destination answers; 'phaulctl list' shows
      it, and 'phaulctl resolve' settles it when the destination cannot.
+     Also when phaulctl lost its phauld during the migration: phauld
+     settles it when it runs again ('phaulctl history' says how).
 
 --mode picks how memory moves:
   copy     all memory moves while the process is frozen;

@@ -63,9 +63,9 @@ const (
 	// process was seen running here again.
 	exitRolledBack = 3
 	// exitInDoubt: the outcome is not known (the destination was lost
-	// after the commit was asked), or the process was not seen running
-	// here after a rollback: it is held stopped here until settled
-	// (phaulctl list, phaulctl resolve).
+	// after the commit was asked, or phaulctl lost its phauld), or the
+	// process was not seen running here after a rollback: it is held
+	// stopped here until settled (phaulctl list, phaulctl resolve).
 	exitInDoubt = 4
 )
 

@@ -156,10 +156,14 @@ func (c *Client) Migrate(ctx context.Context, req api.MigrateRequest, onEvent fu
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	id := ""
 	for sc.Scan() {
 		var ev api.Event
 		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
 			return api.Result{}, fmt.Errorf("decode event: %w", err)
+		}
+		if ev.ID != "" {
+			id = ev.ID
 		}
 		switch ev.Event {
 		case api.EventResult:
@@ -178,10 +182,20 @@ func (c *Client) Migrate(ctx context.Context, req api.MigrateRequest, onEvent fu
 			}
 		}
 	}
+	// phauld went away mid-migration (it stopped, or died): how the
+	// migration ends is not known here. phauld finishes or undoes it by
+	// the commit rule when it runs again.
+	why := "ended the response without a result"
 	if err := sc.Err(); err != nil {
-		return api.Result{}, fmt.Errorf("phauld connection: %w", err)
+		why = fmt.Sprintf("connection broke (%v)", err)
 	}
-	return api.Result{}, errors.New("phauld ended the response without a result: it may have stopped; check 'journalctl -u phauld'")
+	session := "the migration"
+	if id != "" {
+		session = "migration " + id
+	}
+	return api.Result{}, api.Errorf(api.CodeInDoubt,
+		"lost phauld during %s: its %s, so how it ends is not known here. phauld finishes or undoes it by the commit rule when it runs again: see 'phaulctl history' and 'phaulctl list' then, and 'journalctl -u phauld'",
+		session, why)
 }
 
 // Resolve settles the migration in doubt whose id starts with id, as an
