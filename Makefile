@@ -6,6 +6,7 @@ SHELL := /bin/bash
 #   make build        bin/phauld and bin/phaulctl
 #   make criu         a working CRIU >= 4.2 as /usr/local/sbin/criu (root)
 #   make bench        figures: phaul against bare CRIU, relay against direct
+#   make soak         N workloads x M round trips, every hop checked (CHAOS=1: daemons killed)
 #   make deb          build/phaul.deb
 #   make test-system  end to end in two systemd containers (part of make test)
 #
@@ -21,7 +22,7 @@ FUZZTIME ?= 10s
 DEB_PACKAGES := util-linux procps systemd iproute2 tcpdump passwd ca-certificates debian-archive-keyring \
 	dpkg-dev debootstrap systemd-container man-db
 
-.PHONY: all build criu deps test check unit fuzz-short fuzz integration test-system deb demo bench clean
+.PHONY: all build criu deps test check unit fuzz-short fuzz integration test-system deb demo bench soak clean
 
 all: build
 
@@ -88,6 +89,15 @@ bench: criu build
 	$(GO) test -run '^$$' -bench PageStream -benchtime 6x ./pkg/transport
 	PHAUL_BENCH_MIB=1024 $(GO) test -run '^$$' -bench PageStream -benchtime 4x ./pkg/transport
 	$(GO) run ./test/bench
+
+# Not part of make test: N workloads (default 8) migrated back and forth M
+# times (default 100) between two phauld, in MODE copy, lazy or both
+# (default), each hop checked; CHAOS=1 SIGKILLs and restarts a daemon every
+# 5-30 s meanwhile. SOAKFLAGS adds more (e.g. -json FILE -seed S -duration 2h).
+soak: criu build
+	$(GO) build -o build/workload ./test/workload
+	$(GO) run ./test/soak -bin bin -workload build/workload -workloads $(or $(N),8) -trips $(or $(M),100) \
+		-mode $(or $(MODE),both) $(if $(filter-out 0,$(CHAOS)),-chaos) $(SOAKFLAGS)
 
 clean:
 	rm -rf bin build

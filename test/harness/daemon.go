@@ -19,6 +19,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -61,8 +62,11 @@ type Daemon struct {
 	DaemonConfig
 	Socket, State, LogPath string
 	args                   []string
-	cmd                    *exec.Cmd
-	exited                 chan struct{}
+	// mu orders Start, Kill and the rest, for callers that kill and
+	// start a daemon from another goroutine (chaos).
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	exited chan struct{}
 }
 
 // NewDaemon prepares a daemon (its directory, certificate and command
@@ -114,6 +118,8 @@ func StartDaemon(c DaemonConfig) (*Daemon, error) {
 // file) and waits until it answers (activated: until its control socket
 // exists, since a connection would start it).
 func (d *Daemon) Start() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	logf, err := os.OpenFile(d.LogPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
@@ -125,6 +131,8 @@ func (d *Daemon) Start() error {
 		d.cmd.Stdout, d.cmd.Stderr = d.Output, d.Output
 	}
 	d.cmd.Env = d.Env
+	// Its own process group: a Ctrl-C meant for the tests is not for it.
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := d.cmd.Start(); err != nil {
 		logf.Close()
 		return err
@@ -154,6 +162,8 @@ func (d *Daemon) Start() error {
 		default:
 		}
 		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			<-exited
 			return fmt.Errorf("phauld %s not answering after 30s: %v", d.Name, err)
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -161,13 +171,27 @@ func (d *Daemon) Start() error {
 }
 
 // PID is the daemon's process (or its wrapper's).
-func (d *Daemon) PID() int { return d.cmd.Process.Pid }
+func (d *Daemon) PID() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.cmd.Process.Pid
+}
 
 // Exited is closed once the daemon's process has exited.
-func (d *Daemon) Exited() <-chan struct{} { return d.exited }
+func (d *Daemon) Exited() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.exited
+}
 
 // Running reports whether the daemon's process runs.
 func (d *Daemon) Running() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.running()
+}
+
+func (d *Daemon) running() bool {
 	if d.exited == nil {
 		return false
 	}
@@ -181,7 +205,9 @@ func (d *Daemon) Running() bool {
 
 // Kill kills the daemon with SIGKILL and waits for it to be gone.
 func (d *Daemon) Kill() {
-	if !d.Running() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.running() {
 		return
 	}
 	d.cmd.Process.Signal(syscall.SIGKILL)
@@ -191,26 +217,37 @@ func (d *Daemon) Kill() {
 // Terminate stops the daemon with SIGTERM and fails unless it exits
 // within limit and a little slack; it is then killed.
 func (d *Daemon) Terminate(limit time.Duration) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	start := time.Now()
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-d.exited:
 		return nil
 	case <-time.After(limit + 5*time.Second):
-		d.Kill()
+		d.cmd.Process.Kill()
+		<-d.exited
 		return fmt.Errorf("phauld %s still running %v after SIGTERM (stop timeout %v); killed it", d.Name, time.Since(start), limit)
 	}
 }
 
 // Pause stops the daemon with SIGSTOP: it stops answering, its sockets
 // stay open. Resume undoes it.
-func (d *Daemon) Pause()  { d.cmd.Process.Signal(syscall.SIGSTOP) }
-func (d *Daemon) Resume() { d.cmd.Process.Signal(syscall.SIGCONT) }
+func (d *Daemon) Pause()  { d.signal(syscall.SIGSTOP) }
+func (d *Daemon) Resume() { d.signal(syscall.SIGCONT) }
+
+func (d *Daemon) signal(sig syscall.Signal) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.cmd.Process.Signal(sig)
+}
 
 // Stop sends SIGTERM (and SIGCONT, in case it was paused) and waits up to
 // wait; then SIGKILL, and an error.
 func (d *Daemon) Stop(wait time.Duration) error {
-	if !d.Running() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.running() {
 		return nil
 	}
 	d.cmd.Process.Signal(syscall.SIGCONT)
@@ -246,7 +283,12 @@ type CtlResult struct {
 
 // Ctl runs phaulctl against the daemon.
 func (d *Daemon) Ctl(args ...string) (CtlResult, error) {
-	cmd := exec.Command(d.Phaulctl, append([]string{"--socket", d.Socket}, args...)...)
+	return d.CtlContext(context.Background(), args...)
+}
+
+// CtlContext is Ctl, killing phaulctl when ctx ends.
+func (d *Daemon) CtlContext(ctx context.Context, args ...string) (CtlResult, error) {
+	cmd := exec.CommandContext(ctx, d.Phaulctl, append([]string{"--socket", d.Socket}, args...)...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -279,7 +321,9 @@ func (d *Daemon) Migrate(pid int, addr string, extra ...string) (api.Result, Ctl
 // ExitCode is the exit code of the daemon's last run (-1 while it runs,
 // or if a signal ended it).
 func (d *Daemon) ExitCode() int {
-	if d.Running() || d.cmd == nil || d.cmd.ProcessState == nil {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.running() || d.cmd == nil || d.cmd.ProcessState == nil {
 		return -1
 	}
 	return d.cmd.ProcessState.ExitCode()

@@ -31,6 +31,10 @@ type WorkloadConfig struct {
 	Extra []string
 	// Output, if set, is its stdout and stderr (else /dev/null).
 	Output *os.File
+	// OwnCwd runs it in Dir: dumps of processes in one working directory
+	// wait for each other (the dump lock), so workloads that must move
+	// in parallel each need their own.
+	OwnCwd bool
 }
 
 // Workload is a test process tree: the init of its own pid namespace
@@ -48,6 +52,7 @@ type Workload struct {
 	// pids are every pid this tree has had, on either daemon, to kill at
 	// the end.
 	pids []int
+	seen map[int]bool
 }
 
 // StartWorkload starts a workload and waits until it and its children
@@ -59,12 +64,27 @@ func StartWorkload(c WorkloadConfig) (*Workload, error) {
 	if c.Seed == 0 {
 		c.Seed = uint64(time.Now().UnixNano())
 	}
-	w := &Workload{WorkloadConfig: c, Status: filepath.Join(c.Dir, "status.json")}
+	// Processes and Roots tell its copies by their executable.
+	bin, err := filepath.Abs(c.Bin)
+	if err == nil {
+		bin, err = filepath.EvalSymlinks(bin)
+	}
+	if err != nil {
+		return nil, err
+	}
+	c.Bin = bin
+	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
+		return nil, err
+	}
+	w := &Workload{WorkloadConfig: c, Status: filepath.Join(c.Dir, "status.json"), seen: map[int]bool{}}
 	args := []string{"-p", "-f", "--", "setsid", c.Bin,
 		"--mem", strconv.Itoa(c.MemMiB), "--seed", strconv.FormatUint(c.Seed, 10),
 		"--children", strconv.Itoa(c.Children), "--status", w.Status}
 	args = append(args, c.Extra...)
 	w.unshare = exec.Command("unshare", args...)
+	if c.OwnCwd {
+		w.unshare.Dir = c.Dir
+	}
 	null, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
 	if err != nil {
 		return nil, err
@@ -129,8 +149,11 @@ func (w *Workload) ChildStatus(i int) string { return fmt.Sprintf("%s.child%d", 
 // Track adds pid to the processes Kill kills.
 func (w *Workload) Track(pid int) {
 	w.mu.Lock()
-	w.pids = append(w.pids, pid)
-	w.mu.Unlock()
+	defer w.mu.Unlock()
+	if !w.seen[pid] {
+		w.seen[pid] = true
+		w.pids = append(w.pids, pid)
+	}
 }
 
 // Kill kills every process of the tree, wherever it went: only pids that
