@@ -739,10 +739,17 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	return end.Result, end.Err
 }
 
-// awaitResolver waits a while for the outcome of a session in doubt.
+// awaitResolver waits a while for the outcome of a session in doubt: until
+// the resolver settles it, the destination says it cannot (it has no
+// record: an operator must), or InDoubtWait passes.
 func (m *Manager) awaitResolver(r *resolver, end migrate.End) (api.Result, error) {
 	select {
 	case <-r.done:
+	case <-r.unknown:
+		return end.Result, api.Errorf(api.CodeInDoubt,
+			"%v; the destination has no record of the migration, so it cannot say: the process is held stopped here (pid %d). "+
+				"See whether it runs on %s; then 'phaulctl resolve %s --kill' if it does, '--resume' if it does not",
+			end.Err, r.rec.PID, r.rec.Peer, r.id.String()[:8])
 	case <-time.After(m.cfg.InDoubtWait):
 		return end.Result, end.Err
 	}
@@ -752,6 +759,10 @@ func (m *Manager) awaitResolver(r *resolver, end migrate.End) (api.Result, error
 		res.DestPID = r.destPID
 		return res, nil
 	case wire.OutcomeAborted:
+		if r.resumeErr != nil {
+			return res, api.Errorf(api.CodeInDoubt,
+				"migration failed; the destination did not commit, and the process (pid %d) was resumed here but not seen running afterwards: %v", r.rec.PID, r.resumeErr)
+		}
 		return res, api.Errorf(api.CodeAborted,
 			"migration failed; the destination did not commit, and the process was resumed here (pid %d)", r.rec.PID)
 	}

@@ -1,0 +1,227 @@
+//go:build linux
+
+package session
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/migrate/migratetest"
+	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/wire"
+	"github.com/phaul/phaul/test/faultproxy"
+)
+
+// ruleCell is two daemons, a fake CRIU, a fault proxy and a process, for
+// the tests below.
+type ruleCell struct {
+	t    *testing.T
+	fake *migratetest.CRIU
+	a, b *ruleDaemon
+	px   *faultproxy.Proxy
+	pid  int
+	c    copies
+}
+
+func newRuleCell(t *testing.T, argv ...string) *ruleCell {
+	t.Helper()
+	root := t.TempDir()
+	fake := migratetest.New(t, migratetest.Config{})
+	a := newRuleDaemon(t, "A", filepath.Join(root, "a"), fake)
+	b := newRuleDaemon(t, "B", filepath.Join(root, "b"), fake)
+	px, err := faultproxy.New("127.0.0.1:0", b.addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(px.Close)
+	pid := migratetest.StartTree(t, argv...)
+	info, _ := proc.Stat(pid)
+	return &ruleCell{t: t, fake: fake, a: a, b: b, px: px, pid: pid, c: copies{src: pid, start: info.StartTime, fake: fake}}
+}
+
+// migrate starts a migration of the cell's process on a goroutine.
+func (c *ruleCell) migrate(mode string) <-chan error {
+	done := make(chan error, 1)
+	m, pid, to := c.a.m, c.pid, c.px.Addr()
+	go func() {
+		_, err := m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: pid, To: to, Mode: mode}, nil)
+		done <- err
+	}()
+	return done
+}
+
+// session is the source's one session (running or in doubt).
+func (c *ruleCell) session() api.Session {
+	c.t.Helper()
+	var list []api.Session
+	waitRule(c.t, "the source's session", 10*time.Second, func() bool {
+		list = c.a.m.Sessions()
+		return len(list) == 1
+	})
+	return list[0]
+}
+
+// TestOnePIDOneMigration: while a migration holds a tree (here frozen at
+// post-dump), a second migration of its root, or of a child of it, is
+// refused at once, naming the migration that holds it; once the first is
+// over, the pids are free again.
+func TestOnePIDOneMigration(t *testing.T) {
+	c := newRuleCell(t, "sh", "-c", "sleep 600 & wait")
+	var child int
+	waitRule(t, "the tree's child", 5*time.Second, func() bool {
+		kids, _ := proc.Children(c.pid)
+		if len(kids) == 1 {
+			child = kids[0]
+		}
+		return child != 0
+	})
+	frozen, release := make(chan struct{}), make(chan struct{})
+	c.fake.SetHook(func(ctx context.Context, s migratetest.Step, dir string) error {
+		if s == migratetest.StepPostDump {
+			close(frozen)
+			select {
+			case <-release:
+			case <-ctx.Done():
+			}
+		}
+		return nil
+	})
+	first := c.migrate(api.ModeCopy)
+	<-frozen
+	holder := c.session().ID
+	for _, pid := range []int{c.pid, child} {
+		start := time.Now()
+		_, err := c.a.m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: pid, To: c.b.addr()}, nil)
+		if api.CodeOf(err) != api.CodeConflict || !strings.Contains(err.Error(), holder) {
+			t.Errorf("a second migration of pid %d while migration %s holds it: %v; want a conflict naming it", pid, holder, err)
+		}
+		if took := time.Since(start); took > time.Second {
+			t.Errorf("the refusal took %v", took)
+		}
+	}
+	close(release)
+	if err := <-first; err != nil {
+		t.Fatalf("the first migration: %v", err)
+	}
+	c.a.m.mu.Lock()
+	held := len(c.a.m.held)
+	c.a.m.mu.Unlock()
+	if held != 0 {
+		t.Errorf("%d pids still held after the migration ended", held)
+	}
+}
+
+// TestInDoubtHoldsThePID: a source in doubt (its destination went silent
+// after the commit was asked) keeps its tree stopped and held: migrating
+// it again is refused, naming the migration in doubt, until the
+// destination answers (committed: the copy here goes, and the pids are
+// free).
+func TestInDoubtHoldsThePID(t *testing.T) {
+	c := newRuleCell(t)
+	c.px.Arm(&faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypeCommit, Nth: 1, Action: faultproxy.Pass,
+		Hook: func() { c.px.Silence(faultproxy.ToSource) }})
+	done := c.migrate(api.ModeCopy)
+	var s api.Session
+	waitRule(t, "the source in doubt", 20*time.Second, func() bool {
+		list := c.a.m.Sessions()
+		if len(list) == 1 && list[0].Phase == "in-doubt" {
+			s = list[0]
+			return true
+		}
+		return false
+	})
+	if src, _ := c.c.running(); src {
+		t.Fatal("the source's copy runs while its migration is in doubt")
+	}
+	_, err := c.a.m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: c.pid, To: c.b.addr()}, nil)
+	if api.CodeOf(err) != api.CodeConflict || !strings.Contains(err.Error(), s.ID) || !strings.Contains(err.Error(), "in doubt") {
+		t.Errorf("migrating a pid in doubt: %v; want refused, naming migration %s in doubt", err, s.ID)
+	}
+	c.px.Heal(faultproxy.ToSource)
+	if err := <-done; err != nil {
+		t.Fatalf("the migration, once the destination answered: %v", err)
+	}
+	waitRule(t, "the source settled, its pids free", 10*time.Second, func() bool {
+		c.a.m.mu.Lock()
+		defer c.a.m.mu.Unlock()
+		return len(c.a.m.held) == 0 && len(c.a.m.resolvers) == 0
+	})
+}
+
+// TestResolveByOperator: a destination that lost its state after it
+// committed cannot say how the migration ended; the source says so (in
+// doubt, exit 4 for phaulctl, a note in the list), keeps its copy stopped,
+// and an operator settles it. An order given while the destination can
+// answer is refused, and the destination's answer settles it.
+func TestResolveByOperator(t *testing.T) {
+	t.Run("the destination has no record", func(t *testing.T) {
+		c := newRuleCell(t)
+		c.px.Arm(&faultproxy.Rule{Dir: faultproxy.ToSource, Type: wire.TypeCommitted, Nth: 1, Action: faultproxy.Drop, Hook: func() {
+			// Committed there; then its daemon dies with its state.
+			c.b.crash()
+			os.RemoveAll(filepath.Join(c.b.state, "sessions"))
+			os.MkdirAll(filepath.Join(c.b.state, "sessions"), 0o700)
+			c.b = c.b.restart()
+			c.px.SetTarget(c.b.addr())
+		}})
+		err := <-c.migrate(api.ModeCopy)
+		if api.CodeOf(err) != api.CodeInDoubt || !strings.Contains(err.Error(), "phaulctl resolve") {
+			t.Fatalf("Migrate: %v; want in doubt, saying how to resolve it", err)
+		}
+		s := c.session()
+		if s.Phase != "in-doubt" || !strings.Contains(s.Note, "no record") {
+			t.Errorf("listed as %q, %q; want in doubt, with a note that the destination has no record", s.Phase, s.Note)
+		}
+		if _, err := c.a.m.Resolve(context.Background(), s.ID[:8], "explode"); api.CodeOf(err) != api.CodeInvalid {
+			t.Errorf("an unknown action: %v", err)
+		}
+		if _, err := c.a.m.Resolve(context.Background(), s.ID[:8], ResolveKill); err != nil {
+			t.Fatalf("resolve --kill: %v", err)
+		}
+		waitRule(t, "one copy, the destination's", 10*time.Second, func() bool {
+			src, dst := c.c.running()
+			return !src && len(dst) == 1 && c.a.settled()
+		})
+		hist, _ := c.a.m.History(1)
+		if len(hist) != 1 || hist[0].Outcome != api.OutcomeKilled {
+			t.Errorf("history: %+v; want one entry, %s", hist, api.OutcomeKilled)
+		}
+	})
+	t.Run("the destination answers", func(t *testing.T) {
+		c := newRuleCell(t)
+		c.px.Arm(&faultproxy.Rule{Dir: faultproxy.ToSource, Type: wire.TypeCommitted, Nth: 1, Action: faultproxy.Drop, Hook: func() {
+			c.b.crash() // committed, and gone for a while
+		}})
+		done := c.migrate(api.ModeCopy)
+		var s api.Session
+		waitRule(t, "the source in doubt", 20*time.Second, func() bool {
+			list := c.a.m.Sessions()
+			if len(list) == 1 && list[0].Phase == "in-doubt" {
+				s = list[0]
+				return true
+			}
+			return false
+		})
+		// The resolver asks at once, after 1 s and after 3 s: it waits
+		// 4 s more from then on, and the order comes in between.
+		time.Sleep(3500 * time.Millisecond)
+		c.b = c.b.restart()
+		c.px.SetTarget(c.b.addr())
+		_, err := c.a.m.Resolve(context.Background(), s.ID[:8], ResolveResume)
+		if api.CodeOf(err) != api.CodeConflict || !strings.Contains(err.Error(), "committed") {
+			t.Fatalf("resolve --resume while the destination can say it committed: %v; want refused, saying so", err)
+		}
+		if err := <-done; err != nil {
+			t.Fatalf("Migrate: %v; want the destination's commit", err)
+		}
+		waitRule(t, "one copy, the destination's", 10*time.Second, func() bool {
+			src, dst := c.c.running()
+			return !src && len(dst) == 1 && c.a.settled()
+		})
+	})
+}
