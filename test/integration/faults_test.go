@@ -14,7 +14,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -65,6 +67,8 @@ var faults = []fault{
 	{"hang-source", "source phauld stops answering"},
 	{"cancel", "phaulctl cancel"},
 	{"restore-fail", "restore fails"},
+	{"again", "the same pid migrated again"},
+	{"kill-dest-stays", "destination phauld SIGKILLed, not restarted"},
 }
 
 // stopTimeout is the daemons' --stop-timeout in the matrix: a SIGTERMed
@@ -100,6 +104,23 @@ func expected(mode string, p point, f fault) string {
 			return sideSource
 		}
 		return ""
+	}
+	if f.key == "again" {
+		// A second migration of the pid is refused at once; the first
+		// goes on as if nothing happened.
+		return sideDest
+	}
+	if f.key == "kill-dest-stays" {
+		// The source loses the destination before the commit and
+		// resumes its copy; the destination's copy (a lazy one runs) is
+		// killed by its guard, with nobody to restart phauld. After the
+		// commit is asked the source would wait in doubt for a daemon
+		// that never comes back: no cell.
+		switch p.key {
+		case "commit-sent", "committed":
+			return ""
+		}
+		return sideSource
 	}
 	switch p.key {
 	case "committed":
@@ -176,10 +197,15 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Throughout: never two copies running once the destination has
+	// recorded the commit.
+	stopWatch := make(chan struct{})
+	seen := watchCopies(w, b.state, stopWatch)
 
 	// What the fault does, while the point's frame is held (or, during
 	// restore, once the restore runs).
-	var cancelResult ctlResult
+	var cancelResult, againResult ctlResult
+	var killedAt time.Time
 	inject := func() {
 		switch f.key {
 		case "drop":
@@ -205,6 +231,17 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 				return
 			}
 			cancelResult = a.phaulctl(t, "cancel", list[0].ID[:8])
+		case "again":
+			// To another destination, as an operator in a hurry would:
+			// refused at once, before anything is dialed.
+			start := time.Now()
+			againResult = a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", "127.0.0.4:1", "--json")
+			if took := time.Since(start); took > 5*time.Second {
+				t.Errorf("the second migration took %v to be refused", took)
+			}
+		case "kill-dest-stays":
+			b.kill()
+			killedAt = time.Now()
 		}
 	}
 	r := &faultproxy.Rule{Dir: p.dir, Type: p.typ, Nth: p.nth, Action: faultproxy.Pass}
@@ -212,7 +249,7 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	case p.duringRestore:
 	case f.key == "drop":
 		r.Action = faultproxy.Drop
-	case f.key == "kill-source" || f.key == "term-source" || f.key == "term-dest":
+	case f.key == "kill-source" || f.key == "term-source" || f.key == "term-dest" || f.key == "kill-dest-stays":
 		// The frame is lost with the daemon that stops: it never
 		// arrives.
 		r.Hook, r.Action = inject, faultproxy.Swallow
@@ -265,15 +302,33 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	case "hang-dest":
 		// Resume once the source has given up on its peer (rolled back,
 		// or waiting in doubt), or finished.
+		var list []api.Session
 		waitFor(t, "the source to give up on the silent destination", time.Minute, func() bool {
-			for _, s := range a.sessions(t) {
+			list = a.sessions(t)
+			for _, s := range list {
 				if s.Phase != "in-doubt" {
 					return false
 				}
 			}
 			return true
 		})
+		if len(list) == 1 {
+			// In doubt, its process held stopped here: it belongs to that
+			// migration until it is settled, and may not move again.
+			r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", "127.0.0.4:1", "--json")
+			if r.code != 1 || !strings.Contains(r.stdout, list[0].ID) || !strings.Contains(r.stdout, "in doubt") {
+				t.Errorf("migrating an in-doubt pid again: exit %d, %s %s; want refused, naming migration %s in doubt", r.code, r.stdout, r.stderr, list[0].ID)
+			}
+		}
 		b.resume()
+	case "kill-dest-stays":
+		// Nobody restarts it: the source's copy must run, and the
+		// destination's be gone, within 5 s.
+		waitFor(t, "exactly one copy, the source's, running", 5*time.Second, func() bool {
+			roots := runningRoots(w)
+			return len(roots) == 1 && isSourceCopy(w, roots[0], srcInfo)
+		})
+		t.Logf("one copy, the source's, %v after the destination died", time.Since(killedAt).Round(time.Millisecond))
 	case "hang-source":
 		// Resume once the destination has given up on the silent
 		// source (discarded its copy) or committed.
@@ -290,8 +345,15 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 
 	// Settle: both daemons done with the session, one copy of the process,
 	// and no CRIU (or anything else) left working in their directories.
+	if f.key == "kill-dest-stays" {
+		b.start() // to be asked, and for its state to be looked at
+	}
 	one := settleToOneCopy(t, a, b, w)
 	noLeftovers(t, a.state, b.state)
+	close(stopWatch)
+	if two, ok := <-seen; ok {
+		t.Errorf("the watcher saw %s", two)
+	}
 	got := sideDest
 	if isSourceCopy(w, one, srcInfo) {
 		got = sideSource
@@ -302,10 +364,21 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	after := w.report(one, w.status)
 	checkIntact(t, "the one copy", after, before, w.memMiB, w.seed)
 
-	// What the user was told matches what happened.
+	// What the user was told matches what happened: 0 migrated, 3 rolled
+	// back (the process runs here).
 	if f.key != "kill-source" && f.key != "term-source" {
-		if (res.code == 0) != (want == sideDest) {
-			t.Errorf("phaulctl migrate exited %d, but the process runs on the %s: %s %s", res.code, want, res.stdout, res.stderr)
+		wantCode := 0
+		if want == sideSource {
+			wantCode = 3
+		}
+		if res.code != wantCode {
+			t.Errorf("phaulctl migrate exited %d, but the process runs on the %s (want exit %d): %s %s", res.code, want, wantCode, res.stdout, res.stderr)
+		}
+	}
+	if f.key == "again" {
+		if againResult.code != 1 || !strings.Contains(againResult.stdout, `"conflict"`) || !strings.Contains(againResult.stdout, "belongs to migration") {
+			t.Errorf("the second migration of pid %d: exit %d, %s %s; want refused at once, naming the migration that holds it",
+				w.pid, againResult.code, againResult.stdout, againResult.stderr)
 		}
 	}
 	if f.key == "cancel" {
@@ -317,6 +390,54 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 			t.Errorf("refused cancel says %q: want why", cancelResult.stderr)
 		}
 	}
+}
+
+// runningRoots are the copies of w's root that run (see proc.Running).
+func runningRoots(w *workload) []int {
+	var run []int
+	for _, pid := range w.Roots() {
+		if proc.Running(pid) {
+			run = append(run, pid)
+		}
+	}
+	return run
+}
+
+// watchCopies samples w's copies until stop, and reports the first moment
+// it saw two running after the destination (state) recorded the commit.
+func watchCopies(w *workload, state string, stop <-chan struct{}) <-chan string {
+	out := make(chan string, 1)
+	go func() {
+		defer close(out)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			// The record is read first: the copies are sampled after it.
+			if !destCommitted(state) {
+				continue
+			}
+			if run := runningRoots(w); len(run) > 1 {
+				out <- fmt.Sprintf("two running copies (pids %v) after the destination recorded the commit", run)
+				return
+			}
+		}
+	}()
+	return out
+}
+
+// destCommitted reports whether a destination whose state directory is
+// state has recorded a commit.
+func destCommitted(state string) bool {
+	dirs, _ := filepath.Glob(filepath.Join(state, "sessions", "*"))
+	for _, dir := range dirs {
+		if rec, err := store.Load(dir); err == nil && rec.Role == store.RoleDest && rec.State == store.Committed {
+			return true
+		}
+	}
+	return false
 }
 
 // settleToOneCopy waits until both daemons are done with their sessions

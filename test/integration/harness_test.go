@@ -29,10 +29,12 @@ import (
 
 // bins holds the binaries under test, built once by TestMain.
 var bins struct {
-	dir      string
-	phauld   string
-	phaulctl string
-	workload string
+	dir    string
+	phauld string
+	// phauldPlain is phauld built without the race detector.
+	phauldPlain string
+	phaulctl    string
+	workload    string
 	// ca is the test run's CA: every daemon gets a certificate from it,
 	// for its own address, unless it runs --insecure.
 	ca string
@@ -76,15 +78,20 @@ func testMain(m *testing.M) int {
 		return 1
 	}
 	bins.phauld = filepath.Join(dir, "phauld")
+	bins.phauldPlain = filepath.Join(dir, "phauld-plain")
 	bins.phaulctl = filepath.Join(dir, "phaulctl")
 	bins.workload = filepath.Join(dir, "workload")
 	// The daemons are built with the race detector: the tests then check
-	// the real daemon for data races too.
-	for _, b := range []struct{ out, pkg string }{
-		{bins.phauld, "./daemon"}, {bins.phaulctl, "./ctl"}, {bins.workload, "./test/workload"},
+	// the real daemon for data races too. A plain build is for measuring
+	// memory (the race detector's shadow memory would swamp it).
+	for _, b := range []struct {
+		out, pkg string
+		race     bool
+	}{
+		{bins.phauld, "./daemon", true}, {bins.phauldPlain, "./daemon", false}, {bins.phaulctl, "./ctl", true}, {bins.workload, "./test/workload", false},
 	} {
 		args := []string{"build", "-o", b.out}
-		if os.Getenv("PHAUL_RACE") != "0" && b.pkg != "./test/workload" {
+		if os.Getenv("PHAUL_RACE") != "0" && b.race {
 			args = append(args, "-race")
 		}
 		cmd := exec.Command("go", append(args, b.pkg)...)

@@ -34,6 +34,11 @@ type Report struct {
 	Seed     uint64 `json:"seed"`
 	Child    int    `json:"child"`
 	Written  string `json:"written"`
+	// GhostSum is the checksum of the deleted file the workload holds
+	// (--ghost), read through its descriptor; GhostExpect what it was
+	// made with.
+	GhostSum    string `json:"ghost_sum,omitempty"`
+	GhostExpect string `json:"ghost_expect,omitempty"`
 }
 
 // Read reads the report in path.
@@ -95,6 +100,9 @@ func Intact(r, before Report, memMiB int, seed uint64) string {
 	}
 	if r.Counter <= before.Counter {
 		return fmt.Sprintf("counter %d, was %d before: it did not go on", r.Counter, before.Counter)
+	}
+	if r.GhostSum != r.GhostExpect {
+		return fmt.Sprintf("the deleted file it holds has checksum %s, want %s", r.GhostSum, r.GhostExpect)
 	}
 	return ""
 }

@@ -61,6 +61,7 @@ func run(args []string) error {
 	hold := fs.String("hold", "", "a file to keep open for the whole run")
 	listen := fs.String("listen", "", "a TCP address to listen on for the whole run")
 	dirty := fs.Int("dirty", 0, "MiB of memory to rewrite every tick (keeps pages dirty)")
+	ghost := fs.String("ghost", "", "MIB:DIR: a file of MIB MiB of pseudo-random bytes in DIR (a tmpfs), kept open and deleted: its contents live only in the process")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -100,6 +101,14 @@ func run(args []string) error {
 			return err
 		}
 		defer f.Close()
+	}
+	if *ghost != "" {
+		f, err := ghostFile(*ghost, *seed)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		w.ghost = f
 	}
 	if *listen != "" {
 		l, err := net.Listen("tcp", *listen)
@@ -166,6 +175,8 @@ func run(args []string) error {
 }
 
 type worker struct {
+	// ghost is the deleted file it holds (--ghost), if any.
+	ghost      *os.File
 	mu         sync.Mutex
 	mem        []byte
 	status     string
@@ -192,6 +203,12 @@ func (w *worker) report() error {
 	w.st.Seq++
 	w.st.Sum = strconv.FormatUint(pattern.Sum(w.mem), 16)
 	w.st.HostPID, w.st.NSPID = pids()
+	if w.ghost != nil {
+		if err := w.sumGhost(); err != nil {
+			w.mu.Unlock()
+			return err
+		}
+	}
 	w.st.Written = time.Now().UTC().Format(time.RFC3339Nano)
 	b, err := json.Marshal(w.st)
 	w.st.GapNS = 0
@@ -235,4 +252,54 @@ func pids() (host, ns int) {
 		return host, ns
 	}
 	return 0, 0
+}
+
+// ghostSeed makes the ghost file's contents differ from the memory's.
+const ghostSeed = 1 << 40
+
+// ghostFile makes the --ghost file: MIB MiB of pseudo-random bytes in DIR,
+// open, then deleted.
+func ghostFile(spec string, seed uint64) (*os.File, error) {
+	mib, dir, ok := strings.Cut(spec, ":")
+	n, err := strconv.Atoi(mib)
+	if !ok || err != nil || n <= 0 {
+		return nil, fmt.Errorf("--ghost %q: want MIB:DIR", spec)
+	}
+	f, err := os.CreateTemp(dir, "workload-ghost-")
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 1<<20)
+	for i := 0; i < n; i++ {
+		pattern.Fill(buf, seed+ghostSeed+uint64(i))
+		if _, err := f.Write(buf); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	if err := os.Remove(f.Name()); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// sumGhost checks the ghost file through the descriptor the process holds:
+// GhostSum is its checksum, GhostExpect what it was made with.
+func (w *worker) sumGhost() error {
+	st, err := w.ghost.Stat()
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, 1<<20)
+	var got, want uint64
+	for i := int64(0); i < st.Size()>>20; i++ {
+		if _, err := w.ghost.ReadAt(buf, i<<20); err != nil {
+			return err
+		}
+		got = got*31 + pattern.Sum(buf)
+		want = want*31 + pattern.Expected(len(buf), w.st.Seed+ghostSeed+uint64(i))
+	}
+	w.st.GhostSum, w.st.GhostExpect = strconv.FormatUint(got, 16), strconv.FormatUint(want, 16)
+	return nil
 }
