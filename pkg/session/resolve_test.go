@@ -4,9 +4,11 @@ package session
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -224,4 +226,121 @@ func TestResolveByOperator(t *testing.T) {
 			return !src && len(dst) == 1 && c.a.settled()
 		})
 	})
+}
+
+// TestSlowPlacementBlocksNothing: moving the restored tree into its scope
+// (a call to systemd) may hang; it runs off the session loop, bounded, so
+// the destination keeps answering its peer (whose timeout here is far
+// shorter than the hang) and the migration commits, the tree left where
+// it is.
+func TestSlowPlacementBlocksNothing(t *testing.T) {
+	for _, mode := range []string{api.ModeCopy, api.ModeLazy} {
+		t.Run(mode, func(t *testing.T) {
+			c := newRuleCell(t)
+			hung := make(chan struct{}, 1)
+			c.b.m.cfg.Place = func(ctx context.Context, id string, pids []int) error {
+				select {
+				case hung <- struct{}{}:
+				default:
+				}
+				<-ctx.Done() // systemd never answers
+				return ctx.Err()
+			}
+			start := time.Now()
+			done := c.migrate(mode)
+			var err error
+			doubted := false
+			for finished := false; !finished; {
+				select {
+				case err = <-done:
+					finished = true
+				case <-time.After(10 * time.Millisecond):
+					for _, s := range c.a.m.Sessions() {
+						// A destination that stopped answering would
+						// leave the source in doubt.
+						doubted = doubted || s.Phase == "in-doubt"
+					}
+				}
+			}
+			if err != nil || doubted {
+				t.Fatalf("a migration whose placement hangs: %v (the source was in doubt: %v)", err, doubted)
+			}
+			select {
+			case <-hung:
+			default:
+				t.Fatal("the placement was not asked")
+			}
+			took := time.Since(start)
+			if took > placeBound+5*time.Second {
+				t.Errorf("the migration took %v", took)
+			}
+			waitRule(t, "one copy, the destination's", 10*time.Second, func() bool {
+				src, dst := c.c.running()
+				return !src && len(dst) == 1
+			})
+		})
+	}
+}
+
+// placeBound is how long a placement may take before the tree goes on
+// without it (migrate's placeTimeout).
+const placeBound = 2 * time.Second
+
+// TestNotSeenNotResumed: when a rollback cannot see the source tree run
+// (here: it was killed while CRIU held it), the caller is not told it was
+// resumed, but that it is in doubt, and why.
+func TestNotSeenNotResumed(t *testing.T) {
+	c := newRuleCell(t)
+	c.fake.SetHook(func(ctx context.Context, s migratetest.Step, dir string) error {
+		if s == migratetest.StepDumpEnd && strings.HasPrefix(dir, c.a.state) {
+			syscall.Kill(c.pid, syscall.SIGKILL) // gone while frozen
+			for deadline := time.Now().Add(5 * time.Second); proc.Running(c.pid) && time.Now().Before(deadline); {
+				time.Sleep(5 * time.Millisecond)
+			}
+			return errors.New("injected: the dump failed after post-dump")
+		}
+		return nil
+	})
+	err := <-c.migrate(api.ModeCopy)
+	if api.CodeOf(err) != api.CodeInDoubt || strings.Contains(err.Error(), "resumed here") || !strings.Contains(err.Error(), "not seen running") {
+		t.Fatalf("a rollback whose tree is gone: %v; want in doubt, saying it was not seen running", err)
+	}
+}
+
+// TestAuthorizeOnRecordedIdentity: the permission check is asked about the
+// identity the migration records (pid and start time) and the whole tree,
+// once its pids are held; a refusal lets them go.
+func TestAuthorizeOnRecordedIdentity(t *testing.T) {
+	c := newRuleCell(t, "sh", "-c", "sleep 600 & wait")
+	want, _ := proc.Stat(c.pid)
+	var got proc.Info
+	var gotPIDs []int
+	var heldThen int
+	c.a.m.cfg.Authorize = func(caller api.Caller, root proc.Info, pids []int) error {
+		got, gotPIDs = root, pids
+		c.a.m.mu.Lock()
+		heldThen = len(c.a.m.held)
+		c.a.m.mu.Unlock()
+		return api.Errorf(api.CodePermission, "refused for the test")
+	}
+	waitRule(t, "the tree's child", 5*time.Second, func() bool {
+		kids, _ := proc.Children(c.pid)
+		return len(kids) == 1
+	})
+	_, err := c.a.m.Migrate(context.Background(), api.Caller{UID: 1000}, api.MigrateRequest{PID: c.pid, To: c.b.addr()}, nil)
+	if api.CodeOf(err) != api.CodePermission {
+		t.Fatalf("Migrate: %v; want the refusal", err)
+	}
+	if got.PID != want.PID || got.StartTime != want.StartTime || len(gotPIDs) != 2 {
+		t.Errorf("asked about %+v and pids %v; want pid %d started at %d, and its tree of 2", got, gotPIDs, want.PID, want.StartTime)
+	}
+	if heldThen != 2 {
+		t.Errorf("%d pids held when the check was asked, want the tree's 2", heldThen)
+	}
+	c.a.m.mu.Lock()
+	left := len(c.a.m.held)
+	c.a.m.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d pids still held after the refusal", left)
+	}
 }

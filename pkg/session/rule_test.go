@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -531,5 +532,51 @@ func TestCommitRuleCRIUFails(t *testing.T) {
 				t.Errorf("the watcher saw %s", two)
 			}
 		})
+	}
+}
+
+// ruleFaultNames are the faults' names in docs/reliability.md.
+var ruleFaultNames = map[string]string{
+	"drop": "dropped", "silent-dest": "destination silent", "silent-source": "source silent", "cancel": "cancel",
+	"crash-dest": "destination crashed, restarted", "crash-source": "source crashed, restarted",
+}
+
+var rulePointNames = map[string]string{
+	"before-dump": "before the dump", "pages": "during page transfer", "images": "during image transfer",
+	"restore": "during restore", "restored": "after restore, before the commit is asked",
+	"commit-sent": "commit asked, not yet received", "committed": "after the commit",
+}
+
+// ruleTable renders the unit tier's table as docs/reliability.md holds it.
+func ruleTable() string {
+	var b strings.Builder
+	b.WriteString("| point \\ fault |")
+	for _, f := range ruleFaults {
+		b.WriteString(" " + ruleFaultNames[f] + " |")
+	}
+	b.WriteString("\n|---|")
+	for range ruleFaults {
+		b.WriteString("---|")
+	}
+	b.WriteString("\n")
+	for _, p := range rulePoints {
+		b.WriteString("| " + rulePointNames[p.key] + " |")
+		for _, f := range ruleFaults {
+			b.WriteString(" " + ruleExpected(p.key, f) + " |")
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
+// TestRuleDocMatches keeps docs/reliability.md's unit-tier table equal to
+// the cells TestCommitRule runs.
+func TestRuleDocMatches(t *testing.T) {
+	doc, err := os.ReadFile(filepath.Join("..", "..", "docs", "reliability.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if table := ruleTable(); !strings.Contains(string(doc), table) {
+		t.Errorf("docs/reliability.md does not hold the unit tier's table; it should contain:\n\n%s", table)
 	}
 }
