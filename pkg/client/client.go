@@ -134,8 +134,20 @@ func (c *Client) History(ctx context.Context, limit int) ([]api.HistoryEntry, er
 
 // Cancel cancels the migration whose id starts with id.
 func (c *Client) Cancel(ctx context.Context, id string) (api.Session, error) {
+	return c.sessionCall(ctx, id, "cancel", struct{}{})
+}
+
+// Resolve settles the migration in doubt whose id starts with id, as an
+// operator decides: action is "resume" or "kill" (see api.ResolveRequest).
+func (c *Client) Resolve(ctx context.Context, id, action string) (api.Session, error) {
+	return c.sessionCall(ctx, id, "resolve", api.ResolveRequest{Action: action})
+}
+
+// sessionCall posts body to /v1/sessions/{id}/{verb} and decodes the
+// session it answers with.
+func (c *Client) sessionCall(ctx context.Context, id, verb string, body any) (api.Session, error) {
 	var s api.Session
-	resp, err := c.do(ctx, http.MethodPost, "/v1/sessions/"+url.PathEscape(id)+"/cancel", struct{}{})
+	resp, err := c.do(ctx, http.MethodPost, "/v1/sessions/"+url.PathEscape(id)+"/"+verb, body)
 	if err != nil {
 		return s, err
 	}
@@ -196,19 +208,4 @@ func (c *Client) Migrate(ctx context.Context, req api.MigrateRequest, onEvent fu
 	return api.Result{}, api.Errorf(api.CodeInDoubt,
 		"lost phauld during %s: its %s, so how it ends is not known here. phauld finishes or undoes it by the commit rule when it runs again: see 'phaulctl history' and 'phaulctl list' then, and 'journalctl -u phauld'",
 		session, why)
-}
-
-// Resolve settles the migration in doubt whose id starts with id, as an
-// operator decides: action is "resume" or "kill" (see api.ResolveRequest).
-func (c *Client) Resolve(ctx context.Context, id, action string) (api.Session, error) {
-	var s api.Session
-	resp, err := c.do(ctx, http.MethodPost, "/v1/sessions/"+url.PathEscape(id)+"/resolve", api.ResolveRequest{Action: action})
-	if err != nil {
-		return s, err
-	}
-	defer resp.Body.Close()
-	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
-		return s, fmt.Errorf("decode session: %w", err)
-	}
-	return s, nil
 }

@@ -136,19 +136,9 @@ type dest struct {
 // NewDest returns the session that receives a migration on the
 // connections rpc and mem; Run starts it.
 func NewDest(c DestConfig, rpc, mem *transport.Link) (*Session, error) {
-	s, err := newSession(c.ID, api.DirectionIn, c.Peer)
-	if err != nil {
-		rpc.Close()
-		mem.Close()
-		return nil, err
-	}
-	m, err := newDest(s, c, rpc, mem)
-	if err != nil {
-		s.l.Close()
-		return nil, err
-	}
-	s.m = m
-	return s, nil
+	return start(c.ID, api.DirectionIn, c.Peer, rpc, mem, func(s *Session) (machine, error) {
+		return newDest(s, c, rpc, mem)
+	})
 }
 
 func newDest(s *Session, p DestConfig, rpcLink, memLink *transport.Link) (*dest, error) {

@@ -17,6 +17,7 @@ import (
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/loop"
 	"github.com/phaul/phaul/pkg/store"
+	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -66,6 +67,25 @@ func newSession(id wire.SessionID, dir, peer string) (*Session, error) {
 	}
 	s := &Session{ID: id, Direction: dir, Peer: peer, Started: time.Now(), l: l, done: make(chan struct{})}
 	s.phase.Store("starting")
+	return s, nil
+}
+
+// start makes a session for the migration id and its machine (made by
+// machine, which owns rpc and mem from then on); on error both links are
+// closed.
+func start(id wire.SessionID, dir, peer string, rpc, mem *transport.Link, machine func(*Session) (machine, error)) (*Session, error) {
+	s, err := newSession(id, dir, peer)
+	if err != nil {
+		rpc.Close()
+		mem.Close()
+		return nil, err
+	}
+	m, err := machine(s)
+	if err != nil {
+		s.l.Close()
+		return nil, err
+	}
+	s.m = m
 	return s, nil
 }
 

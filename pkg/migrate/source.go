@@ -149,20 +149,13 @@ const pageSize = 4096
 // NewSource returns the session that migrates c.Proc's tree over the
 // connections rpc and mem to the destination; Run starts it.
 func NewSource(c SourceConfig, rpc, mem *transport.Link) (*Session, error) {
-	s, err := newSession(c.ID, api.DirectionOut, c.Dest)
-	if err != nil {
-		rpc.Close()
-		mem.Close()
-		return nil, err
+	s, err := start(c.ID, api.DirectionOut, c.Dest, rpc, mem, func(s *Session) (machine, error) {
+		return newSource(s, c, rpc, mem)
+	})
+	if s != nil {
+		s.pid.Store(int64(c.Proc.PID))
 	}
-	s.pid.Store(int64(c.Proc.PID))
-	m, err := newSource(s, c, rpc, mem)
-	if err != nil {
-		s.l.Close()
-		return nil, err
-	}
-	s.m = m
-	return s, nil
+	return s, err
 }
 
 func newSource(s *Session, p SourceConfig, rpcLink, memLink *transport.Link) (*source, error) {

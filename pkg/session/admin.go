@@ -18,7 +18,23 @@ import (
 // Cancel cancels the session whose id starts with prefix (at least 4
 // hex digits, unambiguous).
 func (m *Manager) Cancel(prefix string) (api.Session, error) {
+	found, res, err := m.find(prefix)
+	switch {
+	case err != nil:
+		return api.Session{}, err
+	case res != nil:
+		return res.info(), api.Errorf(api.CodeConflict,
+			"session %s has asked the destination to commit and is waiting for its answer: too late to cancel", res.id)
+	}
+	err = found.s.Cancel()
+	return found.s.Info(), err
+}
+
+// find is the session, or the resolver, whose id starts with prefix (at
+// least 4 hex digits, unambiguous).
+func (m *Manager) find(prefix string) (*running, *resolver, error) {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	var found *running
 	var res *resolver
 	n := 0
@@ -34,18 +50,13 @@ func (m *Manager) Cancel(prefix string) (api.Session, error) {
 			}
 		}
 	}
-	m.mu.Unlock()
 	switch {
 	case n == 0:
-		return api.Session{}, api.Errorf(api.CodeNotFound, "no migration in progress has an id starting with %q (see phaulctl list)", prefix)
+		return nil, nil, api.Errorf(api.CodeNotFound, "no migration in progress has an id starting with %q (see phaulctl list)", prefix)
 	case n > 1:
-		return api.Session{}, api.Errorf(api.CodeInvalid, "%q matches %d migrations: give more of the id", prefix, n)
-	case res != nil:
-		return res.info(), api.Errorf(api.CodeConflict,
-			"session %s has asked the destination to commit and is waiting for its answer: too late to cancel", res.id)
+		return nil, nil, api.Errorf(api.CodeInvalid, "%q matches %d migrations: give more of the id", prefix, n)
 	}
-	err := found.s.Cancel()
-	return found.s.Info(), err
+	return found, res, nil
 }
 
 func hasPrefix(id wire.SessionID, prefix string) bool {

@@ -223,27 +223,10 @@ func (m *Manager) Resolve(ctx context.Context, prefix, action string) (api.Sessi
 	if action != ResolveResume && action != ResolveKill {
 		return api.Session{}, api.Errorf(api.CodeInvalid, "resolve: want %s or %s, not %q", ResolveResume, ResolveKill, action)
 	}
-	m.mu.Lock()
-	var found *resolver
-	n := 0
-	if len(prefix) >= 4 {
-		for id, r := range m.resolvers {
-			if hasPrefix(id, prefix) {
-				found, n = r, n+1
-			}
-		}
-		for id := range m.sessions {
-			if hasPrefix(id, prefix) {
-				n++
-			}
-		}
-	}
-	m.mu.Unlock()
+	_, found, err := m.find(prefix)
 	switch {
-	case n == 0:
-		return api.Session{}, api.Errorf(api.CodeNotFound, "no migration in doubt has an id starting with %q (see phaulctl list)", prefix)
-	case n > 1:
-		return api.Session{}, api.Errorf(api.CodeInvalid, "%q matches %d migrations: give more of the id", prefix, n)
+	case err != nil:
+		return api.Session{}, err
 	case found == nil:
 		return api.Session{}, api.Errorf(api.CodeConflict, "migration %s is not in doubt: it is still running, and ends by the commit rule", prefix)
 	}

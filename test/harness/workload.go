@@ -225,3 +225,27 @@ func (w *Workload) Roots() []int {
 	}
 	return roots
 }
+
+// ProcessesIn maps the pids whose working directory is under one of dirs
+// to that directory.
+func ProcessesIn(dirs ...string) map[int]string {
+	ents, _ := os.ReadDir("/proc")
+	found := map[int]string{}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cwd, err := os.Readlink(filepath.Join("/proc", e.Name(), "cwd"))
+		if err != nil {
+			continue
+		}
+		cwd = strings.TrimSuffix(cwd, " (deleted)")
+		for _, d := range dirs {
+			if cwd == d || strings.HasPrefix(cwd, d+"/") {
+				found[pid] = cwd
+			}
+		}
+	}
+	return found
+}

@@ -5,6 +5,7 @@ package integration
 import (
 	"fmt"
 	"github.com/phaul/phaul/test/faultproxy"
+	"github.com/phaul/phaul/test/harness"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -471,7 +472,7 @@ func noLeftovers(t *testing.T, dirs ...string) {
 	var left map[int]string
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		left = processesIn(dirs...)
+		left = harness.ProcessesIn(dirs...)
 		if len(left) == 0 {
 			return
 		}
@@ -485,30 +486,6 @@ func noLeftovers(t *testing.T, dirs ...string) {
 		t.Errorf("pid %d (%s) still works in %s after the migration ended", pid, strings.ReplaceAll(string(cmd), "\x00", " "), cwd)
 		syscall.Kill(pid, syscall.SIGKILL)
 	}
-}
-
-// processesIn maps the pids whose working directory is under one of dirs
-// to that directory.
-func processesIn(dirs ...string) map[int]string {
-	ents, _ := os.ReadDir("/proc")
-	found := map[int]string{}
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		cwd, err := os.Readlink(filepath.Join("/proc", e.Name(), "cwd"))
-		if err != nil {
-			continue
-		}
-		cwd = strings.TrimSuffix(cwd, " (deleted)")
-		for _, d := range dirs {
-			if cwd == d || strings.HasPrefix(cwd, d+"/") {
-				found[pid] = cwd
-			}
-		}
-	}
-	return found
 }
 
 // isSourceCopy reports whether pid is the source's own process (the same

@@ -1012,7 +1012,7 @@ func (s *soak) noLeftovers(t *tally) {
 	dirs := []string{s.ds[0].State, s.ds[1].State}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		left := processesIn(dirs...)
+		left := harness.ProcessesIn(dirs...)
 		if len(left) == 0 {
 			return
 		}
@@ -1069,30 +1069,6 @@ func killWorkloadTree(pid int) error {
 		return fmt.Errorf("pid %d does not run the workload", pid)
 	}
 	return proc.SignalAll(tree, syscall.SIGKILL)
-}
-
-// processesIn maps the pids whose working directory is under one of dirs
-// to that directory.
-func processesIn(dirs ...string) map[int]string {
-	ents, _ := os.ReadDir("/proc")
-	found := map[int]string{}
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		cwd, err := os.Readlink(filepath.Join("/proc", e.Name(), "cwd"))
-		if err != nil {
-			continue
-		}
-		cwd = strings.TrimSuffix(cwd, " (deleted)")
-		for _, d := range dirs {
-			if cwd == d || strings.HasPrefix(cwd, d+"/") {
-				found[pid] = cwd
-			}
-		}
-	}
-	return found
 }
 
 // report counts v and logs it with the lines of both daemons' logs that
