@@ -114,6 +114,8 @@ type dest struct {
 	// commit; resuming is set while a lazy copy is being resumed.
 	guard    Guard
 	resuming bool
+	// discarded are the handles of a killed copy, closed at the end.
+	discarded []*proc.Process
 
 	name    string   // the root process's command name
 	journal []uint64 // its journal stream sockets, to reconnect
@@ -813,6 +815,9 @@ func (m *dest) discard(running bool) (wait func()) {
 	}
 	tree := m.tree
 	m.tree = nil
+	// Its handles close with the session (cleanup), not here: work
+	// still running off the loop (a resume) may hold them.
+	m.discarded = append(m.discarded, tree...)
 	proc.SignalAll(tree, syscall.SIGKILL)
 	// Two killers: should this daemon die now, the guard goes on.
 	m.endGuard(false)
@@ -824,7 +829,6 @@ func (m *dest) discard(running bool) (wait func()) {
 		if err := proc.WaitExited(tree, proc.KillWithin); err != nil {
 			log.Error("restored tree did not exit", zap.Error(err))
 		}
-		proc.CloseAll(tree)
 	}
 }
 
@@ -904,6 +908,7 @@ func (m *dest) cleanup() {
 	}
 	m.close()
 	proc.CloseAll(m.tree)
+	proc.CloseAll(m.discarded)
 }
 
 func (m *dest) outcome() End {
@@ -959,8 +964,11 @@ func (m *dest) crash() {
 	}
 	m.rpc.Close()
 	m.mem.Close()
-	proc.CloseAll(m.tree)
-	m.tree = nil
+	if m.s.pending == 0 { // else work off the loop still holds them
+		proc.CloseAll(m.tree)
+		proc.CloseAll(m.discarded)
+	}
+	m.tree, m.discarded = nil, nil
 }
 
 func sortedKeys(set map[int]bool) []int {

@@ -934,6 +934,8 @@ func (m *source) crash() {
 	}
 	m.rpc.Close()
 	m.mem.Close()
-	proc.CloseAll(m.tree)
+	if m.s.pending == 0 { // else work off the loop still holds them
+		proc.CloseAll(m.tree)
+	}
 	m.tree = nil
 }
