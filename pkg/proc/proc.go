@@ -359,3 +359,26 @@ func killPending(pid int) bool {
 	}
 	return false
 }
+
+// WorkingIn lists the processes whose working directory is dir, with
+// their command lines (arguments joined by spaces).
+func WorkingIn(dir string) map[int]string {
+	found := map[int]string{}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return found
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cwd, err := os.Readlink("/proc/" + e.Name() + "/cwd")
+		if err != nil || cwd != dir {
+			continue
+		}
+		b, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		found[pid] = strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " "))
+	}
+	return found
+}

@@ -206,3 +206,32 @@ func TestRecoverNeverSignalsAnotherProcess(t *testing.T) {
 		t.Fatalf("a process that only shares the recorded pid was signalled (state %c)", s)
 	}
 }
+
+// TestRecoverKillsLeftHelpers: a CRIU helper (here standing in: a process
+// named like lazy-pages) left working in the directory of a session the
+// previous run gave up is killed at recovery; anything else there is left
+// alone.
+func TestRecoverKillsLeftHelpers(t *testing.T) {
+	m, _ := newTestManager(t, time.Second)
+	_, dir := sessionDir(t, m, &store.Record{Role: store.RoleDest, State: store.Receiving}, 0)
+	start := func(argv0 string) *exec.Cmd {
+		cmd := &exec.Cmd{Path: "/bin/sleep", Args: []string{argv0, "600"}, Dir: dir}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return cmd
+	}
+	helper := start("criu lazy-pages --page-server")
+	other := start("sleep")
+	if err := m.Recover(); err != nil {
+		t.Fatal(err)
+	}
+	if err := helper.Wait(); err == nil {
+		t.Error("the left lazy-pages daemon survived recovery")
+	}
+	time.Sleep(100 * time.Millisecond)
+	if s := state(t, other.Process.Pid, 0); s == 'X' || s == 'Z' {
+		t.Error("recovery killed a process that is not a CRIU helper")
+	}
+}

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -74,6 +76,9 @@ func (m *Manager) Recover() error {
 			continue
 		}
 		log := m.log.With(zap.Stringer("session", id), zap.String("peer", rec.Peer), zap.String("state", rec.State))
+		if rec.Role == store.RoleDest && rec.State != store.Committed {
+			killHelpers(log, dir)
+		}
 		switch {
 		case rec.Role == store.RoleSource && rec.State == store.Dumping:
 			// The commit was never asked: the tree is ours. CRIU resumed
@@ -132,6 +137,24 @@ func (m *Manager) Recover() error {
 		}
 	}
 	return nil
+}
+
+// killHelpers kills the CRIU helpers a previous run left working in a
+// session directory it gave up: a lazy-pages daemon, or a page server,
+// has nobody left to serve. They die with phauld (parent-death signal),
+// but the soak once found a lazy-pages daemon that had not, waiting for a
+// restore that would never come.
+func killHelpers(log *zap.Logger, dir string) {
+	for pid, cmdline := range proc.WorkingIn(dir) {
+		if !strings.Contains(cmdline, "criu") || !(strings.Contains(cmdline, "lazy-pages") || strings.Contains(cmdline, "page-server")) {
+			continue
+		}
+		if p, err := proc.Open(pid, 0); err == nil {
+			log.Warn("recovering: killed a CRIU helper the previous run left behind", zap.Int("helper_pid", pid), zap.String("command", cmdline))
+			p.Signal(syscall.SIGKILL)
+			p.Close()
+		}
+	}
 }
 
 func stoppedSet(pids []int) map[int]bool {

@@ -1019,8 +1019,23 @@ func (s *soak) noLeftovers(t *tally) {
 		if time.Now().After(deadline) {
 			for pid, cwd := range left {
 				cmd, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+				// Its state and where it sleeps, and whether a SIGKILL
+				// waits: what is needed to tell why it did not end.
+				state := "?"
+				if info, err := proc.Stat(pid); err == nil {
+					state = fmt.Sprintf("%c, parent %d", info.State, info.PPID)
+				}
+				wchan, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "wchan"))
+				status, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+				pending := ""
+				for _, line := range strings.Split(string(status), "\n") {
+					if strings.HasPrefix(line, "SigPnd:") || strings.HasPrefix(line, "ShdPnd:") {
+						pending += strings.Join(strings.Fields(line), " ") + " "
+					}
+				}
 				v := violation{Kind: kindLeftover, Workload: -1, Hop: -1,
-					Detail: fmt.Sprintf("pid %d (%s) still works in %s", pid, strings.ReplaceAll(strings.TrimSpace(string(cmd)), "\x00", " "), cwd)}
+					Detail: fmt.Sprintf("pid %d (%s; state %s, wchan %s, %s) still works in %s", pid,
+						strings.ReplaceAll(strings.TrimSpace(string(cmd)), "\x00", " "), state, wchan, strings.TrimSpace(pending), cwd)}
 				s.report(t, v, &idSet{})
 				syscall.Kill(pid, syscall.SIGKILL)
 			}
