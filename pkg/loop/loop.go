@@ -24,6 +24,7 @@ type Loop struct {
 	watches map[int]*watch
 	timers  []*Timer
 	events  []epoll.Event
+	round   uint64
 	// stop is set by another goroutine before it wakes the loop.
 	stop atomic.Bool
 
@@ -32,8 +33,14 @@ type Loop struct {
 }
 
 type watch struct {
+	// events is what the fd is waited for; 0 parks it: out of the epoll
+	// set, because epoll reports a hang-up even to an empty mask, and a
+	// socket whose peer has gone would wake the loop without end.
 	events uint32
 	fn     func(events uint32)
+	// round is the RunOnce in which the watch was made: events of that
+	// round are for an fd the number belonged to before.
+	round uint64
 }
 
 // Timer is a one-shot callback.
@@ -61,26 +68,39 @@ func New() (*Loop, error) {
 
 // Watch registers fn to run when fd is ready for events. Hang-ups and
 // errors are always reported.
+// With events 0 the fd is parked: nothing is reported for it, hang-ups
+// included, until SetEvents asks for something.
 func (l *Loop) Watch(fd int, events uint32, fn func(uint32)) error {
-	if err := l.poller.Add(fd, events); err != nil {
-		return err
+	if events != 0 {
+		if err := l.poller.Add(fd, events); err != nil {
+			return err
+		}
 	}
-	l.watches[fd] = &watch{events: events, fn: fn}
+	l.watches[fd] = &watch{events: events, fn: fn, round: l.round}
 	return nil
 }
 
 // SetEvents changes what fd is watched for; it does nothing if unchanged.
-// An error means the fd can no longer be waited for: its owner must give
-// up on it, or it would never be woken again.
+// 0 parks the fd (see Watch). An error means the fd can no longer be
+// waited for: its owner must give up on it, or it would never be woken
+// again.
 func (l *Loop) SetEvents(fd int, events uint32) error {
 	w := l.watches[fd]
 	if w == nil {
 		return fmt.Errorf("fd %d is not watched", fd)
 	}
-	if w.events == events {
+	var err error
+	switch {
+	case w.events == events:
 		return nil
+	case events == 0:
+		err = l.poller.Delete(fd)
+	case w.events == 0:
+		err = l.poller.Add(fd, events)
+	default:
+		err = l.poller.Modify(fd, events)
 	}
-	if err := l.poller.Modify(fd, events); err != nil {
+	if err != nil {
 		return err
 	}
 	w.events = events
@@ -89,8 +109,10 @@ func (l *Loop) SetEvents(fd int, events uint32) error {
 
 // Unwatch stops watching fd. Call it before closing fd.
 func (l *Loop) Unwatch(fd int) {
-	if _, ok := l.watches[fd]; ok {
-		l.poller.Delete(fd)
+	if w, ok := l.watches[fd]; ok {
+		if w.events != 0 {
+			l.poller.Delete(fd)
+		}
 		delete(l.watches, fd)
 	}
 }
@@ -148,13 +170,15 @@ func (l *Loop) RunOnce() (woken bool, err error) {
 		timeout = 0
 	}
 	l.mu.Unlock()
+	l.round++
 	n, woken, err := l.poller.Wait(l.events, timeout)
 	if err != nil {
 		return false, err
 	}
 	for _, ev := range l.events[:n] {
-		// A callback may have unwatched a later fd of this round.
-		if w := l.watches[ev.Fd]; w != nil {
+		// A callback may have unwatched a later fd of this round, or
+		// closed it and watched a new one under the same number.
+		if w := l.watches[ev.Fd]; w != nil && w.round != l.round && w.events != 0 {
 			w.fn(ev.Events)
 		}
 	}
