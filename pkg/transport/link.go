@@ -72,12 +72,23 @@ func (l *Link) ClientTLS(ctx context.Context, cfg *tls.Config) error {
 	return l.handshakeTLS(ctx)
 }
 
+// handshakeTLS runs the handshake until it ends, ctx's deadline passes or
+// ctx is cancelled. Not tls.HandshakeContext: on cancellation it closes
+// the descriptor itself, behind the link's owner, who would close the
+// number again (maybe someone else's socket by then). A cancelled
+// handshake is woken by Shutdown instead, and the owner closes it.
 func (l *Link) handshakeTLS(ctx context.Context) error {
 	if d, ok := ctx.Deadline(); ok {
 		l.fc.SetDeadline(d)
 		defer l.fc.SetDeadline(time.Time{})
 	}
-	return l.tls.HandshakeContext(ctx)
+	stop := context.AfterFunc(ctx, l.Shutdown)
+	defer stop()
+	err := l.tls.Handshake()
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("%w (%v)", ctx.Err(), err)
+	}
+	return err
 }
 
 // Stream is l as a blocking byte stream, for the handshakes.

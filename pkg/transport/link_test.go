@@ -7,7 +7,6 @@ import (
 	"crypto/tls"
 	"net"
 	"os"
-	"sync"
 	"testing"
 	"time"
 
@@ -44,16 +43,23 @@ func TestShutdownAfterCloseTouchesNothing(t *testing.T) {
 	defer far.Close()
 	n := lk.Fd()
 	lk.Close()
-	// The next socket made gets the lowest free number: the link's.
+	// A new socket takes the link's old number.
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if fds[1] == n {
+		fds[0], fds[1] = fds[1], fds[0]
+	}
+	if fds[0] != n {
+		if err := unix.Dup3(fds[0], n, unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(fds[0])
+		fds[0] = n
+	}
 	defer unix.Close(fds[0])
 	defer unix.Close(fds[1])
-	if fds[0] != n && fds[1] != n {
-		t.Skipf("descriptor %d was not reused (got %v)", n, fds)
-	}
 	lk.Shutdown()
 	lk.Close() // a second close must not close the new socket either
 	if _, err := unix.Write(fds[0], []byte("x")); err != nil {
@@ -71,10 +77,9 @@ func TestShutdownAfterCloseTouchesNothing(t *testing.T) {
 func TestShutdownWhileHandshaking(t *testing.T) {
 	for i := 0; i < 50; i++ {
 		lk, far := pairLink(t)
-		var wg sync.WaitGroup
-		wg.Add(1)
+		woken := make(chan struct{})
 		go func() {
-			defer wg.Done()
+			defer close(woken)
 			lk.SetDeadline(time.Now().Add(5 * time.Second))
 			b := make([]byte, 8)
 			lk.Stream().Read(b)
@@ -82,9 +87,44 @@ func TestShutdownWhileHandshaking(t *testing.T) {
 		}()
 		time.Sleep(time.Millisecond)
 		lk.Shutdown()
-		wg.Wait()
+		select {
+		case <-woken:
+		case <-time.After(time.Second):
+			t.Fatal("Shutdown did not wake the owner within 1 s")
+		}
 		far.Close()
 	}
+}
+
+// TestCancelledHandshakeLeavesTheDescriptor: a TLS handshake whose
+// context is cancelled (phaulctl went away) returns at once, and the
+// descriptor is still the link's, for its owner to close once.
+// tls.HandshakeContext closed it itself, and returned only at the
+// deadline.
+func TestCancelledHandshakeLeavesTheDescriptor(t *testing.T) {
+	lk, far := pairLink(t)
+	defer far.Close() // the far end never answers
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- lk.ClientTLS(ctx, &tls.Config{InsecureSkipVerify: true})
+	}()
+	time.Sleep(20 * time.Millisecond)
+	cancel()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("the cancelled handshake succeeded")
+		}
+	case <-time.After(time.Second):
+		t.Fatal("the cancelled handshake did not return within 1 s")
+	}
+	time.Sleep(20 * time.Millisecond) // anything closing it behind us has run
+	if _, err := unix.FcntlInt(uintptr(lk.Fd()), unix.F_GETFD, 0); err != nil {
+		t.Fatalf("the link's descriptor was closed behind its owner: %v", err)
+	}
+	lk.Close()
 }
 
 // TestWatchFailureFailsConn: when the loop can no longer watch a conn's
@@ -105,8 +145,16 @@ func TestWatchFailureFailsConn(t *testing.T) {
 	var failed error
 	c.OnClose = func(err error) { failed = err }
 	// The socket goes away under the loop (as if its descriptor were
-	// closed by mistake): epoll then refuses any change for it.
-	unix.Close(lk.Fd())
+	// closed by mistake and the number reused): epoll then refuses any
+	// change for it.
+	null, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Dup3(null, lk.Fd(), unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(null)
 	c.Pause(true)
 	if failed == nil || !c.Closed() {
 		t.Fatalf("after epoll refused the change: closed %v, error %v; want the conn failed", c.Closed(), failed)

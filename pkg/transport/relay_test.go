@@ -102,7 +102,10 @@ func TestRelayBothWays(t *testing.T) {
 	rand.Read(down)
 
 	// CRIU writes up, then closes its writing side.
+	wrote := make(chan struct{})
+	defer func() { <-wrote }() // before criuEnd closes
 	go func() {
+		defer close(wrote)
 		criuEnd.Write(up)
 		unix.Shutdown(int(criuEnd.Fd()), unix.SHUT_WR)
 	}()
