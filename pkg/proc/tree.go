@@ -57,8 +57,8 @@ func ResumeTree(tree []*Process, stopped map[int]bool) error {
 }
 
 // VerifyRunning waits up to ResumeWithin to see the tree rooted at pid,
-// started at start, running: the root still exists, and none of its tasks
-// is stopped or traced but those stopped holds.
+// started at start, running: the root still exists and is not exiting,
+// and none of its tasks is stopped or traced but those stopped holds.
 func VerifyRunning(pid int, start uint64, stopped map[int]bool) error {
 	deadline := time.Now().Add(ResumeWithin)
 	for {
@@ -76,8 +76,14 @@ func running(pid int, start uint64, stopped map[int]bool) error {
 		return fmt.Errorf("the process is gone: %w", err)
 	}
 	defer CloseAll(tree)
-	if tree[0].Exited() {
+	root := tree[0]
+	if root.Exited() {
 		return fmt.Errorf("pid %d has exited", pid)
+	}
+	// A root that is on its way out (exiting, or with SIGKILL pending) is
+	// not running, whatever its state letter says yet.
+	if info, err := Stat(pid); err != nil || info.Exiting() || info.State == 'Z' || info.State == 'X' || killPending(pid) {
+		return fmt.Errorf("pid %d is exiting", pid)
 	}
 	for _, p := range tree {
 		info, err := Stat(p.PID)
