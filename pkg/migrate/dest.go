@@ -77,7 +77,11 @@ type DestConfig struct {
 	// Guard, if set, starts the dead man's switch of a restored copy
 	// (see Guard): from the restore until the commit, it kills the copy
 	// if this daemon dies.
-	Guard     func(dir string, pid int, start uint64) (Guard, error)
+	Guard func(dir string, pid int, start uint64) (Guard, error)
+	// Hold, if set, reserves the restored tree's pids for this session
+	// until it ends, so that no migration takes the copy before it is
+	// settled here.
+	Hold      func(pids []int) error
 	AsDest    Capabilities
 	CPUChecks *CPUChecks
 }
@@ -648,6 +652,16 @@ func (m *dest) restored(pid int) error {
 		return api.Errorf(api.CodeAborted, "restored root pid %d: %v", pid, err)
 	}
 	m.pid = pid
+	if m.p.Hold != nil {
+		pids, err := proc.Tree(pid)
+		if err == nil {
+			err = m.p.Hold(pids)
+		}
+		if err != nil {
+			m.restoreW.op.Reply(false)
+			return api.Errorf(api.CodeAborted, "cannot hold the restored tree: %v", err)
+		}
+	}
 	stopped, err := m.p.CRIU.Stopped(m.p.Dir)
 	if err != nil {
 		m.log.Warn("cannot tell which tasks job control had stopped; all will be resumed", zap.Error(err))

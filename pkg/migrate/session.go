@@ -11,6 +11,7 @@ package migrate
 import (
 	"fmt"
 	"runtime/debug"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -40,6 +41,9 @@ type Session struct {
 	// pending counts work running off the loop (see work); the session
 	// does not end before it is done. Loop only.
 	pending int
+	// working is the same work, for a loop that panicked: cleanup waits
+	// for it before it closes what the work uses.
+	working sync.WaitGroup
 	done    chan struct{}
 	// end is set before done is closed.
 	end End
@@ -48,7 +52,8 @@ type Session struct {
 // End is how a session ended, as far as this side knows.
 type End struct {
 	Result api.Result
-	// Err is why it did not commit; nil if it did.
+	// Err is why it did not commit; nil if it did, but for a panic after
+	// the commit (a *PanicError, with Outcome committed).
 	Err error
 	// Outcome is api.OutcomeCommitted, api.OutcomeRolledBack or
 	// api.OutcomeInDoubt (a source that asked the commit and lost its
@@ -196,6 +201,9 @@ func (s *Session) run() (crashed bool) {
 		if r := recover(); r != nil {
 			err = &PanicError{Value: r, Stack: debug.Stack()}
 		}
+		// Work off the loop may still use the tree's pidfds and the
+		// links; each is bounded (see work).
+		s.working.Wait()
 		// Clean-up makes the outcome safe; a panic in it must not take
 		// the daemon down either.
 		func() {
@@ -208,11 +216,10 @@ func (s *Session) run() (crashed bool) {
 		}()
 		s.l.Close()
 		if err != nil {
+			// Committed stays committed: the copy there is the process,
+			// whatever went wrong here after (the manager logs err).
 			s.end = s.m.outcome()
 			s.end.Err = err
-			if s.end.Outcome == api.OutcomeCommitted {
-				s.end.Outcome = api.OutcomeRolledBack
-			}
 		}
 	}()
 	if err = s.m.begin(); err != nil {
@@ -247,13 +254,23 @@ func (s *Session) run() (crashed bool) {
 // time (waiting for processes, calls to systemd) blocks the loop, and then
 // done on the loop. The session does not end before done has run; done
 // must check that what fn was for still holds (the session may have moved
-// on meanwhile). Call it on the loop.
+// on meanwhile). fn must be bounded in time. A panic in fn is the
+// session's: it is raised again on the loop. Call it on the loop.
 func (s *Session) work(fn, done func()) {
 	s.pending++
+	s.working.Add(1)
 	go func() {
-		fn()
+		var p any
+		func() {
+			defer func() { p = recover() }()
+			fn()
+		}()
+		s.working.Done()
 		s.l.Post(func() {
 			s.pending--
+			if p != nil {
+				panic(p)
+			}
 			done()
 		})
 	}()

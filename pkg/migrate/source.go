@@ -742,6 +742,12 @@ func (m *source) end() {
 	case srcResume, srcKill, srcEnd:
 		return
 	}
+	if m.tDump.IsZero() {
+		// Nothing was touched: the process runs as it did (stopped
+		// tasks included), and nothing here says otherwise.
+		m.ended(nil)
+		return
+	}
 	m.state = srcResume
 	tree, released := m.tree, m.released
 	var err error
@@ -787,7 +793,14 @@ func (m *source) ended(resumeErr error) {
 		return
 	}
 	if !m.tDump.IsZero() {
-		m.failure = api.Errorf(e.Code, "migration failed; the process was resumed here (pid %d): %s", m.p.Proc.PID, e.Message)
+		// Touched and resumed: a rollback (phaulctl's exit 3), whatever
+		// the reason's own code (a limit the destination found in the
+		// images, an internal error).
+		code := api.CodeAborted
+		if e.Code == api.CodeCanceled {
+			code = e.Code
+		}
+		m.failure = api.Errorf(code, "migration failed; the process was resumed here (pid %d): %s", m.p.Proc.PID, e.Message)
 		m.log.Info("rolled back: the process runs on the source")
 	}
 }
@@ -857,6 +870,13 @@ func (m *source) cleanup() {
 		// stopped is resumed here.
 		if m.released && (m.state < srcCommit || m.state == srcAbort || m.state == srcResume) {
 			m.ended(m.resume(m.tree, true))
+		}
+		if !m.tCommitted.IsZero() {
+			// Committed: the copy there is the process; the one here
+			// must not outlive the session (the kill may not have run).
+			if err := proc.KillTree(m.tree); err != nil {
+				m.log.Error("cannot kill the source tree", zap.Error(err))
+			}
 		}
 	}
 	if m.dump != nil {

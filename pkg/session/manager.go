@@ -479,7 +479,7 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 	}
 	cfg := migrate.DestConfig{ID: id, Peer: peer, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir,
 		PeerTimeout: m.cfg.PeerTimeout, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks,
-		Guard: m.cfg.Guard}
+		Guard: m.cfg.Guard, Hold: func(pids []int) error { return m.claim(id, pids, "arriving") }}
 	if m.cfg.Place != nil {
 		cfg.Place = func(ctx context.Context, pids []int) error { return m.cfg.Place(ctx, id.String(), pids) }
 	}
@@ -558,6 +558,10 @@ func (m *Manager) finished(r *running, end migrate.End, log *zap.Logger, dir str
 		var pe *migrate.PanicError
 		if errors.As(end.Err, &pe) {
 			fields = append(fields, zap.ByteString("stack", pe.Stack))
+		}
+		if end.Outcome == api.OutcomeCommitted {
+			log.Error("migration committed, then its session failed", fields...)
+			return
 		}
 		log.Error("migration failed", fields...)
 		return
@@ -735,6 +739,9 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 			progress(api.Event{Event: api.EventProgress, ID: id.String(), Phase: "in-doubt"})
 		}
 		return m.awaitResolver(res, end)
+	}
+	if end.Outcome == api.OutcomeCommitted {
+		return end.Result, nil // what failed after is in the journal
 	}
 	return end.Result, end.Err
 }

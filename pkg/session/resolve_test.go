@@ -307,6 +307,93 @@ func TestNotSeenNotResumed(t *testing.T) {
 	}
 }
 
+// TestConcurrentMigrationsOnePasses: several migrations of one pid asked
+// at the same moment, to a destination that would take each: one runs, the
+// others are refused at once, before they dial (the destination sees one
+// migration).
+func TestConcurrentMigrationsOnePasses(t *testing.T) {
+	c := newRuleCell(t)
+	const n = 4
+	errs := make(chan error, n)
+	took := make(chan time.Duration, n)
+	gate := make(chan struct{})
+	for i := 0; i < n; i++ {
+		go func() {
+			<-gate
+			start := time.Now()
+			_, err := c.a.m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: c.pid, To: c.px.Addr(), Mode: api.ModeCopy}, nil)
+			if api.CodeOf(err) == api.CodeConflict {
+				took <- time.Since(start)
+			}
+			errs <- err
+		}()
+	}
+	close(gate)
+	ran, refused := 0, 0
+	for i := 0; i < n; i++ {
+		switch err := <-errs; {
+		case err == nil:
+			ran++
+		case api.CodeOf(err) == api.CodeConflict:
+			refused++
+		default:
+			t.Errorf("a concurrent migration: %v; want it run, or refused as a conflict", err)
+		}
+	}
+	if ran != 1 || refused != n-1 {
+		t.Fatalf("%d of %d concurrent migrations of one pid ran, %d were refused; want 1 and %d", ran, n, refused, n-1)
+	}
+	for i := 0; i < refused; i++ {
+		if d := <-took; d > time.Second {
+			t.Errorf("a refusal took %v", d)
+		}
+	}
+	in := 0
+	hist, err := c.b.m.History(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range hist {
+		if e.Direction == api.DirectionIn {
+			in++
+		}
+	}
+	if in != 1 {
+		t.Errorf("the destination saw %d migrations; want the one", in)
+	}
+}
+
+// TestArrivingCopyIsHeld: a restored copy belongs to its migration on the
+// destination until that migration is settled: migrating it away from
+// there meanwhile is refused, naming the migration.
+func TestArrivingCopyIsHeld(t *testing.T) {
+	c := newRuleCell(t)
+	var got error
+	var copyPID int
+	c.fake.SetHook(func(ctx context.Context, s migratetest.Step, dir string) error {
+		if s == migratetest.StepRestoreEnd && strings.HasPrefix(dir, c.b.state) {
+			r := c.fake.Restored()
+			copyPID = r[len(r)-1].PID
+			_, got = c.b.m.Migrate(ctx, api.Caller{}, api.MigrateRequest{PID: copyPID, To: c.a.addr(), Mode: api.ModeCopy}, nil)
+		}
+		return nil
+	})
+	if err := <-c.migrate(api.ModeCopy); err != nil {
+		t.Fatalf("the migration: %v", err)
+	}
+	if copyPID == 0 {
+		t.Fatal("the restore's end was not reached")
+	}
+	if api.CodeOf(got) != api.CodeConflict || !strings.Contains(got.Error(), "arriving") {
+		t.Fatalf("migrating the copy (pid %d) away while it arrives: %v; want a conflict naming its migration", copyPID, got)
+	}
+	waitRule(t, "the destination to let the copy go", 10*time.Second, func() bool {
+		c.b.m.mu.Lock()
+		defer c.b.m.mu.Unlock()
+		return len(c.b.m.held) == 0
+	})
+}
+
 // TestAuthorizeOnRecordedIdentity: the permission check is asked about the
 // identity the migration records (pid and start time) and the whole tree,
 // once its pids are held; a refusal lets them go.
