@@ -178,6 +178,32 @@ func (c copies) running() (src bool, dst []int) {
 	return src, dst
 }
 
+// exist counts the copies that exist, running or not (a stopped copy left
+// behind is one too): the source's, and the restored ones still children
+// of this test.
+func (c copies) exist() int {
+	alive := func(pid int) (proc.Info, bool) {
+		info, err := proc.Stat(pid)
+		return info, err == nil && info.State != 'Z' && info.State != 'X'
+	}
+	n := 0
+	if info, ok := alive(c.src); ok && info.StartTime == c.start {
+		n++
+	}
+	for _, p := range c.fake.Restored() {
+		if info, ok := alive(p.PID); ok && info.PPID == os.Getpid() {
+			n++
+		}
+	}
+	return n
+}
+
+// one reports whether exactly one copy exists, and runs: src says where.
+func (c copies) one() (src bool, dst []int, ok bool) {
+	src, dst = c.running()
+	return src, dst, len(dst)+map[bool]int{true: 1}[src] == 1 && c.exist() == 1
+}
+
 // committed reports whether the destination recorded a commit (the
 // commit point).
 func committed(state string) bool {
@@ -196,13 +222,17 @@ func watch(c copies, destState string, strict bool, stop <-chan struct{}) <-chan
 	out := make(chan string, 1)
 	go func() {
 		defer close(out)
+		after := false
 		for {
 			select {
 			case <-stop:
 				return
 			default:
 			}
-			after := committed(destState) // read first: the copies are sampled after it
+			// Read first: the copies are sampled after it. Once seen, a
+			// commit stays (the destination removes its record once the
+			// source is done).
+			after = after || committed(destState)
 			src, dst := c.running()
 			if n := len(dst) + map[bool]int{true: 1}[src]; n > 1 && (after || strict) {
 				out <- fmt.Sprintf("two running copies (source %v, destination %v), commit recorded %v", src, dst, after)
@@ -317,12 +347,15 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string) {
 	var rule *faultproxy.Rule
 	if p.restore {
 		// The fault strikes while the destination's CRIU restores.
+		// inject runs before fired closes: the test goroutine reads
+		// what it changed (a restarted b) only after fired.
 		var once sync.Once
+		dstate := b.state
 		fake.SetHook(func(ctx context.Context, s migratetest.Step, dir string) error {
-			if s == migratetest.StepPostRestore && strings.HasPrefix(dir, b.state) {
+			if s == migratetest.StepPostRestore && strings.HasPrefix(dir, dstate) {
 				once.Do(func() {
-					close(fired)
 					inject()
+					close(fired)
 				})
 			}
 			return nil
@@ -423,8 +456,9 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string) {
 		if !a.settled() || !b.settled() {
 			return false
 		}
-		src, dst = c.running()
-		return len(dst)+map[bool]int{true: 1}[src] == 1
+		var one bool
+		src, dst, one = c.one()
+		return one
 	})
 	close(stopWatch)
 	if two, ok := <-seen; ok {
@@ -499,11 +533,16 @@ func TestCommitRuleCRIUFails(t *testing.T) {
 		{api.ModeCopy, migratetest.StepPostRestore},
 		{api.ModeCopy, migratetest.StepRestoreEnd},
 		{api.ModeCopy, migratetest.StepDumpEnd},
+		{api.ModeLazy, migratetest.StepCPUCheck},
+		{api.ModeLazy, migratetest.StepDumpStart},
 		{api.ModeLazy, migratetest.StepDumpPages},
 		{api.ModeLazy, migratetest.StepLazyPagesStart},
+		{api.ModeLazy, migratetest.StepRestoreStart},
 		{api.ModeLazy, migratetest.StepPostRestore},
+		{api.ModeLazy, migratetest.StepRestoreEnd},
 		{api.ModeLazy, migratetest.StepLazyServe},
 		{api.ModeLazy, migratetest.StepLazyFetch},
+		{api.ModeLazy, migratetest.StepDumpEnd},
 	} {
 		t.Run(c.mode+"/"+string(c.step), func(t *testing.T) {
 			t.Parallel()
@@ -520,12 +559,17 @@ func TestCommitRuleCRIUFails(t *testing.T) {
 			if err == nil {
 				t.Fatal("the migration succeeded though CRIU failed")
 			}
-			if code := api.CodeOf(err); code != api.CodeAborted && code != api.CodePrecondition {
-				t.Errorf("error code %s (%v)", code, err)
+			// Touched (from the dump on) and rolled back: aborted, exit 3.
+			want := api.CodeAborted
+			if c.step == migratetest.StepCPUCheck {
+				want = api.CodePrecondition
+			}
+			if code := api.CodeOf(err); code != want {
+				t.Errorf("error code %s, want %s (%v)", code, want, err)
 			}
 			waitRule(t, "the source copy alone running", 10*time.Second, func() bool {
-				src, dst := cp.running()
-				return src && len(dst) == 0 && a.settled() && b.settled()
+				src, _, one := cp.one()
+				return src && one && a.settled() && b.settled()
 			})
 			close(stop)
 			if two, ok := <-seen; ok {
