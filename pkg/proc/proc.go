@@ -340,6 +340,24 @@ func Running(pid int) bool {
 	return !killPending(pid)
 }
 
+// Tgid is the process (thread group) that the task pid belongs to: pid
+// itself for a process, another pid for one of its threads.
+func Tgid(pid int) (int, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return 0, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
+		}
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Tgid:"); ok {
+			return strconv.Atoi(strings.TrimSpace(v))
+		}
+	}
+	return 0, fmt.Errorf("pid %d: no Tgid in its status", pid)
+}
+
 // killPending reports whether SIGKILL waits to be taken by pid, from the
 // SigPnd and ShdPnd lines of /proc/PID/status.
 func killPending(pid int) bool {

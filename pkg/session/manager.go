@@ -819,6 +819,10 @@ func (m *Manager) checkPID(pid int) (proc.Info, error) {
 	if info.State == 'Z' || info.State == 'X' {
 		return proc.Info{}, api.Errorf(api.CodeInvalid, "pid %d (%s) has exited (zombie)", pid, info.Comm)
 	}
+	if tgid, err := proc.Tgid(pid); err == nil && tgid != pid {
+		return proc.Info{}, api.Errorf(api.CodeInvalid,
+			"pid %d is a thread of process %d (%s): give the process's pid (its threads and children move with it)", pid, tgid, info.Comm)
+	}
 	self := os.Getpid()
 	if inside, err := proc.IsAncestor(pid, self); err == nil && inside {
 		if pid == self {
@@ -975,7 +979,8 @@ func (m *Manager) Sessions() []api.Session {
 // eventfd (each ends by its commit rule) and waits for them until ctx ends.
 func (m *Manager) Shutdown(ctx context.Context) error {
 	m.mu.Lock()
-	if !m.closing {
+	first := !m.closing
+	if first {
 		close(m.stopping)
 	}
 	m.closing = true
@@ -997,8 +1002,10 @@ func (m *Manager) Shutdown(ctx context.Context) error {
 	for _, r := range m.sessions {
 		r.s.Stop()
 	}
-	for _, r := range m.resolvers {
-		close(r.stop)
+	if first { // a second Shutdown (phauld's stop timeout) only waits
+		for _, r := range m.resolvers {
+			close(r.stop)
+		}
 	}
 	m.mu.Unlock()
 

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -292,6 +293,21 @@ func TestCheckPID(t *testing.T) {
 		{os.Getpid(), api.CodeInvalid, "phauld itself"},
 		{os.Getppid(), api.CodeInvalid, "ancestor of phauld"},
 		{1 << 22, api.CodeNotFound, "no process"},
+	}
+	// A thread of this process (the runtime always has several).
+	tasks, _ := os.ReadDir("/proc/self/task")
+	for _, e := range tasks {
+		if tid, _ := strconv.Atoi(e.Name()); tid != os.Getpid() && tid > 0 {
+			cases = append(cases, struct {
+				pid  int
+				code api.Code
+				want string
+			}{tid, api.CodeInvalid, "is a thread of process"})
+			break
+		}
+	}
+	if len(cases) != 7 {
+		t.Fatalf("no thread of this process found in /proc/self/task: %v", tasks)
 	}
 	for _, c := range cases {
 		_, err := m.checkPID(c.pid)

@@ -137,15 +137,20 @@ func (m *Manager) decide(r *resolver, o order) bool {
 	if err == nil && outcome != wire.OutcomeUnknown {
 		r.outcome, r.destPID = outcome, pid
 		m.settle(r)
-		what := "it did not commit: the source tree was resumed here"
-		if outcome == wire.OutcomeCommitted {
-			what = fmt.Sprintf("it committed (the process runs there as pid %d): the source tree was killed", pid)
-		}
-		o.reply <- api.Errorf(api.CodeConflict, "refused: the destination %s answered that %s", r.rec.Peer, what)
+		o.reply <- api.Errorf(api.CodeConflict, "refused: %s", r.settledAs())
 		return true
 	}
 	reason := "the destination has no record of the session"
 	if err != nil {
+		// A destination that lost its source decides within the peer
+		// timeout (it commits a Commit it has, or gives up): until then
+		// its answer may still change, and nobody should guess it.
+		if wait := m.cfg.PeerTimeout - time.Since(r.started); wait > 0 {
+			o.reply <- api.Errorf(api.CodeUnavailable,
+				"refused: the destination %s cannot be reached (%v), and it may still be deciding for another %v; ask again then",
+				r.rec.Peer, err, wait.Round(time.Second))
+			return false
+		}
 		reason = fmt.Sprintf("the destination cannot be reached (%v)", err)
 	}
 	r.log.Warn("settled by an operator", zap.String("action", o.action), zap.String("because", reason))
@@ -235,7 +240,10 @@ func (m *Manager) Resolve(ctx context.Context, prefix, action string) (api.Sessi
 	select {
 	case found.orders <- o:
 	case <-found.done:
-		return info, api.Errorf(api.CodeConflict, "migration %s has just been settled (see phaulctl history)", found.id)
+		if found.outcome == "" {
+			return info, api.Errorf(api.CodeUnavailable, "phauld is shutting down: migration %s stays in doubt until it runs again", found.id)
+		}
+		return info, api.Errorf(api.CodeConflict, "refused: migration %s has just been settled: %s (see phaulctl history)", found.id, found.settledAs())
 	case <-ctx.Done():
 		return info, ctx.Err()
 	}
@@ -269,6 +277,17 @@ func (m *Manager) query(addr string, id wire.SessionID) (string, int, error) {
 		return "", 0, fmt.Errorf("got %s instead of an outcome", msg.Type())
 	}
 	return o.Outcome, o.PID, nil
+}
+
+// settledAs says how the destination's answer settled r.
+func (r *resolver) settledAs() string {
+	switch r.outcome {
+	case wire.OutcomeCommitted:
+		return fmt.Sprintf("the destination %s answered that it committed (the process runs there as pid %d): the source tree was killed", r.rec.Peer, r.destPID)
+	case wire.OutcomeAborted:
+		return fmt.Sprintf("the destination %s answered that it did not commit: the source tree was resumed here", r.rec.Peer)
+	}
+	return "by an operator"
 }
 
 func (r *resolver) info() api.Session {
