@@ -21,7 +21,8 @@ func newMigrate(c *cli) *cobra.Command {
 		Short: "Move a process tree to another host",
 		Long: `Migrate moves the process tree rooted at PID to the phauld at HOST (port
 12345 unless given) and waits until it is over. It exits 0 only if the
-process runs on the destination; it then prints the pid it has there.
+process was seen running on the destination; it then prints the pid it has
+there.
 
 Until the destination has restored the process and committed, the process
 stays on this host, frozen; any failure resumes it here.
@@ -37,12 +38,17 @@ Exit status:
      be asked;
   3  the migration failed and was rolled back: the process was seen
      running here again;
-  4  in doubt: the destination was lost after the commit was asked, or the
-     process was not seen running here after a rollback. It is held
-     stopped here until the destination answers; 'phaulctl list' shows
-     it, and 'phaulctl resolve' settles it when the destination cannot.
-     Also when phaulctl lost its phauld during the migration: phauld
-     settles it when it runs again ('phaulctl history' says how).
+  4  not settled, or not seen:
+     - in doubt: the destination was lost after the commit was asked. The
+       process is held stopped here until the destination answers;
+       'phaulctl list' shows the migration, and 'phaulctl resolve' settles
+       it when the destination cannot;
+     - phaulctl lost its phauld during the migration: phauld settles it
+       when it runs again ('phaulctl history' says how);
+     - after a rollback, the process was not seen running here: the
+       message says what was seen (nothing holds it any more).
+  5  committed: the process moved (it is gone from here), but it was not
+     seen running on the destination; the message says why.
 
 --mode picks how memory moves:
   copy     all memory moves while the process is frozen;
@@ -83,8 +89,25 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 			if err != nil {
 				return migrateExit(err)
 			}
+			var notRunning *exitError
+			if res.NotRunning != "" {
+				notRunning = &exitError{code: exitNotSeen, err: fmt.Errorf(
+					"committed: pid %d moved to %s as pid %d, but it was not seen running there (%s); look at it there (kill -CONT if it is stopped)",
+					res.SourcePID, res.Dest, res.DestPID, res.NotRunning)}
+			}
 			if c.json {
-				return c.printJSON(res)
+				if err := c.printJSON(res); err != nil {
+					return err
+				}
+				if notRunning != nil {
+					notRunning.printed = true
+					return notRunning
+				}
+				return nil
+			}
+			if notRunning != nil {
+				c.printFigures(res)
+				return notRunning
 			}
 			fmt.Fprintf(c.stdout, "pid %d now runs on %s as pid %d\n", res.SourcePID, res.Dest, res.DestPID)
 			c.printFigures(res)

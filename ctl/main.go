@@ -63,16 +63,22 @@ const (
 	// process was seen running here again.
 	exitRolledBack = 3
 	// exitInDoubt: the outcome is not known (the destination was lost
-	// after the commit was asked, or phaulctl lost its phauld), or the
-	// process was not seen running here after a rollback: it is held
-	// stopped here until settled (phaulctl list, phaulctl resolve).
+	// after the commit was asked: the process is held stopped here until
+	// settled; or phaulctl lost its phauld), or the process was not seen
+	// running here after a rollback.
 	exitInDoubt = 4
+	// exitNotSeen: committed, but the process was not seen running on
+	// the destination.
+	exitNotSeen = 5
 )
 
 // exitError is an error with its own exit code.
 type exitError struct {
 	code int
 	err  error
+	// printed: the result went to stdout already (--json); only the
+	// message goes to stderr.
+	printed bool
 }
 
 func (e *exitError) Error() string { return e.err.Error() }
@@ -120,7 +126,8 @@ func (c *cli) report(err error) {
 		msg += "\nIs phauld running? Start it with 'systemctl start phauld.socket' (see 'systemctl status phauld.socket'), or pass --socket PATH."
 	}
 	fmt.Fprintln(c.stderr, "phaulctl: error:", msg)
-	if c.json {
+	var ee *exitError
+	if c.json && !(errors.As(err, &ee) && ee.printed) {
 		e := api.AsError(err)
 		if un != nil {
 			e.Code = api.CodeUnavailable

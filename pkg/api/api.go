@@ -138,6 +138,9 @@ type Result struct {
 	// Dump and Restore are CRIU's own statistics.
 	Dump    *DumpStats    `json:"dump_stats,omitempty"`
 	Restore *RestoreStats `json:"restore_stats,omitempty"`
+	// NotRunning, on a committed migration, is why the process was not
+	// seen running on the destination after the commit (empty: it was).
+	NotRunning string `json:"not_running,omitempty"`
 }
 
 // DumpStats are CRIU's dump statistics (times in microseconds).

@@ -703,24 +703,32 @@ func (m *dest) commit() error {
 	}
 	tree := m.tree
 	var err error
+	pid, start, stopped := m.pid, m.rec.StartTime, m.stopped
 	m.s.work(func() {
 		m.place(tree)
-		err = proc.ResumeTree(tree, m.stopped)
+		if err = proc.ResumeTree(tree, stopped); err == nil {
+			err = proc.VerifyRunning(pid, start, stopped)
+		}
 	}, func() { m.committed(err) })
 	return nil
 }
 
-// committed tells the source, once the copy runs.
+// committed tells the source, once the copy was seen running, or why it
+// was not: committed either way (the record says so), but nothing says it
+// runs unless it was seen to.
 func (m *dest) committed(resumeErr error) {
+	msg := &wire.Committed{PID: m.pid}
 	if resumeErr != nil {
-		// Committed all the same; a restart retries the resume.
-		m.log.Error("cannot resume the restored tree", zap.Error(resumeErr))
+		msg.NotRunning = resumeErr.Error()
+		m.log.Error("migration committed, but the process was not seen running here; see to it (kill -CONT if it is stopped)",
+			zap.Int("dest_pid", m.pid), zap.Error(resumeErr))
+	} else {
+		m.log.Info("migration committed: process runs here", zap.Int("dest_pid", m.pid))
 	}
-	m.log.Info("migration committed: process runs here", zap.Int("dest_pid", m.pid))
 	// Tell the source first: removing the images of a big process takes
 	// tens of milliseconds, and the source's copy waits, stopped.
 	if !m.rpc.Closed() {
-		m.rpc.Send(&wire.Committed{PID: m.pid})
+		m.rpc.Send(msg)
 		m.rpc.Flush()
 	}
 	if !m.p.KeepImages {
@@ -779,7 +787,8 @@ func (m *dest) abort(err error) {
 		return
 	}
 	m.failure = err
-	running := m.state == dstResumed
+	// A lazy copy being resumed may run (and fork) already.
+	running := m.state == dstResumed || m.resuming
 	// Ended before anything else: sending Fail may fail and call abort
 	// again, which must then return.
 	m.state = dstEnd
@@ -902,7 +911,7 @@ func (m *dest) cleanup() {
 	m.hb.stop()
 	if m.state != dstEnd && m.state != dstCommitted {
 		// A panic mid-way: make the outcome safe, here and now.
-		m.discard(m.state == dstResumed)()
+		m.discard(m.state == dstResumed || m.resuming)()
 	}
 	m.endGuard(m.rec.State == store.Committed)
 	m.recv.close()

@@ -113,10 +113,13 @@ type source struct {
 	postDumpAnswered bool
 	tree             []*proc.Process
 
-	destPID   int
-	restore   *api.RestoreStats
-	dumpStats *api.DumpStats
-	fileBytes int64
+	destPID int
+	// destNotRunning is why the destination did not see its copy run
+	// after the commit ("": it did).
+	destNotRunning string
+	restore        *api.RestoreStats
+	dumpStats      *api.DumpStats
+	fileBytes      int64
 
 	t0, tDump, tCommitted time.Time
 	progressTimer         *loop.Timer
@@ -328,7 +331,10 @@ func (m *source) onRPC(msg wire.Message) error {
 			break
 		}
 		m.tCommitted = time.Now()
-		m.destPID = msg.PID
+		m.destPID, m.destNotRunning = msg.PID, msg.NotRunning
+		if msg.NotRunning != "" {
+			m.log.Error("committed, but the destination did not see the process running there", zap.String("why", msg.NotRunning))
+		}
 		m.finishCommitted()
 		return nil
 	}
@@ -889,14 +895,15 @@ func (m *source) cleanup() {
 // partial is what the source knows when the outcome is left to a resolver.
 func (m *source) result() api.Result {
 	r := api.Result{
-		ID:        m.s.ID.String(),
-		SourcePID: m.p.Proc.PID,
-		DestPID:   m.destPID,
-		Dest:      m.p.Dest,
-		TotalMS:   time.Since(m.t0).Milliseconds(),
-		Bytes:     m.bytes(),
-		PhasesMS:  m.ph.took,
-		Mode:      m.mode,
+		ID:         m.s.ID.String(),
+		SourcePID:  m.p.Proc.PID,
+		DestPID:    m.destPID,
+		Dest:       m.p.Dest,
+		TotalMS:    time.Since(m.t0).Milliseconds(),
+		Bytes:      m.bytes(),
+		PhasesMS:   m.ph.took,
+		Mode:       m.mode,
+		NotRunning: m.destNotRunning,
 	}
 	if !m.tCommitted.IsZero() {
 		r.FrozenMS = m.tCommitted.Sub(m.tDump).Milliseconds()

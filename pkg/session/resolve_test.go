@@ -312,6 +312,29 @@ func mustID(t *testing.T, s string) wire.SessionID {
 	return id
 }
 
+// TestCommittedNotSeenRunning: a copy that is gone (or stays stopped)
+// when the destination commits and resumes it: committed all the same (the
+// record says so), but the result says it was not seen running there, and
+// nothing says it runs.
+func TestCommittedNotSeenRunning(t *testing.T) {
+	c := newRuleCell(t)
+	c.px.Arm(&faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypeCommit, Nth: 1, Action: faultproxy.Pass, Hook: func() {
+		r := c.fake.Restored()
+		syscall.Kill(r[len(r)-1].PID, syscall.SIGKILL)
+	}})
+	res, err := c.a.m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: c.pid, To: c.px.Addr(), Mode: api.ModeCopy}, nil)
+	if err != nil {
+		t.Fatalf("Migrate: %v; want committed", err)
+	}
+	if res.NotRunning == "" {
+		t.Fatalf("committed with the copy gone, and the result says nothing: %+v", res)
+	}
+	hist, _ := c.a.m.History(1)
+	if len(hist) != 1 || hist[0].Outcome != api.OutcomeCommitted {
+		t.Errorf("history %+v; want committed", hist)
+	}
+}
+
 // TestSlowPlacementBlocksNothing: moving the restored tree into its scope
 // (a call to systemd) may hang; it runs off the session loop, bounded, so
 // the destination keeps answering its peer (whose timeout here is far

@@ -334,8 +334,11 @@ type Restored struct {
 type Commit struct{}
 
 // Committed says the destination recorded the commit and resumed PID.
+// NotRunning, if set, is why PID was not seen running afterwards: the
+// migration is committed all the same.
 type Committed struct {
-	PID int `json:"pid"`
+	PID        int    `json:"pid"`
+	NotRunning string `json:"not_running,omitempty"`
 }
 
 // Done ends a migration after Committed; both sides may forget it.
