@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/phaul/phaul/pkg/api"
 )
@@ -17,6 +18,12 @@ import (
 // answer: the events it writes (nil ends the stream without a result,
 // as a phauld that died would).
 func fakeDaemon(t *testing.T, answer []api.Event) string {
+	return fakeDaemonHold(t, answer, false)
+}
+
+// fakeDaemonHold is fakeDaemon; with hold, the stream stays open after
+// answer until the client goes (a migration still running).
+func fakeDaemonHold(t *testing.T, answer []api.Event, hold bool) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	l, err := net.Listen("unix", sock)
@@ -32,6 +39,10 @@ func fakeDaemon(t *testing.T, answer []api.Event) string {
 		enc := json.NewEncoder(w)
 		for _, ev := range answer {
 			enc.Encode(ev)
+		}
+		if hold {
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
 		}
 	})}
 	go srv.Serve(l)
@@ -91,5 +102,18 @@ func TestMigrateExitCodes(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestMigrateStoppedWhileWaiting: phaulctl stopped (SIGTERM) while phauld
+// migrates says the migration goes on in phauld, not that phauld was lost.
+func TestMigrateStoppedWhileWaiting(t *testing.T) {
+	sock := fakeDaemonHold(t, []api.Event{{Event: api.EventProgress, ID: "3f25b14c", Phase: "dump"}}, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	var out, errb bytes.Buffer
+	code := run(ctx, []string{"--socket", sock, "migrate", "--pid", "42", "--to", "hostB", "--quiet"}, &out, &errb)
+	if code != exitInDoubt || !strings.Contains(errb.String(), "phauld goes on with it") || strings.Contains(errb.String(), "lost phauld") {
+		t.Fatalf("exit %d, stderr %q; want 4, saying phauld goes on", code, errb.String())
 	}
 }

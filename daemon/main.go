@@ -265,7 +265,6 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		ctlL.Close()
 		return fmt.Errorf("recover sessions: %w", err)
 	}
-	mgr.CleanOld(o.keepFailed)
 	svc := &service{mgr: mgr, info: info, modes: migrate.ModeSupport(asSource, asDest), criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String(), sec: sec}
 	for _, l := range migLs {
 		svc.listen = append(svc.listen, l.Addr().String())

@@ -205,6 +205,12 @@ func (c *Client) Migrate(ctx context.Context, req api.MigrateRequest, onEvent fu
 	if id != "" {
 		session = "migration " + id
 	}
+	if ctx.Err() != nil {
+		// We were stopped, not phauld: the migration goes on there.
+		return api.Result{}, api.Errorf(api.CodeInDoubt,
+			"phaulctl stopped waiting for %s (%v); phauld goes on with it: see 'phaulctl list', then 'phaulctl history' for how it ended",
+			session, context.Cause(ctx))
+	}
 	return api.Result{}, api.Errorf(api.CodeInDoubt,
 		"lost phauld during %s: its %s, so how it ends is not known here. phauld finishes or undoes it by the commit rule when it runs again: see 'phaulctl history' and 'phaulctl list' then, and 'journalctl -u phauld'",
 		session, why)

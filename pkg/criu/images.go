@@ -28,11 +28,15 @@ const maxCoreEntry = 1 << 20
 // their pid in their own pid namespace, which a restore gives them back.
 // CRIU keeps such a task stopped when it rolls a dump back, but with
 // leave_stopped every task ends stopped, and whoever resumes the tree
-// must leave these alone.
+// must leave these alone. It returns nil, and no error, if dir holds no
+// core images (the dump had not written them).
 func StoppedTasks(dir string) (map[int]bool, error) {
 	paths, err := filepath.Glob(filepath.Join(dir, "core-*.img"))
 	if err != nil {
 		return nil, err
+	}
+	if len(paths) == 0 {
+		return nil, nil // no dump here (yet)
 	}
 	m := magic.LoadMagic()
 	common, core := uint32(m.ByName["IMG_COMMON"]), uint32(m.ByName["CORE"])

@@ -376,8 +376,13 @@ func (m *source) openGate() {
 
 func (m *source) startDump() error {
 	// The record goes first: a daemon restarting after a crash must know
-	// a tree may be frozen.
-	m.rec.State = store.Dumping
+	// a tree may be frozen, and which of its tasks job control stopped
+	// (should the images not say).
+	m.rec.State, m.rec.Stopped = store.Dumping, proc.JobStopped(m.p.Proc.PID)
+	m.stopped = map[int]bool{} // until the images say
+	for _, p := range m.rec.Stopped {
+		m.stopped[p] = true
+	}
 	if err := m.rec.Save(m.p.Dir); err != nil {
 		return err
 	}
@@ -516,11 +521,13 @@ func (m *source) frozen() error {
 	}
 	stopped, err := m.p.CRIU.Stopped(m.p.Dir)
 	if err != nil {
-		m.log.Warn("cannot tell which tasks job control had stopped; a rollback resumes them all", zap.Error(err))
+		m.log.Warn("cannot tell from the images which tasks job control had stopped; going by what /proc said before the dump", zap.Error(err))
 	}
-	m.stopped = stopped
-	if len(stopped) > 0 {
-		m.log.Info("tasks stopped by job control stay stopped", zap.Int("tasks", len(stopped)))
+	if err == nil && stopped != nil {
+		m.stopped = stopped
+	}
+	if len(m.stopped) > 0 {
+		m.log.Info("tasks stopped by job control stay stopped", zap.Int("tasks", len(m.stopped)))
 	}
 	return nil
 }

@@ -154,3 +154,22 @@ func StopAndKill(pid int, start uint64) (bool, error) {
 	}
 	return true, WaitExited(tree, KillWithin)
 }
+
+// JobStopped lists the processes of the tree rooted at pid that job
+// control stops now (state T: SIGSTOP, SIGTSTP; not a tracer's t), by
+// their pid in their own pid namespace, as HeldStopped takes them.
+func JobStopped(pid int) []int {
+	pids, err := Tree(pid)
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, p := range pids {
+		if info, err := Stat(p); err == nil && info.State == 'T' {
+			if ns, err := NSPid(p); err == nil {
+				out = append(out, ns)
+			}
+		}
+	}
+	return out
+}

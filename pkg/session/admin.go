@@ -65,8 +65,10 @@ func hasPrefix(id wire.SessionID, prefix string) bool {
 }
 
 // CleanOld removes the directories of finished sessions last touched more
-// than age ago. Sessions still in flight, and records a peer may still ask
-// about, are kept.
+// than age ago. Sessions still in flight, and records the commit rule
+// still needs, are kept; a destination's committed record whose source
+// never confirmed goes after age too (a source still in doubt then hears
+// "no record", and an operator settles it).
 func (m *Manager) CleanOld(age time.Duration) {
 	root := filepath.Join(m.cfg.StateDir, "sessions")
 	ents, err := os.ReadDir(root)
@@ -104,20 +106,22 @@ func (m *Manager) CleanOld(age time.Duration) {
 	}
 }
 
-// Janitor removes, every interval until ctx ends, the directories of
-// sessions finished more than keep ago (CleanOld), and runs tidy.
+// Janitor removes, at once and then every interval until ctx ends, the
+// directories of sessions finished more than keep ago (CleanOld), and runs
+// tidy. It runs beside the daemon: removing gigabytes of old images must
+// not hold up its start.
 func (m *Manager) Janitor(ctx context.Context, every, keep time.Duration, tidy func()) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
+		m.CleanOld(keep)
+		if tidy != nil {
+			tidy()
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			m.CleanOld(keep)
-			if tidy != nil {
-				tidy()
-			}
 		}
 	}
 }

@@ -837,7 +837,7 @@ func (m *Manager) checkPID(pid int) (proc.Info, error) {
 // holder is what holds a pid: a session, and what it is doing with it.
 type holder struct {
 	id   wire.SessionID
-	what string // "migrating", "in doubt", "recovering"
+	what string // "migrating", "arriving", "in doubt", "recovering"
 }
 
 // claim makes pids (a tree) id's, under the manager's lock: each pid
@@ -878,6 +878,15 @@ func (m *Manager) heldErr(pid int, h holder) error {
 		return api.Errorf(api.CodeConflict,
 			"pid %d belongs to migration %s, which is in doubt: its process is held stopped here until the destination says whether it committed (see phaulctl list; an operator can settle it with phaulctl resolve)",
 			pid, h.id)
+	}
+	switch h.what {
+	case "recovering":
+		return api.Errorf(api.CodeConflict,
+			"pid %d belongs to migration %s: phauld is settling it from its record after a restart (see journalctl -u phauld); try again once it is done",
+			pid, h.id)
+	case "arriving":
+		return api.Errorf(api.CodeConflict,
+			"pid %d is the copy migration %s is bringing here: it belongs to that migration until it has ended (see phaulctl list)", pid, h.id)
 	}
 	return api.Errorf(api.CodeConflict, "pid %d belongs to migration %s (%s); wait for it to end (see phaulctl list)", pid, h.id, h.what)
 }

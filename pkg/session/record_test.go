@@ -154,6 +154,65 @@ func TestRecoverByRecord(t *testing.T) {
 	}
 }
 
+// TestRecoverKeepsJobStopped: a source interrupted mid-dump, before CRIU
+// wrote images saying which tasks job control had stopped: recovery goes
+// by the record (what /proc said before the dump), and resumes the others
+// only.
+func TestRecoverKeepsJobStopped(t *testing.T) {
+	m, _ := newTestManager(t, time.Second)
+	root := exec.Command("sh", "-c", "sleep 600 & wait")
+	if err := root.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if tree, err := proc.Tree(root.Process.Pid); err == nil {
+			for _, p := range tree {
+				syscall.Kill(p, syscall.SIGKILL)
+			}
+		}
+		root.Wait()
+	})
+	var child int
+	for deadline := time.Now().Add(5 * time.Second); child == 0; {
+		if kids, _ := proc.Children(root.Process.Pid); len(kids) == 1 {
+			child = kids[0]
+		} else if time.Now().After(deadline) {
+			t.Fatal("the tree's child did not start")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// Job control stopped the child; then the dump started.
+	syscall.Kill(child, syscall.SIGSTOP)
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if info, err := proc.Stat(child); err == nil && info.State == 'T' {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the child did not stop")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	rec := &store.Record{Role: store.RoleSource, State: store.Dumping, PID: root.Process.Pid, Stopped: proc.JobStopped(root.Process.Pid)}
+	info, _ := proc.Stat(root.Process.Pid)
+	rec.StartTime = info.StartTime
+	if len(rec.Stopped) != 1 {
+		t.Fatalf("JobStopped = %v; want the child", rec.Stopped)
+	}
+	// CRIU froze the rest, and the daemon died before any image.
+	syscall.Kill(root.Process.Pid, syscall.SIGSTOP)
+	sessionDir(t, m, rec, 0)
+	if err := m.Recover(); err != nil {
+		t.Fatal(err)
+	}
+	if s := state(t, root.Process.Pid, 5*time.Second); s == 'T' || s == 'X' {
+		t.Errorf("the root is %c after recovery; want it running", s)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if info, err := proc.Stat(child); err != nil || info.State != 'T' {
+		t.Errorf("the child job control had stopped is %c after recovery (%v); want it still stopped", info.State, err)
+	}
+}
+
 // TestRecoverIsBounded: a record whose tree a CRIU of the previous run
 // still traces (it may hold it for a minute) must not hold up the start:
 // Recover returns at once, and the tree is held meanwhile, so that no
@@ -185,7 +244,7 @@ func TestRecoverIsBounded(t *testing.T) {
 		t.Fatalf("Recover took %v with a traced tree", took)
 	}
 	_, err := m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: info.PID, To: "127.0.0.1:1"}, nil)
-	if api.CodeOf(err) != api.CodeConflict || !strings.Contains(err.Error(), "recovering") {
+	if api.CodeOf(err) != api.CodeConflict || !strings.Contains(err.Error(), "settling it from its record") {
 		t.Fatalf("migrating a tree being recovered: %v; want a conflict naming the recovery", err)
 	}
 }

@@ -85,7 +85,7 @@ func (m *Manager) Recover() error {
 			// it if it still held it; if it had already left it stopped,
 			// resume it.
 			log.Warn("recovering: migration interrupted before the commit; resuming the source tree", zap.Int("pid", rec.PID))
-			stopped, _ := m.cfg.CRIU.Stopped(dir)
+			stopped := m.stoppedOf(log, dir, rec)
 			m.background(id, rec, func() {
 				why := "interrupted: phauld restarted"
 				if err := m.resumeSource(rec.PID, rec.StartTime, stopped, time.Minute); err != nil {
@@ -197,6 +197,21 @@ func (m *Manager) saveRecovered(log *zap.Logger, rec *store.Record, dir string) 
 	if err := rec.Save(dir); err != nil {
 		log.Error("cannot record the recovery", zap.Error(err))
 	}
+}
+
+// stoppedOf is the set of a source tree's tasks that job control had
+// stopped: as the dump's images say, or, when they say nothing readable
+// (the dump had not written them), as the record says /proc did just
+// before the dump.
+func (m *Manager) stoppedOf(log *zap.Logger, dir string, rec *store.Record) map[int]bool {
+	stopped, err := m.cfg.CRIU.Stopped(dir)
+	if err != nil {
+		log.Warn("cannot read which tasks job control had stopped from the images; using the record's", zap.Error(err))
+	}
+	if err != nil || stopped == nil {
+		return stoppedSet(rec.Stopped)
+	}
+	return stopped
 }
 
 // resumeSource makes a tree stopped by an interrupted migration run again,

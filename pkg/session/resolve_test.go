@@ -491,7 +491,7 @@ func TestArrivingCopyIsHeld(t *testing.T) {
 	if copyPID == 0 {
 		t.Fatal("the restore's end was not reached")
 	}
-	if api.CodeOf(got) != api.CodeConflict || !strings.Contains(got.Error(), "arriving") {
+	if api.CodeOf(got) != api.CodeConflict || !strings.Contains(got.Error(), "is the copy migration") {
 		t.Fatalf("migrating the copy (pid %d) away while it arrives: %v; want a conflict naming its migration", copyPID, got)
 	}
 	waitRule(t, "the destination to let the copy go", 10*time.Second, func() bool {

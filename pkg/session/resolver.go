@@ -183,7 +183,7 @@ func (m *Manager) settle(r *resolver) {
 		r.rec.State, r.rec.Done, r.rec.Error = store.Committed, true, "settled by an operator: the source tree was killed"
 	case wire.OutcomeAborted:
 		log.Info("resolved: the destination did not commit; resuming the source tree", zap.Int("pid", r.rec.PID))
-		stopped, _ := m.cfg.CRIU.Stopped(r.dir)
+		stopped := m.stoppedOf(log, r.dir, r.rec)
 		if r.resumeErr = m.resumeSource(r.rec.PID, r.rec.StartTime, stopped, time.Minute); r.resumeErr != nil {
 			log.Error("the source tree was not seen running", zap.Error(r.resumeErr))
 		}

@@ -53,10 +53,11 @@ type Record struct {
 	StartTime uint64 `json:"start_time,omitempty"`
 	// SourcePID is the process's pid on the source (destination records).
 	SourcePID int `json:"source_pid,omitempty"`
-	// Stopped are the tasks of the tree that job control had stopped
-	// when they were dumped, by their pid in their own pid namespace
-	// (destination records, once restored): whoever resumes the tree
-	// leaves them stopped.
+	// Stopped are the tasks of the tree that job control had stopped,
+	// by their pid in their own pid namespace: as the images say, on a
+	// destination once restored; as /proc said just before the dump, on
+	// a source (for a recovery that finds no readable images). Whoever
+	// resumes the tree leaves them stopped.
 	Stopped []int `json:"stopped,omitempty"`
 	// Done: the session is over on both sides; the record only remains
 	// for inspection until it ages out.

@@ -207,10 +207,10 @@ func (f *frozen) resume() {
 
 // Stopped lists the tasks of the dump in dir that job control had stopped
 // when the fake dump froze them, by their pid in their own pid namespace,
-// as criu.StoppedTasks does: none if dir holds no dump.
+// as criu.StoppedTasks does: nil if dir holds no dump.
 func (c *CRIU) Stopped(dir string) (map[int]bool, error) {
 	names, err := filepath.Glob(filepath.Join(dir, "core-*.img"))
-	if err != nil {
+	if err != nil || len(names) == 0 {
 		return nil, err
 	}
 	stopped := map[int]bool{}
