@@ -687,7 +687,10 @@ func (m *dest) commit() error {
 		}
 	}
 	m.rec.State = store.Committed
-	if err := m.rec.Save(m.p.Dir); err != nil {
+	if err := m.rec.Save(m.p.Dir); errors.Is(err, store.ErrNotDurable) {
+		// Written, and what everyone reads from now on: committed.
+		m.log.Warn("the commit is recorded, but not synced to disk", zap.Error(err))
+	} else if err != nil {
 		// Not recorded, not committed: refuse, and the source resumes.
 		m.rec.State = store.Restored
 		return api.Errorf(api.CodeAborted, "cannot record the commit: %v", err)
@@ -899,7 +902,10 @@ func (m *dest) stop() {
 }
 
 func (m *dest) cancel() error {
-	if m.state >= dstCommitted {
+	switch {
+	case m.state == dstEnd && m.rec.State != store.Committed:
+		return api.Errorf(api.CodeConflict, "session %s is already ending", m.s.ID)
+	case m.state >= dstCommitted:
 		return api.Errorf(api.CodeConflict, "session %s is committed here: too late to cancel", m.s.ID)
 	}
 	m.log.Info("canceled by the operator")

@@ -880,9 +880,17 @@ func (m *source) cleanup() {
 	if m.state != srcEnd {
 		// A panic mid-way: make the outcome safe. Closing the dump's
 		// socket makes CRIU resume a tree it still holds; a tree it left
-		// stopped is resumed here.
-		if m.released && (m.state < srcCommit || m.state == srcAbort || m.state == srcResume) {
-			m.ended(m.resume(m.tree, true))
+		// stopped is resumed here; either way it is seen running before
+		// the rollback says so.
+		if m.dump != nil && !m.released {
+			m.dump.stop()
+		}
+		if m.tCommitted.IsZero() && (m.state < srcCommit || m.state == srcAbort || m.state == srcResume) {
+			if m.tDump.IsZero() {
+				m.ended(nil)
+			} else {
+				m.ended(m.resume(m.tree, m.released))
+			}
 		}
 		if !m.tCommitted.IsZero() {
 			// Committed: the copy there is the process; the one here

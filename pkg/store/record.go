@@ -8,6 +8,7 @@ package store
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -104,8 +105,18 @@ func (r *Record) Save(dir string) error {
 	if err := os.Rename(tmp, filepath.Join(dir, RecordName)); err != nil {
 		return fmt.Errorf("write session record: %w", err)
 	}
-	return syncDir(dir)
+	// From here the new record is what everyone reads (a guard, a query,
+	// a recovery): a failure is one of durability, not of the change.
+	if err := syncDir(dir); err != nil {
+		return fmt.Errorf("%w: %v", ErrNotDurable, err)
+	}
+	return nil
 }
+
+// ErrNotDurable is a Save whose record was written and is the one read
+// from now on, but whose directory could not be synced: a crash of the
+// host (not of the daemon) may bring the previous record back.
+var ErrNotDurable = errors.New("session record written, but not synced to disk")
 
 func syncDir(dir string) error {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)

@@ -293,9 +293,11 @@ func (c *Conn) BytesIn() int64  { return c.bytesIn }
 func (c *Conn) BytesOut() int64 { return c.bytesOut }
 
 // Pending reports whether bytes (or a hang-up) wait to be read that the
-// loop has not read yet.
+// loop has not read yet, on a conn that is not paused.
 func (c *Conn) Pending() bool {
-	if c.closed {
+	if c.closed || c.paused {
+		// Paused, it is not read until its consumer drains: what waits
+		// there says nothing about the peer now.
 		return false
 	}
 	fds := []unix.PollFd{{Fd: int32(c.link.Fd()), Events: unix.POLLIN}}

@@ -304,7 +304,12 @@ func (r *Relay) flushLocal() {
 		return
 	}
 	if r.localOut.len() < LowWater {
+		// Restarting mem hands it the frames it holds: one may fail the
+		// relay (closing its socket), or end the stream.
 		r.mem.Pause(false)
+		if r.closed {
+			return
+		}
 	}
 	if r.remoteEOF && r.localOut.len() == 0 && !r.shutdown && !r.HoldEOF {
 		r.shutdown = true
