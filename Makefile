@@ -17,10 +17,11 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/phaul/phaul/pkg/version.Version=$(VERSION)
 FUZZTIME ?= 10s
 
-# Debian packages the tests and the demo use (test-system: debootstrap and
-# systemd-nspawn for its containers).
+# Debian packages the tests and the demo use (gcc and libc6-dev: the race
+# detector needs cgo; groff-base: the man-page check; test-system:
+# debootstrap and systemd-nspawn for its containers).
 DEB_PACKAGES := util-linux procps systemd iproute2 tcpdump passwd ca-certificates debian-archive-keyring \
-	dpkg-dev debootstrap systemd-container man-db
+	dpkg-dev debootstrap systemd-container man-db gcc libc6-dev groff-base
 
 .PHONY: all build criu deps test check unit fuzz-short fuzz integration test-system deb demo bench soak clean
 
@@ -43,7 +44,7 @@ criu: deps
 
 test: check unit fuzz-short integration test-system
 
-check: build
+check: deps build
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt would change:" $$unformatted; exit 1; fi
 	$(GO) vet ./...
@@ -55,7 +56,7 @@ check: build
 	systemd-analyze verify --man=no $$d/phauld.socket $$d/phauld.service; rc=$$?; rm -rf $$d; exit $$rc
 	groff -man -ww -z packaging/man/phauld.8 packaging/man/phaulctl.1
 
-unit:
+unit: deps
 	$(GO) test -race ./...
 
 fuzz-short:
