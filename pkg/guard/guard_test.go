@@ -118,7 +118,8 @@ func TestGuardProcess(t *testing.T) {
 				}
 				return
 			}
-			time.Sleep(300 * time.Millisecond)
+			// Once the guard has ended, whatever it was to do is done.
+			waitGone(t, "the guard", g.cmd.Process.Pid)
 			if gone(root.PID) || gone(child) {
 				t.Fatal("the guard killed a copy it had to leave be")
 			}
@@ -154,12 +155,15 @@ func TestGuardEndsWhenReleased(t *testing.T) {
 // TestKillStopsForksFirst: proc.StopAndKill finds a tree's processes even while it
 // forks.
 func TestKillStopsForksFirst(t *testing.T) {
-	cmd := exec.Command("sh", "-c", "while :; do sleep 600 & done")
+	// Bounded, and in a process group of its own: whatever the test
+	// finds, nothing it forked outlives it.
+	cmd := exec.Command("sh", "-c", "i=0; while [ $i -lt 5000 ]; do sleep 600 & i=$((i+1)); done; wait")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer cmd.Wait()
-	defer cmd.Process.Kill()
+	defer syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 	time.Sleep(100 * time.Millisecond)
 	info, err := proc.Stat(cmd.Process.Pid)
 	if err != nil {

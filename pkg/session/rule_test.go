@@ -244,6 +244,16 @@ func watch(c copies, destState string, strict bool, stop <-chan struct{}) <-chan
 	return out
 }
 
+// watchCell runs watch for the test: stop ends it, and so does the test's
+// end (a cell that fails early must not leave it sampling).
+func watchCell(t *testing.T, c copies, destState string, strict bool) (seen <-chan string, stop func()) {
+	ch := make(chan struct{})
+	var once sync.Once
+	stop = func() { once.Do(func() { close(ch) }) }
+	t.Cleanup(stop)
+	return watch(c, destState, strict, ch), stop
+}
+
 // rulePoint is where a fault strikes: the frame the proxy holds, or (for
 // the restore) the fake CRIU's post-restore step.
 type rulePoint struct {
@@ -317,8 +327,7 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string) {
 	pid := migratetest.StartTree(t)
 	info, _ := proc.Stat(pid)
 	c := copies{src: pid, start: info.StartTime, fake: fake}
-	stopWatch := make(chan struct{})
-	seen := watch(c, b.state, mode == api.ModeCopy, stopWatch)
+	seen, stop := watchCell(t, c, b.state, mode == api.ModeCopy)
 
 	var cancelErr error
 	var cancelled atomic.Bool
@@ -405,7 +414,13 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string) {
 		t.Fatal("the point was not reached within 30 s")
 	}
 	if rule != nil {
-		<-rule.Done()
+		// A hook that failed (t.Fatal on the proxy's goroutine) never
+		// lets the frame go: bounded, so the cell fails, not hangs.
+		select {
+		case <-rule.Done():
+		case <-time.After(30 * time.Second):
+			t.Fatal("the fault was not injected within 30 s")
+		}
 	}
 
 	// Heal a silence once the other side has given up; start a crashed
@@ -460,7 +475,7 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string) {
 		src, dst, one = c.one()
 		return one
 	})
-	close(stopWatch)
+	stop()
 	if two, ok := <-seen; ok {
 		t.Errorf("the watcher saw %s", two)
 	}
@@ -553,8 +568,7 @@ func TestCommitRuleCRIUFails(t *testing.T) {
 			pid := migratetest.StartTree(t)
 			info, _ := proc.Stat(pid)
 			cp := copies{src: pid, start: info.StartTime, fake: fake}
-			stop := make(chan struct{})
-			seen := watch(cp, b.state, c.mode == api.ModeCopy, stop)
+			seen, stop := watchCell(t, cp, b.state, c.mode == api.ModeCopy)
 			_, err := a.m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: pid, To: b.addr(), Mode: c.mode}, nil)
 			if err == nil {
 				t.Fatal("the migration succeeded though CRIU failed")
@@ -571,7 +585,7 @@ func TestCommitRuleCRIUFails(t *testing.T) {
 				src, _, one := cp.one()
 				return src && one && a.settled() && b.settled()
 			})
-			close(stop)
+			stop()
 			if two, ok := <-seen; ok {
 				t.Errorf("the watcher saw %s", two)
 			}

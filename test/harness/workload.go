@@ -156,12 +156,15 @@ func (w *Workload) Track(pid int) {
 	}
 }
 
-// Kill kills every process of the tree, wherever it went: only pids that
-// were tracked, and only while they still run the workload.
+// Kill kills every process of the tree, wherever it went: the pids that
+// were tracked, and every copy still found (Processes: a test that failed
+// early never tracked its destination's), only while they run the
+// workload.
 func (w *Workload) Kill() {
 	w.mu.Lock()
 	pids := append([]int(nil), w.pids...)
 	w.mu.Unlock()
+	pids = append(pids, w.Processes()...)
 	for _, pid := range pids {
 		if tree, err := proc.OpenTree(pid, 0); err == nil {
 			if info, err := proc.Stat(pid); err == nil && strings.HasPrefix(info.Comm, "workload") {
@@ -226,8 +229,11 @@ func (w *Workload) Roots() []int {
 	return roots
 }
 
-// ProcessesIn maps the pids whose working directory is under one of dirs
-// to that directory.
+// ProcessesIn maps the pids that work in one of dirs to where: their
+// working directory is under it (CRIU and its helpers run in a session's
+// directory), or one of their arguments names a path below it (a copy's
+// guard, which runs in /, names its session's directory). The daemons,
+// whose --state-dir is dirs itself, are not counted.
 func ProcessesIn(dirs ...string) map[int]string {
 	ents, _ := os.ReadDir("/proc")
 	found := map[int]string{}
@@ -241,9 +247,16 @@ func ProcessesIn(dirs ...string) map[int]string {
 			continue
 		}
 		cwd = strings.TrimSuffix(cwd, " (deleted)")
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		args := strings.Split(string(cmdline), "\x00")
 		for _, d := range dirs {
 			if cwd == d || strings.HasPrefix(cwd, d+"/") {
 				found[pid] = cwd
+			}
+			for _, a := range args {
+				if strings.HasPrefix(a, d+"/") {
+					found[pid] = a
+				}
 			}
 		}
 	}

@@ -87,30 +87,39 @@ func TestJobControlSurvives(t *testing.T) {
 			checkIntact(t, "root", w.report(res.DestPID, w.status), before, w.memMiB, w.seed)
 		})
 	}
-	t.Run("rollback", func(t *testing.T) {
-		held := t.TempDir()
-		a := startDaemon(t, "A", "127.0.0.1:17521", daemonOpts{})
-		// In B's mount namespace, the held file's directory is an empty
-		// tmpfs: the restore fails for real, after the dump.
-		b := startDaemon(t, "B", "127.0.0.2:17522", daemonOpts{wrap: []string{
-			"unshare", "--mount", "--propagation", "private", "--",
-			"sh", "-c", `mount -t tmpfs none "$0" && exec "$@"`, held,
-		}})
-		w := startWorkload(t, workloadOpts{memMiB: 32, children: 2, extra: []string{"--hold", filepath.Join(held, "data")}})
-		k0, k1 := childByIndex(t, w.pid, 0), childByIndex(t, w.pid, 1)
-		syscall.Kill(k0, syscall.SIGSTOP)
-		waitState(t, k0, 'T', "before the migration")
-		before := w.report(w.pid, w.status)
-		r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", b.addr, "--mode", "copy")
-		if r.code != 3 {
-			t.Fatalf("migrate with a failing restore exited %d, want 3 (rolled back): %s", r.code, r.stderr)
-		}
-		waitRunning(t, w.pid)
-		waitRunning(t, k1)
-		time.Sleep(200 * time.Millisecond) // long enough for a wrong SIGCONT to land
-		waitState(t, k0, 'T', "a child stopped before the migration, after the rollback")
-		checkIntact(t, "root after the rollback", w.report(w.pid, w.status), before, w.memMiB, w.seed)
-		syscall.Kill(k0, syscall.SIGCONT)
-		waitRunning(t, k0)
-	})
+	// A rollback: in copy mode phauld resumes the tree CRIU left
+	// stopped; in lazy mode CRIU's page server resumes it itself when
+	// phauld resets its socket.
+	for i, mode := range []string{"copy", "lazy"} {
+		t.Run("rollback/"+mode, func(t *testing.T) { jobControlRollback(t, mode, 17521+10*i) })
+	}
+}
+
+// jobControlRollback: a migration in mode whose restore fails; the task
+// stopped before it stays stopped after the rollback, the others run.
+func jobControlRollback(t *testing.T, mode string, port int) {
+	held := t.TempDir()
+	a := startDaemon(t, "A", "127.0.0.1:"+strconv.Itoa(port), daemonOpts{})
+	// In B's mount namespace, the held file's directory is an empty
+	// tmpfs: the restore fails for real, after the dump.
+	b := startDaemon(t, "B", "127.0.0.2:"+strconv.Itoa(port+1), daemonOpts{wrap: []string{
+		"unshare", "--mount", "--propagation", "private", "--",
+		"sh", "-c", `mount -t tmpfs none "$0" && exec "$@"`, held,
+	}})
+	w := startWorkload(t, workloadOpts{memMiB: 32, children: 2, extra: []string{"--hold", filepath.Join(held, "data")}})
+	k0, k1 := childByIndex(t, w.pid, 0), childByIndex(t, w.pid, 1)
+	syscall.Kill(k0, syscall.SIGSTOP)
+	waitState(t, k0, 'T', "before the migration")
+	before := w.report(w.pid, w.status)
+	r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", b.addr, "--mode", mode)
+	if r.code != 3 {
+		t.Fatalf("migrate with a failing restore exited %d, want 3 (rolled back): %s", r.code, r.stderr)
+	}
+	waitRunning(t, w.pid)
+	waitRunning(t, k1)
+	time.Sleep(200 * time.Millisecond) // long enough for a wrong SIGCONT to land
+	waitState(t, k0, 'T', "a child stopped before the migration, after the rollback")
+	checkIntact(t, "root after the rollback", w.report(w.pid, w.status), before, w.memMiB, w.seed)
+	syscall.Kill(k0, syscall.SIGCONT)
+	waitRunning(t, k0)
 }

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // rssKiB is pid's resident memory in KiB (VmRSS).
@@ -39,6 +41,17 @@ func rssKiB(pid int) int64 {
 // swamp the figure), and the file arrive intact.
 func TestImagesBoundedMemory(t *testing.T) {
 	integration(t)
+	// The file lives twice in /dev/shm (the source's, the restored
+	// copy's), and once in the destination's images.
+	for dir, need := range map[string]uint64{"/dev/shm": 2200 << 20, t.TempDir(): 1100 << 20} {
+		var st unix.Statfs_t
+		if err := unix.Statfs(dir, &st); err != nil {
+			t.Fatal(err)
+		}
+		if free := st.Bavail * uint64(st.Bsize); free < need {
+			t.Fatalf("this test needs %d MiB free in %s; there are %d MiB", need>>20, dir, free>>20)
+		}
+	}
 	a := startDaemon(t, "A", "127.0.0.1:17541", daemonOpts{phauld: bins.phauldPlain})
 	b := startDaemon(t, "B", "127.0.0.2:17542", daemonOpts{phauld: bins.phauldPlain})
 	w := startWorkload(t, workloadOpts{memMiB: 16, extra: []string{"--ghost", "1024:/dev/shm"}})

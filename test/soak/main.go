@@ -650,6 +650,11 @@ func (s *soak) hop(ctx context.Context, t *tally, tr *tree, n int) {
 	}
 
 	l := s.settle(tr, srcPID, started, ids)
+	if outcome == outInDoubt || outcome == outInterrupted {
+		// phaulctl could not say; the destination's history can: the
+		// copy must be where its commit (or none) puts it.
+		want = s.ruledSide(dd, ids, src, dst)
+	}
 	keep, side, ok := s.judge(t, tr, l, v, ids, srcPID, srcInfo, want, &res)
 	msg := fmt.Sprintf("%s: %s %s (exit %d, %v)", t.Mode, where, outcome, at.code, at.wall.Round(time.Millisecond))
 	if id := ids.first(); id != "" {
@@ -705,6 +710,28 @@ func (s *soak) hop(ctx context.Context, t *tally, tr *tree, n int) {
 	}
 	tr.pid, tr.side = keep, side
 	s.checkReports(t, tr, v, ids)
+}
+
+// ruledSide is where the commit rule puts the process of the sessions ids
+// once they are over, as the destination dd's history says: dst if one of
+// them committed there, else src; -1 if dd cannot be asked.
+func (s *soak) ruledSide(dd *harness.Daemon, ids *idSet, src, dst int) int {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hist, err := client.New(dd.Socket).History(ctx, 0)
+	if err != nil {
+		return -1
+	}
+	mine := map[string]bool{}
+	for _, id := range ids.list() {
+		mine[id] = true
+	}
+	for _, h := range hist {
+		if mine[h.ID] && h.Direction == api.DirectionIn && h.Outcome == api.OutcomeCommitted {
+			return dst
+		}
+	}
+	return src
 }
 
 // migrate runs phaulctl migrate of pid from sd to dd, noting the ids of the
