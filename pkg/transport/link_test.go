@@ -243,8 +243,11 @@ func TestTLSQueueBounded(t *testing.T) {
 		}
 	}
 	// The mark, the chunk queued on the last look under it, TLS's
-	// framing, and the spare room of the buffers copies are packed in.
-	if limit := HighWater + 2*wire.DataChunk + 2*copyChunk; peak > limit {
+	// framing, and the spare room of the buffers copies are packed in
+	// (the first, partly written, and the last, partly filled, and under
+	// load a partial write may split one more): about 9 MiB, where the
+	// link used to keep all it had ever sent.
+	if limit := HighWater + 2*wire.DataChunk + 4*copyChunk; peak > limit {
 		t.Errorf("the TLS link held %d KiB for a stream kept under %d KiB", peak>>10, HighWater>>10)
 	}
 	t.Logf("the TLS link held at most %d KiB", peak>>10)
