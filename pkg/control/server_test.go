@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -205,5 +206,34 @@ func TestPolicy(t *testing.T) {
 	sup := Policy{GroupID: groups[len(groups)-1], Group: "x"}
 	if err := sup.CanUse(api.Caller{UID: 12345, GID: -2, PID: os.Getpid()}); err != nil {
 		t.Errorf("member by a group of its process refused: %v", err)
+	}
+}
+
+// TestResolveIsRootOnly: settling a migration in doubt decides a
+// process's fate without the daemons; only root may, and root's order
+// reaches the service as given.
+func TestResolveIsRootOnly(t *testing.T) {
+	svc := &fakeService{}
+	s := New(svc, Policy{GroupID: os.Getgid(), Group: "test"}, zaptest.NewLogger(t))
+	for _, c := range []struct {
+		caller api.Caller
+		status int
+	}{
+		{api.Caller{UID: 1000, GID: os.Getgid(), PID: os.Getpid()}, http.StatusForbidden},
+		{api.Caller{UID: 0, GID: 0, PID: os.Getpid()}, http.StatusOK},
+	} {
+		svc.caller = api.Caller{UID: -1}
+		r := httptest.NewRequest(http.MethodPost, "/v1/sessions/3f25b14c/resolve", strings.NewReader(`{"action":"kill"}`))
+		r = r.WithContext(context.WithValue(r.Context(), callerKey{}, c.caller))
+		r.SetPathValue("id", "3f25b14c")
+		w := httptest.NewRecorder()
+		s.resolve(w, r)
+		if w.Code != c.status {
+			t.Errorf("uid %d: status %d (%s), want %d", c.caller.UID, w.Code, w.Body, c.status)
+		}
+		asked := svc.caller.UID != -1
+		if asked != (c.status == http.StatusOK) {
+			t.Errorf("uid %d: the service was asked: %v", c.caller.UID, asked)
+		}
 	}
 }
