@@ -427,15 +427,55 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	}
 }
 
-// runningRoots are the copies of w's root that run (see proc.Running).
+// runningRoots are the copies of w's root that run (see proc.Running). A
+// copy still in CRIU's hands does not: while CRIU restores it, its root is
+// CRIU's child and waits in CRIU's restorer, and phauld restores with
+// leave_stopped, so it is stopped before CRIU lets go of it. (Its state
+// letter is S all the while, and a destination that hangs there holds it
+// so for seconds.)
 func runningRoots(w *workload) []int {
 	var run []int
 	for _, pid := range w.Roots() {
-		if proc.Running(pid) {
+		if proc.Running(pid) && !inRestore(pid) {
 			run = append(run, pid)
 		}
 	}
 	return run
+}
+
+// describe says, for the watcher's report, what each of pids is and whose
+// child.
+func describe(pids []int) string {
+	var parts []string
+	for _, pid := range pids {
+		info, _ := proc.Stat(pid)
+		parent, _ := proc.Stat(info.PPID)
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", info.PPID))
+		parts = append(parts, fmt.Sprintf("pid %d state %c flags %#x, child of %d %q state %c (%q)",
+			pid, info.State, info.Flags, info.PPID, parent.Comm, parent.State, cmdline))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// inRestore reports whether pid's parent is a CRIU process, by its
+// arguments: make criu's CRIU runs under its own dynamic loader (so its
+// comm is the loader's), and CRIU retitles itself ("criu: restore
+// --rpc").
+func inRestore(pid int) bool {
+	info, err := proc.Stat(pid)
+	if err != nil {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", info.PPID))
+	if err != nil {
+		return false
+	}
+	for _, arg := range strings.Split(string(cmdline), "\x00") {
+		if filepath.Base(arg) == "criu" || strings.HasPrefix(arg, "criu: ") {
+			return true
+		}
+	}
+	return false
 }
 
 // watchCopies samples w's copies until stop, and reports the first moment
@@ -461,7 +501,8 @@ func watchCopies(w *workload, state string, strict bool, stop <-chan struct{}) <
 				continue
 			}
 			if run := runningRoots(w); len(run) > 1 {
-				out <- fmt.Sprintf("two running copies (pids %v), commit recorded %v", run, committed)
+				out <- fmt.Sprintf("two running copies at %s (%s), commit recorded %v",
+					time.Now().Format("15:04:05.000"), describe(run), committed)
 				return
 			}
 		}
