@@ -984,11 +984,11 @@ func (m *Manager) Sessions() []api.Session {
 	return list
 }
 
-// Shutdown stops accepting connections, stops every session through its
-// eventfd (each ends by its commit rule) and waits for them until ctx ends.
-func (m *Manager) Shutdown(ctx context.Context) error {
-	m.mu.Lock()
-	first := !m.closing
+// closeIntake, with m.mu held, stops what brings sessions in: the
+// listeners close, unpaired connections and handshakes in progress end.
+// It reports whether it was the first call.
+func (m *Manager) closeIntake() (first bool) {
+	first = !m.closing
 	if first {
 		close(m.stopping)
 	}
@@ -1008,6 +1008,14 @@ func (m *Manager) Shutdown(ctx context.Context) error {
 		// Wakes a handshake blocked on the socket; its goroutine closes it.
 		lk.Shutdown()
 	}
+	return first
+}
+
+// Shutdown stops accepting connections, stops every session through its
+// eventfd (each ends by its commit rule) and waits for them until ctx ends.
+func (m *Manager) Shutdown(ctx context.Context) error {
+	m.mu.Lock()
+	first := m.closeIntake()
 	for _, r := range m.sessions {
 		r.s.Stop()
 	}

@@ -108,29 +108,12 @@ func (d *ruleDaemon) crash() {
 	m := d.m
 	d.crashed = true
 	m.mu.Lock()
-	if !m.closing {
-		close(m.stopping)
-	}
-	m.closing = true
-	for _, l := range m.listeners {
-		l.Close()
-	}
+	m.closeIntake()
 	for _, r := range m.sessions {
 		r.s.Crash()
 	}
 	for _, r := range m.resolvers {
 		close(r.stop)
-	}
-	for id, h := range m.halves {
-		delete(m.halves, id)
-		for _, c := range h.drop() {
-			if c != nil {
-				c.Close()
-			}
-		}
-	}
-	for lk := range m.shaking {
-		lk.Shutdown()
 	}
 	m.mu.Unlock()
 	m.sessWG.Wait()
