@@ -1,0 +1,253 @@
+//go:build linux
+
+package network
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// These tests need root: they make network namespaces, veths and bridges
+// (named phtN-…, removed at the end) and look at real sockets.
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs ip (iproute2)")
+	}
+}
+
+func run(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+// inOwnNS starts a process in a network namespace of its own and returns
+// its pid; it is killed at the end.
+func inOwnNS(t *testing.T) int {
+	t.Helper()
+	cmd := exec.Command("unshare", "--net", "--", "sleep", "600")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	// unshare execs sleep once the namespace is made.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		self, _ := nsInode("self")
+		ino, _ := nsInode(fmt.Sprint(cmd.Process.Pid))
+		if ino != 0 && ino != self {
+			return cmd.Process.Pid
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the process did not get a namespace of its own")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// vethTo gives pid's namespace eth0 with addr, whose host end (returned)
+// is on a new bridge (returned) unless noBridge.
+func vethTo(t *testing.T, pid int, addr string, noBridge bool) (outer, bridge string) {
+	t.Helper()
+	tag := fmt.Sprintf("pht%d", rand.IntN(1e6))
+	outer, bridge = tag+"v", tag+"b"
+	run(t, "ip", "link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", fmt.Sprint(pid))
+	t.Cleanup(func() { exec.Command("ip", "link", "del", outer).Run() })
+	if !noBridge {
+		run(t, "ip", "link", "add", bridge, "type", "bridge")
+		t.Cleanup(func() { exec.Command("ip", "link", "del", bridge).Run() })
+		run(t, "ip", "link", "set", outer, "master", bridge)
+		run(t, "ip", "link", "set", bridge, "up")
+	}
+	run(t, "ip", "link", "set", outer, "up")
+	n := fmt.Sprint(pid)
+	run(t, "nsenter", "-t", n, "-n", "ip", "addr", "add", addr, "dev", "eth0")
+	run(t, "nsenter", "-t", n, "-n", "ip", "link", "set", "eth0", "up")
+	run(t, "nsenter", "-t", n, "-n", "ip", "link", "set", "lo", "up")
+	return outer, bridge
+}
+
+func TestInspectFindsTheVethAndItsBridge(t *testing.T) {
+	needRoot(t)
+	pid := inOwnNS(t)
+	outer, bridge := vethTo(t, pid, "10.250.0.2/24", false)
+	ns, err := Inspect([]int{pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Veth{Inner: "eth0", Outer: outer, Bridge: bridge}
+	if !ns.Own || len(ns.Veths) != 1 || ns.Veths[0] != want {
+		t.Fatalf("Inspect: %+v; want own, veth %+v", ns, want)
+	}
+	if len(ns.Addresses) == 0 || ns.Addresses[0] != "10.250.0.2/24" {
+		t.Errorf("addresses %v; want 10.250.0.2/24 (first)", ns.Addresses)
+	}
+}
+
+func TestInspectRefusesAVethOnNoBridge(t *testing.T) {
+	needRoot(t)
+	pid := inOwnNS(t)
+	outer, _ := vethTo(t, pid, "10.250.0.2/24", true)
+	_, err := Inspect([]int{pid})
+	if err == nil || !strings.Contains(err.Error(), "on no bridge") || !strings.Contains(err.Error(), outer) {
+		t.Fatalf("Inspect: %v; want refused, naming %s on no bridge", err, outer)
+	}
+}
+
+// A child of the test binary that holds a TCP connection in the host's
+// namespace.
+func TestMain(m *testing.M) {
+	if addr := os.Getenv("PHAUL_NETWORK_TEST_CONNECT"); addr != "" {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			os.Exit(2)
+		}
+		defer c.Close()
+		time.Sleep(time.Minute)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func TestInspectRefusesHostConnections(t *testing.T) {
+	needRoot(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "PHAUL_NETWORK_TEST_CONNECT="+ln.Addr().String())
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ns, err := Inspect([]int{cmd.Process.Pid})
+	if err == nil || !strings.Contains(err.Error(), "TCP connection") || !strings.Contains(err.Error(), "namespace of its own") {
+		t.Fatalf("Inspect: %+v, %v; want refused: a connection in the host's namespace", ns, err)
+	}
+}
+
+func lockTables(t *testing.T, pid int) []string {
+	t.Helper()
+	h, err := netns.GetFromPid(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	c, err := nftables.New(nftables.WithNetNSFd(int(h)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, tb := range tables {
+		names = append(names, tb.Name)
+	}
+	return names
+}
+
+func TestLockAndUnlock(t *testing.T) {
+	needRoot(t)
+	pid := inOwnNS(t)
+	if err := Lock(pid); err != nil {
+		t.Fatal(err)
+	}
+	if got := lockTables(t, pid); len(got) != 1 || got[0] != LockTable {
+		t.Fatalf("tables after Lock: %v; want [%s]", got, LockTable)
+	}
+	u, err := Unlock([]int{pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(u.Tables) != 1 || u.Tables[0] != LockTable {
+		t.Errorf("Unlock removed %v; want [%s]", u.Tables, LockTable)
+	}
+	if got := lockTables(t, pid); len(got) != 0 {
+		t.Errorf("tables after Unlock: %v", got)
+	}
+	// This host's namespace is never locked.
+	if err := Lock(os.Getpid()); err != nil {
+		t.Fatal(err)
+	}
+	if got := lockTables(t, os.Getpid()); contains(got, LockTable) {
+		t.Fatalf("Lock locked this host's namespace")
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func TestAnnounceSendsGratuitousARP(t *testing.T) {
+	needRoot(t)
+	pid := inOwnNS(t)
+	outer, _ := vethTo(t, pid, "10.250.0.2/24", false)
+	link, err := net.InterfaceByName(outer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Listen on the host end, before its bridge takes the frames.
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(htons(unix.ETH_P_ALL)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Ifindex: link.Index, Protocol: htons(unix.ETH_P_ALL)}); err != nil {
+		t.Fatal(err)
+	}
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2})
+	a, err := Announce(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.ARP != 1 {
+		t.Fatalf("Announce sent %+v; want 1 ARP", a)
+	}
+	want := net.ParseIP("10.250.0.2").To4()
+	buf := make([]byte, 128)
+	for {
+		n, _, err := unix.Recvfrom(fd, buf, 0)
+		if err != nil {
+			t.Fatalf("no gratuitous ARP for %s seen on %s: %v", want, outer, err)
+		}
+		if n < 14+28 || binary.BigEndian.Uint16(buf[12:]) != unix.ETH_P_ARP {
+			continue
+		}
+		p := buf[14:n]
+		if binary.BigEndian.Uint16(p[6:]) == 1 && bytes.Equal(p[14:18], want) && bytes.Equal(p[24:28], want) {
+			return
+		}
+	}
+}
