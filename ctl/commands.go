@@ -141,6 +141,23 @@ func (c *cli) printFigures(res api.Result) {
 	if r := res.Restore; r != nil {
 		fmt.Fprintf(c.stdout, "  restore: %s; pages restored %d\n", us(r.RestoreUS), r.PagesRestored)
 	}
+	if n := res.Network; n != nil {
+		fmt.Fprintf(c.stdout, "  network: namespace moved; interfaces %s, addresses %s; %d TCP connections carried, network locked %s\n",
+			listOrNone(n.Interfaces), listOrNone(n.Addresses), n.TCPConnections, ms(n.LockedMS))
+		for _, v := range n.Veths {
+			fmt.Fprintf(c.stdout, "  network: veth %s, its host end %s on bridge %s there\n", v.Inner, v.Outer, v.Bridge)
+		}
+		if n.TCPInFlight > 0 {
+			fmt.Fprintf(c.stdout, "  network: %d connections not yet accepted were left behind (their clients see them fail)\n", n.TCPInFlight)
+		}
+	}
+}
+
+func listOrNone(l []string) string {
+	if len(l) == 0 {
+		return "none"
+	}
+	return strings.Join(l, ", ")
 }
 
 func us(v uint32) string { return ms(int64(v) / 1000) }

@@ -13,7 +13,9 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"sort"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -31,6 +33,7 @@ import (
 	"github.com/phaul/phaul/pkg/session"
 	"github.com/phaul/phaul/pkg/systemd"
 	"github.com/phaul/phaul/pkg/version"
+	"github.com/phaul/phaul/pkg/wire"
 )
 
 func main() {
@@ -64,6 +67,34 @@ type options struct {
 	showVersion bool
 	oneShot     bool
 	logTarget   string
+	bridgeMap   bridgeMap
+}
+
+// bridgeMap is --bridge-map SRC=DST, repeatable.
+type bridgeMap map[string]string
+
+func (b *bridgeMap) String() string {
+	var parts []string
+	for src, dst := range *b {
+		parts = append(parts, src+"="+dst)
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, ",")
+}
+
+func (b *bridgeMap) Set(v string) error {
+	src, dst, ok := strings.Cut(v, "=")
+	if !ok || !wire.ValidIfName(src) || !wire.ValidIfName(dst) {
+		return fmt.Errorf("%q: want SRC=DST, two bridge names", v)
+	}
+	if *b == nil {
+		*b = bridgeMap{}
+	}
+	if old, dup := (*b)[src]; dup && old != dst {
+		return fmt.Errorf("%s is mapped twice (to %s and %s)", src, old, dst)
+	}
+	(*b)[src] = dst
+	return nil
 }
 
 func parseFlags(args []string, out io.Writer) (options, error) {
@@ -120,6 +151,7 @@ Flags:
 	fs.StringVar(&o.group, "control-group", "phaul", "`GROUP` whose members may use the control socket (created if missing)")
 	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")
 	fs.BoolVar(&o.oneShot, "one-shot", false, "serve exactly one migration (in or out), then exit")
+	fs.Var(&o.bridgeMap, "bridge-map", "as a destination, put the veths that were on bridge SRC on the source on bridge DST here (`SRC=DST`, repeatable; unmapped: the bridge of the same name)")
 	fs.StringVar(&o.logTarget, "log-target", "auto", "`TARGET` of the logs: journal (native entries with PHAUL_* fields), console, or auto (journal when stderr is the journal)")
 	return fs
 }
@@ -234,6 +266,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		Info:        info,
 		AsSource:    asSource,
 		AsDest:      asDest,
+		BridgeMap:   o.bridgeMap,
 		StateDir:    o.stateDir,
 		PairTimeout: o.pairTimeout,
 		PeerTimeout: o.peerTimeout,

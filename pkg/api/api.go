@@ -141,6 +141,35 @@ type Result struct {
 	// NotRunning, on a committed migration, is why the process was not
 	// seen running on the destination after the commit (empty: it was).
 	NotRunning string `json:"not_running,omitempty"`
+	// Network is what moved of the process's own network namespace (nil:
+	// it runs in its host's, and moved none).
+	Network *Network `json:"network,omitempty"`
+}
+
+// Network is what a migration moved of a process's network namespace.
+type Network struct {
+	// Interfaces (but loopback) and Addresses (ADDR/PREFIX) moved.
+	Interfaces []string `json:"interfaces"`
+	Addresses  []string `json:"addresses"`
+	// Veths are how the veths were made on the destination: each host
+	// end, and the bridge it is on there.
+	Veths []Veth `json:"veths,omitempty"`
+	// TCPConnections is how many TCP connections moved; TCPInFlight how
+	// many connections waited, not yet accepted, when the tree was
+	// inspected: CRIU leaves those out (their clients see them reset
+	// or time out).
+	TCPConnections int `json:"tcp_connections"`
+	TCPInFlight    int `json:"tcp_in_flight"`
+	// LockedMS is how long the namespace's network was locked: from the
+	// freeze until the process ran on the destination (the frozen time).
+	LockedMS int64 `json:"locked_ms"`
+}
+
+// Veth is one veth of a moved namespace, as made on the destination.
+type Veth struct {
+	Inner  string `json:"inner"`
+	Outer  string `json:"outer"`
+	Bridge string `json:"bridge"`
 }
 
 // DumpStats are CRIU's dump statistics (times in microseconds).

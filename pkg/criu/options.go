@@ -54,6 +54,14 @@ type Options struct {
 	// GhostLimit is the largest deleted file (by allocated size) a dump
 	// carries in its images; 0 is CRIU's default, 1 MiB.
 	GhostLimit uint32
+	// Network: the tree has a network namespace of its own, which moves
+	// with it. Its established TCP connections are dumped (in repair
+	// mode) and restored, connections not yet accepted are left out, and
+	// the namespace's network is locked with nftables from the freeze on
+	// (a dump leaves the lock, and the repair mode, on a tree it leaves
+	// stopped: see pkg/network Unlock). Without it the network is never
+	// locked, and CRIU refuses connected TCP sockets.
+	Network bool
 	// configFile is a CRIU configuration file for what RPC cannot say.
 	configFile string
 }
@@ -91,14 +99,18 @@ func (o *Options) rpcOpts() *rpc.CriuOpts {
 		ImagesDirFd: proto.Int32(-1),
 		ImagesDir:   proto.String(o.ImagesDir),
 		LogLevel:    proto.Int32(int32(level)),
-		// The network is not locked: phaul does not move established
-		// TCP connections (CRIU refuses to dump them without
-		// tcp_established), and a lock left behind after a rollback
-		// would cut a resumed process off its network.
+		// A tree in its host's namespace: the network is not locked
+		// (CRIU would lock the host's), and CRIU refuses connected TCP
+		// sockets, which phaul refuses before the freeze.
 		NetworkLock: rpc.CriuNetworkLockMethod_SKIP.Enum(),
 		// Restored tasks stay in the restoring daemon's cgroup; where
 		// they go from there is the daemon's business, not CRIU's.
 		ManageCgroupsMode: rpc.CriuCgMode_IGNORE.Enum(),
+	}
+	if o.Network {
+		r.NetworkLock = rpc.CriuNetworkLockMethod_NFTABLES.Enum()
+		r.TcpEstablished = proto.Bool(true)
+		r.TcpSkipInFlight = proto.Bool(true)
 	}
 	if o.LogFile != "" {
 		r.LogFile = proto.String(o.LogFile)

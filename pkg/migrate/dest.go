@@ -20,6 +20,7 @@ import (
 	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/epoll"
 	"github.com/phaul/phaul/pkg/journal"
+	"github.com/phaul/phaul/pkg/network"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/transport"
@@ -81,7 +82,10 @@ type DestConfig struct {
 	// Hold, if set, reserves the restored tree's pids for this session
 	// until it ends, so that no migration takes the copy before it is
 	// settled here.
-	Hold      func(pids []int) error
+	Hold func(pids []int) error
+	// BridgeMap renames bridges: a veth whose host end was on bridge SRC
+	// on the source is put on BridgeMap[SRC] here (else on SRC).
+	BridgeMap map[string]string
 	AsDest    Capabilities
 	CPUChecks *CPUChecks
 }
@@ -97,6 +101,10 @@ type dest struct {
 	conns
 	ph    *phaseTimer
 	state dstState
+	// netw is the tree's network namespace as the source found it (nil:
+	// it stays in its host's); veths are its veths as made here.
+	netw  *wire.Network
+	veths []wire.Veth
 	hb    *heartbeat
 
 	srcPID   int
@@ -273,6 +281,9 @@ func (m *dest) prepare(p *wire.Prepare) error {
 			m.p.Info.Version, criu.VersionFromCode(p.CRIUVersion), criu.VersionFromCode(p.CRIUVersion))
 	}
 	m.ph.enter("checks")
+	if err := m.checkNetwork(p.Network); err != nil {
+		return err
+	}
 	if len(p.CPUInfo) == 0 {
 		m.log.Warn("source sent no cpuinfo: CPU check skipped")
 		return m.checked("skipped")
@@ -296,6 +307,30 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	m.state = dstChecks
 	m.check, err = watchCRIU(m.s.l, op, 1, m.onCheck, m.abort)
 	return err
+}
+
+// checkNetwork takes the tree's own network namespace, if it moves one:
+// each veth's host end goes on the bridge of the same name here (or the
+// one --bridge-map names), which must exist; it keeps its name unless an
+// interface here has it.
+func (m *dest) checkNetwork(n *wire.Network) error {
+	if n == nil {
+		return nil
+	}
+	m.netw = n
+	for _, v := range n.Veths {
+		bridge := v.Bridge
+		if to, ok := m.p.BridgeMap[bridge]; ok {
+			bridge = to
+		}
+		if err := network.CheckBridge(bridge); err != nil {
+			return api.Errorf(api.CodePrecondition, "the process's network namespace has a veth (%s) on bridge %s on the source, and %v", v.Inner, v.Bridge, err)
+		}
+		m.veths = append(m.veths, wire.Veth{Inner: v.Inner, Outer: network.FreeName(v.Outer), Bridge: bridge})
+	}
+	m.log.Info("the tree's network namespace comes with it", zap.Any("veths", m.veths),
+		zap.Strings("addresses", n.Addresses), zap.Int("tcp_connections", n.Connections))
+	return nil
 }
 
 func (m *dest) onCheck(ev criu.Event) error {
@@ -322,7 +357,7 @@ func (m *dest) checked(cpuCheck string) error {
 	m.state = dstReceive
 	m.ph.enter("receive")
 	m.psDone = true // no page server before the restore
-	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode})
+	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths})
 }
 
 func (m *dest) startPageServer(cpuCheck string) error {
@@ -356,7 +391,7 @@ func (m *dest) onPageServer(ev criu.Event, cpuCheck string) error {
 		}
 		m.state = dstReceive
 		m.ph.enter("receive")
-		return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode})
+		return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths})
 	}
 	// WAIT_PID answered: the page server has exited.
 	if !ev.Status.Exited() || ev.Status.ExitStatus() != 0 {
@@ -496,7 +531,7 @@ func (m *dest) resumeLazy() error {
 	var err error
 	m.s.work(func() {
 		m.place(tree)
-		err = proc.ResumeTree(tree, m.stopped)
+		err = ResumeTree(m.log, tree, m.stopped)
 	}, func() {
 		m.resuming = false
 		if m.state != dstRestored {
@@ -550,6 +585,10 @@ func (m *dest) startRestore() error {
 		LeaveStopped: true,
 		Notify:       true,
 		LazyPages:    m.mode == api.ModeLazy,
+		Network:      m.netw != nil,
+	}
+	for _, v := range m.veths {
+		opts.External = append(opts.External, fmt.Sprintf("veth[%s]:%s@%s", v.Inner, v.Outer, v.Bridge))
 	}
 	// The tree's journal streams: new ones, to this host's journald.
 	for _, ino := range m.journal {
@@ -672,6 +711,14 @@ func (m *dest) restored(pid int) error {
 		m.restoreW.op.Reply(false)
 		return err
 	}
+	if m.netw != nil && m.mode != api.ModeLazy {
+		// CRIU lifts its lock when its restore ends; the copy waits for
+		// the commit, and must take no traffic a rollback would lose.
+		if err := network.Lock(pid); err != nil {
+			m.restoreW.op.Reply(false)
+			return api.Errorf(api.CodeAborted, "cannot hold the restored namespace's network until the commit: %v", err)
+		}
+	}
 	m.log.Info("tree restored", zap.Int("dest_pid", pid))
 	return m.restoreW.op.Reply(true)
 }
@@ -709,7 +756,7 @@ func (m *dest) commit() error {
 	pid, start, stopped := m.pid, m.rec.StartTime, m.stopped
 	m.s.work(func() {
 		m.place(tree)
-		if err = proc.ResumeTree(tree, stopped); err == nil {
+		if err = ResumeTree(m.log, tree, stopped); err == nil {
 			err = proc.VerifyRunning(pid, start, stopped)
 		}
 	}, func() { m.committed(err) })

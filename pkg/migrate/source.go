@@ -18,6 +18,7 @@ import (
 	"github.com/phaul/phaul/pkg/dumplock"
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/loop"
+	"github.com/phaul/phaul/pkg/network"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/transport"
@@ -109,6 +110,10 @@ type source struct {
 	// stopped are the tasks stopped by job control when CRIU froze them
 	// (by their pid in their namespace): a resume leaves them stopped.
 	stopped map[int]bool
+	// net is the tree's network, as found before the freeze.
+	net network.Namespace
+	// destVeths are its veths as the destination makes them.
+	destVeths []wire.Veth
 	// postDumpAnswered: CRIU's post-dump notification has its answer.
 	postDumpAnswered bool
 	tree             []*proc.Process
@@ -176,8 +181,23 @@ func (m *source) begin() error {
 	m.emit()
 	m.hb = startHeartbeat(m.s.l, m.rpc, []*transport.Conn{m.rpc, m.mem}, m.p.PeerTimeout, m.onSilent)
 	m.journal = journalStreams(m.p.Proc.PID, m.log)
-	if pids, err := proc.Tree(m.p.Proc.PID); err == nil {
-		m.memBytes = proc.Resident(pids)
+	pids, err := proc.Tree(m.p.Proc.PID)
+	if err != nil {
+		return api.Errorf(api.CodeNotFound, "pid %d: %v", m.p.Proc.PID, err)
+	}
+	m.memBytes = proc.Resident(pids)
+	// What cannot move is refused here, before anything is frozen.
+	if m.net, err = network.Inspect(pids); err != nil {
+		return api.Errorf(api.CodePrecondition, "%v", err)
+	}
+	var netw *wire.Network
+	if m.net.Own {
+		m.log.Info("the tree's network namespace moves with it", zap.String("network", m.net.Summary()))
+		netw = &wire.Network{Interfaces: m.net.Interfaces, Addresses: m.net.Addresses,
+			Connections: m.net.Connected, InFlight: m.net.InFlight}
+		for _, v := range m.net.Veths {
+			netw.Veths = append(netw.Veths, wire.Veth(v))
+		}
 	}
 	var modes []string
 	for _, x := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
@@ -193,6 +213,7 @@ func (m *source) begin() error {
 		JournalStreams: m.journal,
 		Mode:           m.p.Mode,
 		SourceModes:    modes,
+		Network:        netw,
 	})
 }
 
@@ -287,6 +308,11 @@ func (m *source) onRPC(msg wire.Message) error {
 			m.abort(api.Errorf(api.CodePrecondition, "the destination chose mode %q, which is not what was asked (%s) or this host cannot run it; upgrade phauld there, or use --mode copy", m.mode, m.p.Mode))
 			return nil
 		}
+		if len(msg.Veths) != len(m.net.Veths) {
+			m.abort(api.Errorf(api.CodePrecondition, "the process's network namespace has %d veths to this host, and the destination would make %d: its phauld does not move network namespaces; upgrade it", len(m.net.Veths), len(msg.Veths)))
+			return nil
+		}
+		m.destVeths = msg.Veths
 		m.log = m.log.With(zap.String("mode", m.mode))
 		m.ph.log = m.log
 		m.log.Info("destination ready", zap.Int("dest_criu", msg.CRIUVersion), zap.String("cpu_check", msg.CPUCheck))
@@ -409,6 +435,7 @@ func (m *source) startDump() error {
 		// Files the tree holds open that were deleted travel in the
 		// images, as large as CRIU allows (it counts allocated size).
 		GhostLimit: math.MaxUint32,
+		Network:    m.net.Own,
 	}
 	for _, ino := range m.journal {
 		opts.ExtUnixSk = true
@@ -780,7 +807,7 @@ func (m *source) resume(tree []*proc.Process, released bool) error {
 			defer proc.CloseAll(t)
 			tree = t
 		}
-		if err := proc.ResumeTree(tree, m.stopped); err != nil {
+		if err := ResumeTree(m.log, tree, m.stopped); err != nil {
 			return err
 		}
 	}
@@ -837,9 +864,19 @@ func (m *source) finishCommitted() {
 	m.state = srcKill
 	tree := m.tree
 	var err error
-	m.s.work(func() { err = proc.KillTree(tree) }, func() {
+	var gone []string
+	var goneErr error
+	m.s.work(func() {
+		err = proc.KillTree(tree)
+		gone, goneErr = network.RemoveHostEnds(m.net.Veths)
+	}, func() {
 		if err != nil {
 			m.log.Error("cannot kill the source tree", zap.Error(err))
+		}
+		if goneErr != nil {
+			m.log.Error("cannot remove what is left of the namespace here", zap.Error(goneErr))
+		} else if len(gone) > 0 {
+			m.log.Info("removed the namespace's veths here", zap.Strings("veths", gone))
 		}
 		m.rpc.Send(&wire.Done{})
 		m.rec.Done = true
@@ -945,6 +982,13 @@ func (m *source) result() api.Result {
 		r.Dump = m.dumpStats
 	}
 	r.Restore = m.restore
+	if m.net.Own {
+		r.Network = &api.Network{Interfaces: m.net.Interfaces, Addresses: m.net.Addresses,
+			TCPConnections: m.net.Connected, TCPInFlight: m.net.InFlight, LockedMS: r.FrozenMS}
+		for _, v := range m.destVeths {
+			r.Network.Veths = append(r.Network.Veths, api.Veth(v))
+		}
+	}
 	return r
 }
 

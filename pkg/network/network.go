@@ -14,6 +14,7 @@
 package network
 
 import (
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"net"
@@ -283,4 +284,55 @@ func (ns Namespace) Summary() string {
 	}
 	return fmt.Sprintf("own: interfaces %s, addresses %s, TCP %d connected, %d listening, %d in flight",
 		strings.Join(ns.Interfaces, ","), strings.Join(ns.Addresses, ","), ns.Connected, ns.Listening, ns.InFlight)
+}
+
+// RemoveHostEnds deletes the host ends of veths that are still there (a
+// veth goes with its namespace, but the kernel tears a namespace down
+// later, and one kept open elsewhere stays): after a commit, nothing of the
+// namespace may answer for its addresses here. It returns the names it
+// deleted.
+func RemoveHostEnds(veths []Veth) ([]string, error) {
+	var gone []string
+	for _, v := range veths {
+		l, err := netlink.LinkByName(v.Outer)
+		if err != nil {
+			continue // gone with its namespace
+		}
+		if l.Type() != "veth" {
+			continue // a new link of that name: not ours
+		}
+		if err := netlink.LinkDel(l); err != nil {
+			return gone, fmt.Errorf("delete %s, the host end of the namespace's %s: %w", v.Outer, v.Inner, err)
+		}
+		gone = append(gone, v.Outer)
+	}
+	return gone, nil
+}
+
+// CheckBridge refuses, with what to do, a bridge this host does not have.
+func CheckBridge(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("there is no bridge %s here: create it (ip link add %s type bridge) and connect it to the segment the source's is on, or map the source's bridge to another with phauld --bridge-map", name, name)
+	}
+	if l.Type() != "bridge" {
+		return fmt.Errorf("%s here is a %s, not a bridge: map the source's bridge to one with phauld --bridge-map", name, l.Type())
+	}
+	return nil
+}
+
+// FreeName returns name if no interface here has it, else a name made
+// from prefix and random hex that none has.
+func FreeName(name string) string {
+	if _, err := netlink.LinkByName(name); err != nil {
+		return name
+	}
+	for {
+		b := make([]byte, 4)
+		rand.Read(b)
+		n := fmt.Sprintf("phv%x", b)
+		if _, err := netlink.LinkByName(n); err != nil {
+			return n
+		}
+	}
 }

@@ -40,6 +40,8 @@ type Config struct {
 	// AsSource and AsDest are the migration modes this host can run as
 	// either side (see HostCapabilities). Nil: copy only.
 	AsSource, AsDest migrate.Capabilities
+	// BridgeMap renames bridges for arriving veths (phauld --bridge-map).
+	BridgeMap map[string]string
 	// StateDir holds a directory per session (images, CRIU logs).
 	StateDir string
 	// HandshakeTimeout bounds reading a connection's Hello and writing
@@ -478,7 +480,7 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 		return
 	}
 	cfg := migrate.DestConfig{ID: id, Peer: peer, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir,
-		PeerTimeout: m.cfg.PeerTimeout, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks,
+		PeerTimeout: m.cfg.PeerTimeout, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks, BridgeMap: m.cfg.BridgeMap,
 		Guard: m.cfg.Guard, Hold: func(pids []int) error { return m.claim(id, pids, "arriving") }}
 	if m.cfg.Place != nil {
 		cfg.Place = func(ctx context.Context, pids []int) error { return m.cfg.Place(ctx, id.String(), pids) }

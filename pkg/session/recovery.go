@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/phaul/phaul/pkg/api"
+	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/wire"
@@ -244,7 +245,7 @@ func (m *Manager) resumeSource(pid int, start uint64, stopped map[int]bool, trac
 		return fmt.Errorf("the tree (pid %d) is gone: %w", pid, err)
 	}
 	defer proc.CloseAll(tree)
-	if err := proc.ResumeTree(tree, stopped); err != nil {
+	if err := migrate.ResumeTree(m.log, tree, stopped); err != nil {
 		return err
 	}
 	return proc.VerifyRunning(pid, start, stopped)

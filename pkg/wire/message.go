@@ -4,8 +4,10 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"github.com/phaul/phaul/pkg/api"
+	"net"
 	"regexp"
+
+	"github.com/phaul/phaul/pkg/api"
 )
 
 // Type identifies a message. The numbers are part of the protocol: never
@@ -268,7 +270,47 @@ type Prepare struct {
 	// SourceModes are the modes the source can run as a source; the
 	// destination picks the mode (auto: the best both can run).
 	SourceModes []string `json:"source_modes,omitempty"`
+	// Network is set when the tree has a network namespace of its own,
+	// which moves with it.
+	Network *Network `json:"network,omitempty"`
 }
+
+// Network is a tree's own network namespace, as the source found it.
+type Network struct {
+	// Veths lead from the namespace to the source host: each is
+	// recreated on the destination, its host end on the bridge of the
+	// same name (or the one phauld's --bridge-map gives).
+	Veths []Veth `json:"veths,omitempty"`
+	// Interfaces (but loopback) and Addresses (ADDR/PREFIX), for what
+	// the result says.
+	Interfaces []string `json:"interfaces,omitempty"`
+	Addresses  []string `json:"addresses,omitempty"`
+	// Connections is the number of TCP connections the tree holds, which
+	// move with it; InFlight those not yet accepted, which do not.
+	Connections int `json:"tcp_connections"`
+	InFlight    int `json:"tcp_in_flight"`
+}
+
+// Veth is a veth pair from a tree's namespace to its host.
+type Veth struct {
+	// Inner is its name in the namespace, Outer the host end's.
+	Inner string `json:"inner"`
+	Outer string `json:"outer"`
+	// Bridge is the host bridge the host end is on.
+	Bridge string `json:"bridge"`
+}
+
+// ValidIfName reports whether name can be a network interface's name
+// (1 to 15 bytes, as Linux allows) of the characters phaul accepts, which
+// cannot change the meaning of the CRIU option it goes into.
+func ValidIfName(name string) bool {
+	return ifName.MatchString(name) && name != "." && name != ".."
+}
+
+var ifName = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
+
+// MaxInterfaces bounds a Network's lists.
+const MaxInterfaces = 64
 
 // Ready says the destination passed its checks and its page server is
 // listening on the mem connection.
@@ -279,6 +321,9 @@ type Ready struct {
 	// Mode is the migration's mode, as the destination chose it ("" is
 	// copy).
 	Mode string `json:"mode,omitempty"`
+	// Veths are the tree's veths as the destination will make them: the
+	// host end's name and bridge there.
+	Veths []Veth `json:"veths,omitempty"`
 }
 
 // Resume asks the destination to let the restored tree of a lazy
@@ -480,6 +525,36 @@ func (m *Prepare) validate() error {
 			return fmt.Errorf("journal stream inode 0")
 		}
 	}
+	if m.Network != nil {
+		return m.Network.validate()
+	}
+	return nil
+}
+
+func (n *Network) validate() error {
+	if len(n.Veths) > MaxInterfaces || len(n.Interfaces) > MaxInterfaces || len(n.Addresses) > 4*MaxInterfaces {
+		return fmt.Errorf("network: %d veths, %d interfaces, %d addresses", len(n.Veths), len(n.Interfaces), len(n.Addresses))
+	}
+	for _, v := range n.Veths {
+		for _, name := range []string{v.Inner, v.Outer, v.Bridge} {
+			if !ValidIfName(name) {
+				return fmt.Errorf("network: interface name %q not allowed", name)
+			}
+		}
+	}
+	for _, name := range n.Interfaces {
+		if !ValidIfName(name) {
+			return fmt.Errorf("network: interface name %q not allowed", name)
+		}
+	}
+	for _, a := range n.Addresses {
+		if _, _, err := net.ParseCIDR(a); err != nil {
+			return fmt.Errorf("network: address %q", a)
+		}
+	}
+	if n.Connections < 0 || n.InFlight < 0 {
+		return fmt.Errorf("network: %d connections, %d in flight", n.Connections, n.InFlight)
+	}
 	return nil
 }
 
@@ -487,7 +562,7 @@ func (m *Ready) validate() error {
 	if !modeNames[m.Mode] || m.Mode == "auto" {
 		return fmt.Errorf("mode %q", m.Mode)
 	}
-	return nil
+	return (&Network{Veths: m.Veths}).validate()
 }
 
 func (m *FileBegin) validate() error {

@@ -215,6 +215,11 @@ func TestPrepareValidate(t *testing.T) {
 		{PID: 1, JournalStreams: make([]uint64, MaxJournalStreams+1)},
 		{PID: 1, Mode: "turbo"},
 		{PID: 1, SourceModes: []string{"auto"}},
+		{PID: 1, Network: &Network{Veths: []Veth{{Inner: "eth0", Outer: "v0]:x@y", Bridge: "br0"}}}},
+		{PID: 1, Network: &Network{Veths: []Veth{{Inner: "eth0", Outer: "v0", Bridge: ""}}}},
+		{PID: 1, Network: &Network{Veths: []Veth{{Inner: "a-very-long-interface", Outer: "v0", Bridge: "br0"}}}},
+		{PID: 1, Network: &Network{Addresses: []string{"10.0.0.1"}}},
+		{PID: 1, Network: &Network{Interfaces: []string{".."}}},
 	} {
 		b, err := Marshal(bad)
 		if err != nil {
@@ -224,7 +229,9 @@ func TestPrepareValidate(t *testing.T) {
 			t.Errorf("%+v accepted", bad)
 		}
 	}
-	ok := &Prepare{PID: 1, Name: strings.Repeat("x", 64), JournalStreams: []uint64{1, 2}}
+	ok := &Prepare{PID: 1, Name: strings.Repeat("x", 64), JournalStreams: []uint64{1, 2},
+		Network: &Network{Veths: []Veth{{Inner: "eth0", Outer: "veth-svc.1", Bridge: "br0"}}, Interfaces: []string{"eth0"},
+			Addresses: []string{"10.0.0.1/24", "fd00::1/64"}, Connections: 3}}
 	if err := ok.validate(); err != nil {
 		t.Errorf("%+v: %v", ok, err)
 	}
