@@ -103,9 +103,10 @@ type dest struct {
 	state dstState
 	// netw is the tree's network namespace as the source found it (nil:
 	// it stays in its host's); veths are its veths as made here.
-	netw  *wire.Network
-	veths []wire.Veth
-	hb    *heartbeat
+	netw      *wire.Network
+	veths     []wire.Veth
+	netLocked bool // phaul's lock is on the restored namespace
+	hb        *heartbeat
 
 	srcPID   int
 	cpuInfo  []byte // the source's cpuinfo image
@@ -619,6 +620,17 @@ func (m *dest) onRestore(ev criu.Event) error {
 		if ev.Notify == "post-restore" && m.state == dstRestore {
 			return m.restored(ev.PID)
 		}
+		if ev.Notify == "setup-namespaces" && m.state == dstRestore && m.netw != nil && ev.PID > 0 {
+			// The namespace exists, nothing is in it yet: locked now, it
+			// sends nothing and answers nothing (no reset to a client
+			// whose packets a switch sent here) until the tree runs.
+			if err := network.Lock(ev.PID); err != nil {
+				m.restoreW.op.Reply(false)
+				return api.Errorf(api.CodeAborted, "cannot lock the restored namespace's network: %v", err)
+			}
+			m.netLocked = true
+			m.log.Debug("restored namespace's network locked")
+		}
 		return m.restoreW.op.Reply(m.state == dstRestore)
 	}
 	if ev.Err != nil {
@@ -711,9 +723,10 @@ func (m *dest) restored(pid int) error {
 		m.restoreW.op.Reply(false)
 		return err
 	}
-	if m.netw != nil && m.mode != api.ModeLazy {
-		// CRIU lifts its lock when its restore ends; the copy waits for
-		// the commit, and must take no traffic a rollback would lose.
+	if m.netw != nil && !m.netLocked {
+		// No setup-namespaces notification came: lock it now. CRIU lifts
+		// its own lock when its restore ends, and the copy must take no
+		// traffic until it runs (a rollback would lose what it took).
 		if err := network.Lock(pid); err != nil {
 			m.restoreW.op.Reply(false)
 			return api.Errorf(api.CodeAborted, "cannot hold the restored namespace's network until the commit: %v", err)

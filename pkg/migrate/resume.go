@@ -22,6 +22,35 @@ func ResumeTree(log *zap.Logger, tree []*proc.Process, stopped map[int]bool) err
 	for _, p := range tree {
 		pids = append(pids, p.PID)
 	}
+	if err := unlockNetwork(log, pids); err != nil {
+		return err
+	}
+	if err := proc.ResumeTree(tree, stopped); err != nil {
+		return err
+	}
+	announce(log, pids)
+	return nil
+}
+
+// ReclaimNetwork is what ResumeTree does for the network, for a tree that
+// CRIU resumed itself (a dump that failed or was told no): CRIU lifts its
+// lock then, but a lazy dump that fails while it serves pages leaves the
+// connections stuck; and whatever the destination's restore sent meanwhile
+// may have moved the segment's switches to it, so the addresses are
+// announced here again.
+func ReclaimNetwork(log *zap.Logger, pid int) error {
+	pids, err := proc.Tree(pid)
+	if err != nil {
+		return err
+	}
+	if err := unlockNetwork(log, pids); err != nil {
+		return err
+	}
+	announce(log, pids)
+	return nil
+}
+
+func unlockNetwork(log *zap.Logger, pids []int) error {
 	u, err := network.Unlock(pids)
 	if err != nil {
 		return err
@@ -29,11 +58,12 @@ func ResumeTree(log *zap.Logger, tree []*proc.Process, stopped map[int]bool) err
 	if u.Repaired > 0 || len(u.Tables) > 0 {
 		log.Info("network unlocked", zap.Int("tcp_repaired", u.Repaired), zap.Strings("lock_tables", u.Tables))
 	}
-	if err := proc.ResumeTree(tree, stopped); err != nil {
-		return err
-	}
+	return nil
+}
+
+func announce(log *zap.Logger, pids []int) {
 	if len(pids) == 0 {
-		return nil
+		return
 	}
 	a, err := network.Announce(pids[0])
 	if err != nil {
@@ -43,5 +73,4 @@ func ResumeTree(log *zap.Logger, tree []*proc.Process, stopped map[int]bool) err
 	} else if a.ARP+a.NA > 0 || len(a.Skipped) > 0 {
 		log.Info("addresses announced", zap.Int("arp", a.ARP), zap.Int("na", a.NA), zap.Strings("not_announced", a.Skipped))
 	}
-	return nil
 }

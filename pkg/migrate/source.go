@@ -810,6 +810,10 @@ func (m *source) resume(tree []*proc.Process, released bool) error {
 		if err := ResumeTree(m.log, tree, m.stopped); err != nil {
 			return err
 		}
+	} else if m.net.Own {
+		if err := ReclaimNetwork(m.log, pid); err != nil {
+			return err
+		}
 	}
 	return proc.VerifyRunning(pid, start, m.stopped)
 }

@@ -1,0 +1,481 @@
+//go:build linux
+
+package integration
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/phaul/phaul/pkg/proc"
+)
+
+// A service keeps its clients: these tests stand for hosts with network
+// namespaces. A namespace "lan" holds a bridge lan0, the segment; hosts A
+// and B each have a bridge br0 enslaving their uplink to it, and their
+// own address on br0; a client host C has its uplink's address. The
+// service, redis-server from Debian, runs on A as the init of its own pid
+// and network namespace, with a veth to A's br0 and an address of its
+// own; phauld A and B run in A's and B's namespaces. A client on C keeps
+// one connection, a request every 20 ms, across the migration.
+
+const (
+	labSvcAddr = "10.77.0.50"
+	redisPort  = "6379"
+)
+
+var labSeq atomic.Int32
+
+// netLab is the four namespaces of one test.
+type netLab struct {
+	t      *testing.T
+	prefix string
+}
+
+func (l *netLab) name(host string) string { return l.prefix + host }
+func (l *netLab) path(host string) string { return "/run/netns/" + l.name(host) }
+
+// hostAddr is a host's address on the segment.
+func hostAddr(host string) string {
+	return map[string]string{"A": "10.77.0.11", "B": "10.77.0.12", "C": "10.77.0.30"}[host]
+}
+
+func mustRun(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+// newNetLab makes the namespaces; bridges names B's bridge (br0 unless
+// told). They are removed at the end of the test, after everything in
+// them was stopped.
+func newNetLab(t *testing.T, bBridge string) *netLab {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		t.Fatal("redis-server is missing (make deps installs it)")
+	}
+	l := &netLab{t: t, prefix: fmt.Sprintf("phaul-t%d-%d-", os.Getpid(), labSeq.Add(1))}
+	for _, h := range []string{"lan", "A", "B", "C"} {
+		mustRun(t, "ip", "netns", "add", l.name(h))
+		name := l.name(h)
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+		mustRun(t, "ip", "-n", name, "link", "set", "lo", "up")
+	}
+	lan := l.name("lan")
+	mustRun(t, "ip", "-n", lan, "link", "add", "lan0", "type", "bridge")
+	mustRun(t, "ip", "-n", lan, "link", "set", "lan0", "up")
+	for _, h := range []string{"A", "B", "C"} {
+		mustRun(t, "ip", "link", "add", "uplink", "netns", l.name(h), "type", "veth", "peer", "name", h, "netns", lan)
+		mustRun(t, "ip", "-n", lan, "link", "set", h, "master", "lan0", "up")
+		mustRun(t, "ip", "-n", l.name(h), "link", "set", "uplink", "up")
+	}
+	for h, br := range map[string]string{"A": "br0", "B": bBridge} {
+		n := l.name(h)
+		mustRun(t, "ip", "-n", n, "link", "add", br, "type", "bridge")
+		mustRun(t, "ip", "-n", n, "link", "set", "uplink", "master", br)
+		mustRun(t, "ip", "-n", n, "link", "set", br, "up")
+		mustRun(t, "ip", "-n", n, "addr", "add", hostAddr(h)+"/24", "dev", br)
+	}
+	mustRun(t, "ip", "-n", l.name("C"), "addr", "add", hostAddr("C")+"/24", "dev", "uplink")
+	return l
+}
+
+// daemon starts a phauld in host's namespace, on port; wrap runs it under
+// more (after the namespace is entered).
+func (l *netLab) daemon(host string, port int, flags []string, wrap ...string) *daemon {
+	return startDaemon(l.t, host, hostAddr(host)+":"+strconv.Itoa(port), daemonOpts{
+		wrap:     append([]string{"nsenter", "--net=" + l.path(host)}, wrap...),
+		flags:    append([]string{"--peer-timeout", "5s"}, flags...),
+		insecure: true,
+	})
+}
+
+// dial connects from host's namespace: the socket is made there, and
+// stays there.
+func (l *netLab) dial(host, addr string) (net.Conn, error) {
+	var c net.Conn
+	var err error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		home, e := netns.Get()
+		if e != nil {
+			err = e
+			return
+		}
+		defer home.Close()
+		target, e := netns.GetFromPath(l.path(host))
+		if e != nil {
+			err = e
+			return
+		}
+		defer target.Close()
+		if err = netns.Set(target); err != nil {
+			return
+		}
+		c, err = net.DialTimeout("tcp", addr, 5*time.Second)
+		if netns.Set(home) == nil {
+			runtime.UnlockOSThread() // else the thread ends with the goroutine
+		}
+	}()
+	<-done
+	return c, err
+}
+
+// service is redis-server, the init of its own pid and network namespace
+// on host A, with a veth (vsvc on A's br0, eth0 inside) and labSvcAddr.
+type service struct {
+	pid     int
+	dataDir string
+}
+
+// startRedis starts the service; its append-only file is in dataDir. It
+// and whatever copies of it the test makes are killed at the end.
+func (l *netLab) startRedis(dataDir string) *service {
+	t := l.t
+	t.Helper()
+	logDir := t.TempDir()
+	cmd := exec.Command("nsenter", "--net="+l.path("A"), "unshare", "--pid", "--net", "--fork", "--",
+		"setsid", "redis-server", "--port", redisPort, "--bind", "0.0.0.0", "--protected-mode", "no",
+		"--save", "", "--appendonly", "yes", "--dir", dataDir, "--logfile", filepath.Join(logDir, "redis.log"))
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			b, _ := os.ReadFile(filepath.Join(logDir, "redis.log"))
+			t.Logf("--- redis log ---\n%s", b)
+		}
+	})
+	var pid int
+	waitFor(t, "redis-server to start", 10*time.Second, func() bool {
+		kids, _ := proc.Children(cmd.Process.Pid)
+		if len(kids) == 1 {
+			pid = kids[0]
+		}
+		return pid != 0
+	})
+	t.Cleanup(func() { killCopies(dataDir) })
+	n := strconv.Itoa(pid)
+	mustRun(t, "ip", "-n", l.name("A"), "link", "add", "vsvc", "type", "veth", "peer", "name", "eth0", "netns", n)
+	mustRun(t, "ip", "-n", l.name("A"), "link", "set", "vsvc", "master", "br0", "up")
+	mustRun(t, "nsenter", "-t", n, "-n", "ip", "addr", "add", labSvcAddr+"/24", "dev", "eth0")
+	mustRun(t, "nsenter", "-t", n, "-n", "ip", "link", "set", "eth0", "up")
+	mustRun(t, "nsenter", "-t", n, "-n", "ip", "link", "set", "lo", "up")
+	waitFor(t, "redis-server to answer", 10*time.Second, func() bool {
+		c, err := l.dial("C", labSvcAddr+":"+redisPort)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	return &service{pid: pid, dataDir: dataDir}
+}
+
+// killCopies kills every redis-server working in dir (redis changes into
+// its --dir): the copies this test made, on any "host", by pid.
+func killCopies(dir string) {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cwd, _ := os.Readlink("/proc/" + e.Name() + "/cwd")
+		exe, _ := os.Readlink("/proc/" + e.Name() + "/exe")
+		if cwd == dir && strings.HasPrefix(filepath.Base(exe), "redis-") {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// redisClient keeps one connection and sends INCR every 20 ms until
+// stopped; every reply must be the one after the last.
+type redisClient struct {
+	c      net.Conn
+	stop   chan struct{}
+	done   chan struct{}
+	mu     sync.Mutex
+	n      int64
+	last   int64
+	maxGap time.Duration
+	err    error
+}
+
+func (l *netLab) startClient(key string) *redisClient {
+	l.t.Helper()
+	c, err := l.dial("C", labSvcAddr+":"+redisPort)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	rc := &redisClient{c: c, stop: make(chan struct{}), done: make(chan struct{})}
+	l.t.Cleanup(func() { rc.halt(); c.Close() })
+	go rc.run(key)
+	return rc
+}
+
+func (rc *redisClient) run(key string) {
+	defer close(rc.done)
+	r := bufio.NewReader(rc.c)
+	for {
+		select {
+		case <-rc.stop:
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+		t0 := time.Now()
+		rc.c.SetDeadline(t0.Add(30 * time.Second))
+		_, err := fmt.Fprintf(rc.c, "INCR %s\r\n", key)
+		var line string
+		if err == nil {
+			line, err = r.ReadString('\n')
+		}
+		var v int64
+		if err == nil {
+			v, err = strconv.ParseInt(strings.TrimSpace(strings.TrimPrefix(line, ":")), 10, 64)
+			if err != nil {
+				err = fmt.Errorf("reply %q", line)
+			}
+		}
+		rc.mu.Lock()
+		if err == nil && v != rc.last+1 {
+			err = fmt.Errorf("reply %d after %d: out of sequence", v, rc.last)
+		}
+		if err != nil {
+			rc.err = fmt.Errorf("request %d: %w", rc.n+1, err)
+			rc.mu.Unlock()
+			return
+		}
+		rc.n, rc.last = rc.n+1, v
+		rc.maxGap = max(rc.maxGap, time.Since(t0))
+		rc.mu.Unlock()
+	}
+}
+
+// state is what the client did so far.
+func (rc *redisClient) state() (n int64, maxGap time.Duration, err error) {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return rc.n, rc.maxGap, rc.err
+}
+
+func (rc *redisClient) halt() {
+	select {
+	case <-rc.stop:
+	default:
+		close(rc.stop)
+	}
+	<-rc.done
+}
+
+// goesOn checks that the client's connection is still served: more
+// replies within a second, no error.
+func (rc *redisClient) goesOn(t *testing.T, what string) {
+	t.Helper()
+	n0, _, _ := rc.state()
+	time.Sleep(time.Second)
+	n, gap, err := rc.state()
+	if err != nil {
+		t.Fatalf("%s: the client's connection failed: %v", what, err)
+	}
+	if n < n0+10 {
+		t.Fatalf("%s: the client got %d replies in a second (want about 40)", what, n-n0)
+	}
+	t.Logf("%s: %d replies in sequence, longest wait for one %v", what, n, gap.Round(time.Millisecond))
+}
+
+func hasLink(t *testing.T, ns, name string) bool {
+	return exec.Command("ip", "-n", ns, "link", "show", name).Run() == nil
+}
+
+func TestServiceKeepsItsClient(t *testing.T) {
+	integration(t)
+	for i, mode := range []string{"copy", "lazy"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			lab := newNetLab(t, "br0")
+			port := 17900 + 10*i
+			a := lab.daemon("A", port, nil)
+			b := lab.daemon("B", port+1, nil)
+			svc := lab.startRedis(t.TempDir())
+			rc := lab.startClient("k")
+			time.Sleep(300 * time.Millisecond)
+
+			res, r, err := a.Migrate(svc.pid, b.addr, "--mode", mode)
+			if err != nil || r.Code != 0 {
+				t.Fatalf("phaulctl migrate exited %d (%v): %s %s", r.Code, err, r.Stdout, r.Stderr)
+			}
+			rc.goesOn(t, "after the migration")
+			n := res.Network
+			if n == nil || n.TCPConnections < 1 || len(n.Veths) != 1 || n.Veths[0].Bridge != "br0" || n.Veths[0].Inner != "eth0" ||
+				!slices.Contains(n.Addresses, labSvcAddr+"/24") || n.LockedMS <= 0 {
+				t.Errorf("the result says %+v; want the namespace moved: eth0 on br0, %s/24, at least one connection, the lock's time", n, labSvcAddr)
+			}
+			t.Logf("frozen %d ms, network locked %d ms, %d connections carried", res.FrozenMS, n.LockedMS, n.TCPConnections)
+
+			// A new connection reaches the copy on B, which has what the
+			// client wrote.
+			got, _, _ := rc.state()
+			c, err := lab.dial("C", labSvcAddr+":"+redisPort)
+			if err != nil {
+				t.Fatalf("a new connection to %s: %v", labSvcAddr, err)
+			}
+			fmt.Fprintf(c, "GET k\r\n")
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			br := bufio.NewReader(c)
+			br.ReadString('\n')
+			line, err := br.ReadString('\n')
+			c.Close()
+			if v, _ := strconv.ParseInt(strings.TrimSpace(line), 10, 64); err != nil || v < got {
+				t.Errorf("GET k on a new connection: %q, %v; want at least %d", line, err, got)
+			}
+			if !proc.Running(res.DestPID) {
+				t.Errorf("the copy on B (pid %d) does not run", res.DestPID)
+			}
+			// Nothing of the namespace is left on A.
+			waitFor(t, "the source's copy to be gone", 10*time.Second, func() bool {
+				info, err := proc.Stat(svc.pid)
+				return err != nil || info.State == 'Z'
+			})
+			if hasLink(t, lab.name("A"), "vsvc") {
+				t.Errorf("the namespace's veth vsvc is still on A")
+			}
+			if !hasLink(t, lab.name("B"), "vsvc") {
+				t.Errorf("no veth vsvc on B")
+			}
+		})
+	}
+}
+
+// The restore fails on B (the service's data directory is not there): the
+// client's connection goes on with the source's copy, and nothing of the
+// namespace is left on B.
+func TestServiceKeepsItsClientOnRollback(t *testing.T) {
+	integration(t)
+	for i, mode := range []string{"copy", "lazy"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			lab := newNetLab(t, "br0")
+			port := 17940 + 10*i
+			data := t.TempDir()
+			a := lab.daemon("A", port, nil)
+			b := lab.daemon("B", port+1, nil, "unshare", "--mount", "--propagation", "private", "--",
+				"sh", "-c", `mount -t tmpfs none "$0" && exec "$@"`, data)
+			svc := lab.startRedis(data)
+			rc := lab.startClient("k")
+			time.Sleep(300 * time.Millisecond)
+
+			_, r, err := a.Migrate(svc.pid, b.addr, "--mode", mode)
+			if err != nil || r.Code != 3 {
+				t.Fatalf("phaulctl migrate exited %d (%v): %s %s; want 3 (rolled back)", r.Code, err, r.Stdout, r.Stderr)
+			}
+			rc.goesOn(t, "after the rollback")
+			if !proc.Running(svc.pid) {
+				t.Errorf("the service (pid %d) does not run on A", svc.pid)
+			}
+			waitFor(t, "B's copy and its veth to be gone", 10*time.Second, func() bool { return !hasLink(t, lab.name("B"), "vsvc") })
+			if !hasLink(t, lab.name("A"), "vsvc") {
+				t.Errorf("the veth vsvc is gone from A")
+			}
+		})
+	}
+}
+
+// A destination without the bridge refuses before anything is frozen;
+// --bridge-map puts the veth on another.
+func TestServiceBridgeChecked(t *testing.T) {
+	integration(t)
+	lab := newNetLab(t, "lanbr")
+	port := 17980
+	a := lab.daemon("A", port, nil)
+	plain := lab.daemon("B", port+1, nil)
+	svc := lab.startRedis(t.TempDir())
+	rc := lab.startClient("k")
+	time.Sleep(300 * time.Millisecond)
+
+	_, r, err := a.Migrate(svc.pid, plain.addr)
+	if err != nil || r.Code != 1 || !strings.Contains(r.Stdout, "no bridge br0") || !strings.Contains(r.Stdout, "--bridge-map") {
+		t.Fatalf("to a host without br0: exit %d (%v): %s %s; want refused (1), naming br0 and --bridge-map", r.Code, err, r.Stdout, r.Stderr)
+	}
+	if _, gap, err := rc.state(); err != nil || gap > 200*time.Millisecond {
+		t.Errorf("a refused migration touched the service: client %v, longest wait %v", err, gap)
+	}
+
+	mapped := startDaemon(t, "B2", hostAddr("B")+":"+strconv.Itoa(port+2), daemonOpts{
+		wrap: []string{"nsenter", "--net=" + lab.path("B")}, insecure: true,
+		flags: []string{"--peer-timeout", "5s", "--bridge-map", "br0=lanbr"},
+	})
+	res, r, err := a.Migrate(svc.pid, mapped.addr)
+	if err != nil || r.Code != 0 {
+		t.Fatalf("with --bridge-map br0=lanbr: exit %d (%v): %s %s", r.Code, err, r.Stdout, r.Stderr)
+	}
+	rc.goesOn(t, "after the migration to lanbr")
+	if n := res.Network; n == nil || len(n.Veths) != 1 || n.Veths[0].Bridge != "lanbr" {
+		t.Errorf("the result says %+v; want the veth on lanbr", res.Network)
+	}
+	out, _ := exec.Command("ip", "-n", lab.name("B"), "-o", "link", "show", "master", "lanbr").Output()
+	if !strings.Contains(string(out), "vsvc") {
+		t.Errorf("vsvc is not on lanbr on B: %s", out)
+	}
+}
+
+// A process in its host's namespace with a connection is refused before
+// the freeze, saying why and what to do.
+func TestHostConnectionRefused(t *testing.T) {
+	integration(t)
+	a := startDaemon(t, "A", "127.0.0.1:17990", daemonOpts{insecure: true})
+	b := startDaemon(t, "B", "127.0.0.2:17991", daemonOpts{insecure: true})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	// redis-cli holding a connection, in the host's namespace, in a pid
+	// namespace of its own (so that only the connection is at stake).
+	cmd := exec.Command("unshare", "--pid", "--fork", "--", "setsid", "redis-cli", "-h", "127.0.0.1", "-p",
+		strconv.Itoa(ln.Addr().(*net.TCPAddr).Port), "-r", "-1", "-i", "1", "PING")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var pid int
+	waitFor(t, "redis-cli to start", 5*time.Second, func() bool {
+		kids, _ := proc.Children(cmd.Process.Pid)
+		if len(kids) == 1 {
+			pid = kids[0]
+		}
+		return pid != 0
+	})
+	before, _ := proc.Stat(pid)
+	_, r, err := a.Migrate(pid, b.addr)
+	if err != nil || r.Code != 1 || !strings.Contains(r.Stdout, "TCP connection") || !strings.Contains(r.Stdout, "namespace of its own") {
+		t.Fatalf("exit %d (%v): %s %s; want refused (1): a connection in the host's namespace, and what to do", r.Code, err, r.Stdout, r.Stderr)
+	}
+	after, err := proc.Stat(pid)
+	if err != nil || after.StartTime != before.StartTime || after.Stopped() {
+		t.Errorf("the refused process changed: %+v, %v", after, err)
+	}
+}
