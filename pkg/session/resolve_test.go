@@ -455,14 +455,18 @@ func TestConcurrentMigrationsOnePasses(t *testing.T) {
 			t.Errorf("a refusal took %v", d)
 		}
 	}
+	// The destination records its end after the source has its answer.
 	in := 0
-	hist, err := c.b.m.History(0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range hist {
-		if e.Direction == api.DirectionIn {
-			in++
+	for deadline := time.Now().Add(30 * time.Second); in == 0 && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		hist, err := c.b.m.History(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		in = 0
+		for _, e := range hist {
+			if e.Direction == api.DirectionIn {
+				in++
+			}
 		}
 	}
 	if in != 1 {
