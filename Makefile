@@ -20,10 +20,11 @@ FUZZTIME ?= 10s
 # Debian packages the tests and the demo use (gcc and libc6-dev: the race
 # detector needs cgo; groff-base: the man-page check; test-system:
 # debootstrap and systemd-nspawn for its containers; redis-server: the
-# service that keeps its client across a migration; iptables: CRIU saves
+# service that keeps its client across a migration; nginx-light and wrk:
+# a server migrated under load; iptables: CRIU saves
 # and restores a moved namespace's firewall with iptables-save/-restore).
 DEB_PACKAGES := util-linux procps systemd iproute2 tcpdump passwd ca-certificates debian-archive-keyring \
-	dpkg-dev debootstrap systemd-container man-db gcc libc6-dev groff-base redis-server iptables
+	dpkg-dev debootstrap systemd-container man-db gcc libc6-dev groff-base redis-server iptables nginx-light wrk
 
 .PHONY: all build criu deps test check unit fuzz-short fuzz integration test-system deb demo bench soak clean
 

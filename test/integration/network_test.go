@@ -138,22 +138,33 @@ func (l *netLab) dial(host, addr string) (net.Conn, error) {
 	return c, err
 }
 
-// service is redis-server, the init of its own pid and network namespace
-// on host A, with a veth (vsvc on A's br0, eth0 inside) and labSvcAddr.
+// service is a server that runs on host A as the init of its own pid and
+// network namespace, with a veth (vsvc on A's br0, eth0 inside) and
+// labSvcAddr.
 type service struct {
-	pid     int
-	dataDir string
+	pid int
+	dir string
 }
 
-// startRedis starts the service; its append-only file is in dataDir. It
-// and whatever copies of it the test makes are killed at the end.
+// startRedis starts redis-server as the service; its append-only file is
+// in dataDir.
 func (l *netLab) startRedis(dataDir string) *service {
+	l.t.Helper()
+	logDir := l.t.TempDir()
+	return l.startService(dataDir, redisPort, filepath.Join(logDir, "redis.log"),
+		"redis-server", "--port", redisPort, "--bind", "0.0.0.0", "--protected-mode", "no",
+		"--save", "", "--appendonly", "yes", "--dir", dataDir, "--logfile", filepath.Join(logDir, "redis.log"))
+}
+
+// startService runs args in dir as the service, waits until it answers on
+// port from C, and kills it and every copy of it at the end (the
+// processes whose working directory is dir). logPath is shown if the test
+// fails.
+func (l *netLab) startService(dir, port, logPath string, args ...string) *service {
 	t := l.t
 	t.Helper()
-	logDir := t.TempDir()
-	cmd := exec.Command("nsenter", "--net="+l.path("A"), "unshare", "--pid", "--net", "--fork", "--",
-		"setsid", "redis-server", "--port", redisPort, "--bind", "0.0.0.0", "--protected-mode", "no",
-		"--save", "", "--appendonly", "yes", "--dir", dataDir, "--logfile", filepath.Join(logDir, "redis.log"))
+	cmd := exec.Command("nsenter", append([]string{"--net=" + l.path("A"), "unshare", "--pid", "--net", "--fork", "--", "setsid"}, args...)...)
+	cmd.Dir = dir
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -161,47 +172,46 @@ func (l *netLab) startRedis(dataDir string) *service {
 		cmd.Process.Kill()
 		cmd.Wait()
 		if t.Failed() {
-			b, _ := os.ReadFile(filepath.Join(logDir, "redis.log"))
-			t.Logf("--- redis log ---\n%s", b)
+			b, _ := os.ReadFile(logPath)
+			t.Logf("--- %s ---\n%s", logPath, b)
 		}
 	})
 	var pid int
-	waitFor(t, "redis-server to start", 10*time.Second, func() bool {
+	waitFor(t, args[0]+" to start", 10*time.Second, func() bool {
 		kids, _ := proc.Children(cmd.Process.Pid)
 		if len(kids) == 1 {
 			pid = kids[0]
 		}
 		return pid != 0
 	})
-	t.Cleanup(func() { killCopies(dataDir) })
+	t.Cleanup(func() { killWorkingIn(dir) })
 	n := strconv.Itoa(pid)
 	mustRun(t, "ip", "-n", l.name("A"), "link", "add", "vsvc", "type", "veth", "peer", "name", "eth0", "netns", n)
 	mustRun(t, "ip", "-n", l.name("A"), "link", "set", "vsvc", "master", "br0", "up")
 	mustRun(t, "nsenter", "-t", n, "-n", "ip", "addr", "add", labSvcAddr+"/24", "dev", "eth0")
 	mustRun(t, "nsenter", "-t", n, "-n", "ip", "link", "set", "eth0", "up")
 	mustRun(t, "nsenter", "-t", n, "-n", "ip", "link", "set", "lo", "up")
-	waitFor(t, "redis-server to answer", 10*time.Second, func() bool {
-		c, err := l.dial("C", labSvcAddr+":"+redisPort)
+	waitFor(t, args[0]+" to answer", 10*time.Second, func() bool {
+		c, err := l.dial("C", labSvcAddr+":"+port)
 		if err == nil {
 			c.Close()
 		}
 		return err == nil
 	})
-	return &service{pid: pid, dataDir: dataDir}
+	return &service{pid: pid, dir: dir}
 }
 
-// killCopies kills every redis-server working in dir (redis changes into
-// its --dir): the copies this test made, on any "host", by pid.
-func killCopies(dir string) {
+// killWorkingIn kills, by pid, every process whose working directory is
+// dir: the service's copies this test made, on any "host" (the directory
+// is the test's own).
+func killWorkingIn(dir string) {
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
 		}
-		cwd, _ := os.Readlink("/proc/" + e.Name() + "/cwd")
-		exe, _ := os.Readlink("/proc/" + e.Name() + "/exe")
-		if cwd == dir && strings.HasPrefix(filepath.Base(exe), "redis-") {
+		if cwd, _ := os.Readlink("/proc/" + e.Name() + "/cwd"); cwd == dir {
 			syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
@@ -477,5 +487,79 @@ func TestHostConnectionRefused(t *testing.T) {
 	after, err := proc.Stat(pid)
 	if err != nil || after.StartTime != before.StartTime || after.Stopped() {
 		t.Errorf("the refused process changed: %+v, %v", after, err)
+	}
+}
+
+// An HTTP server under load, nginx from Debian (a master and a worker),
+// migrated in the middle of it: wrk, on the client host, keeps 8
+// connections busy and must see no error and no failed request.
+func TestServiceUnderLoad(t *testing.T) {
+	integration(t)
+	for _, tool := range []string{"nginx", "wrk"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is missing (make deps installs it)", tool)
+		}
+	}
+	for i, mode := range []string{"copy", "lazy"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			lab := newNetLab(t, "br0")
+			port := 17960 + 10*i
+			a := lab.daemon("A", port, nil)
+			b := lab.daemon("B", port+1, nil)
+			dir := t.TempDir()
+			if err := os.WriteFile(filepath.Join(dir, "index.html"), []byte(strings.Repeat("phaul\n", 200)), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			conf := fmt.Sprintf(`user root;
+worker_processes 1;
+daemon off;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log;
+events { worker_connections 64; }
+http {
+  access_log off;
+  client_body_temp_path %[1]s/body;
+  proxy_temp_path %[1]s/proxy;
+  fastcgi_temp_path %[1]s/fastcgi;
+  uwsgi_temp_path %[1]s/uwsgi;
+  scgi_temp_path %[1]s/scgi;
+  keepalive_requests 1000000;
+  server { listen 8080; root %[1]s; }
+}
+`, dir)
+			if err := os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(conf), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			svc := lab.startService(dir, "8080", filepath.Join(dir, "error.log"), "nginx", "-c", filepath.Join(dir, "nginx.conf"), "-p", dir)
+
+			load := exec.Command("nsenter", "--net="+lab.path("C"), "wrk", "-t", "1", "-c", "8", "-d", "8s", "--timeout", "10s",
+				"http://"+labSvcAddr+":8080/")
+			var out strings.Builder
+			load.Stdout, load.Stderr = &out, &out
+			if err := load.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer func() { load.Process.Kill(); load.Wait() }()
+			time.Sleep(2 * time.Second)
+			res, r, err := a.Migrate(svc.pid, b.addr, "--mode", mode)
+			if err != nil || r.Code != 0 {
+				t.Fatalf("phaulctl migrate exited %d (%v): %s %s", r.Code, err, r.Stdout, r.Stderr)
+			}
+			if err := load.Wait(); err != nil {
+				t.Fatalf("wrk: %v\n%s", err, out.String())
+			}
+			report := out.String()
+			t.Logf("frozen %d ms, %d connections carried; wrk:\n%s", res.FrozenMS, res.Network.TCPConnections, report)
+			if strings.Contains(report, "Socket errors") || strings.Contains(report, "Non-2xx") {
+				t.Errorf("requests failed across the migration (wrk's report above)")
+			}
+			if !strings.Contains(report, "requests in") {
+				t.Errorf("wrk reported no requests")
+			}
+			if res.Network == nil || res.Network.TCPConnections < 8 {
+				t.Errorf("the result says %+v; want at least wrk's 8 connections carried", res.Network)
+			}
+		})
 	}
 }
