@@ -328,6 +328,7 @@ func (m *dest) checkNetwork(n *wire.Network) error {
 			return api.Errorf(api.CodePrecondition, "the process's network namespace has a veth (%s) on bridge %s on the source, and %v", v.Inner, v.Bridge, err)
 		}
 		m.veths = append(m.veths, wire.Veth{Inner: v.Inner, Outer: network.FreeName(v.Outer), Bridge: bridge})
+		m.rec.Veths = append(m.rec.Veths, m.veths[len(m.veths)-1].Outer)
 	}
 	m.log.Info("the tree's network namespace comes with it", zap.Any("veths", m.veths),
 		zap.Strings("addresses", n.Addresses), zap.Int("tcp_connections", n.Connections))
@@ -907,13 +908,23 @@ func (m *dest) discard(running bool) (wait func()) {
 	proc.SignalAll(tree, syscall.SIGKILL)
 	// Two killers: should this daemon die now, the guard goes on.
 	m.endGuard(false)
-	log := m.log
+	log, dir := m.log, m.p.Dir
+	var veths []network.Veth
+	for _, v := range m.veths {
+		veths = append(veths, network.Veth(v))
+	}
 	return func() {
 		if restore != nil && restore.Abandon(abandonGrace) {
 			log.Warn("CRIU's restore did not end when told to: killed it and what it had restored", zap.Int("criu_pid", restore.Pid()))
 		}
+		KillHelpers(log, dir, "a CRIU helper was still working for the discarded copy: killed")
 		if err := proc.WaitExited(tree, proc.KillWithin); err != nil {
 			log.Error("restored tree did not exit", zap.Error(err))
+		}
+		// The kernel tears the dead copy's namespace down later, and
+		// its veths with it; the host ends go now.
+		if _, err := network.RemoveHostEnds(veths); err != nil {
+			log.Warn("cannot remove the discarded copy's veths", zap.Error(err))
 		}
 	}
 }

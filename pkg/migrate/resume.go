@@ -3,6 +3,9 @@
 package migrate
 
 import (
+	"strings"
+	"syscall"
+
 	"go.uber.org/zap"
 
 	"github.com/phaul/phaul/pkg/network"
@@ -72,5 +75,27 @@ func announce(log *zap.Logger, pids []int) {
 		log.Warn("cannot announce the namespace's addresses", zap.Error(err))
 	} else if a.ARP+a.NA > 0 || len(a.Skipped) > 0 {
 		log.Info("addresses announced", zap.Int("arp", a.ARP), zap.Int("na", a.NA), zap.Strings("not_announced", a.Skipped))
+	}
+}
+
+// KillHelpers kills the CRIU helpers (a lazy-pages daemon, a page server)
+// still working in a session directory whose session is over: nobody is
+// left for them to serve. They are meant to end with their session (told
+// to, or by their parent-death signal), but a lazy-pages daemon was twice
+// seen to outlive it, waiting for a restore that would never come. Each
+// one killed is logged with msg.
+func KillHelpers(log *zap.Logger, dir, msg string) {
+	for pid, cmdline := range proc.WorkingIn(dir) {
+		if !strings.Contains(cmdline, "criu") || !(strings.Contains(cmdline, "lazy-pages") || strings.Contains(cmdline, "page-server")) {
+			continue
+		}
+		if !proc.Running(pid) {
+			continue // on its way out already (killed, exiting)
+		}
+		if p, err := proc.Open(pid, 0); err == nil {
+			log.Warn(msg, zap.Int("helper_pid", pid), zap.String("command", cmdline))
+			p.Signal(syscall.SIGKILL)
+			p.Close()
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"math"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -571,6 +572,7 @@ func (m *source) onLazyServed(err error) error {
 		m.abort(api.Errorf(api.CodeAborted, "source tree after the lazy dump: %v", terr))
 		return nil
 	}
+	proc.CloseAll(m.tree) // holdStopped's handles, if it took any
 	m.served, m.released, m.tree = true, true, tree
 	m.log.Info("every page served; the tree is stopped here")
 	return m.askLazyCommit()
@@ -629,6 +631,7 @@ func (m *source) shipImages() error {
 			return
 		}
 		if m.mode == api.ModeLazy {
+			m.holdStopped()
 			if err := m.answerPostDump(true); err != nil {
 				m.abort(err)
 			}
@@ -636,6 +639,29 @@ func (m *source) shipImages() error {
 	})
 	m.images.start()
 	return nil
+}
+
+// holdStopped queues a SIGSTOP for every task of a frozen tree that moves
+// its network namespace, before a lazy dump is told to serve its pages. A
+// lazy dump that fails then (a reset, a lost destination, this daemon's
+// death) lets the tree run at once with its TCP sockets still in repair
+// mode and its namespace locked (seen with CRIU 4.2.1), where a server
+// reads EPERM from a client's socket and closes it. With the SIGSTOP
+// waiting, the tree stops as soon as CRIU lets go; whoever resumes it
+// (this session's rollback, or a restarted phauld's recovery) gives its
+// network back first (ResumeTree). A dump that succeeds leaves it stopped
+// anyway.
+func (m *source) holdStopped() {
+	if !m.net.Own {
+		return
+	}
+	tree, err := proc.OpenTree(m.p.Proc.PID, m.p.Proc.StartTime)
+	if err != nil {
+		m.log.Warn("cannot hold the frozen tree stopped for a rollback", zap.Error(err))
+		return
+	}
+	proc.SignalAll(tree, syscall.SIGSTOP)
+	m.tree, m.released = tree, true
 }
 
 func (m *source) onConnClose(err error) {

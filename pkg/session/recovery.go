@@ -7,14 +7,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/migrate"
+	"github.com/phaul/phaul/pkg/network"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/wire"
@@ -78,7 +77,7 @@ func (m *Manager) Recover() error {
 		}
 		log := m.log.With(zap.Stringer("session", id), zap.String("peer", rec.Peer), zap.String("state", rec.State))
 		if rec.Role == store.RoleDest && rec.State != store.Committed {
-			killHelpers(log, dir)
+			migrate.KillHelpers(log, dir, "recovering: killed a CRIU helper the previous run left behind")
 		}
 		switch {
 		case rec.Role == store.RoleSource && rec.State == store.Dumping:
@@ -115,6 +114,18 @@ func (m *Manager) Recover() error {
 			log.Warn("recovering: restored but not committed; discarding this copy", zap.Int("dest_pid", rec.PID))
 			m.background(id, rec, func() {
 				killTree(log, rec.PID, rec.StartTime)
+				// Its namespace goes later (the kernel's teardown, and a
+				// closing connection that the lock holds); its veths'
+				// host ends go now.
+				var veths []network.Veth
+				for _, v := range rec.Veths {
+					veths = append(veths, network.Veth{Outer: v})
+				}
+				if gone, err := network.RemoveHostEnds(veths); err != nil {
+					log.Warn("cannot remove the discarded copy's veths", zap.Error(err))
+				} else if len(gone) > 0 {
+					log.Info("removed the discarded copy's veths", zap.Strings("veths", gone))
+				}
 				rec.State, rec.Error = store.Aborted, "interrupted before the commit: phauld restarted"
 				m.saveRecovered(log, rec, dir)
 				note(id, rec, api.OutcomeRolledBack, rec.Error)
@@ -138,24 +149,6 @@ func (m *Manager) Recover() error {
 		}
 	}
 	return nil
-}
-
-// killHelpers kills the CRIU helpers a previous run left working in a
-// session directory it gave up: a lazy-pages daemon, or a page server,
-// has nobody left to serve. They die with phauld (parent-death signal),
-// but the soak once found a lazy-pages daemon that had not, waiting for a
-// restore that would never come.
-func killHelpers(log *zap.Logger, dir string) {
-	for pid, cmdline := range proc.WorkingIn(dir) {
-		if !strings.Contains(cmdline, "criu") || !(strings.Contains(cmdline, "lazy-pages") || strings.Contains(cmdline, "page-server")) {
-			continue
-		}
-		if p, err := proc.Open(pid, 0); err == nil {
-			log.Warn("recovering: killed a CRIU helper the previous run left behind", zap.Int("helper_pid", pid), zap.String("command", cmdline))
-			p.Signal(syscall.SIGKILL)
-			p.Close()
-		}
-	}
 }
 
 func stoppedSet(pids []int) map[int]bool {

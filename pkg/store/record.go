@@ -60,6 +60,10 @@ type Record struct {
 	// a source (for a recovery that finds no readable images). Whoever
 	// resumes the tree leaves them stopped.
 	Stopped []int `json:"stopped,omitempty"`
+	// Veths are the host ends of the veths a destination made for the
+	// tree's namespace: a copy discarded after a restart takes them with
+	// it.
+	Veths []string `json:"veths,omitempty"`
 	// Done: the session is over on both sides; the record only remains
 	// for inspection until it ages out.
 	Done    bool      `json:"done,omitempty"`

@@ -64,7 +64,8 @@ func (r *Rule) Done() <-chan struct{} { return r.done }
 
 // Proxy is one fault proxy.
 type Proxy struct {
-	l net.Listener
+	l    net.Listener
+	dial func(addr string) (net.Conn, error)
 
 	mu     sync.Mutex
 	cond   *sync.Cond
@@ -82,11 +83,20 @@ func New(addr, target string) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{l: l, target: target, silent: map[string]bool{}}
+	return Serve(l, target, nil), nil
+}
+
+// Serve forwards every connection l accepts to target, connecting with
+// dial (nil: net.Dial), e.g. from another network namespace.
+func Serve(l net.Listener, target string, dial func(addr string) (net.Conn, error)) *Proxy {
+	if dial == nil {
+		dial = func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }
+	}
+	p := &Proxy{l: l, target: target, silent: map[string]bool{}, dial: dial}
 	p.cond = sync.NewCond(&p.mu)
 	p.wg.Add(1)
 	go p.accept()
-	return p, nil
+	return p
 }
 
 // Addr is the address to migrate to.
@@ -149,7 +159,7 @@ func (p *Proxy) accept() {
 		p.mu.Lock()
 		target := p.target
 		p.mu.Unlock()
-		dst, err := net.Dial("tcp", target)
+		dst, err := p.dial(target)
 		if err != nil {
 			src.Close()
 			continue

@@ -22,6 +22,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/test/faultproxy"
 )
 
 // A service keeps its clients: these tests stand for hosts with network
@@ -105,10 +106,9 @@ func (l *netLab) daemon(host string, port int, flags []string, wrap ...string) *
 	})
 }
 
-// dial connects from host's namespace: the socket is made there, and
-// stays there.
-func (l *netLab) dial(host, addr string) (net.Conn, error) {
-	var c net.Conn
+// inNS runs fn on a thread in host's network namespace: the sockets it
+// makes are made there, and stay there.
+func (l *netLab) inNS(host string, fn func()) error {
 	var err error
 	done := make(chan struct{})
 	go func() {
@@ -129,13 +129,36 @@ func (l *netLab) dial(host, addr string) (net.Conn, error) {
 		if err = netns.Set(target); err != nil {
 			return
 		}
-		c, err = net.DialTimeout("tcp", addr, 5*time.Second)
+		fn()
 		if netns.Set(home) == nil {
 			runtime.UnlockOSThread() // else the thread ends with the goroutine
 		}
 	}()
 	<-done
+	return err
+}
+
+// dial connects from host's namespace.
+func (l *netLab) dial(host, addr string) (net.Conn, error) {
+	var c net.Conn
+	var err error
+	if nerr := l.inNS(host, func() { c, err = net.DialTimeout("tcp", addr, 5*time.Second) }); nerr != nil {
+		return nil, nerr
+	}
 	return c, err
+}
+
+// proxy is a fault proxy listening on host's loopback at port, which
+// forwards to target from host's namespace.
+func (l *netLab) proxy(host string, port int, target string) *faultproxy.Proxy {
+	var ln net.Listener
+	var err error
+	if nerr := l.inNS(host, func() { ln, err = net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port)) }); nerr != nil || err != nil {
+		l.t.Fatalf("listen in %s: %v %v", host, nerr, err)
+	}
+	p := faultproxy.Serve(ln, target, func(addr string) (net.Conn, error) { return l.dial(host, addr) })
+	l.t.Cleanup(p.Close)
+	return p
 }
 
 // service is a server that runs on host A as the init of its own pid and
@@ -562,4 +585,185 @@ http {
 			}
 		})
 	}
+}
+
+// The fault matrix with a connected client, at the main points: the
+// process is redis with one client connection, and after the fault the
+// rule's side must run it, once, and the client's connection go on. (All
+// these cells end on the source: a rollback, by the source's own hand, by
+// CRIU's, or by a restarted source phauld's recovery, with the
+// namespace's lock and TCP repair mode to lift each time.)
+func TestFaultMatrixConnected(t *testing.T) {
+	integration(t)
+	var cells []struct {
+		mode string
+		p    point
+		f    fault
+	}
+	n := 0
+	for _, mode := range matrixModes {
+		for _, p := range points {
+			if p.key != "before-dump" && p.key != "pages" && p.key != "restored" {
+				continue
+			}
+			for _, f := range faults {
+				if f.key != "drop" && f.key != "kill-dest" && f.key != "kill-source" {
+					continue
+				}
+				cells = append(cells, struct {
+					mode string
+					p    point
+					f    fault
+				}{mode, p, f})
+			}
+		}
+	}
+	for _, c := range cells {
+		port := 18000 + 10*n
+		n++
+		t.Run(c.mode+"/"+c.p.key+"/"+c.f.key, func(t *testing.T) {
+			t.Parallel()
+			runConnectedCell(t, c.mode, c.p, c.f, expected(c.mode, c.p, c.f), port)
+		})
+	}
+}
+
+func runConnectedCell(t *testing.T, mode string, p point, f fault, want string, port int) {
+	lab := newNetLab(t, "br0")
+	a := lab.daemon("A", port, nil)
+	b := lab.daemon("B", port+1, nil)
+	px := lab.proxy("A", port+2, b.addr)
+	svc := lab.startRedis(t.TempDir())
+	rc := lab.startClient("k")
+	time.Sleep(200 * time.Millisecond)
+
+	inject := func() {
+		switch f.key {
+		case "drop":
+			px.DropAll()
+		case "kill-dest":
+			b.kill()
+			b.start()
+		case "kill-source":
+			a.kill() // restarted below
+		}
+	}
+	nth := p.nth
+	if p.key == "pages" {
+		nth = 2 // redis has a few MiB: a few frames
+	}
+	r := &faultproxy.Rule{Dir: p.dir, Type: p.typ, Nth: nth, Action: faultproxy.Pass, Hook: inject}
+	switch f.key {
+	case "drop":
+		r.Action, r.Hook = faultproxy.Drop, nil
+	case "kill-source":
+		r.Action = faultproxy.Swallow
+	}
+	px.Arm(r)
+	migrated := make(chan ctlResult, 1)
+	go func() {
+		migrated <- a.phaulctl(t, "migrate", "--pid", strconv.Itoa(svc.pid), "--to", px.Addr(), "--mode", mode, "--json")
+	}()
+	select {
+	case <-r.Fired():
+	case res := <-migrated:
+		select {
+		case <-r.Fired():
+			migrated <- res
+		default:
+			t.Fatalf("migration ended without reaching the point: exit %d: %s %s", res.code, res.stdout, res.stderr)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the point was not reached within a minute")
+	}
+	select {
+	case <-r.Done():
+	case <-time.After(time.Minute):
+		t.Fatal("the fault was not injected within a minute")
+	}
+	res := <-migrated
+	if f.key == "kill-source" {
+		a.start() // it recovers the tree it had frozen
+	}
+	waitFor(t, "both daemons to be done, and one copy of the service to run", time.Minute, func() bool {
+		if len(a.sessions(t)) != 0 || len(b.sessions(t)) != 0 {
+			return false
+		}
+		return len(runningIn(svc.dir)) == 1
+	})
+	run := runningIn(svc.dir)
+	got := sideDest
+	if run[0] == svc.pid {
+		got = sideSource
+	}
+	if got != want {
+		t.Fatalf("the service runs on the %s (pid %d); the rule says the %s (phaulctl: exit %d %s)", got, run[0], want, res.code, res.stdout)
+	}
+	rc.goesOn(t, "after the fault")
+	if want == sideSource && !hasLink(t, lab.name("A"), "vsvc") {
+		t.Errorf("the service's veth is gone from A")
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for hasLink(t, lab.name("B"), "vsvc") {
+		if time.Now().After(deadline) {
+			out, _ := exec.Command("ip", "-n", lab.name("B"), "-d", "link", "show", "vsvc").CombinedOutput()
+			t.Fatalf("the namespace's veth is still on B after 30 s: %s; processes in the service's directory: %s; in other namespaces: %s", out, describeIn(svc.dir), otherNS())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// describeIn says what works in dir, for a failure's report.
+func describeIn(dir string) string {
+	var parts []string
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if cwd, _ := os.Readlink("/proc/" + e.Name() + "/cwd"); cwd == dir {
+			info, _ := proc.Stat(pid)
+			ns, _ := os.Readlink("/proc/" + e.Name() + "/ns/net")
+			parts = append(parts, fmt.Sprintf("pid %d %s state %c parent %d %s", pid, info.Comm, info.State, info.PPID, ns))
+		}
+	}
+	return strings.Join(parts, "; ")
+}
+
+// runningIn lists the running processes whose working directory is dir
+// (the service's copies).
+func runningIn(dir string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		exe, _ := os.Readlink("/proc/" + e.Name() + "/exe")
+		if cwd, _ := os.Readlink("/proc/" + e.Name() + "/cwd"); cwd == dir && strings.HasPrefix(filepath.Base(exe), "redis-") && proc.Running(pid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// otherNS lists the processes not in this host's network namespace.
+func otherNS() string {
+	self, _ := os.Readlink("/proc/self/ns/net")
+	var parts []string
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if ns, _ := os.Readlink("/proc/" + e.Name() + "/ns/net"); ns != "" && ns != self {
+			info, _ := proc.Stat(pid)
+			cmd, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+			parts = append(parts, fmt.Sprintf("pid %d %s %c %s %.80q", pid, info.Comm, info.State, ns, cmd))
+		}
+	}
+	return strings.Join(parts, "; ")
 }
