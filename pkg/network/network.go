@@ -235,6 +235,9 @@ type tcpSocket struct {
 func tcpSockets(pids []int) ([]tcpSocket, error) {
 	var out []tcpSocket
 	err := proc.EachSocket(pids, func(s proc.Socket) error {
+		if isMPTCP(s.FD) {
+			return fmt.Errorf("pid %d has an MPTCP socket (Go programs since 1.24 open one for each listener), which CRIU cannot dump: start the program with GODEBUG=multipathtcp=0", s.PID)
+		}
 		if !isTCP(s.FD) {
 			return nil
 		}
@@ -256,6 +259,12 @@ func tcpSockets(pids []int) ([]tcpSocket, error) {
 		return nil
 	})
 	return out, err
+}
+
+// isMPTCP reports whether fd is a multipath TCP socket.
+func isMPTCP(fd int) bool {
+	proto, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL)
+	return err == nil && proto == unix.IPPROTO_MPTCP
 }
 
 func isTCP(fd int) bool {

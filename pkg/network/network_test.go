@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -124,7 +125,81 @@ func TestMain(m *testing.M) {
 		time.Sleep(time.Minute)
 		os.Exit(0)
 	}
+	if os.Getenv("PHAUL_NETWORK_TEST_QUEUE") != "" {
+		// In a namespace of its own: a listener with one connection
+		// accepted and two waiting in its queue.
+		if err := exec.Command("ip", "link", "set", "lo", "up").Run(); err != nil {
+			os.Exit(2)
+		}
+		ln, err := net.Listen("tcp", "127.0.0.1:7777")
+		if err != nil {
+			os.Exit(2)
+		}
+		var held []net.Conn
+		for i := 0; i < 3; i++ {
+			c, err := net.Dial("tcp", "127.0.0.1:7777")
+			if err != nil {
+				os.Exit(2)
+			}
+			held = append(held, c)
+		}
+		a, err := ln.Accept()
+		if err != nil {
+			os.Exit(2)
+		}
+		held = append(held, a)
+		os.Stdout.WriteString("ready\n")
+		time.Sleep(time.Minute)
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
+}
+
+// queueChild starts the test binary in a network namespace of its own
+// with a listener and connections (see TestMain), and waits until it is
+// ready.
+func queueChild(t *testing.T, env ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command("unshare", "--net", "--", os.Args[0])
+	cmd.Env = append(append(os.Environ(), "PHAUL_NETWORK_TEST_QUEUE=1"), env...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	line := make([]byte, 6)
+	if _, err := io.ReadFull(out, line); err != nil || string(line) != "ready\n" {
+		t.Fatalf("the child did not get ready: %q %v", line, err)
+	}
+	return cmd
+}
+
+// Go's listeners are MPTCP sockets, which CRIU cannot dump: refused,
+// with what to do.
+func TestInspectRefusesMPTCP(t *testing.T) {
+	needRoot(t)
+	cmd := queueChild(t, "GODEBUG=multipathtcp=2")
+	_, err := Inspect([]int{cmd.Process.Pid})
+	if err == nil || !strings.Contains(err.Error(), "MPTCP") || !strings.Contains(err.Error(), "GODEBUG=multipathtcp=0") {
+		t.Fatalf("Inspect: %v; want refused: an MPTCP socket, and GODEBUG=multipathtcp=0", err)
+	}
+}
+
+func TestInspectCountsConnectionsAndTheAcceptQueue(t *testing.T) {
+	needRoot(t)
+	cmd := queueChild(t, "GODEBUG=multipathtcp=0")
+	ns, err := Inspect([]int{cmd.Process.Pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Three client ends and one accepted: four connections; one
+	// listener, two connections in its queue.
+	if !ns.Own || ns.Connected != 4 || ns.Listening != 1 || ns.InFlight != 2 {
+		t.Fatalf("Inspect: %+v; want own, 4 connected, 1 listening, 2 in flight", ns)
+	}
 }
 
 func TestInspectRefusesHostConnections(t *testing.T) {
@@ -210,7 +285,7 @@ func contains(list []string, s string) bool {
 	return false
 }
 
-func TestAnnounceSendsGratuitousARP(t *testing.T) {
+func TestAnnounceSendsARPAndNA(t *testing.T) {
 	needRoot(t)
 	pid := inOwnNS(t)
 	outer, _ := vethTo(t, pid, "10.250.0.2/24", false)
@@ -228,26 +303,36 @@ func TestAnnounceSendsGratuitousARP(t *testing.T) {
 		t.Fatal(err)
 	}
 	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2})
+	run(t, "nsenter", "-t", fmt.Sprint(pid), "-n", "ip", "addr", "add", "fd00:250::2/64", "dev", "eth0", "nodad")
 	a, err := Announce(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.ARP != 1 {
-		t.Fatalf("Announce sent %+v; want 1 ARP", a)
+	if a.ARP != 1 || a.NA != 1 {
+		t.Fatalf("Announce sent %+v; want 1 ARP and 1 NA (the link-local address is not announced)", a)
 	}
-	want := net.ParseIP("10.250.0.2").To4()
-	buf := make([]byte, 128)
-	for {
+	want4, want6 := net.ParseIP("10.250.0.2").To4(), net.ParseIP("fd00:250::2")
+	var sawARP, sawNA bool
+	buf := make([]byte, 256)
+	for !sawARP || !sawNA {
 		n, _, err := unix.Recvfrom(fd, buf, 0)
 		if err != nil {
-			t.Fatalf("no gratuitous ARP for %s seen on %s: %v", want, outer, err)
+			t.Fatalf("on %s: gratuitous ARP for %s seen %v, neighbour advertisement for %s seen %v: %v", outer, want4, sawARP, want6, sawNA, err)
 		}
-		if n < 14+28 || binary.BigEndian.Uint16(buf[12:]) != unix.ETH_P_ARP {
+		if n < 14 {
 			continue
 		}
-		p := buf[14:n]
-		if binary.BigEndian.Uint16(p[6:]) == 1 && bytes.Equal(p[14:18], want) && bytes.Equal(p[24:28], want) {
-			return
+		switch p := buf[14:n]; binary.BigEndian.Uint16(buf[12:]) {
+		case unix.ETH_P_ARP:
+			if len(p) >= 28 && binary.BigEndian.Uint16(p[6:]) == 1 && bytes.Equal(p[14:18], want4) && bytes.Equal(p[24:28], want4) {
+				sawARP = true
+			}
+		case unix.ETH_P_IPV6:
+			// IPv6 header (40 bytes, next header ICMPv6, hop limit 255),
+			// then type 136 with the override flag and the target.
+			if len(p) >= 40+24 && p[6] == 58 && p[7] == 255 && p[40] == 136 && p[44]&0x20 != 0 && net.IP(p[48:64]).Equal(want6) {
+				sawNA = true
+			}
 		}
 	}
 }
