@@ -26,7 +26,9 @@ func ResumeTree(log *zap.Logger, tree []*proc.Process, stopped map[int]bool) err
 		pids = append(pids, p.PID)
 	}
 	if err := unlockNetwork(log, pids); err != nil {
-		return err
+		// Resumed all the same: a process left stopped is worse off
+		// than one whose connections stall.
+		log.Error("cannot give the tree its network back; resuming it all the same", zap.Error(err))
 	}
 	if err := proc.ResumeTree(tree, stopped); err != nil {
 		return err

@@ -838,7 +838,7 @@ func (m *source) resume(tree []*proc.Process, released bool) error {
 		}
 	} else if m.net.Own {
 		if err := ReclaimNetwork(m.log, pid); err != nil {
-			return err
+			m.log.Error("cannot give the resumed tree its network back", zap.Error(err))
 		}
 	}
 	return proc.VerifyRunning(pid, start, m.stopped)
