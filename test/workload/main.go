@@ -24,6 +24,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/json"
 	"flag"
@@ -111,7 +112,11 @@ func run(args []string) error {
 		w.ghost = f
 	}
 	if *listen != "" {
-		l, err := net.Listen("tcp", *listen)
+		// Plain TCP: Go's default listener is MPTCP, which CRIU cannot
+		// dump (phauld refuses it).
+		var lc net.ListenConfig
+		lc.SetMultipathTCP(false)
+		l, err := lc.Listen(context.Background(), "tcp", *listen)
 		if err != nil {
 			return err
 		}
