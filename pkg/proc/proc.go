@@ -360,6 +360,11 @@ func Tgid(pid int) (int, error) {
 
 // killPending reports whether SIGKILL waits to be taken by pid, from the
 // SigPnd and ShdPnd lines of /proc/PID/status.
+// KillPending reports whether pid has a SIGKILL pending (it is on its way
+// out, or stuck in the kernel where the kill cannot reach it yet), or is
+// gone.
+func KillPending(pid int) bool { return killPending(pid) }
+
 func killPending(pid int) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
