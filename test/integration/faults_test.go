@@ -263,30 +263,7 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	}
 	px.Arm(r)
 
-	migrated := make(chan ctlResult, 1)
-	go func() {
-		migrated <- a.phaulctl(t, "migrate", "--pid", strconv.Itoa(w.pid), "--to", px.Addr(), "--mode", mode, "--json")
-	}()
-	select {
-	case <-r.Fired():
-	case res := <-migrated:
-		// The fault itself may end the migration before we look.
-		select {
-		case <-r.Fired():
-			migrated <- res
-		default:
-			t.Fatalf("migration ended without reaching the point: exit %d: %s %s", res.code, res.stdout, res.stderr)
-		}
-	case <-time.After(2 * time.Minute):
-		t.Fatal("the point was not reached within 2 minutes")
-	}
-	// A hook that failed (t.Fatal on the proxy's goroutine) never lets
-	// the frame go: bounded, so the cell fails instead of hanging.
-	select {
-	case <-r.Done():
-	case <-time.After(2 * time.Minute):
-		t.Fatal("the fault was not injected within 2 minutes")
-	}
+	migrated := migrateThroughFault(t, a, w.pid, px, mode, r, 2*time.Minute)
 	if p.duringRestore {
 		// The restore's result (Restored) is held until the fault is in:
 		// a restore quicker than the test's look at the log must not let
@@ -390,10 +367,62 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	after := w.report(one, w.status)
 	checkIntact(t, "the one copy", after, before, w.memMiB, w.seed)
 
-	// What the user was told matches what happened: 0 migrated, 3 rolled
-	// back (the process runs here); 4 when phaulctl lost its phauld (it
-	// cannot know), and a phauld told to stop may end the migration
-	// first, or not.
+	checkExitCode(t, f, res, want)
+	if f.key == "again" {
+		if againResult.code != 1 || !strings.Contains(againResult.stdout, `"conflict"`) || !strings.Contains(againResult.stdout, "belongs to migration") {
+			t.Errorf("the second migration of pid %d: exit %d, %s %s; want refused at once, naming the migration that holds it",
+				w.pid, againResult.code, againResult.stdout, againResult.stderr)
+		}
+	}
+	if f.key == "cancel" {
+		refused := p.key == "commit-sent" || p.key == "committed"
+		if (cancelResult.code != 0) != refused {
+			t.Errorf("cancel at %s exited %d (%s): want refused=%v", p.key, cancelResult.code, strings.TrimSpace(cancelResult.stderr), refused)
+		}
+		if refused && !strings.Contains(cancelResult.stderr, "too late to cancel") {
+			t.Errorf("refused cancel says %q: want why", cancelResult.stderr)
+		}
+	}
+}
+
+// migrateThroughFault runs phaulctl migrate of pid from a to px in mode,
+// with r armed on px, and returns once r's point was reached and its fault
+// is in (each within limit), with the channel phaulctl's result comes on.
+func migrateThroughFault(t *testing.T, a *daemon, pid int, px *faultproxy.Proxy, mode string, r *faultproxy.Rule, limit time.Duration) chan ctlResult {
+	t.Helper()
+	migrated := make(chan ctlResult, 1)
+	go func() {
+		migrated <- a.phaulctl(t, "migrate", "--pid", strconv.Itoa(pid), "--to", px.Addr(), "--mode", mode, "--json")
+	}()
+	select {
+	case <-r.Fired():
+	case res := <-migrated:
+		// The fault itself may end the migration before we look.
+		select {
+		case <-r.Fired():
+			migrated <- res
+		default:
+			t.Fatalf("migration ended without reaching the point: exit %d: %s %s", res.code, res.stdout, res.stderr)
+		}
+	case <-time.After(limit):
+		t.Fatalf("the point was not reached within %v", limit)
+	}
+	// A hook that failed (t.Fatal on the proxy's goroutine) never lets
+	// the frame go: bounded, so the cell fails instead of hanging.
+	select {
+	case <-r.Done():
+	case <-time.After(limit):
+		t.Fatalf("the fault was not injected within %v", limit)
+	}
+	return migrated
+}
+
+// checkExitCode checks that what phaulctl told the user matches what
+// happened: 0 migrated, 3 rolled back (the process runs here); 4 when
+// phaulctl lost its phauld (it cannot know), and a phauld told to stop may
+// end the migration first, or not.
+func checkExitCode(t *testing.T, f fault, res ctlResult, want string) {
+	t.Helper()
 	wantCode := 0
 	if want == sideSource {
 		wantCode = 3
@@ -409,21 +438,6 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 		}
 	case res.code != wantCode:
 		t.Errorf("phaulctl migrate exited %d, but the process runs on the %s (want exit %d): %s %s", res.code, want, wantCode, res.stdout, res.stderr)
-	}
-	if f.key == "again" {
-		if againResult.code != 1 || !strings.Contains(againResult.stdout, `"conflict"`) || !strings.Contains(againResult.stdout, "belongs to migration") {
-			t.Errorf("the second migration of pid %d: exit %d, %s %s; want refused at once, naming the migration that holds it",
-				w.pid, againResult.code, againResult.stdout, againResult.stderr)
-		}
-	}
-	if f.key == "cancel" {
-		refused := p.key == "commit-sent" || p.key == "committed"
-		if (cancelResult.code != 0) != refused {
-			t.Errorf("cancel at %s exited %d (%s): want refused=%v", p.key, cancelResult.code, strings.TrimSpace(cancelResult.stderr), refused)
-		}
-		if refused && !strings.Contains(cancelResult.stderr, "too late to cancel") {
-			t.Errorf("refused cancel says %q: want why", cancelResult.stderr)
-		}
 	}
 }
 
@@ -457,25 +471,16 @@ func describe(pids []int) string {
 	return strings.Join(parts, "; ")
 }
 
-// inRestore reports whether pid's parent is a CRIU process, by its
-// arguments: make criu's CRIU runs under its own dynamic loader (so its
-// comm is the loader's), and CRIU retitles itself ("criu: restore
-// --rpc").
+// inRestore reports whether pid's parent is a CRIU process (see
+// proc.IsCRIU: make criu's CRIU runs under its own loader, and retitles
+// itself "criu: restore --rpc").
 func inRestore(pid int) bool {
 	info, err := proc.Stat(pid)
 	if err != nil {
 		return false
 	}
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", info.PPID))
-	if err != nil {
-		return false
-	}
-	for _, arg := range strings.Split(string(cmdline), "\x00") {
-		if filepath.Base(arg) == "criu" || strings.HasPrefix(arg, "criu: ") {
-			return true
-		}
-	}
-	return false
+	return err == nil && proc.IsCRIU(cmdline)
 }
 
 // watchCopies samples w's copies until stop, and reports the first moment

@@ -300,10 +300,11 @@ func (d *daemon) migrate(t *testing.T, pid int, to *daemon) api.Result {
 	return d.migrateTo(t, pid, to.addr)
 }
 
-// migrateTo is migrate to an address (a proxy's).
-func (d *daemon) migrateTo(t *testing.T, pid int, addr string) api.Result {
+// migrateTo is migrate to an address (a proxy's), with extra phaulctl
+// flags.
+func (d *daemon) migrateTo(t *testing.T, pid int, addr string, extra ...string) api.Result {
 	t.Helper()
-	res, r, err := d.Migrate(pid, addr)
+	res, r, err := d.Migrate(pid, addr, extra...)
 	if err != nil || r.Code != 0 {
 		t.Fatalf("phaulctl migrate exited %d (%v)\nstdout: %s\nstderr: %s", r.Code, err, r.Stdout, r.Stderr)
 	}

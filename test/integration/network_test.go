@@ -352,10 +352,7 @@ func TestServiceKeepsItsClient(t *testing.T) {
 			rc := lab.startClient("k")
 			time.Sleep(300 * time.Millisecond)
 
-			res, r, err := a.Migrate(svc.pid, b.addr, "--mode", mode)
-			if err != nil || r.Code != 0 {
-				t.Fatalf("phaulctl migrate exited %d (%v): %s %s", r.Code, err, r.Stdout, r.Stderr)
-			}
+			res := a.migrateTo(t, svc.pid, b.addr, "--mode", mode)
 			rc.goesOn(t, "after the migration")
 			n := res.Network
 			if n == nil || n.TCPConnections < 1 || len(n.Veths) != 1 || n.Veths[0].Bridge != "br0" || n.Veths[0].Inner != "eth0" ||
@@ -456,10 +453,7 @@ func TestServiceBridgeChecked(t *testing.T) {
 		wrap: []string{"nsenter", "--net=" + lab.path("B")}, insecure: true,
 		flags: []string{"--peer-timeout", "5s", "--bridge-map", "br0=lanbr"},
 	})
-	res, r, err := a.Migrate(svc.pid, mapped.addr)
-	if err != nil || r.Code != 0 {
-		t.Fatalf("with --bridge-map br0=lanbr: exit %d (%v): %s %s", r.Code, err, r.Stdout, r.Stderr)
-	}
+	res := a.migrate(t, svc.pid, mapped)
 	rc.goesOn(t, "after the migration to lanbr")
 	if n := res.Network; n == nil || len(n.Veths) != 1 || n.Veths[0].Bridge != "lanbr" {
 		t.Errorf("the result says %+v; want the veth on lanbr", res.Network)
@@ -565,10 +559,7 @@ http {
 			}
 			defer func() { load.Process.Kill(); load.Wait() }()
 			time.Sleep(2 * time.Second)
-			res, r, err := a.Migrate(svc.pid, b.addr, "--mode", mode)
-			if err != nil || r.Code != 0 {
-				t.Fatalf("phaulctl migrate exited %d (%v): %s %s", r.Code, err, r.Stdout, r.Stderr)
-			}
+			res := a.migrateTo(t, svc.pid, b.addr, "--mode", mode)
 			if err := load.Wait(); err != nil {
 				t.Fatalf("wrk: %v\n%s", err, out.String())
 			}
@@ -660,27 +651,7 @@ func runConnectedCell(t *testing.T, mode string, p point, f fault, want string, 
 		r.Action = faultproxy.Swallow
 	}
 	px.Arm(r)
-	migrated := make(chan ctlResult, 1)
-	go func() {
-		migrated <- a.phaulctl(t, "migrate", "--pid", strconv.Itoa(svc.pid), "--to", px.Addr(), "--mode", mode, "--json")
-	}()
-	select {
-	case <-r.Fired():
-	case res := <-migrated:
-		select {
-		case <-r.Fired():
-			migrated <- res
-		default:
-			t.Fatalf("migration ended without reaching the point: exit %d: %s %s", res.code, res.stdout, res.stderr)
-		}
-	case <-time.After(time.Minute):
-		t.Fatal("the point was not reached within a minute")
-	}
-	select {
-	case <-r.Done():
-	case <-time.After(time.Minute):
-		t.Fatal("the fault was not injected within a minute")
-	}
+	migrated := migrateThroughFault(t, a, svc.pid, px, mode, r, time.Minute)
 	res := <-migrated
 	if f.key == "kill-source" {
 		a.start() // it recovers the tree it had frozen
@@ -699,6 +670,7 @@ func runConnectedCell(t *testing.T, mode string, p point, f fault, want string, 
 	if got != want {
 		t.Fatalf("the service runs on the %s (pid %d); the rule says the %s (phaulctl: exit %d %s)", got, run[0], want, res.code, res.stdout)
 	}
+	checkExitCode(t, f, res, want)
 	rc.goesOn(t, "after the fault")
 	if want == sideSource && !hasLink(t, lab.name("A"), "vsvc") {
 		t.Errorf("the service's veth is gone from A")
