@@ -13,13 +13,14 @@
 package netlock
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/google/nftables"
+
+	"github.com/phaul/phaul/pkg/proc"
 )
 
 // Prefix starts the name of every table CRIU creates for its network lock.
@@ -64,11 +65,8 @@ func remove(netns int) ([]string, error) {
 	return names, nil
 }
 
-// criuRunning returns the pid of a running CRIU process, or 0. CRIU runs
-// either as itself or through a dynamic loader (phaul's `make criu`
-// wrapper); either way an argument of its command line is a path whose
-// last element is "criu", or the title CRIU gives itself while it works
-// for an RPC client ("criu: restore --rpc").
+// criuRunning returns the pid of a running CRIU process (see proc.IsCRIU),
+// or 0.
 func criuRunning() int {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
@@ -82,25 +80,11 @@ func criuRunning() int {
 		if err != nil {
 			continue
 		}
-		if isCRIU(b) {
+		if proc.IsCRIU(b) {
 			var pid int
 			fmt.Sscan(e.Name(), &pid)
 			return pid
 		}
 	}
 	return 0
-}
-
-// isCRIU reports whether cmdline (as /proc/PID/cmdline has it) is CRIU's.
-func isCRIU(cmdline []byte) bool {
-	args := bytes.Split(bytes.TrimRight(cmdline, "\x00"), []byte{0})
-	for i, a := range args {
-		if i > 3 {
-			break // criu is argv[0], or right after a loader's options
-		}
-		if filepath.Base(string(a)) == "criu" || bytes.HasPrefix(a, []byte("criu: ")) {
-			return true
-		}
-	}
-	return false
 }

@@ -1,6 +1,6 @@
 //go:build linux
 
-package netlock
+package proc
 
 import "testing"
 
@@ -22,8 +22,8 @@ func TestIsCRIU(t *testing.T) {
 		{"/usr/bin/vim\x00criu.txt\x00", false},
 		{"", false},
 	} {
-		if got := isCRIU([]byte(c.cmdline)); got != c.want {
-			t.Errorf("isCRIU(%q) = %v, want %v", c.cmdline, got, c.want)
+		if got := IsCRIU([]byte(c.cmdline)); got != c.want {
+			t.Errorf("IsCRIU(%q) = %v, want %v", c.cmdline, got, c.want)
 		}
 	}
 }

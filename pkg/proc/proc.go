@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -404,4 +405,22 @@ func WorkingIn(dir string) map[int]string {
 		found[pid] = strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " "))
 	}
 	return found
+}
+
+// IsCRIU reports whether cmdline (as /proc/PID/cmdline has it) is CRIU's:
+// an argument among the first four is a path whose last element is "criu"
+// (CRIU itself, or run by a dynamic loader, as make criu's wrapper does),
+// or the title CRIU gives itself while it works for an RPC client
+// ("criu: restore --rpc").
+func IsCRIU(cmdline []byte) bool {
+	args := bytes.Split(bytes.TrimRight(cmdline, "\x00"), []byte{0})
+	for i, a := range args {
+		if i > 3 {
+			break // criu is argv[0], or right after a loader's options
+		}
+		if filepath.Base(string(a)) == "criu" || bytes.HasPrefix(a, []byte("criu: ")) {
+			return true
+		}
+	}
+	return false
 }
