@@ -128,15 +128,7 @@ func TestInDoubtHoldsThePID(t *testing.T) {
 	c.px.Arm(&faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypeCommit, Nth: 1, Action: faultproxy.Pass,
 		Hook: func() { c.px.Silence(faultproxy.ToSource) }})
 	done := c.migrate(api.ModeCopy)
-	var s api.Session
-	waitRule(t, "the source in doubt", 20*time.Second, func() bool {
-		list := c.a.m.Sessions()
-		if len(list) == 1 && list[0].Phase == "in-doubt" {
-			s = list[0]
-			return true
-		}
-		return false
-	})
+	s := waitInDoubt(t, c.a)
 	if src, _ := c.c.running(); src {
 		t.Fatal("the source's copy runs while its migration is in doubt")
 	}
@@ -200,15 +192,7 @@ func TestResolveByOperator(t *testing.T) {
 			c.b.crash() // committed, and gone: no daemon listens
 		}})
 		done := c.migrate(api.ModeCopy)
-		var s api.Session
-		waitRule(t, "the source in doubt", 20*time.Second, func() bool {
-			list := c.a.m.Sessions()
-			if len(list) == 1 && list[0].Phase == "in-doubt" {
-				s = list[0]
-				return true
-			}
-			return false
-		})
+		s := waitInDoubt(t, c.a)
 		// Within the peer timeout the destination may still decide:
 		// nobody guesses.
 		if _, err := c.a.m.Resolve(context.Background(), s.ID[:8], ResolveKill); api.CodeOf(err) != api.CodeUnavailable || !strings.Contains(err.Error(), "still be deciding") {
@@ -230,15 +214,7 @@ func TestResolveByOperator(t *testing.T) {
 			c.b.crash() // committed, and gone for a while
 		}})
 		done := c.migrate(api.ModeCopy)
-		var s api.Session
-		waitRule(t, "the source in doubt", 20*time.Second, func() bool {
-			list := c.a.m.Sessions()
-			if len(list) == 1 && list[0].Phase == "in-doubt" {
-				s = list[0]
-				return true
-			}
-			return false
-		})
+		s := waitInDoubt(t, c.a)
 		// The order and the resolver's own next query race: either
 		// way the destination's answer settles it, and the order is
 		// refused, saying what it answered.
@@ -268,15 +244,7 @@ func TestShutdownInDoubt(t *testing.T) {
 		c.b.crash()
 	}})
 	done := c.migrate(api.ModeCopy)
-	var s api.Session
-	waitRule(t, "the source in doubt", 20*time.Second, func() bool {
-		list := c.a.m.Sessions()
-		if len(list) == 1 && list[0].Phase == "in-doubt" {
-			s = list[0]
-			return true
-		}
-		return false
-	})
+	s := waitInDoubt(t, c.a)
 	c.a.m.mu.Lock()
 	r := c.a.m.resolvers[mustID(t, s.ID)]
 	c.a.m.mu.Unlock()
@@ -541,4 +509,19 @@ func TestAuthorizeOnRecordedIdentity(t *testing.T) {
 	if left != 0 {
 		t.Errorf("%d pids still held after the refusal", left)
 	}
+}
+
+// waitInDoubt waits until d's one session is in doubt, and returns it.
+func waitInDoubt(t *testing.T, d *ruleDaemon) api.Session {
+	t.Helper()
+	var s api.Session
+	waitRule(t, "the source in doubt", 20*time.Second, func() bool {
+		list := d.m.Sessions()
+		if len(list) == 1 && list[0].Phase == "in-doubt" {
+			s = list[0]
+			return true
+		}
+		return false
+	})
+	return s
 }
