@@ -59,8 +59,15 @@ check: deps build
 	systemd-analyze verify --man=no $$d/phauld.socket $$d/phauld.service; rc=$$?; rm -rf $$d; exit $$rc
 	groff -man -ww -z packaging/man/phauld.8 packaging/man/phaulctl.1
 
-unit: deps
-	$(GO) test -race ./...
+# Tests run through test/failsum: it prints what go test -v would, then
+# again, whole, the output of each test that failed.
+FAILSUM = build/failsum
+
+$(FAILSUM): test/failsum/main.go
+	$(GO) build -o $@ ./test/failsum
+
+unit: deps $(FAILSUM)
+	$(GO) test -json -race ./... 2>&1 | $(FAILSUM) -q
 
 fuzz-short:
 	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime $(FUZZTIME) ./pkg/wire
@@ -68,8 +75,8 @@ fuzz-short:
 fuzz:
 	$(MAKE) fuzz-short FUZZTIME=5m
 
-integration: criu
-	PHAUL_INTEGRATION=1 $(GO) test -count=1 -timeout 30m -v ./test/integration/...
+integration: criu $(FAILSUM)
+	PHAUL_INTEGRATION=1 $(GO) test -json -count=1 -timeout 30m -v ./test/integration/... 2>&1 | $(FAILSUM)
 
 # The .deb: both binaries, units, sysusers/tmpfiles, man pages, completion.
 deb:
@@ -77,11 +84,11 @@ deb:
 
 # End to end under a real systemd: two containers, the .deb installed,
 # phauld.socket enabled, a service's process migrated between them.
-test-system: criu deb
+test-system: criu deb $(FAILSUM)
 	$(GO) build -o build/workload ./test/workload
 	rootfs=$$(test/system/rootfs.sh) && \
 	PHAUL_SYSTEM=1 PHAUL_SYSTEM_ROOTFS=$$rootfs PHAUL_SYSTEM_DEB=$(CURDIR)/build/phaul.deb \
-	PHAUL_SYSTEM_WORKLOAD=$(CURDIR)/build/workload $(GO) test -count=1 -timeout 20m -v ./test/system
+	PHAUL_SYSTEM_WORKLOAD=$(CURDIR)/build/workload $(GO) test -json -count=1 -timeout 20m -v ./test/system 2>&1 | $(FAILSUM)
 
 demo: criu build
 	scripts/demo.sh
