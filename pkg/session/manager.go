@@ -522,11 +522,15 @@ func (m *Manager) spawn(r *running, log *zap.Logger, dir string) *running {
 		defer close(r.done)
 		r.s.Run()
 		end := r.s.End()
+		// Listed until finished hands it on: a session in doubt is
+		// its resolver's before it leaves the list (Sessions shows
+		// the resolver's entry then), so that phaulctl list never
+		// misses it.
+		m.finished(r, end, log, dir)
 		m.mu.Lock()
 		delete(m.sessions, r.s.ID)
 		idle := len(m.sessions) == 0
 		m.mu.Unlock()
-		m.finished(r, end, log, dir)
 		if idle {
 			// A migration's buffers (relay, TLS records, image files)
 			// are garbage now; give the memory back rather than keep a
@@ -976,8 +980,10 @@ func (m *Manager) Sessions() []api.Session {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	list := make([]api.Session, 0, len(m.sessions)+len(m.resolvers))
-	for _, r := range m.sessions {
-		list = append(list, r.s.Info())
+	for id, r := range m.sessions {
+		if _, handed := m.resolvers[id]; !handed {
+			list = append(list, r.s.Info())
+		}
 	}
 	for _, r := range m.resolvers {
 		list = append(list, r.info())

@@ -127,8 +127,33 @@ func TestInDoubtHoldsThePID(t *testing.T) {
 	c := newRuleCell(t)
 	c.px.Arm(&faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypeCommit, Nth: 1, Action: faultproxy.Pass,
 		Hook: func() { c.px.Silence(faultproxy.ToSource) }})
+	// Meanwhile the list never loses the migration, not even while it
+	// goes from its session to its resolver.
+	stop, gaps := make(chan struct{}), make(chan int, 1)
+	go func() {
+		seen, gap := false, 0
+		for {
+			select {
+			case <-stop:
+				gaps <- gap
+				return
+			default:
+			}
+			n := len(c.a.m.Sessions())
+			if n > 0 {
+				seen = true
+			} else if seen {
+				gap++
+			}
+		}
+	}()
 	done := c.migrate(api.ModeCopy)
 	s := waitInDoubt(t, c.a)
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	if gap := <-gaps; gap > 0 {
+		t.Errorf("the list was empty %d times between the migration's start and its being in doubt", gap)
+	}
 	if src, _ := c.c.running(); src {
 		t.Fatal("the source's copy runs while its migration is in doubt")
 	}
