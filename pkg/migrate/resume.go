@@ -83,16 +83,19 @@ func announce(log *zap.Logger, pids []int) {
 // KillHelpers kills the CRIU helpers (a lazy-pages daemon, a page server)
 // still working in a session directory whose session is over: nobody is
 // left for them to serve. They are meant to end with their session (told
-// to, or by their parent-death signal), but a lazy-pages daemon was twice
-// seen to outlive it, waiting for a restore that would never come. Each
-// one killed is logged with msg.
+// to, or by their parent-death signal), but a lazy-pages daemon was seen
+// to outlive it, waiting for a restore that would never come, or stopped.
+// Each one killed is logged with msg.
 func KillHelpers(log *zap.Logger, dir, msg string) {
 	for pid, cmdline := range proc.WorkingIn(dir) {
 		if !strings.Contains(cmdline, "criu") || !(strings.Contains(cmdline, "lazy-pages") || strings.Contains(cmdline, "page-server")) {
 			continue
 		}
-		if !proc.Running(pid) {
-			continue // on its way out already (killed, exiting)
+		// A stopped one too (state T: one was found so, its parent
+		// phauld killed, its parent-death signal never seen): SIGKILL
+		// ends it all the same. Only one already on its way out is left.
+		if info, err := proc.Stat(pid); err != nil || info.Exiting() || info.State == 'Z' || info.State == 'X' {
+			continue
 		}
 		if p, err := proc.Open(pid, 0); err == nil {
 			log.Warn(msg, zap.Int("helper_pid", pid), zap.String("command", cmdline))

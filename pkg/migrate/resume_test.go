@@ -1,0 +1,73 @@
+//go:build linux
+
+package migrate
+
+import (
+	"os/exec"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/phaul/phaul/pkg/proc"
+)
+
+// A CRIU helper left in a session's directory is killed, stopped or not;
+// anything else working there is left alone.
+func TestKillHelpersKillsStoppedOnes(t *testing.T) {
+	dir := t.TempDir()
+	start := func(name string) *exec.Cmd {
+		cmd := exec.Command("bash", "-c", `exec -a "$0" sleep 600`, name)
+		cmd.Dir = dir
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return cmd
+	}
+	running := start("criu lazy-pages")
+	stopped := start("criu page-server")
+	other := start("not-a-helper")
+	exited := map[*exec.Cmd]chan struct{}{}
+	for _, c := range []*exec.Cmd{running, stopped, other} {
+		ch := make(chan struct{})
+		exited[c] = ch
+		go func() { c.Wait(); close(ch) }()
+	}
+	// Until bash has exec'ed, the command lines are bash's.
+	deadline := time.Now().Add(5 * time.Second)
+	for len(proc.WorkingIn(dir)) != 3 || !isHelper(proc.WorkingIn(dir)[stopped.Process.Pid]) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the processes did not start: %v", proc.WorkingIn(dir))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	stopped.Process.Signal(syscall.SIGSTOP)
+	for !stateIs(stopped.Process.Pid, 'T') {
+		if time.Now().After(deadline) {
+			t.Fatal("the helper did not stop")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	KillHelpers(zap.NewNop(), dir, "killed")
+	for _, c := range []*exec.Cmd{running, stopped} {
+		select {
+		case <-exited[c]:
+		case <-time.After(5 * time.Second):
+			t.Errorf("helper %v (pid %d) was not killed", c.Args, c.Process.Pid)
+		}
+	}
+	select {
+	case <-exited[other]:
+		t.Error("a process that is no CRIU helper was killed")
+	case <-time.After(200 * time.Millisecond):
+	}
+}
+
+func isHelper(cmdline string) bool { return len(cmdline) > 0 && cmdline[:4] == "criu" }
+
+func stateIs(pid int, s byte) bool {
+	info, err := proc.Stat(pid)
+	return err == nil && info.State == s
+}
