@@ -147,6 +147,9 @@ func (c *cli) printFigures(res api.Result) {
 		for _, v := range n.Veths {
 			fmt.Fprintf(c.stdout, "  network: veth %s, its host end %s on bridge %s there\n", v.Inner, v.Outer, v.Bridge)
 		}
+		for _, v := range n.Macvlans {
+			fmt.Fprintf(c.stdout, "  network: macvlan %s, on interface %s there\n", v.Inner, v.Lower)
+		}
 		if n.TCPInFlight > 0 {
 			fmt.Fprintf(c.stdout, "  network: %d connections not yet accepted were left behind (their clients see them fail)\n", n.TCPInFlight)
 		}

@@ -22,6 +22,7 @@ type progress struct {
 	now   func() time.Time
 
 	phase     string
+	netShown  bool      // the network line was written
 	drawn     bool      // a terminal line is on screen
 	lastLine  time.Time // when the last plain line was written
 	rate      float64   // bytes per second, smoothed
@@ -59,6 +60,17 @@ func (p *progress) event(ev api.Event) {
 		}
 	}
 	p.lastBytes, p.lastMS = ev.Bytes, ev.ElapsedMS
+	if n := ev.Network; n != nil && !p.netShown {
+		// Once, above the moving line: what moves of the namespace.
+		p.done()
+		fmt.Fprintf(p.w, "network: moving the namespace: interfaces %s, addresses %s, %d TCP connections",
+			listOrNone(n.Interfaces), listOrNone(n.Addresses), n.TCPConnections)
+		if n.TCPInFlight > 0 {
+			fmt.Fprintf(p.w, " (%d not yet accepted stay behind)", n.TCPInFlight)
+		}
+		fmt.Fprintln(p.w)
+		p.netShown = true
+	}
 	changed := ev.Phase != p.phase
 	p.phase = ev.Phase
 	if p.tty {
@@ -93,9 +105,12 @@ func (p *progress) line(ev api.Event, width int) string {
 	if ev.Pages > 0 {
 		parts = append(parts, fmt.Sprintf("%d pages", ev.Pages))
 	}
+	if n := ev.Network; n != nil && n.LockedMS > 0 {
+		parts = append(parts, "network locked "+ms(n.LockedMS))
+	}
 	if p.rate > 0 && ev.Bytes > 0 {
 		parts = append(parts, bytesHuman(int64(p.rate))+"/s")
-		if left := ev.MemBytes - ev.Bytes; ev.MemBytes > 0 && left > 0 {
+		if left := ev.MemBytes - ev.Bytes; ev.MemBytes > 0 && left > 0 && ev.Phase != "done" {
 			parts = append(parts, "about "+(time.Duration(float64(left)/p.rate*float64(time.Second))).Round(100*time.Millisecond).String()+" left")
 		}
 	}

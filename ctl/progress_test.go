@@ -72,3 +72,25 @@ func TestProgressTerminal(t *testing.T) {
 		t.Errorf("line of %d columns on a 100-column terminal", len(line))
 	}
 }
+
+// A migration that moves a network namespace says once what moves, and
+// how long the network has been locked while it is.
+func TestProgressNetwork(t *testing.T) {
+	var out bytes.Buffer
+	p := newProgress(&out)
+	n := &api.Network{Interfaces: []string{"eth0"}, Addresses: []string{"10.77.0.50/24"}, TCPConnections: 3, TCPInFlight: 1}
+	locked := *n
+	locked.LockedMS = 420
+	p.event(api.Event{Event: api.EventProgress, Phase: "prepare", ElapsedMS: 10, Network: n})
+	p.event(api.Event{Event: api.EventProgress, Phase: "dump", ElapsedMS: 500, Network: &locked})
+	p.done()
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	want := []string{
+		"network: moving the namespace: interfaces eth0, addresses 10.77.0.50/24, 3 TCP connections (1 not yet accepted stay behind)",
+		"prepare...",
+		"dump: network locked 420 ms",
+	}
+	if strings.Join(lines, "\n") != strings.Join(want, "\n") {
+		t.Errorf("got:\n%s\nwant:\n%s", out.String(), strings.Join(want, "\n"))
+	}
+}

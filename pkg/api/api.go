@@ -154,6 +154,9 @@ type Network struct {
 	// Veths are how the veths were made on the destination: each host
 	// end, and the bridge it is on there.
 	Veths []Veth `json:"veths,omitempty"`
+	// Macvlans are its macvlans, each made on the destination's host
+	// interface of the same name, with its MAC address.
+	Macvlans []Macvlan `json:"macvlans,omitempty"`
 	// TCPConnections is how many TCP connections moved; TCPInFlight how
 	// many connections waited, not yet accepted, when the tree was
 	// inspected: CRIU leaves those out (their clients see them reset
@@ -170,6 +173,13 @@ type Veth struct {
 	Inner  string `json:"inner"`
 	Outer  string `json:"outer"`
 	Bridge string `json:"bridge"`
+}
+
+// Macvlan is one macvlan of a moved namespace: its name there, and the
+// host interface it is on.
+type Macvlan struct {
+	Inner string `json:"inner"`
+	Lower string `json:"lower"`
 }
 
 // DumpStats are CRIU's dump statistics (times in microseconds).
@@ -210,9 +220,15 @@ type Event struct {
 	Pages    int64 `json:"pages,omitempty"`
 	MemBytes int64 `json:"mem_bytes,omitempty"`
 	// ElapsedMS is the time since the migration began.
-	ElapsedMS int64   `json:"elapsed_ms,omitempty"`
-	Result    *Result `json:"result,omitempty"`
-	Error     *Error  `json:"error,omitempty"`
+	ElapsedMS int64 `json:"elapsed_ms,omitempty"`
+	// Network (progress events) is what moves of the tree's network
+	// namespace, as the result will say it: nil when it runs in its
+	// host's. LockedMS is the time since the freeze so far (0 before),
+	// until the tree runs on the destination; Veths come once the
+	// destination made them.
+	Network *Network `json:"network,omitempty"`
+	Result  *Result  `json:"result,omitempty"`
+	Error   *Error   `json:"error,omitempty"`
 }
 
 // Event kinds.

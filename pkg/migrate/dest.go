@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
@@ -106,7 +107,10 @@ type dest struct {
 	netw      *wire.Network
 	veths     []wire.Veth
 	netLocked bool // phaul's lock is on the restored namespace
-	hb        *heartbeat
+	// treeNS is the restored namespace, from CRIU's setup-namespaces on
+	// (-1 before): a discard empties it of interfaces, processes or no.
+	treeNS netns.NsHandle
+	hb     *heartbeat
 
 	srcPID   int
 	cpuInfo  []byte // the source's cpuinfo image
@@ -157,7 +161,7 @@ func NewDest(c DestConfig, rpc, mem *transport.Link) (*Session, error) {
 }
 
 func newDest(s *Session, p DestConfig, rpcLink, memLink *transport.Link) (*dest, error) {
-	m := &dest{s: s, p: p, log: p.Log, want: -1}
+	m := &dest{s: s, p: p, log: p.Log, want: -1, treeNS: -1}
 	m.recv.dir = p.Dir
 	m.ph = newPhaseTimer(s, p.Log)
 	m.rec = &store.Record{ID: s.ID.String(), Role: store.RoleDest, Peer: s.Peer}
@@ -330,7 +334,12 @@ func (m *dest) checkNetwork(n *wire.Network) error {
 		m.veths = append(m.veths, wire.Veth{Inner: v.Inner, Outer: network.FreeName(v.Outer), Bridge: bridge})
 		m.rec.Veths = append(m.rec.Veths, m.veths[len(m.veths)-1].Outer)
 	}
-	m.log.Info("the tree's network namespace comes with it", zap.Any("veths", m.veths),
+	for _, v := range n.Macvlans {
+		if err := network.CheckLower(v.Lower); err != nil {
+			return api.Errorf(api.CodePrecondition, "the process's network namespace has a macvlan (%s) on interface %s on the source, and %v: give this host an interface %s on the same segment", v.Inner, v.Lower, err, v.Lower)
+		}
+	}
+	m.log.Info("the tree's network namespace comes with it", zap.Any("veths", m.veths), zap.Any("macvlans", n.Macvlans),
 		zap.Strings("addresses", n.Addresses), zap.Int("tcp_connections", n.Connections))
 	return nil
 }
@@ -592,6 +601,11 @@ func (m *dest) startRestore() error {
 	for _, v := range m.veths {
 		opts.External = append(opts.External, fmt.Sprintf("veth[%s]:%s@%s", v.Inner, v.Outer, v.Bridge))
 	}
+	if m.netw != nil {
+		for _, v := range m.netw.Macvlans {
+			opts.External = append(opts.External, fmt.Sprintf("macvlan[%s]:%s", v.Inner, v.Lower))
+		}
+	}
 	// The tree's journal streams: new ones, to this host's journald.
 	for _, ino := range m.journal {
 		f, err := journal.NewStream(m.name, 6)
@@ -630,6 +644,11 @@ func (m *dest) onRestore(ev criu.Event) error {
 				return api.Errorf(api.CodeAborted, "cannot lock the restored namespace's network: %v", err)
 			}
 			m.netLocked = true
+			if h, err := netns.GetFromPid(ev.PID); err == nil && m.treeNS < 0 {
+				m.treeNS = h
+			} else if err == nil {
+				h.Close()
+			}
 			m.log.Debug("restored namespace's network locked")
 		}
 		return m.restoreW.op.Reply(m.state == dstRestore)
@@ -905,6 +924,15 @@ func (m *dest) discard(running bool) (wait func()) {
 	// Its handles close with the session (cleanup), not here: work
 	// still running off the loop (a resume) may hold them.
 	m.discarded = append(m.discarded, tree...)
+	// Its namespace, to empty once the tree is dead: the closure owns
+	// the handle.
+	treeNS := m.treeNS
+	m.treeNS = -1
+	if treeNS < 0 && m.netw != nil && m.pid != 0 {
+		if h, err := netns.GetFromPid(m.pid); err == nil {
+			treeNS = h
+		}
+	}
 	proc.SignalAll(tree, syscall.SIGKILL)
 	// Two killers: should this daemon die now, the guard goes on.
 	m.endGuard(false)
@@ -921,8 +949,15 @@ func (m *dest) discard(running bool) (wait func()) {
 		if err := proc.WaitExited(tree, proc.KillWithin); err != nil {
 			log.Error("restored tree did not exit", zap.Error(err))
 		}
-		// The kernel tears the dead copy's namespace down later, and
-		// its veths with it; the host ends go now.
+		// The kernel tears the dead copy's namespace down later: its
+		// interfaces (a macvlan would answer for the address meanwhile)
+		// and its veths' host ends go now.
+		if treeNS >= 0 {
+			if _, err := network.RemoveLinksIn(treeNS); err != nil {
+				log.Warn("cannot remove the discarded copy's interfaces", zap.Error(err))
+			}
+			treeNS.Close()
+		}
 		if _, err := network.RemoveHostEnds(veths); err != nil {
 			log.Warn("cannot remove the discarded copy's veths", zap.Error(err))
 		}
@@ -1009,6 +1044,10 @@ func (m *dest) cleanup() {
 	m.close()
 	proc.CloseAll(m.tree)
 	proc.CloseAll(m.discarded)
+	if m.treeNS >= 0 {
+		m.treeNS.Close()
+		m.treeNS = -1
+	}
 }
 
 func (m *dest) outcome() End {

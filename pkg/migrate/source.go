@@ -199,6 +199,9 @@ func (m *source) begin() error {
 		for _, v := range m.net.Veths {
 			netw.Veths = append(netw.Veths, wire.Veth(v))
 		}
+		for _, v := range m.net.Macvlans {
+			netw.Macvlans = append(netw.Macvlans, wire.Macvlan(v))
+		}
 	}
 	var modes []string
 	for _, x := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
@@ -273,8 +276,17 @@ func (m *source) emit() {
 	}
 	b := pages + files
 	m.s.bytes.Store(b)
+	var locked int64
+	if !m.tDump.IsZero() {
+		until := time.Now()
+		if !m.tResumed.IsZero() {
+			until = m.tResumed
+		}
+		locked = until.Sub(m.tDump).Milliseconds()
+	}
 	m.p.Progress(api.Event{Event: api.EventProgress, ID: m.s.ID.String(), Phase: m.ph.name, Bytes: b,
-		Pages: pages / pageSize, MemBytes: m.memBytes, ElapsedMS: time.Since(m.t0).Milliseconds()})
+		Pages: pages / pageSize, MemBytes: m.memBytes, ElapsedMS: time.Since(m.t0).Milliseconds(),
+		Network: m.network(locked)})
 }
 
 func (m *source) onRPC(msg wire.Message) error {
@@ -896,9 +908,16 @@ func (m *source) finishCommitted() {
 	var err error
 	var gone []string
 	var goneErr error
+	pid := m.p.Proc.PID
 	m.s.work(func() {
+		// Its interfaces first: the namespace outlives the tree for a
+		// while, and must not answer for the address meanwhile.
+		if m.net.Own {
+			gone, goneErr = network.RemoveLinks(pid)
+		}
 		err = proc.KillTree(tree)
-		gone, goneErr = network.RemoveHostEnds(m.net.Veths)
+		ends, endsErr := network.RemoveHostEnds(m.net.Veths)
+		gone, goneErr = append(gone, ends...), errors.Join(goneErr, endsErr)
 	}, func() {
 		if err != nil {
 			m.log.Error("cannot kill the source tree", zap.Error(err))
@@ -906,7 +925,7 @@ func (m *source) finishCommitted() {
 		if goneErr != nil {
 			m.log.Error("cannot remove what is left of the namespace here", zap.Error(goneErr))
 		} else if len(gone) > 0 {
-			m.log.Info("removed the namespace's veths here", zap.Strings("veths", gone))
+			m.log.Info("removed the namespace's interfaces here", zap.Strings("interfaces", gone))
 		}
 		m.rpc.Send(&wire.Done{})
 		m.rec.Done = true
@@ -1012,14 +1031,26 @@ func (m *source) result() api.Result {
 		r.Dump = m.dumpStats
 	}
 	r.Restore = m.restore
-	if m.net.Own {
-		r.Network = &api.Network{Interfaces: m.net.Interfaces, Addresses: m.net.Addresses,
-			TCPConnections: m.net.Connected, TCPInFlight: m.net.InFlight, LockedMS: r.FrozenMS}
-		for _, v := range m.destVeths {
-			r.Network.Veths = append(r.Network.Veths, api.Veth(v))
-		}
-	}
+	r.Network = m.network(r.FrozenMS)
 	return r
+}
+
+// network says what moves of the tree's network namespace (nil: it runs
+// in its host's), locked lockedMS so far; the veths once the destination
+// made them.
+func (m *source) network(lockedMS int64) *api.Network {
+	if !m.net.Own {
+		return nil
+	}
+	n := &api.Network{Interfaces: m.net.Interfaces, Addresses: m.net.Addresses,
+		TCPConnections: m.net.Connected, TCPInFlight: m.net.InFlight, LockedMS: lockedMS}
+	for _, v := range m.destVeths {
+		n.Veths = append(n.Veths, api.Veth(v))
+	}
+	for _, v := range m.net.Macvlans {
+		n.Macvlans = append(n.Macvlans, api.Macvlan(v))
+	}
+	return n
 }
 
 func (m *source) outcome() End {

@@ -38,14 +38,25 @@ type Veth struct {
 	Bridge string `json:"bridge"`
 }
 
+// Macvlan is a macvlan interface of a tree's namespace on a host
+// interface: the destination recreates it, with its MAC address, on the
+// interface of the same name there.
+type Macvlan struct {
+	// Inner is its name in the tree's namespace, Lower the host
+	// interface it is on.
+	Inner string `json:"inner"`
+	Lower string `json:"lower"`
+}
+
 // Namespace is what a tree's network holds, as Inspect found it.
 type Namespace struct {
 	// Own: the tree has a network namespace of its own (not its host's).
 	Own bool
 	// Interfaces are the namespace's links but loopback, by name; Veths
-	// those that lead to the host.
+	// and Macvlans those that lead to the host.
 	Interfaces []string
 	Veths      []Veth
+	Macvlans   []Macvlan
 	// Addresses are the addresses on them, as ADDR/PREFIX.
 	Addresses []string
 	// TCP counts the tree's TCP sockets: connections (established or
@@ -146,9 +157,14 @@ func (ns *Namespace) links(pid int) error {
 	if err != nil {
 		return fmt.Errorf("list this host's interfaces: %w", err)
 	}
-	// The id this namespace gives the tree's (-1: none; a veth across
-	// the two gives it one).
+	// The id this namespace gives the tree's, and the tree's this one
+	// (-1: none; a veth or a macvlan across the two gives them one).
 	nsid, _ := host.GetNetNsIdByFd(int(tree))
+	hostID := -1
+	if self, err := netns.GetFromPath("/proc/self/ns/net"); err == nil {
+		hostID, _ = inner.GetNetNsIdByFd(int(self))
+		self.Close()
+	}
 	for _, l := range links {
 		a := l.Attrs()
 		if a.Flags&net.FlagLoopback != 0 {
@@ -162,8 +178,14 @@ func (ns *Namespace) links(pid int) error {
 				return err
 			}
 			ns.Veths = append(ns.Veths, v)
-		case "macvlan", "macvtap", "ipvlan":
-			return fmt.Errorf("the namespace has a %s interface, %s: phaul moves a namespace whose links to the host are veths on a bridge; give it a veth on a bridge instead", l.Type(), a.Name)
+		case "macvlan":
+			mv, err := lowerOf(l, hostLinks, hostID)
+			if err != nil {
+				return err
+			}
+			ns.Macvlans = append(ns.Macvlans, mv)
+		case "macvtap", "ipvlan":
+			return fmt.Errorf("the namespace has a %s interface, %s, which CRIU cannot recreate: phaul moves a namespace whose links to the host are veths on a bridge or macvlans; give it one of those instead", l.Type(), a.Name)
 		case "bridge", "dummy", "tun", "vxlan", "gre", "gretap", "sit", "ipip":
 			// CRIU recreates these inside the namespace.
 		default:
@@ -211,6 +233,84 @@ func hostEnd(l netlink.Link, hostLinks []netlink.Link, nsid int) (Veth, error) {
 		return v, fmt.Errorf("the host end %s of the namespace's veth %s is on no bridge: phaul recreates the veth on the destination's bridge of the same name; enslave it to one (ip link set %s master BRIDGE)", v.Outer, a.Name, v.Outer)
 	}
 	return v, nil
+}
+
+// lowerOf finds, among the host's links, the interface the tree's macvlan
+// l is on; hostID is the id the tree's namespace gives this host's.
+func lowerOf(l netlink.Link, hostLinks []netlink.Link, hostID int) (Macvlan, error) {
+	a := l.Attrs()
+	mv := Macvlan{Inner: a.Name}
+	if hostID >= 0 && a.NetNsID == hostID {
+		for _, h := range hostLinks {
+			if h.Attrs().Index == a.ParentIndex {
+				mv.Lower = h.Attrs().Name
+				return mv, nil
+			}
+		}
+	}
+	return mv, fmt.Errorf("the namespace's macvlan %s is on an interface outside this host's namespace: phaul moves a macvlan on a host interface, which it recreates on the destination's interface of the same name", a.Name)
+}
+
+// CheckLower says whether this host has an interface called name that a
+// macvlan can be made on, and if not, why.
+func CheckLower(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("this host has no interface %s for it", name)
+	}
+	if l.Attrs().Flags&net.FlagLoopback != 0 {
+		return fmt.Errorf("%s here is a loopback interface", name)
+	}
+	return nil
+}
+
+// RemoveLinks deletes every interface but loopback in the network
+// namespace of pid, unless that is this host's: a copy that goes (the
+// source's after the commit, a discarded one on the destination) must not
+// answer for its addresses while the kernel tears its namespace down,
+// which a connection closing under the lock delays for minutes. A veth's
+// host end goes with it; a macvlan would otherwise keep its address and
+// MAC on the host's interface. It returns the names it deleted.
+func RemoveLinks(pid int) ([]string, error) {
+	self, err := nsInode("self")
+	if err != nil {
+		return nil, err
+	}
+	if ino, err := nsInode(strconv.Itoa(pid)); err != nil || ino == self {
+		return nil, nil // gone already, or the host's
+	}
+	h, err := netns.GetFromPid(pid)
+	if err != nil {
+		return nil, nil // gone meanwhile
+	}
+	defer h.Close()
+	return RemoveLinksIn(h)
+}
+
+// RemoveLinksIn is RemoveLinks for the namespace h.
+func RemoveLinksIn(h netns.NsHandle) ([]string, error) {
+	nl, err := netlink.NewHandleAt(h)
+	if err != nil {
+		return nil, err
+	}
+	defer nl.Close()
+	links, err := nl.LinkList()
+	if err != nil {
+		return nil, err
+	}
+	var gone []string
+	var errs []error
+	for _, l := range links {
+		if l.Attrs().Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		if err := nl.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+			errs = append(errs, fmt.Errorf("delete %s: %w", l.Attrs().Name, err))
+			continue
+		}
+		gone = append(gone, l.Attrs().Name)
+	}
+	return gone, errors.Join(errs...)
 }
 
 // nsInode is the inode of the network namespace of /proc/WHO.

@@ -113,6 +113,48 @@ func TestInspectRefusesAVethOnNoBridge(t *testing.T) {
 	}
 }
 
+// A macvlan on a host interface is found with that interface; RemoveLinks
+// then empties the namespace of everything but loopback.
+func TestInspectFindsTheMacvlanAndRemoveLinks(t *testing.T) {
+	needRoot(t)
+	pid := inOwnNS(t)
+	lower := fmt.Sprintf("pht%db", rand.IntN(1e6))
+	run(t, "ip", "link", "add", lower, "type", "bridge")
+	t.Cleanup(func() { exec.Command("ip", "link", "del", lower).Run() })
+	run(t, "ip", "link", "set", lower, "up")
+	run(t, "ip", "link", "add", lower+"m", "link", lower, "type", "macvlan", "mode", "bridge")
+	t.Cleanup(func() { exec.Command("ip", "link", "del", lower+"m").Run() })
+	n := fmt.Sprint(pid)
+	run(t, "ip", "link", "set", lower+"m", "netns", n)
+	run(t, "nsenter", "-t", n, "-n", "ip", "link", "set", lower+"m", "name", "mv0")
+	run(t, "nsenter", "-t", n, "-n", "ip", "addr", "add", "10.250.1.2/24", "dev", "mv0")
+	ns, err := Inspect([]int{pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Macvlan{Inner: "mv0", Lower: lower}
+	if !ns.Own || len(ns.Macvlans) != 1 || ns.Macvlans[0] != want || len(ns.Veths) != 0 {
+		t.Fatalf("Inspect: %+v; want own, macvlan %+v", ns, want)
+	}
+	if err := CheckLower(lower); err != nil {
+		t.Errorf("CheckLower(%s): %v", lower, err)
+	}
+	if err := CheckLower("pht-none"); err == nil || !strings.Contains(err.Error(), "no interface pht-none") {
+		t.Errorf("CheckLower of a missing interface: %v", err)
+	}
+	gone, err := RemoveLinks(pid)
+	if err != nil || len(gone) != 1 || gone[0] != "mv0" {
+		t.Fatalf("RemoveLinks: %v, %v; want mv0 gone", gone, err)
+	}
+	out, _ := exec.Command("nsenter", "-t", n, "-n", "ip", "-o", "link").Output()
+	if lines := strings.Count(strings.TrimSpace(string(out)), "\n") + 1; lines != 1 || !strings.Contains(string(out), "lo:") {
+		t.Errorf("after RemoveLinks the namespace has:\n%s\nwant only lo", out)
+	}
+	if gone, err := RemoveLinks(os.Getpid()); err != nil || len(gone) != 0 {
+		t.Errorf("RemoveLinks in the host's namespace: %v, %v; want nothing done", gone, err)
+	}
+}
+
 // A child of the test binary that holds a TCP connection in the host's
 // namespace.
 func TestMain(m *testing.M) {

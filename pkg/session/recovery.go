@@ -245,13 +245,22 @@ func (m *Manager) resumeSource(pid int, start uint64, stopped map[int]bool, trac
 }
 
 // killTree kills the tree rooted at pid if it is still the process that
-// started at start, and waits for it to exit.
+// started at start, and waits for it to exit; the interfaces of a network
+// namespace of its own go first.
 func killTree(log *zap.Logger, pid int, start uint64) {
 	tree, err := proc.OpenTree(pid, start)
 	if err != nil {
 		return
 	}
 	defer proc.CloseAll(tree)
+	// A namespace of its own outlives it for a while: its interfaces
+	// (its veths' host ends with them) go first, so that it answers for
+	// no address meanwhile.
+	if gone, err := network.RemoveLinks(pid); err != nil {
+		log.Warn("cannot remove the interfaces of the tree's namespace", zap.Error(err))
+	} else if len(gone) > 0 {
+		log.Info("removed the interfaces of the tree's namespace", zap.Strings("interfaces", gone))
+	}
 	if err := proc.KillTree(tree); err != nil {
 		log.Error("tree did not exit", zap.Error(err))
 	}

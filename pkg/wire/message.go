@@ -281,6 +281,10 @@ type Network struct {
 	// recreated on the destination, its host end on the bridge of the
 	// same name (or the one phauld's --bridge-map gives).
 	Veths []Veth `json:"veths,omitempty"`
+	// Macvlans sit on interfaces of the source host: each is recreated
+	// on the destination's interface of the same name, with its MAC
+	// address.
+	Macvlans []Macvlan `json:"macvlans,omitempty"`
 	// Interfaces (but loopback) and Addresses (ADDR/PREFIX), for what
 	// the result says.
 	Interfaces []string `json:"interfaces,omitempty"`
@@ -298,6 +302,13 @@ type Veth struct {
 	Outer string `json:"outer"`
 	// Bridge is the host bridge the host end is on.
 	Bridge string `json:"bridge"`
+}
+
+// Macvlan is a macvlan of a tree's namespace on a host interface.
+type Macvlan struct {
+	// Inner is its name in the namespace, Lower the host interface.
+	Inner string `json:"inner"`
+	Lower string `json:"lower"`
 }
 
 // ValidIfName reports whether name can be a network interface's name
@@ -532,8 +543,15 @@ func (m *Prepare) validate() error {
 }
 
 func (n *Network) validate() error {
-	if len(n.Veths) > MaxInterfaces || len(n.Interfaces) > MaxInterfaces || len(n.Addresses) > 4*MaxInterfaces {
-		return fmt.Errorf("network: %d veths, %d interfaces, %d addresses", len(n.Veths), len(n.Interfaces), len(n.Addresses))
+	if len(n.Veths) > MaxInterfaces || len(n.Macvlans) > MaxInterfaces || len(n.Interfaces) > MaxInterfaces || len(n.Addresses) > 4*MaxInterfaces {
+		return fmt.Errorf("network: %d veths, %d macvlans, %d interfaces, %d addresses", len(n.Veths), len(n.Macvlans), len(n.Interfaces), len(n.Addresses))
+	}
+	for _, v := range n.Macvlans {
+		for _, name := range []string{v.Inner, v.Lower} {
+			if !ValidIfName(name) {
+				return fmt.Errorf("network: interface name %q not allowed", name)
+			}
+		}
 	}
 	for _, v := range n.Veths {
 		for _, name := range []string{v.Inner, v.Outer, v.Bridge} {

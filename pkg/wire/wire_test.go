@@ -218,6 +218,8 @@ func TestPrepareValidate(t *testing.T) {
 		{PID: 1, Network: &Network{Veths: []Veth{{Inner: "eth0", Outer: "v0]:x@y", Bridge: "br0"}}}},
 		{PID: 1, Network: &Network{Veths: []Veth{{Inner: "eth0", Outer: "v0", Bridge: ""}}}},
 		{PID: 1, Network: &Network{Veths: []Veth{{Inner: "a-very-long-interface", Outer: "v0", Bridge: "br0"}}}},
+		{PID: 1, Network: &Network{Macvlans: []Macvlan{{Inner: "mv0", Lower: "eth0]:x"}}}},
+		{PID: 1, Network: &Network{Macvlans: []Macvlan{{Inner: "", Lower: "eth0"}}}},
 		{PID: 1, Network: &Network{Addresses: []string{"10.0.0.1"}}},
 		{PID: 1, Network: &Network{Interfaces: []string{".."}}},
 	} {
@@ -230,7 +232,7 @@ func TestPrepareValidate(t *testing.T) {
 		}
 	}
 	ok := &Prepare{PID: 1, Name: strings.Repeat("x", 64), JournalStreams: []uint64{1, 2},
-		Network: &Network{Veths: []Veth{{Inner: "eth0", Outer: "veth-svc.1", Bridge: "br0"}}, Interfaces: []string{"eth0"},
+		Network: &Network{Veths: []Veth{{Inner: "eth0", Outer: "veth-svc.1", Bridge: "br0"}}, Macvlans: []Macvlan{{Inner: "mv0", Lower: "eno1"}}, Interfaces: []string{"eth0", "mv0"},
 			Addresses: []string{"10.0.0.1/24", "fd00::1/64"}, Connections: 3}}
 	if err := ok.validate(); err != nil {
 		t.Errorf("%+v: %v", ok, err)

@@ -9,91 +9,52 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
-
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/test/faultproxy"
+	"github.com/phaul/phaul/test/harness"
 )
 
 // A service keeps its clients: these tests stand for hosts with network
-// namespaces. A namespace "lan" holds a bridge lan0, the segment; hosts A
-// and B each have a bridge br0 enslaving their uplink to it, and their
-// own address on br0; a client host C has its uplink's address. The
-// service, redis-server from Debian, runs on A as the init of its own pid
-// and network namespace, with a veth to A's br0 and an address of its
-// own; phauld A and B run in A's and B's namespaces. A client on C keeps
-// one connection, a request every 20 ms, across the migration.
+// namespaces (harness.Lab). The service, redis-server from Debian, runs on
+// A as the init of its own pid and network namespace, with a veth to A's
+// br0 and an address of its own; phauld A and B run in A's and B's
+// namespaces. A client on C keeps one connection, a request every 20 ms,
+// across the migration.
 
 const (
-	labSvcAddr = "10.77.0.50"
-	redisPort  = "6379"
+	labSvcAddr = harness.LabServiceAddr
+	redisPort  = harness.RedisPort
 )
-
-var labSeq atomic.Int32
 
 // netLab is the four namespaces of one test.
 type netLab struct {
-	t      *testing.T
-	prefix string
+	*harness.Lab
+	t *testing.T
 }
 
-func (l *netLab) name(host string) string { return l.prefix + host }
-func (l *netLab) path(host string) string { return "/run/netns/" + l.name(host) }
+func (l *netLab) name(host string) string { return l.Name(host) }
+func (l *netLab) path(host string) string { return l.Path(host) }
 
 // hostAddr is a host's address on the segment.
-func hostAddr(host string) string {
-	return map[string]string{"A": "10.77.0.11", "B": "10.77.0.12", "C": "10.77.0.30"}[host]
-}
+func hostAddr(host string) string { return harness.LabHostAddr(host) }
 
-func mustRun(t *testing.T, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
-	}
-}
-
-// newNetLab makes the namespaces; bridges names B's bridge (br0 unless
-// told). They are removed at the end of the test, after everything in
-// them was stopped.
+// newNetLab makes the namespaces; bBridge names B's bridge. They are
+// removed at the end of the test, after everything in them was stopped.
 func newNetLab(t *testing.T, bBridge string) *netLab {
 	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		t.Fatal("redis-server is missing (make deps installs it)")
+	lab, err := harness.NewLab(bBridge)
+	if err != nil {
+		t.Fatal(err)
 	}
-	l := &netLab{t: t, prefix: fmt.Sprintf("phaul-t%d-%d-", os.Getpid(), labSeq.Add(1))}
-	for _, h := range []string{"lan", "A", "B", "C"} {
-		mustRun(t, "ip", "netns", "add", l.name(h))
-		name := l.name(h)
-		t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-		mustRun(t, "ip", "-n", name, "link", "set", "lo", "up")
-	}
-	lan := l.name("lan")
-	mustRun(t, "ip", "-n", lan, "link", "add", "lan0", "type", "bridge")
-	mustRun(t, "ip", "-n", lan, "link", "set", "lan0", "up")
-	for _, h := range []string{"A", "B", "C"} {
-		mustRun(t, "ip", "link", "add", "uplink", "netns", l.name(h), "type", "veth", "peer", "name", h, "netns", lan)
-		mustRun(t, "ip", "-n", lan, "link", "set", h, "master", "lan0", "up")
-		mustRun(t, "ip", "-n", l.name(h), "link", "set", "uplink", "up")
-	}
-	for h, br := range map[string]string{"A": "br0", "B": bBridge} {
-		n := l.name(h)
-		mustRun(t, "ip", "-n", n, "link", "add", br, "type", "bridge")
-		mustRun(t, "ip", "-n", n, "link", "set", "uplink", "master", br)
-		mustRun(t, "ip", "-n", n, "link", "set", br, "up")
-		mustRun(t, "ip", "-n", n, "addr", "add", hostAddr(h)+"/24", "dev", br)
-	}
-	mustRun(t, "ip", "-n", l.name("C"), "addr", "add", hostAddr("C")+"/24", "dev", "uplink")
-	return l
+	t.Cleanup(lab.Close)
+	return &netLab{Lab: lab, t: t}
 }
 
 // daemon starts a phauld in host's namespace, on port; wrap runs it under
@@ -106,54 +67,15 @@ func (l *netLab) daemon(host string, port int, flags []string, wrap ...string) *
 	})
 }
 
-// inNS runs fn on a thread in host's network namespace: the sockets it
-// makes are made there, and stay there.
-func (l *netLab) inNS(host string, fn func()) error {
-	var err error
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		runtime.LockOSThread()
-		home, e := netns.Get()
-		if e != nil {
-			err = e
-			return
-		}
-		defer home.Close()
-		target, e := netns.GetFromPath(l.path(host))
-		if e != nil {
-			err = e
-			return
-		}
-		defer target.Close()
-		if err = netns.Set(target); err != nil {
-			return
-		}
-		fn()
-		if netns.Set(home) == nil {
-			runtime.UnlockOSThread() // else the thread ends with the goroutine
-		}
-	}()
-	<-done
-	return err
-}
-
 // dial connects from host's namespace.
-func (l *netLab) dial(host, addr string) (net.Conn, error) {
-	var c net.Conn
-	var err error
-	if nerr := l.inNS(host, func() { c, err = net.DialTimeout("tcp", addr, 5*time.Second) }); nerr != nil {
-		return nil, nerr
-	}
-	return c, err
-}
+func (l *netLab) dial(host, addr string) (net.Conn, error) { return l.Dial(host, addr) }
 
 // proxy is a fault proxy listening on host's loopback at port, which
 // forwards to target from host's namespace.
 func (l *netLab) proxy(host string, port int, target string) *faultproxy.Proxy {
 	var ln net.Listener
 	var err error
-	if nerr := l.inNS(host, func() { ln, err = net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port)) }); nerr != nil || err != nil {
+	if nerr := l.InNS(host, func() { ln, err = net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port)) }); nerr != nil || err != nil {
 		l.t.Fatalf("listen in %s: %v %v", host, nerr, err)
 	}
 	p := faultproxy.Serve(ln, target, func(addr string) (net.Conn, error) { return l.dial(host, addr) })
@@ -161,163 +83,60 @@ func (l *netLab) proxy(host string, port int, target string) *faultproxy.Proxy {
 	return p
 }
 
-// service is a server that runs on host A as the init of its own pid and
-// network namespace, with a veth (vsvc on A's br0, eth0 inside) and
-// labSvcAddr.
+// service is the lab's service; pid and dir as harness.Service's.
 type service struct {
 	pid int
 	dir string
 }
 
 // startRedis starts redis-server as the service; its append-only file is
-// in dataDir.
+// in dataDir. Its log is shown if the test fails.
 func (l *netLab) startRedis(dataDir string) *service {
 	l.t.Helper()
 	logDir := l.t.TempDir()
-	return l.startService(dataDir, redisPort, filepath.Join(logDir, "redis.log"),
-		"redis-server", "--port", redisPort, "--bind", "0.0.0.0", "--protected-mode", "no",
-		"--save", "", "--appendonly", "yes", "--dir", dataDir, "--logfile", filepath.Join(logDir, "redis.log"))
+	s, err := l.StartRedis(dataDir, logDir)
+	return l.keep(s, err, filepath.Join(logDir, "redis.log"))
 }
 
 // startService runs args in dir as the service, waits until it answers on
-// port from C, and kills it and every copy of it at the end (the
-// processes whose working directory is dir). logPath is shown if the test
-// fails.
+// port from C, and kills it and every copy of it at the end. logPath is
+// shown if the test fails.
 func (l *netLab) startService(dir, port, logPath string, args ...string) *service {
+	l.t.Helper()
+	s, err := l.StartService(dir, port, args...)
+	return l.keep(s, err, logPath)
+}
+
+func (l *netLab) keep(s *harness.Service, err error, logPath string) *service {
 	t := l.t
 	t.Helper()
-	cmd := exec.Command("nsenter", append([]string{"--net=" + l.path("A"), "unshare", "--pid", "--net", "--fork", "--", "setsid"}, args...)...)
-	cmd.Dir = dir
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
 	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
 		if t.Failed() {
 			b, _ := os.ReadFile(logPath)
 			t.Logf("--- %s ---\n%s", logPath, b)
 		}
 	})
-	var pid int
-	waitFor(t, args[0]+" to start", 10*time.Second, func() bool {
-		kids, _ := proc.Children(cmd.Process.Pid)
-		if len(kids) == 1 {
-			pid = kids[0]
-		}
-		return pid != 0
-	})
-	t.Cleanup(func() { killWorkingIn(dir) })
-	n := strconv.Itoa(pid)
-	mustRun(t, "ip", "-n", l.name("A"), "link", "add", "vsvc", "type", "veth", "peer", "name", "eth0", "netns", n)
-	mustRun(t, "ip", "-n", l.name("A"), "link", "set", "vsvc", "master", "br0", "up")
-	mustRun(t, "nsenter", "-t", n, "-n", "ip", "addr", "add", labSvcAddr+"/24", "dev", "eth0")
-	mustRun(t, "nsenter", "-t", n, "-n", "ip", "link", "set", "eth0", "up")
-	mustRun(t, "nsenter", "-t", n, "-n", "ip", "link", "set", "lo", "up")
-	waitFor(t, args[0]+" to answer", 10*time.Second, func() bool {
-		c, err := l.dial("C", labSvcAddr+":"+port)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
-	return &service{pid: pid, dir: dir}
-}
-
-// killWorkingIn kills, by pid, every process whose working directory is
-// dir: the service's copies this test made, on any "host" (the directory
-// is the test's own).
-func killWorkingIn(dir string) {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if cwd, _ := os.Readlink("/proc/" + e.Name() + "/cwd"); cwd == dir {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
+	if err != nil {
+		t.Fatal(err)
 	}
+	t.Cleanup(s.Stop)
+	return &service{pid: s.PID, dir: s.Dir}
 }
 
-// redisClient keeps one connection and sends INCR every 20 ms until
-// stopped; every reply must be the one after the last.
-type redisClient struct {
-	c      net.Conn
-	stop   chan struct{}
-	done   chan struct{}
-	mu     sync.Mutex
-	n      int64
-	last   int64
-	maxGap time.Duration
-	err    error
-}
+// redisClient is a harness.RedisClient on C, a request every 20 ms.
+type redisClient struct{ *harness.RedisClient }
 
 func (l *netLab) startClient(key string) *redisClient {
 	l.t.Helper()
-	c, err := l.dial("C", labSvcAddr+":"+redisPort)
+	rc, err := l.StartRedisClient(key, 20*time.Millisecond)
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	rc := &redisClient{c: c, stop: make(chan struct{}), done: make(chan struct{})}
-	l.t.Cleanup(func() { rc.halt(); c.Close() })
-	go rc.run(key)
-	return rc
+	l.t.Cleanup(rc.Halt)
+	return &redisClient{rc}
 }
 
-func (rc *redisClient) run(key string) {
-	defer close(rc.done)
-	r := bufio.NewReader(rc.c)
-	for {
-		select {
-		case <-rc.stop:
-			return
-		case <-time.After(20 * time.Millisecond):
-		}
-		t0 := time.Now()
-		rc.c.SetDeadline(t0.Add(30 * time.Second))
-		_, err := fmt.Fprintf(rc.c, "INCR %s\r\n", key)
-		var line string
-		if err == nil {
-			line, err = r.ReadString('\n')
-		}
-		var v int64
-		if err == nil {
-			v, err = strconv.ParseInt(strings.TrimSpace(strings.TrimPrefix(line, ":")), 10, 64)
-			if err != nil {
-				err = fmt.Errorf("reply %q", line)
-			}
-		}
-		rc.mu.Lock()
-		if err == nil && v != rc.last+1 {
-			err = fmt.Errorf("reply %d after %d: out of sequence", v, rc.last)
-		}
-		if err != nil {
-			rc.err = fmt.Errorf("request %d: %w", rc.n+1, err)
-			rc.mu.Unlock()
-			return
-		}
-		rc.n, rc.last = rc.n+1, v
-		rc.maxGap = max(rc.maxGap, time.Since(t0))
-		rc.mu.Unlock()
-	}
-}
-
-// state is what the client did so far.
-func (rc *redisClient) state() (n int64, maxGap time.Duration, err error) {
-	rc.mu.Lock()
-	defer rc.mu.Unlock()
-	return rc.n, rc.maxGap, rc.err
-}
-
-func (rc *redisClient) halt() {
-	select {
-	case <-rc.stop:
-	default:
-		close(rc.stop)
-	}
-	<-rc.done
-}
+func (rc *redisClient) state() (int64, time.Duration, error) { return rc.State() }
 
 // goesOn checks that the client's connection is still served: more
 // replies within a second, no error.
@@ -395,6 +214,60 @@ func TestServiceKeepsItsClient(t *testing.T) {
 	}
 }
 
+// A service whose namespace reaches the segment by a macvlan on its
+// host's interface eth1 (no bridge): the macvlan is made again on B's
+// eth1, with its MAC address, the client's connection goes on, and the
+// source's namespace, which the test keeps open, is left with nothing
+// that could answer for the address.
+func TestServiceOnMacvlan(t *testing.T) {
+	integration(t)
+	for i, mode := range []string{"copy", "lazy"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			lab := newNetLab(t, "br0")
+			for _, h := range []string{"A", "B"} {
+				if err := lab.AddUplink(h, "eth1"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			lab.ServiceLink = "eth1"
+			port := 18200 + 10*i
+			a := lab.daemon("A", port, nil)
+			b := lab.daemon("B", port+1, nil)
+			svc := lab.startRedis(t.TempDir())
+			mac := func(pid int) string {
+				out, err := exec.Command("nsenter", "-t", strconv.Itoa(pid), "-n", "cat", "/sys/class/net/eth0/address").Output()
+				if err != nil {
+					t.Fatalf("the MAC address of pid %d's eth0: %v", pid, err)
+				}
+				return strings.TrimSpace(string(out))
+			}
+			before := mac(svc.pid)
+			srcNS, err := os.Open(fmt.Sprintf("/proc/%d/ns/net", svc.pid))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer srcNS.Close()
+			rc := lab.startClient("k")
+			time.Sleep(300 * time.Millisecond)
+
+			res := a.migrateTo(t, svc.pid, b.addr, "--mode", mode)
+			rc.goesOn(t, "after the migration")
+			n := res.Network
+			if n == nil || len(n.Macvlans) != 1 || n.Macvlans[0].Inner != "eth0" || n.Macvlans[0].Lower != "eth1" || n.TCPConnections < 1 {
+				t.Errorf("the result says %+v; want the macvlan eth0 on eth1, and the connection", n)
+			}
+			if after := mac(res.DestPID); after != before {
+				t.Errorf("the copy on B has MAC %s, the source had %s", after, before)
+			}
+			out, err := exec.Command("nsenter", fmt.Sprintf("--net=/proc/%d/fd/%d", os.Getpid(), srcNS.Fd()), "ip", "-o", "link").CombinedOutput()
+			if err != nil || strings.Count(strings.TrimSpace(string(out)), "\n") != 0 || !strings.Contains(string(out), "lo:") {
+				t.Errorf("the source's namespace after the commit has (%v):\n%s\nwant only lo", err, out)
+			}
+		})
+	}
+}
+
 // The restore fails on B (the service's data directory is not there): the
 // client's connection goes on with the source's copy, and nothing of the
 // namespace is left on B.
@@ -453,10 +326,19 @@ func TestServiceBridgeChecked(t *testing.T) {
 		wrap: []string{"nsenter", "--net=" + lab.path("B")}, insecure: true,
 		flags: []string{"--peer-timeout", "5s", "--bridge-map", "br0=lanbr"},
 	})
-	res := a.migrate(t, svc.pid, mapped)
+	// As a user sees it (no --json): the progress says what moves, the
+	// result where it went.
+	r2 := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(svc.pid), "--to", mapped.addr)
+	if r2.code != 0 {
+		t.Fatalf("to a host with --bridge-map br0=lanbr: exit %d: %s %s", r2.code, r2.stdout, r2.stderr)
+	}
 	rc.goesOn(t, "after the migration to lanbr")
-	if n := res.Network; n == nil || len(n.Veths) != 1 || n.Veths[0].Bridge != "lanbr" {
-		t.Errorf("the result says %+v; want the veth on lanbr", res.Network)
+	if !regexp.MustCompile(`network: moving the namespace: interfaces eth0, addresses [^\n]*` + regexp.QuoteMeta(labSvcAddr) + `/24[^\n]*, [1-9][0-9]* TCP connections`).MatchString(r2.stderr) {
+		t.Errorf("the progress does not say what of the network moves: %s", r2.stderr)
+	}
+	if !strings.Contains(r2.stdout, "network: veth eth0, its host end vsvc on bridge lanbr there") ||
+		!regexp.MustCompile(`[1-9][0-9]* TCP connections carried, network locked [0-9]`).MatchString(r2.stdout) {
+		t.Errorf("the result does not say the veth went onto lanbr, with the connection: %s", r2.stdout)
 	}
 	out, _ := exec.Command("ip", "-n", lab.name("B"), "-o", "link", "show", "master", "lanbr").Output()
 	if !strings.Contains(string(out), "vsvc") {
