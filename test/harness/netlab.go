@@ -44,6 +44,13 @@ const (
 	RedisPort      = "6379"
 )
 
+// LabServiceAddr6 is the service's IPv6 address (on the segment's
+// fd77::/64, as LabClientAddr6 is C's).
+const (
+	LabServiceAddr6 = "fd77::50"
+	LabClientAddr6  = "fd77::30"
+)
+
 var labSeq atomic.Int32
 
 // LabHostAddr is a host's address on the segment.
@@ -96,7 +103,8 @@ func NewLab(bBridge string) (l *Lab, err error) {
 			[]string{"ip", "-n", n, "link", "set", br, "up"},
 			[]string{"ip", "-n", n, "addr", "add", LabHostAddr(h) + "/24", "dev", br})
 	}
-	steps = append(steps, []string{"ip", "-n", l.Name("C"), "addr", "add", LabHostAddr("C") + "/24", "dev", "uplink"})
+	steps = append(steps, []string{"ip", "-n", l.Name("C"), "addr", "add", LabHostAddr("C") + "/24", "dev", "uplink"},
+		[]string{"ip", "-n", l.Name("C"), "addr", "add", LabClientAddr6 + "/64", "dev", "uplink", "nodad"})
 	for _, s := range steps {
 		if err := run(s...); err != nil {
 			return nil, err
@@ -190,7 +198,7 @@ func (l *Lab) StartRedis(dataDir, logDir string) (*Service, error) {
 		return nil, errors.New("redis-server is missing (make deps installs it)")
 	}
 	logPath := filepath.Join(logDir, "redis.log")
-	return l.StartService(dataDir, RedisPort, "redis-server", "--port", RedisPort, "--bind", "0.0.0.0", "--protected-mode", "no",
+	return l.StartService(dataDir, RedisPort, "redis-server", "--port", RedisPort, "--bind", "0.0.0.0", "::", "--protected-mode", "no",
 		"--save", "", "--appendonly", "yes", "--dir", dataDir, "--logfile", logPath)
 }
 
@@ -231,6 +239,7 @@ func (l *Lab) StartService(dir, port string, args ...string) (s *Service, err er
 	}
 	for _, step := range append(link, [][]string{
 		{"nsenter", "-t", n, "-n", "ip", "addr", "add", LabServiceAddr + "/24", "dev", "eth0"},
+		{"nsenter", "-t", n, "-n", "ip", "addr", "add", LabServiceAddr6 + "/64", "dev", "eth0", "nodad"},
 		{"nsenter", "-t", n, "-n", "ip", "link", "set", "eth0", "up"},
 		{"nsenter", "-t", n, "-n", "ip", "link", "set", "lo", "up"},
 	}...) {
@@ -284,7 +293,13 @@ type RedisClient struct {
 // StartRedisClient connects from C to the service and starts sending
 // INCR key every interval.
 func (l *Lab) StartRedisClient(key string, interval time.Duration) (*RedisClient, error) {
-	c, err := l.Dial("C", LabServiceAddr+":"+RedisPort)
+	return l.StartRedisClientTo(LabServiceAddr, key, interval)
+}
+
+// StartRedisClientTo is StartRedisClient to the service's address addr
+// (LabServiceAddr or LabServiceAddr6).
+func (l *Lab) StartRedisClientTo(addr, key string, interval time.Duration) (*RedisClient, error) {
+	c, err := l.Dial("C", net.JoinHostPort(addr, RedisPort))
 	if err != nil {
 		return nil, err
 	}

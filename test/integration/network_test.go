@@ -128,7 +128,13 @@ type redisClient struct{ *harness.RedisClient }
 
 func (l *netLab) startClient(key string) *redisClient {
 	l.t.Helper()
-	rc, err := l.StartRedisClient(key, 20*time.Millisecond)
+	return l.startClientTo(labSvcAddr, key)
+}
+
+// startClientTo is startClient to the service's address addr.
+func (l *netLab) startClientTo(addr, key string) *redisClient {
+	l.t.Helper()
+	rc, err := l.StartRedisClientTo(addr, key, 20*time.Millisecond)
 	if err != nil {
 		l.t.Fatal(err)
 	}
@@ -169,14 +175,19 @@ func TestServiceKeepsItsClient(t *testing.T) {
 			b := lab.daemon("B", port+1, nil)
 			svc := lab.startRedis(t.TempDir())
 			rc := lab.startClient("k")
+			// And one over IPv6: its connection moves too, and C learns
+			// the address's new place from the unsolicited neighbour
+			// advertisement.
+			rc6 := lab.startClientTo(harness.LabServiceAddr6, "k6")
 			time.Sleep(300 * time.Millisecond)
 
 			res := a.migrateTo(t, svc.pid, b.addr, "--mode", mode)
 			rc.goesOn(t, "after the migration")
+			rc6.goesOn(t, "after the migration, over IPv6")
 			n := res.Network
-			if n == nil || n.TCPConnections < 1 || len(n.Veths) != 1 || n.Veths[0].Bridge != "br0" || n.Veths[0].Inner != "eth0" ||
-				!slices.Contains(n.Addresses, labSvcAddr+"/24") || n.LockedMS <= 0 {
-				t.Errorf("the result says %+v; want the namespace moved: eth0 on br0, %s/24, at least one connection, the lock's time", n, labSvcAddr)
+			if n == nil || n.TCPConnections < 2 || len(n.Veths) != 1 || n.Veths[0].Bridge != "br0" || n.Veths[0].Inner != "eth0" ||
+				!slices.Contains(n.Addresses, labSvcAddr+"/24") || !slices.Contains(n.Addresses, harness.LabServiceAddr6+"/64") || n.LockedMS <= 0 {
+				t.Errorf("the result says %+v; want the namespace moved: eth0 on br0, %s/24 and %s/64, both connections, the lock's time", n, labSvcAddr, harness.LabServiceAddr6)
 			}
 			t.Logf("frozen %d ms, network locked %d ms, %d connections carried", res.FrozenMS, n.LockedMS, n.TCPConnections)
 
