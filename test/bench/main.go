@@ -28,6 +28,10 @@
 // bare pipeline of the same kind, phaul's own overhead per migration, the
 // cost of encryption, an idle phauld's resident memory, and raw loopback
 // TCP throughput as the ceiling.
+//
+// Then (clients.go) the pause of a service with connected clients against
+// the same service with none: redis-server in its own network namespace,
+// with 0, 1 and 100 clients each keeping one connection (-clients).
 package main
 
 import (
@@ -103,11 +107,26 @@ func baseline(mode string) string {
 
 func run() error {
 	var c config
-	only := flag.String("loads", "", "run only the workloads whose names contain this")
+	only := flag.String("loads", "", "run only the workloads whose names contain this (none: only the connected service)")
 	onlyModes := flag.String("modes", "", "run only these modes (comma-separated, e.g. \"bare copy,phaul copy\"); the targets need them all")
 	flag.IntVar(&c.runs, "runs", 5, "runs of each mode per workload")
 	flag.StringVar(&c.bin, "bin", "bin", "directory with phauld and phaulctl")
+	clientsFlag := flag.String("clients", "0,1,100", "client counts of the connected service, the first the baseline (\"\": skip it)")
 	flag.Parse()
+	var counts []int
+	if *clientsFlag != "" {
+		var err error
+		if counts, err = parseCounts(*clientsFlag); err != nil {
+			return err
+		}
+	}
+	connected := func() error {
+		if len(counts) == 0 {
+			return nil
+		}
+		fmt.Println("\nA service with connected clients:")
+		return runClients(c, counts)
+	}
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root (CRIU)")
 	}
@@ -213,6 +232,9 @@ func run() error {
 		table = append(table, line)
 	}
 
+	if len(table) == 0 {
+		return connected() // -loads matched none
+	}
 	fmt.Println()
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "workload\tmode\tpause ms\ttotal ms\tmem MB/s\tpause / bare\ttotal / bare\t")
@@ -240,7 +262,7 @@ func run() error {
 
 	// The targets, each from the figures above.
 	if len(modes) < 5 {
-		return nil
+		return connected()
 	}
 	fmt.Println("\ntargets:")
 	check := func(ok bool, format string, args ...any) {
@@ -275,7 +297,7 @@ func run() error {
 	fmt.Println("\nphaul's own time: the total less CRIU's dump and restore, the lazy transfer and the commit (which\n" +
 		"kills the source copy): connecting, the TLS and protocol handshakes, the version and CPU checks,\n" +
 		"starting the destination's page server, shipping the images.")
-	return nil
+	return connected()
 }
 
 type measure struct {
@@ -474,7 +496,7 @@ func runBareLazy(c config, bin string, ld load, i int) (measure, error) {
 		return measure{}, fmt.Errorf("%w\n%s", err, dumpOut.String())
 	}
 	// The images are written and the page server listens.
-	if err := waitUntil(30*time.Second, func() bool {
+	if err := harness.WaitUntil(30*time.Second, func() bool {
 		b, _ := os.ReadFile(filepath.Join(src, "dump.log"))
 		return bytes.Contains(b, []byte("Starting lazy pages server")) && listening(port)
 	}); err != nil {
@@ -492,7 +514,7 @@ func runBareLazy(c config, bin string, ld load, i int) (measure, error) {
 	}
 	lpDone := make(chan error, 1)
 	go func() { lpDone <- lp.Wait() }()
-	if err := waitUntil(10*time.Second, func() bool {
+	if err := harness.WaitUntil(10*time.Second, func() bool {
 		_, err := os.Stat(filepath.Join(dst, "lazy-pages.socket"))
 		return err == nil
 	}); err != nil {
@@ -540,17 +562,6 @@ func readPid(path string) (int, error) {
 		return 0, err
 	}
 	return strconv.Atoi(strings.TrimSpace(string(b)))
-}
-
-func waitUntil(limit time.Duration, cond func() bool) error {
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("timed out after %v", limit)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-	return nil
 }
 
 // listening reports whether a TCP socket listens on port (from
