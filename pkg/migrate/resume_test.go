@@ -17,24 +17,22 @@ import (
 // anything else working there is left alone.
 func TestKillHelpersKillsStoppedOnes(t *testing.T) {
 	dir := t.TempDir()
+	exited := map[*exec.Cmd]chan struct{}{}
 	start := func(name string) *exec.Cmd {
 		cmd := exec.Command("bash", "-c", `exec -a "$0" sleep 600`, name)
 		cmd.Dir = dir
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		ch := make(chan struct{})
+		exited[cmd] = ch
+		go func() { cmd.Wait(); close(ch) }()
+		t.Cleanup(func() { cmd.Process.Kill(); <-ch })
 		return cmd
 	}
 	running := start("criu lazy-pages")
 	stopped := start("criu page-server")
 	other := start("not-a-helper")
-	exited := map[*exec.Cmd]chan struct{}{}
-	for _, c := range []*exec.Cmd{running, stopped, other} {
-		ch := make(chan struct{})
-		exited[c] = ch
-		go func() { c.Wait(); close(ch) }()
-	}
 	// Until bash has exec'ed, the command lines are bash's.
 	deadline := time.Now().Add(5 * time.Second)
 	for len(proc.WorkingIn(dir)) != 3 || !isHelper(proc.WorkingIn(dir)[stopped.Process.Pid]) {
