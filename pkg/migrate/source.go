@@ -569,7 +569,36 @@ func (m *source) frozen() error {
 	if len(m.stopped) > 0 {
 		m.log.Info("tasks stopped by job control stay stopped", zap.Int("tasks", len(m.stopped)))
 	}
+	if m.net.Own {
+		m.countConnections()
+	}
 	return nil
+}
+
+// countConnections counts again, off the loop, the frozen tree's TCP
+// connections and those not yet accepted: the figures the result gives
+// are then those of the freeze (what CRIU carried and what it left
+// behind), not of the checks before it.
+func (m *source) countConnections() {
+	pid := m.p.Proc.PID
+	var connected, inFlight int
+	var err error
+	m.s.work(func() {
+		var pids []int
+		if pids, err = proc.Tree(pid); err == nil {
+			connected, inFlight, err = network.CountTCP(pids)
+		}
+	}, func() {
+		if err != nil {
+			m.log.Warn("cannot count the frozen tree's connections; the result gives those of the checks", zap.Error(err))
+			return
+		}
+		if connected != m.net.Connected || inFlight != m.net.InFlight {
+			m.log.Info("connections at the freeze", zap.Int("tcp_connections", connected), zap.Int("tcp_in_flight", inFlight),
+				zap.Int("at_the_checks", m.net.Connected), zap.Int("in_flight_at_the_checks", m.net.InFlight))
+		}
+		m.net.Connected, m.net.InFlight = connected, inFlight
+	})
 }
 
 // onLazyServed takes the end of a lazy dump: CRIU has served the pages

@@ -112,6 +112,24 @@ func Inspect(pids []int) (Namespace, error) {
 	return ns, nil
 }
 
+// CountTCP counts the TCP connections of the tree pids and those waiting,
+// not yet accepted, in its listeners' queues. Taken while CRIU holds the
+// tree frozen and its namespace locked, it is what the dump carried and
+// what it left behind: nothing is accepted, and nothing new arrives, from
+// the freeze on.
+func CountTCP(pids []int) (connected, inFlight int, err error) {
+	socks, err := tcpSockets(pids)
+	for _, s := range socks {
+		switch {
+		case s.state == unix.BPF_TCP_LISTEN:
+			inFlight += s.queued
+		case s.state != unix.BPF_TCP_CLOSE:
+			connected++
+		}
+	}
+	return connected, inFlight, err
+}
+
 // refuseHostSockets refuses the sockets of a tree in its host's network
 // namespace that cannot move: connections, and sockets bound to an address
 // of this host (not loopback, not the wildcard), which the destination

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/wire"
 	"github.com/phaul/phaul/test/faultproxy"
 	"github.com/phaul/phaul/test/harness"
 )
@@ -277,6 +278,50 @@ func TestServiceOnMacvlan(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Connections not yet accepted do not stop a migration: CRIU leaves them
+// behind, and the result counts them as they were at the freeze, not at
+// the checks. The service is the test workload, which listens and never
+// accepts; startService's probe and three connections from C wait in its
+// accept queue at the checks, and two more come while the source is
+// between its checks and the freeze (the destination's Ready held).
+func TestInFlightLeftBehind(t *testing.T) {
+	integration(t)
+	lab := newNetLab(t, "br0")
+	a := lab.daemon("A", 18230, nil)
+	b := lab.daemon("B", 18231, nil)
+	px := lab.proxy("A", 18232, b.addr)
+	dir := t.TempDir()
+	svc := lab.startService(dir, "7000", filepath.Join(dir, "none"),
+		bins.workload, "--mem", "8", "--status", filepath.Join(dir, "status"), "--listen", "0.0.0.0:7000")
+	connect := func() {
+		c, err := lab.dial("C", labSvcAddr+":7000")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	for i := 0; i < 3; i++ {
+		connect()
+	}
+	px.Arm(&faultproxy.Rule{Dir: faultproxy.ToSource, Type: wire.TypeReady, Nth: 1, Action: faultproxy.Pass,
+		Hook: func() { connect(); connect(); time.Sleep(100 * time.Millisecond) }})
+	res := a.migrateTo(t, svc.pid, px.Addr(), "--mode", "copy")
+	if n := res.Network; n == nil || n.TCPInFlight != 6 || n.TCPConnections != 0 {
+		t.Fatalf("the result says %+v; want the 6 connections waiting in the queue at the freeze counted as left behind, none carried", res.Network)
+	}
+	t.Logf("left behind: %d connections not yet accepted", res.Network.TCPInFlight)
+	if !proc.Running(res.DestPID) {
+		t.Errorf("the copy on B (pid %d) does not run", res.DestPID)
+	}
+	// Its listener moved: a new connection reaches it on B.
+	c, err := lab.dial("C", labSvcAddr+":7000")
+	if err != nil {
+		t.Fatalf("a new connection after the migration: %v", err)
+	}
+	c.Close()
 }
 
 // The restore fails on B (the service's data directory is not there): the
