@@ -5,11 +5,14 @@
 // To lock a process's network while it is dumped, CRIU adds an nftables
 // table named "CRIU-<run id>" (family inet) and deletes it when it resumes
 // the process; after a successful dump, or a crash, the table stays. A
-// leftover table has made later CRIU runs hang for minutes. phaul itself
-// asks CRIU not to lock the network, so its own runs leave none; phauld
-// still sweeps the leftovers of other CRIU runs on its host, but only when
-// no CRIU process is running, since a running one may hold its table on
-// purpose.
+// leftover table has made later CRIU runs hang for minutes. phaul asks
+// CRIU not to lock a host's network (a tree in its host's namespace is
+// dumped with network_lock SKIP), so its own runs leave none there; a tree
+// in a namespace of its own is locked inside that namespace, and every
+// resume lifts that lock (migrate.ResumeTree, recovery included). phauld
+// sweeps the leftovers of other CRIU runs on its host's namespace, but
+// only when no CRIU process is running, since a running one may hold its
+// table on purpose.
 package netlock
 
 import (
