@@ -937,15 +937,15 @@ func (m *source) finishCommitted() {
 	var err error
 	var gone []string
 	var goneErr error
-	pid := m.p.Proc.PID
+	pid, own, veths := m.p.Proc.PID, m.net.Own, m.net.Veths
 	m.s.work(func() {
 		// Its interfaces first: the namespace outlives the tree for a
 		// while, and must not answer for the address meanwhile.
-		if m.net.Own {
+		if own {
 			gone, goneErr = network.RemoveLinks(pid)
 		}
 		err = proc.KillTree(tree)
-		ends, endsErr := network.RemoveHostEnds(m.net.Veths)
+		ends, endsErr := network.RemoveHostEnds(veths)
 		gone, goneErr = append(gone, ends...), errors.Join(goneErr, endsErr)
 	}, func() {
 		if err != nil {
