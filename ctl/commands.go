@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -17,8 +18,8 @@ func newMigrate(c *cli) *cobra.Command {
 	var req api.MigrateRequest
 	var quiet bool
 	cmd := &cobra.Command{
-		Use:   "migrate --pid PID --to HOST[:PORT]",
-		Short: "Move a process tree to another host",
+		Use:   "migrate (--pid PID | --container ID) --to HOST[:PORT]",
+		Short: "Move a process tree, or a runc container, to another host",
 		Long: `Migrate moves the process tree rooted at PID to the phauld at HOST (port
 12345 unless given) and waits until it is over. It exits 0 only if the
 process was seen running on the destination; it then prints the pid it has
@@ -66,12 +67,22 @@ Exit status:
   auto     the best both hosts support: lazy, else precopy, else copy.
 'phaulctl status' shows which modes this host supports.
 
+--container ID moves the runc container ID (under phauld's --runc-root)
+instead, with runc's own checkpoint and restore: it keeps its id on the
+destination, which runc there lists as running; until the commit it stays
+paused here, and any failure resumes it. Its bundle (its root filesystem)
+must be on storage both hosts share, at the same path; copying it is not
+built yet. Containers move in copy mode so far.
+
 On a terminal, a progress bar shows the phase, bytes and pages moved, the
 rate and an estimate; otherwise plain lines go to stderr.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if req.PID <= 0 {
-				return fmt.Errorf("--pid is required: the pid of the process to migrate")
+			switch {
+			case req.PID > 0 && req.Container != "":
+				return fmt.Errorf("--pid and --container name what to migrate: give one")
+			case req.PID <= 0 && req.Container == "":
+				return fmt.Errorf("--pid or --container is required: the pid of the process, or the id of the runc container, to migrate")
 			}
 			if req.To == "" {
 				return fmt.Errorf("--to is required: the destination host, HOST or HOST:PORT")
@@ -109,12 +120,17 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 				c.printFigures(res)
 				return notRunning
 			}
-			fmt.Fprintf(c.stdout, "pid %d now runs on %s as pid %d\n", res.SourcePID, res.Dest, res.DestPID)
+			if res.Container != "" {
+				fmt.Fprintf(c.stdout, "container %s now runs on %s (its init: pid %d there)\n", res.Container, res.Dest, res.DestPID)
+			} else {
+				fmt.Fprintf(c.stdout, "pid %d now runs on %s as pid %d\n", res.SourcePID, res.Dest, res.DestPID)
+			}
 			c.printFigures(res)
 			return nil
 		},
 	}
 	cmd.Flags().IntVar(&req.PID, "pid", 0, "root of the process tree to migrate")
+	cmd.Flags().StringVar(&req.Container, "container", "", "id of the runc container to migrate (instead of --pid)")
 	cmd.Flags().StringVar(&req.To, "to", "", "destination phauld, HOST or HOST:PORT")
 	cmd.Flags().StringVar(&req.Mode, "mode", api.ModeAuto, "how memory moves: copy, lazy, precopy or auto")
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress display")
@@ -211,8 +227,12 @@ did not commit, why. --json has every figure, CRIU's statistics included.`,
 						msg = msg[:57] + "..."
 					}
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Ended.Local().Format("2006-01-02 15:04:05"),
-					e.ID[:min(8, len(e.ID))], e.Direction, e.PID, e.Peer, e.Outcome, mode, frozen, bytesHuman(e.Result.Bytes), msg)
+				pid := strconv.Itoa(e.PID)
+				if e.Result.Container != "" {
+					pid += " (container " + e.Result.Container + ")"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Ended.Local().Format("2006-01-02 15:04:05"),
+					e.ID[:min(8, len(e.ID))], e.Direction, pid, e.Peer, e.Outcome, mode, frozen, bytesHuman(e.Result.Bytes), msg)
 			}
 			return tw.Flush()
 		},
@@ -396,7 +416,11 @@ func (c *cli) printSessions(list []api.Session) error {
 	fmt.Fprintln(tw, "SESSION\tDIR\tPID\tPEER\tPHASE\tBYTES\tAGE")
 	var notes []string
 	for _, s := range list {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.ID, s.Direction, s.PID, s.Peer, s.Phase,
+		pid := strconv.Itoa(s.PID)
+		if s.Container != "" {
+			pid += " (container " + s.Container + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, s.Direction, pid, s.Peer, s.Phase,
 			bytesHuman(s.Bytes), (time.Duration(s.AgeMS) * time.Millisecond).Round(100*time.Millisecond))
 		if s.Note != "" {
 			notes = append(notes, fmt.Sprintf("%s: %s", s.ID[:min(8, len(s.ID))], s.Note))

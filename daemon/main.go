@@ -12,7 +12,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -30,6 +32,7 @@ import (
 	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/netlock"
 	"github.com/phaul/phaul/pkg/pki"
+	"github.com/phaul/phaul/pkg/runc"
 	"github.com/phaul/phaul/pkg/session"
 	"github.com/phaul/phaul/pkg/systemd"
 	"github.com/phaul/phaul/pkg/version"
@@ -40,6 +43,10 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == guard.Command {
 		// phauld re-executed as a restored copy's guard (pkg/guard).
 		os.Exit(guard.Main(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == runc.HookCommand {
+		// phauld run by CRIU as a container restore's action script.
+		os.Exit(runc.HookMain(os.Args[2:]))
 	}
 	if err := run(context.Background(), os.Args[1:], os.Stderr); err != nil {
 		if !errors.Is(err, flag.ErrHelp) {
@@ -68,6 +75,9 @@ type options struct {
 	oneShot     bool
 	logTarget   string
 	bridgeMap   bridgeMap
+	runcPath    string
+	runcRoot    string
+	containers  string
 }
 
 // bridgeMap is --bridge-map SRC=DST, repeatable.
@@ -152,6 +162,9 @@ Flags:
 	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")
 	fs.BoolVar(&o.oneShot, "one-shot", false, "serve exactly one migration (in or out), then exit")
 	fs.Var(&o.bridgeMap, "bridge-map", "as a destination, put the veths that were on bridge SRC on the source on bridge DST here (`SRC=DST`, repeatable; unmapped: the bridge of the same name)")
+	fs.StringVar(&o.runcPath, "runc", "runc", "runc binary for containers (`PATH`, or a name looked up in PATH; containers are refused where it is missing)")
+	fs.StringVar(&o.runcRoot, "runc-root", "/run/runc", "runc's state root (`DIR`): where migrate --container finds containers, and where arriving ones are kept")
+	fs.StringVar(&o.containers, "containers-dir", "", "`DIR` for the bundles of arriving containers (default: containers under --state-dir)")
 	fs.StringVar(&o.logTarget, "log-target", "auto", "`TARGET` of the logs: journal (native entries with PHAUL_* fields), console, or auto (journal when stderr is the journal)")
 	return fs
 }
@@ -260,6 +273,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	defer placer.Close()
 
 	policy := control.Policy{GroupID: gid, Group: o.group}
+	rc, containersDir, self := containerRuntime(o, log)
 	mgr, err := session.NewManager(session.Config{
 		Log:         log.Named("session"),
 		CRIU:        migrate.FromClient(cc),
@@ -278,13 +292,16 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 				stopSignals()
 			}
 		},
-		Place:     scopes(placer, log),
-		Guard:     guards(log),
-		Authorize: policy.CanMigrateTree,
-		ServerTLS: sec.Server,
-		ClientTLS: sec.Client,
-		Insecure:  o.insecure,
-		Disabled:  sec.Disabled,
+		Place:         scopes(placer, log),
+		Guard:         guards(log),
+		Runc:          rc,
+		ContainersDir: containersDir,
+		HookExe:       self,
+		Authorize:     policy.CanMigrateTree,
+		ServerTLS:     sec.Server,
+		ClientTLS:     sec.Client,
+		Insecure:      o.insecure,
+		Disabled:      sec.Disabled,
 	})
 	if err != nil {
 		closeAll(migLs)
@@ -379,4 +396,36 @@ func guards(log *zap.Logger) func(dir string, pid int, start uint64) (migrate.Gu
 	return func(dir string, pid int, start uint64) (migrate.Guard, error) {
 		return guard.Start(exe, dir, pid, start)
 	}
+}
+
+// containerRuntime is the runc phauld moves containers with (nil if it is
+// not installed), the directory arriving bundles go to, and phauld's own
+// binary (CRIU runs it during a container's restore).
+func containerRuntime(o options, log *zap.Logger) (*runc.Runc, string, string) {
+	dir := o.containers
+	if dir == "" {
+		dir = filepath.Join(o.stateDir, "containers")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		log.Warn("cannot find phauld's own binary: containers cannot arrive here", zap.Error(err))
+		return nil, dir, ""
+	}
+	path, err := exec.LookPath(o.runcPath)
+	if err != nil {
+		log.Info("no runc here: containers are refused", zap.String("runc", o.runcPath))
+		return nil, dir, self
+	}
+	criuPath := o.criuPath
+	if p, err := exec.LookPath(criuPath); err == nil {
+		criuPath = p
+	}
+	r := &runc.Runc{Path: path, Root: o.runcRoot, CRIU: criuPath}
+	v, err := r.Version(context.Background())
+	if err != nil {
+		log.Warn("runc does not run: containers are refused", zap.Error(err))
+		return nil, dir, self
+	}
+	log.Info("runc found", zap.String("path", path), zap.String("version", v), zap.String("root", o.runcRoot), zap.String("containers_dir", dir))
+	return r, dir, self
 }

@@ -83,6 +83,10 @@ func AsError(err error) *Error {
 // MigrateRequest asks the daemon to move a process tree to another host.
 type MigrateRequest struct {
 	PID int `json:"pid"`
+	// Container, instead of PID, names a runc container (its id under
+	// the daemon's --runc-root) to move with runc's checkpoint and
+	// restore; it keeps its id on the destination.
+	Container string `json:"container,omitempty"`
 	// To is the destination daemon, HOST or HOST:PORT.
 	To string `json:"to"`
 	// Mode is how memory moves: ModeCopy, ModeLazy, ModePrecopy, or
@@ -113,7 +117,10 @@ var Modes = []string{ModeAuto, ModeCopy, ModeLazy, ModePrecopy}
 // Result describes a finished migration. Fields may be added, never
 // renamed.
 type Result struct {
-	ID        string `json:"id"`
+	ID string `json:"id"`
+	// Container is the id of the container moved (empty: a process
+	// tree).
+	Container string `json:"container,omitempty"`
 	SourcePID int    `json:"source_pid"`
 	DestPID   int    `json:"dest_pid"`
 	Dest      string `json:"dest"`
@@ -252,6 +259,7 @@ type Session struct {
 	// Direction is DirectionOut or DirectionIn.
 	Direction string    `json:"direction"`
 	PID       int       `json:"pid"`
+	Container string    `json:"container,omitempty"`
 	Peer      string    `json:"peer"`
 	Phase     string    `json:"phase"`
 	Bytes     int64     `json:"bytes"`

@@ -23,6 +23,7 @@ import (
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/network"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/runc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
@@ -89,6 +90,12 @@ type DestConfig struct {
 	BridgeMap map[string]string
 	AsDest    Capabilities
 	CPUChecks *CPUChecks
+	// Runc runs arriving containers (nil: none are taken);
+	// ContainersDir receives their bundles; HookExe is phauld's binary,
+	// which CRIU runs as a container restore's action script.
+	Runc          *runc.Runc
+	ContainersDir string
+	HookExe       string
 }
 
 // dest is the state machine of the daemon a process arrives at. It is the
@@ -111,6 +118,11 @@ type dest struct {
 	// (-1 before): a discard empties it of interfaces, processes or no.
 	treeNS netns.NsHandle
 	hb     *heartbeat
+	// container is the runc container arriving (nil: a process tree);
+	// bundleMade says its bundle directory is this session's to remove
+	// on a discard.
+	container  *Container
+	bundleMade bool
 
 	srcPID   int
 	cpuInfo  []byte // the source's cpuinfo image
@@ -288,6 +300,20 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	m.ph.enter("checks")
 	if err := m.checkNetwork(p.Network); err != nil {
 		return err
+	}
+	if p.Container != nil {
+		if m.mode != api.ModeCopy {
+			if p.Mode == api.ModeAuto || p.Mode == "" {
+				m.mode = api.ModeCopy // what containers move by, so far
+				m.log = m.log.With(zap.String("mode", m.mode))
+				m.ph.log = m.log
+			} else {
+				return api.Errorf(api.CodePrecondition, "%s migration of a container is not built yet: use --mode copy (or auto)", m.mode)
+			}
+		}
+		if err := m.prepareContainer(p.Container); err != nil {
+			return err
+		}
 	}
 	if len(p.CPUInfo) == 0 {
 		m.log.Warn("source sent no cpuinfo: CPU check skipped")
@@ -574,8 +600,8 @@ const placeTimeout = 2 * time.Second
 // the daemon's fate (a stop of phauld's service). It may take up to
 // placeTimeout: it runs off the loop.
 func (m *dest) place(tree []*proc.Process) {
-	if m.p.Place == nil {
-		return
+	if m.p.Place == nil || m.container != nil {
+		return // a container stays in the cgroup runc made for it
 	}
 	pids := make([]int, len(tree))
 	for i, p := range tree {
@@ -618,7 +644,11 @@ func (m *dest) startRestore() error {
 		opts.ExtUnixSk = true
 		opts.InheritFds = append(opts.InheritFds, criu.InheritFd{Key: fmt.Sprintf("socket:[%d]", ino), File: f})
 	}
-	op, err := m.p.CRIU.StartRestore(opts)
+	restorer := m.p.CRIU
+	if m.container != nil {
+		restorer = ContainerCRIU(m.p.CRIU, m.container, m.log)
+	}
+	op, err := restorer.StartRestore(opts)
 	for _, in := range opts.InheritFds {
 		in.File.Close() // CRIU has its own copies
 	}
@@ -808,6 +838,11 @@ func (m *dest) committed(resumeErr error) {
 	} else {
 		m.log.Info("migration committed: process runs here", zap.Int("dest_pid", m.pid))
 	}
+	if m.container != nil {
+		if err := QuietCRIUConfig(m.container.Bundle); err != nil {
+			m.log.Warn("cannot empty the container's CRIU configuration; its next checkpoint may fail", zap.Error(err))
+		}
+	}
 	// Tell the source first: removing the images of a big process takes
 	// tens of milliseconds, and the source's copy waits, stopped.
 	if !m.rpc.Closed() {
@@ -937,6 +972,7 @@ func (m *dest) discard(running bool) (wait func()) {
 	// Two killers: should this daemon die now, the guard goes on.
 	m.endGuard(false)
 	log, dir := m.log, m.p.Dir
+	c, bundleMade := m.container, m.bundleMade
 	var veths []network.Veth
 	for _, v := range m.veths {
 		veths = append(veths, network.Veth(v))
@@ -960,6 +996,9 @@ func (m *dest) discard(running bool) (wait func()) {
 		}
 		if _, err := network.RemoveHostEnds(veths); err != nil {
 			log.Warn("cannot remove the discarded copy's veths", zap.Error(err))
+		}
+		if c != nil {
+			forgetContainer(log, c, bundleMade)
 		}
 	}
 }
@@ -1060,6 +1099,7 @@ func (m *dest) outcome() End {
 		lazyMS = m.tPagesIn.Sub(m.tResumed).Milliseconds()
 	}
 	e := End{Record: *m.rec, Result: api.Result{
+		Container: m.s.containerID(),
 		ID:        m.s.ID.String(),
 		SourcePID: m.srcPID,
 		DestPID:   m.pid,

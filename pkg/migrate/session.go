@@ -34,6 +34,8 @@ type Session struct {
 	pid   atomic.Int64
 	phase atomic.Value // string
 	bytes atomic.Int64
+	// container is the id of the container it moves ("" if none yet).
+	container atomic.Value // string
 
 	l       *loop.Loop
 	m       machine
@@ -148,12 +150,18 @@ func (s *Session) Info() api.Session {
 		ID:        s.ID.String(),
 		Direction: s.Direction,
 		PID:       int(s.pid.Load()),
+		Container: s.containerID(),
 		Peer:      s.Peer,
 		Phase:     s.phase.Load().(string),
 		Bytes:     s.bytes.Load(),
 		Started:   s.Started,
 		AgeMS:     time.Since(s.Started).Milliseconds(),
 	}
+}
+
+func (s *Session) containerID() string {
+	id, _ := s.container.Load().(string)
+	return id
 }
 
 // machine is a session's role-specific state machine: what the source or

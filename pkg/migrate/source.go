@@ -3,10 +3,12 @@
 package migrate
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"math"
+	"os"
 	"sort"
 	"strings"
 	"syscall"
@@ -89,6 +91,13 @@ type SourceConfig struct {
 	// Mode is what the user asked for; AsSource what this host can do.
 	Mode     string
 	AsSource Capabilities
+	// Container, if set, is the runc container whose init is Proc: CRIU
+	// is then ContainerCRIU, and the commit deletes the container (runc
+	// delete), a rollback resumes it (runc resume).
+	Container *Container
+	// Shared is the container's storage check: the marker file and its
+	// token (see wire.Container); the source removes it when done.
+	Shared *wire.Container
 }
 
 // source is the state machine of the daemon a process leaves.
@@ -178,6 +187,9 @@ func newSource(s *Session, p SourceConfig, rpcLink, memLink *transport.Link) (*s
 }
 
 func (m *source) begin() error {
+	if m.p.Container != nil {
+		m.s.container.Store(m.p.Container.ID)
+	}
 	m.ph.enter("prepare")
 	m.emit()
 	m.hb = startHeartbeat(m.s.l, m.rpc, []*transport.Conn{m.rpc, m.mem}, m.p.PeerTimeout, m.onSilent)
@@ -211,6 +223,7 @@ func (m *source) begin() error {
 	}
 	return m.rpc.Send(&wire.Prepare{
 		PID:            m.p.Proc.PID,
+		Container:      m.p.Shared,
 		CRIUVersion:    m.p.Info.Version.Code(),
 		CPUInfo:        m.p.Info.CPUInfo,
 		Name:           printable(m.p.Proc.Comm),
@@ -865,6 +878,13 @@ func (m *source) end() {
 // run. It may block: it runs off the loop, or at the very end.
 func (m *source) resume(tree []*proc.Process, released bool) error {
 	pid, start := m.p.Proc.PID, m.p.Proc.StartTime
+	if released && m.p.Container != nil {
+		// Left paused by the dump: thawed first, then resumed as any
+		// tree (its network given back).
+		if err := m.p.Container.Runc.Resume(context.Background(), m.p.Container.ID); err != nil {
+			return fmt.Errorf("runc resume %s: %w", m.p.Container.ID, err)
+		}
+	}
 	if released {
 		if tree == nil {
 			t, err := proc.OpenTree(pid, start)
@@ -944,7 +964,15 @@ func (m *source) finishCommitted() {
 		if own {
 			gone, goneErr = network.RemoveLinks(pid)
 		}
-		err = proc.KillTree(tree)
+		if c := m.p.Container; c != nil {
+			// runc kills a paused container's processes (thawing them)
+			// and forgets it; a bundle phaul made for it goes too.
+			if err = c.Runc.Delete(context.Background(), c.ID, true); err == nil && c.OwnBundle {
+				os.RemoveAll(c.Bundle)
+			}
+		} else {
+			err = proc.KillTree(tree)
+		}
 		ends, endsErr := network.RemoveHostEnds(veths)
 		gone, goneErr = append(gone, ends...), errors.Join(goneErr, endsErr)
 	}, func() {
@@ -988,6 +1016,9 @@ func (m *source) cleanup() {
 	if m.images != nil {
 		m.images.stop()
 	}
+	if m.p.Shared != nil {
+		os.Remove(m.p.Shared.Marker)
+	}
 	m.progressTimer.Cancel()
 	m.waiting.Cancel()
 	m.hb.stop()
@@ -1026,6 +1057,7 @@ func (m *source) cleanup() {
 func (m *source) result() api.Result {
 	r := api.Result{
 		ID:         m.s.ID.String(),
+		Container:  m.containerID(),
 		SourcePID:  m.p.Proc.PID,
 		DestPID:    m.destPID,
 		Dest:       m.p.Dest,
@@ -1114,4 +1146,11 @@ func (m *source) crash() {
 		proc.CloseAll(m.tree)
 	}
 	m.tree = nil
+}
+
+func (m *source) containerID() string {
+	if m.p.Container == nil {
+		return ""
+	}
+	return m.p.Container.ID
 }

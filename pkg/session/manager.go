@@ -25,6 +25,7 @@ import (
 	"github.com/phaul/phaul/pkg/dumplock"
 	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/runc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/version"
@@ -92,6 +93,13 @@ type Config struct {
 	// migrate.Guard); without one, a copy that phauld's death leaves
 	// behind lives until phauld starts again and discards it.
 	Guard func(dir string, pid int, start uint64) (migrate.Guard, error)
+	// Runc, if set, runs containers here: migrate --container finds them
+	// in its state root, and arriving ones are restored with it, their
+	// bundles in ContainersDir. HookExe is phauld's binary (CRIU runs it
+	// as a container restore's action script).
+	Runc          *runc.Runc
+	ContainersDir string
+	HookExe       string
 }
 
 func (c *Config) setDefaults() {
@@ -481,7 +489,8 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 	}
 	cfg := migrate.DestConfig{ID: id, Peer: peer, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir,
 		PeerTimeout: m.cfg.PeerTimeout, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks, BridgeMap: m.cfg.BridgeMap,
-		Guard: m.cfg.Guard, Hold: func(pids []int) error { return m.claim(id, pids, "arriving") }}
+		Guard: m.cfg.Guard, Hold: func(pids []int) error { return m.claim(id, pids, "arriving") },
+		Runc: m.cfg.Runc, ContainersDir: m.cfg.ContainersDir, HookExe: m.cfg.HookExe}
 	if m.cfg.Place != nil {
 		cfg.Place = func(ctx context.Context, pids []int) error { return m.cfg.Place(ctx, id.String(), pids) }
 	}
@@ -638,6 +647,12 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	if err != nil {
 		return api.Result{}, err
 	}
+	var ctr *migrate.Container
+	if req.Container != "" {
+		if ctr, req.PID, err = m.findContainer(ctx, req.Container); err != nil {
+			return api.Result{}, err
+		}
+	}
 	info, err := m.checkPID(req.PID)
 	if err != nil {
 		return api.Result{}, err
@@ -714,8 +729,21 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 			}
 		}
 	}()
+	criuOf := m.cfg.CRIU
+	var shared *wire.Container
+	if ctr != nil {
+		log = log.With(zap.String("container", ctr.ID))
+		criuOf = migrate.ContainerCRIU(m.cfg.CRIU, ctr, log)
+		if shared, err = m.describeContainer(ctx, ctr, id); err != nil {
+			rpcLink.Close()
+			memLink.Close()
+			os.Remove(dir)
+			return api.Result{}, err
+		}
+	}
 	s, err := migrate.NewSource(migrate.SourceConfig{
-		ID: id, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
+		Container: ctr, Shared: shared,
+		ID: id, Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
 		PeerTimeout: m.cfg.PeerTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource,
 		Progress: func(ev api.Event) {
 			select {

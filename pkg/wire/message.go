@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"path/filepath"
 	"regexp"
 
 	"github.com/phaul/phaul/pkg/api"
@@ -250,6 +251,9 @@ type HelloReply struct {
 // about to send, and the destination checks it can take it.
 type Prepare struct {
 	PID int `json:"pid"`
+	// Container is set when the tree is a runc container, which moves
+	// with runc's checkpoint and restore.
+	Container *Container `json:"container,omitempty"`
 	// CRIUVersion is the source's CRIU version as major*10000 +
 	// minor*100 + sublevel.
 	CRIUVersion int `json:"criu_version"`
@@ -303,6 +307,49 @@ type Veth struct {
 	// Bridge is the host bridge the host end is on.
 	Bridge string `json:"bridge"`
 }
+
+// Container is a runc container as the source describes it.
+type Container struct {
+	// ID is its id, which it keeps on the destination.
+	ID string `json:"id"`
+	// Config is its bundle's config.json; Rootfs the absolute path of
+	// its root filesystem on the source.
+	Config []byte `json:"config"`
+	Rootfs string `json:"rootfs"`
+	// Marker is a file the source made next to the rootfs for this
+	// migration, holding Token: a destination that sees it, with the
+	// token, at the same path shares the storage, and nothing need be
+	// copied.
+	Marker string `json:"marker"`
+	Token  string `json:"token"`
+	// RuncVersion is the source's runc.
+	RuncVersion string `json:"runc_version,omitempty"`
+}
+
+// MaxContainerConfig bounds a container's config.json.
+const MaxContainerConfig = 48 << 10
+
+func (c *Container) validate() error {
+	if !validContainerID(c.ID) {
+		return fmt.Errorf("container id %q", c.ID)
+	}
+	if len(c.Config) == 0 || len(c.Config) > MaxContainerConfig {
+		return fmt.Errorf("container config of %d bytes", len(c.Config))
+	}
+	for _, p := range []string{c.Rootfs, c.Marker} {
+		if !filepath.IsAbs(p) || filepath.Clean(p) != p || len(p) > 4096 {
+			return fmt.Errorf("container path %q", p)
+		}
+	}
+	if len(c.Token) != 32 || len(c.RuncVersion) > 64 {
+		return fmt.Errorf("container token or runc version")
+	}
+	return nil
+}
+
+var containerID = regexp.MustCompile(`^[A-Za-z0-9_+.-]{1,128}$`)
+
+func validContainerID(id string) bool { return containerID.MatchString(id) && id != "." && id != ".." }
 
 // Macvlan is a macvlan of a tree's namespace on a host interface.
 type Macvlan struct {
@@ -506,6 +553,11 @@ var modeNames = map[string]bool{"": true, "copy": true, "lazy": true, "precopy":
 func (m *Prepare) validate() error {
 	if m.PID <= 0 {
 		return fmt.Errorf("pid %d", m.PID)
+	}
+	if m.Container != nil {
+		if err := m.Container.validate(); err != nil {
+			return err
+		}
 	}
 	if !modeNames[m.Mode] {
 		return fmt.Errorf("mode %q", m.Mode)

@@ -1,0 +1,260 @@
+//go:build linux
+
+// Package runc drives the runc binary, so that the runtime that runs a
+// container keeps knowing it on both hosts: its state, pausing and
+// resuming it, deleting it, and its checkpoint and restore (which runc
+// does with CRIU, knowing the container's mounts, cgroups, namespaces and
+// devices).
+package runc
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"time"
+)
+
+// Runc is one runc state root, driven through the binary at Path.
+type Runc struct {
+	// Path is runc's binary ("runc": found in PATH); Root its state root
+	// (runc's --root; "" is runc's own default, /run/runc for root).
+	Path, Root string
+	// CRIU, if set, is the CRIU binary runc runs (runc's --criu).
+	CRIU string
+}
+
+// DefaultRoot is runc's state root for root.
+const DefaultRoot = "/run/runc"
+
+// State is a container as `runc state` reports it.
+type State struct {
+	ID          string            `json:"id"`
+	PID         int               `json:"pid"`
+	Status      string            `json:"status"` // created, running, paused, stopped
+	Bundle      string            `json:"bundle"`
+	Rootfs      string            `json:"rootfs"`
+	Created     time.Time         `json:"created"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+// ErrNotExist is a container runc does not know.
+var ErrNotExist = errors.New("container does not exist")
+
+func (r *Runc) path() string {
+	if r.Path == "" {
+		return "runc"
+	}
+	return r.Path
+}
+
+func (r *Runc) command(ctx context.Context, args ...string) *exec.Cmd {
+	var global []string
+	if r.Root != "" {
+		global = append(global, "--root", r.Root)
+	}
+	if r.CRIU != "" {
+		global = append(global, "--criu", r.CRIU)
+	}
+	cmd := exec.CommandContext(ctx, r.path(), append(global, args...)...)
+	// The container's stdio must be nothing of ours: CRIU cannot carry a
+	// descriptor on a host file.
+	cmd.Stdin = nil
+	return cmd
+}
+
+// run runs runc with args and returns its stdout; a failure carries runc's
+// own message.
+func (r *Runc) run(ctx context.Context, args ...string) ([]byte, error) {
+	cmd := r.command(ctx, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return stdout.Bytes(), r.failure(args[0], err, stderr.Bytes())
+	}
+	return stdout.Bytes(), nil
+}
+
+// Error is a runc command that failed, with what runc said.
+type Error struct {
+	Command string
+	Message string
+	Err     error
+}
+
+func (e *Error) Error() string {
+	if e.Message == "" {
+		return fmt.Sprintf("runc %s: %v", e.Command, e.Err)
+	}
+	return fmt.Sprintf("runc %s: %s", e.Command, e.Message)
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// logMsg finds the message of runc's logrus lines (level=error msg="…").
+var logMsg = regexp.MustCompile(`msg="((?:[^"\\]|\\.)*)"`)
+
+func (r *Runc) failure(command string, err error, stderr []byte) error {
+	var msgs []string
+	for _, line := range strings.Split(strings.TrimSpace(string(stderr)), "\n") {
+		if m := logMsg.FindStringSubmatch(line); m != nil {
+			msg := strings.ReplaceAll(strings.ReplaceAll(m[1], `\"`, `"`), `\n`, "; ")
+			msgs = append(msgs, msg)
+		} else if line = strings.TrimSpace(line); line != "" {
+			msgs = append(msgs, line)
+		}
+	}
+	e := &Error{Command: command, Message: strings.Join(msgs, "; "), Err: err}
+	if strings.Contains(e.Message, "does not exist") {
+		e.Err = ErrNotExist
+	}
+	return e
+}
+
+// Version is runc's version ("1.1.5+ds1").
+func (r *Runc) Version(ctx context.Context) (string, error) {
+	out, err := r.run(ctx, "--version")
+	if err != nil {
+		return "", err
+	}
+	first, _, _ := strings.Cut(string(out), "\n")
+	v, ok := strings.CutPrefix(strings.TrimSpace(first), "runc version ")
+	if !ok {
+		return "", fmt.Errorf("runc --version said %q", first)
+	}
+	return v, nil
+}
+
+// State is the state of container id (ErrNotExist if runc does not know
+// it).
+func (r *Runc) State(ctx context.Context, id string) (State, error) {
+	var s State
+	out, err := r.run(ctx, "state", id)
+	if err != nil {
+		return s, err
+	}
+	if err := json.Unmarshal(out, &s); err != nil {
+		return s, fmt.Errorf("runc state %s: %w", id, err)
+	}
+	return s, nil
+}
+
+// List lists the containers runc knows.
+func (r *Runc) List(ctx context.Context) ([]State, error) {
+	out, err := r.run(ctx, "list", "--format", "json")
+	if err != nil {
+		return nil, err
+	}
+	var list []State
+	if s := strings.TrimSpace(string(out)); s == "" || s == "null" {
+		return nil, nil
+	}
+	if err := json.Unmarshal(out, &list); err != nil {
+		return nil, fmt.Errorf("runc list: %w", err)
+	}
+	return list, nil
+}
+
+// Pause freezes the container's processes (its cgroup's freezer).
+func (r *Runc) Pause(ctx context.Context, id string) error {
+	_, err := r.run(ctx, "pause", id)
+	return err
+}
+
+// Resume thaws a paused container.
+func (r *Runc) Resume(ctx context.Context, id string) error {
+	_, err := r.run(ctx, "resume", id)
+	return err
+}
+
+// Delete deletes the container; force kills it first if it runs (or is
+// paused).
+func (r *Runc) Delete(ctx context.Context, id string, force bool) error {
+	args := []string{"delete"}
+	if force {
+		args = append(args, "--force")
+	}
+	_, err := r.run(ctx, append(args, id)...)
+	return err
+}
+
+// CheckpointOptions are the runc checkpoint options phaul uses.
+type CheckpointOptions struct {
+	// ImagePath receives the images, WorkPath CRIU's log (dump.log).
+	ImagePath, WorkPath string
+	// PageServer, if set, is ADDR:PORT of the page server the pages go
+	// to instead of ImagePath.
+	PageServer string
+	// LeaveRunning keeps the container after the dump (a paused one
+	// stays paused); without it runc deletes it.
+	LeaveRunning bool
+	// TCPEstablished carries established connections; SkipInFlight
+	// leaves connections not yet accepted behind instead of failing.
+	TCPEstablished, SkipInFlight bool
+}
+
+func (o CheckpointOptions) args() []string {
+	a := []string{"checkpoint", "--image-path", o.ImagePath, "--work-path", o.WorkPath}
+	if o.PageServer != "" {
+		a = append(a, "--page-server", o.PageServer)
+	}
+	if o.LeaveRunning {
+		a = append(a, "--leave-running")
+	}
+	if o.TCPEstablished {
+		a = append(a, "--tcp-established")
+	}
+	if o.SkipInFlight {
+		a = append(a, "--tcp-skip-in-flight")
+	}
+	return a
+}
+
+// CheckpointCommand is the command that checkpoints container id, for a
+// caller that runs and watches it itself (CRIU can take long).
+func (r *Runc) CheckpointCommand(ctx context.Context, id string, o CheckpointOptions) *exec.Cmd {
+	return r.command(ctx, append(o.args(), id)...)
+}
+
+// RestoreOptions are the runc restore options phaul uses.
+type RestoreOptions struct {
+	// Bundle is the container's bundle here (its config.json);
+	// ImagePath the images, WorkPath where CRIU logs (restore.log).
+	Bundle, ImagePath, WorkPath string
+	// TCPEstablished restores established connections.
+	TCPEstablished bool
+}
+
+// RestoreCommand is the command that restores container id, detached (runc
+// returns once CRIU has restored it), with no stdio of ours.
+func (r *Runc) RestoreCommand(ctx context.Context, id string, o RestoreOptions) *exec.Cmd {
+	a := []string{"restore", "--detach", "--bundle", o.Bundle, "--image-path", o.ImagePath, "--work-path", o.WorkPath}
+	if o.TCPEstablished {
+		a = append(a, "--tcp-established")
+	}
+	return r.command(ctx, append(a, id)...)
+}
+
+// Failure turns a runc command's exit and stderr into an *Error.
+func (r *Runc) Failure(command string, err error, stderr []byte) error {
+	return r.failure(command, err, stderr)
+}
+
+// ValidID reports whether id can be a container id phaul accepts (runc's
+// own rule: letters, digits, _ + - .; not . or ..).
+func ValidID(id string) bool {
+	return idRE.MatchString(id) && id != "." && id != ".."
+}
+
+var idRE = regexp.MustCompile(`^[A-Za-z0-9_+.-]{1,128}$`)
+
+// Exists reports whether path exists (for checks of a bundle's mounts).
+func Exists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
+}

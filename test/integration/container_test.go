@@ -1,0 +1,245 @@
+//go:build linux
+
+package integration
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/phaul/phaul/test/harness"
+)
+
+// Containers: a runc container moves with runc's own checkpoint and
+// restore, under the commit rule. Two daemons on one machine stand for two
+// hosts with --runc-root (runc's state root) and --containers-dir of their
+// own; the bundle is in the test's directory, which both see at the same
+// path: shared storage.
+
+// counterLoop is the container's init: it appends a counter to /count in
+// its rootfs every 50 ms, holding 8 MiB in a tmpfs file meanwhile.
+const counterLoop = `dd if=/dev/urandom of=/dev/shm/held bs=1M count=8 2>/dev/null; i=0; while :; do i=$((i+1)); echo $i >> /count; sleep 0.05; done`
+
+type containerLab struct {
+	t      *testing.T
+	rootA  string
+	rootB  string
+	bundle string
+	id     string
+	a, b   *daemon
+}
+
+// newContainerLab makes the bundle, starts the container under A's runc
+// root and the two daemons (B's runc is runcB, if set: a wrapper).
+func newContainerLab(t *testing.T, port int, runcB string) *containerLab {
+	t.Helper()
+	for _, tool := range []string{"runc", "busybox"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is missing (make deps installs it)", tool)
+		}
+	}
+	dir := t.TempDir()
+	l := &containerLab{t: t, rootA: filepath.Join(dir, "runc-a"), rootB: filepath.Join(dir, "runc-b"),
+		bundle: filepath.Join(dir, "bundle"), id: fmt.Sprintf("phaul-t%d-%d", os.Getpid(), port)}
+	cgroup := "/phaul-test/" + l.id
+	if err := harness.MakeBundle(harness.BundleConfig{Dir: l.bundle, Args: []string{"/bin/sh", "-c", counterLoop}, CgroupsPath: cgroup}); err != nil {
+		t.Fatal(err)
+	}
+	// A 4 MiB file in the rootfs, to find intact afterwards.
+	blob := make([]byte, 4<<20)
+	rand.Read(blob)
+	if err := os.WriteFile(filepath.Join(l.bundle, "rootfs", "blob"), blob, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		harness.DeleteContainer(l.rootA, l.id)
+		harness.DeleteContainer(l.rootB, l.id)
+		removeCgroups(cgroup)
+		// The destination's copy ran in /phaul/ID-SESSION (its source's
+		// cgroup was in use on this one machine): runc removes that, not
+		// its parent. (Empty unless another test runs a container.)
+		removeCgroups("/phaul/x")
+	})
+	if err := harness.RunContainer(l.rootA, l.bundle, l.id); err != nil {
+		t.Fatal(err)
+	}
+	bFlags := []string{"--runc-root", l.rootB, "--containers-dir", filepath.Join(dir, "containers-b")}
+	if runcB != "" {
+		bFlags = append(bFlags, "--runc", runcB)
+	}
+	l.a = startDaemon(t, "A", "127.0.0.1:"+strconv.Itoa(port), daemonOpts{insecure: true,
+		flags: []string{"--runc-root", l.rootA, "--containers-dir", filepath.Join(dir, "containers-a")}})
+	l.b = startDaemon(t, "B", "127.0.0.2:"+strconv.Itoa(port+1), daemonOpts{insecure: true, flags: bFlags})
+	waitFor(t, "the container to count", 10*time.Second, func() bool { return len(l.counts()) >= 3 })
+	return l
+}
+
+// removeCgroups removes the cgroup path under every v1 controller (and
+// v2), where runc left it.
+func removeCgroups(p string) {
+	ents, _ := os.ReadDir("/sys/fs/cgroup")
+	for _, e := range ents {
+		os.Remove(filepath.Join("/sys/fs/cgroup", e.Name(), p))
+		os.Remove(filepath.Join("/sys/fs/cgroup", e.Name(), filepath.Dir(p)))
+	}
+	os.Remove(filepath.Join("/sys/fs/cgroup", p))
+}
+
+func (l *containerLab) counts() []int {
+	b, _ := os.ReadFile(filepath.Join(l.bundle, "rootfs", "count"))
+	var out []int
+	for _, f := range strings.Fields(string(b)) {
+		if n, err := strconv.Atoi(f); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// checkCounting checks that the counter never skipped or restarted, and
+// that it goes on.
+func (l *containerLab) checkCounting(what string) {
+	t := l.t
+	t.Helper()
+	before := l.counts()
+	time.Sleep(500 * time.Millisecond)
+	after := l.counts()
+	if len(after) <= len(before) {
+		t.Fatalf("%s: the counter stopped at %d", what, len(before))
+	}
+	for i, n := range after {
+		if n != i+1 {
+			t.Fatalf("%s: the counter went %d after %d: the container restarted or lost its state", what, n, i)
+		}
+	}
+}
+
+func (l *containerLab) state(root string) (string, error) {
+	out, err := exec.Command("runc", "--root", root, "state", l.id).CombinedOutput()
+	return string(out), err
+}
+
+func TestContainerMigrates(t *testing.T) {
+	integration(t)
+	l := newContainerLab(t, 18300, "")
+	sum := func() [32]byte {
+		b, _ := os.ReadFile(filepath.Join(l.bundle, "rootfs", "blob"))
+		return sha256.Sum256(b)
+	}
+	blob := sum()
+	r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr, "--mode", "copy")
+	if r.code != 0 {
+		t.Fatalf("phaulctl migrate --container: exit %d: %s %s", r.code, r.stdout, r.stderr)
+	}
+	if !strings.Contains(r.stdout, "container "+l.id+" now runs on "+l.b.addr) {
+		t.Errorf("phaulctl said: %s", r.stdout)
+	}
+	t.Logf("A to B: %s", r.stdout)
+	st, err := l.state(l.rootB)
+	if err != nil || !strings.Contains(st, `"status": "running"`) {
+		t.Fatalf("runc on B: %v %s; want the container running", err, st)
+	}
+	if st, err := l.state(l.rootA); err == nil {
+		t.Errorf("runc on A still knows the container: %s", st)
+	}
+	l.checkCounting("after the migration")
+	if sum() != blob {
+		t.Errorf("the 4 MiB file in the rootfs changed")
+	}
+	// The tmpfs it held came along.
+	out, err := exec.Command("runc", "--root", l.rootB, "exec", l.id, "/bin/sh", "-c", "wc -c < /dev/shm/held").CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != strconv.Itoa(8<<20) {
+		t.Errorf("the container's tmpfs file on B: %q, %v; want 8 MiB", out, err)
+	}
+	// B's history and list name it.
+	h := l.b.phaulctl(t, "history")
+	if !strings.Contains(h.stdout, "container "+l.id) {
+		t.Errorf("B's history does not name the container: %s", h.stdout)
+	}
+	// And back: the bundle B made is used, and removed when it leaves.
+	r = l.b.phaulctl(t, "migrate", "--container", l.id, "--to", l.a.addr, "--mode", "copy")
+	if r.code != 0 {
+		t.Fatalf("migrating it back: exit %d: %s %s", r.code, r.stdout, r.stderr)
+	}
+	t.Logf("B to A: %s", r.stdout)
+	if st, err := l.state(l.rootA); err != nil || !strings.Contains(st, `"status": "running"`) {
+		t.Fatalf("runc on A after the way back: %v %s", err, st)
+	}
+	l.checkCounting("after the way back")
+	if ents, _ := os.ReadDir(filepath.Join(filepath.Dir(l.bundle), "containers-b")); len(ents) != 0 {
+		t.Errorf("B kept %d entries in its containers directory after the container left", len(ents))
+	}
+}
+
+// A restore that fails on B (its runc fails the restore): the container
+// runs on A again, counting on, and B has no trace of it.
+func TestContainerRollback(t *testing.T) {
+	integration(t)
+	wrapper := filepath.Join(t.TempDir(), "runc-failing-restore")
+	script := "#!/bin/sh\nfor a; do [ \"$a\" = restore ] && { echo 'level=error msg=\"restore refused by the test\"' >&2; exit 1; }; done\nexec runc \"$@\"\n"
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	l := newContainerLab(t, 18310, wrapper)
+	r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr, "--mode", "copy")
+	if r.code != 3 || !strings.Contains(r.stderr+r.stdout, "restore refused by the test") {
+		t.Fatalf("phaulctl migrate: exit %d: %s %s; want 3 (rolled back), with runc's reason", r.code, r.stdout, r.stderr)
+	}
+	if st, err := l.state(l.rootA); err != nil || !strings.Contains(st, `"status": "running"`) {
+		t.Fatalf("runc on A: %v %s; want the container running again", err, st)
+	}
+	l.checkCounting("after the rollback")
+	if st, err := l.state(l.rootB); err == nil {
+		t.Errorf("runc on B knows the container: %s", st)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(filepath.Dir(l.bundle), "containers-b")); len(ents) != 0 {
+		t.Errorf("B kept %d entries in its containers directory", len(ents))
+	}
+}
+
+// What B cannot take is refused before anything is frozen (an id it has
+// already), and what phaulctl cannot find at once.
+func TestContainerChecks(t *testing.T) {
+	integration(t)
+	l := newContainerLab(t, 18320, "")
+	// The same id under B's runc root.
+	other := filepath.Join(t.TempDir(), "other")
+	if err := harness.MakeBundle(harness.BundleConfig{Dir: other, Args: []string{"/bin/sleep", "600"}, CgroupsPath: "/phaul-test/" + l.id + "-b"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := harness.RunContainer(l.rootB, other, l.id); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { removeCgroups("/phaul-test/" + l.id + "-b") })
+	before := len(l.counts())
+	r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr)
+	if r.code != 1 || !strings.Contains(r.stderr, "already has a container "+l.id) {
+		t.Fatalf("to a host with the id taken: exit %d: %s %s; want refused (1), naming the id", r.code, r.stdout, r.stderr)
+	}
+	harness.DeleteContainer(l.rootB, l.id)
+	st, _ := l.state(l.rootA)
+	if !strings.Contains(st, `"status": "running"`) {
+		t.Errorf("the refused container is not running on A: %s", st)
+	}
+	l.checkCounting("after the refusal")
+	if len(l.counts()) <= before {
+		t.Errorf("the container stopped counting")
+	}
+	// An unknown container, and one named with --pid too.
+	r = l.a.phaulctl(t, "migrate", "--container", "no-such-container", "--to", l.b.addr)
+	if r.code != 1 || !strings.Contains(r.stderr, "knows no container no-such-container") {
+		t.Errorf("an unknown container: exit %d: %s", r.code, r.stderr)
+	}
+	r = l.a.phaulctl(t, "migrate", "--container", l.id, "--pid", "1", "--to", l.b.addr)
+	if r.code != 1 || !bytes.Contains([]byte(r.stderr), []byte("give one")) {
+		t.Errorf("--pid with --container: exit %d: %s", r.code, r.stderr)
+	}
+}
