@@ -157,6 +157,10 @@ func (c *cli) printFigures(res api.Result) {
 	if r := res.Restore; r != nil {
 		fmt.Fprintf(c.stdout, "  restore: %s; pages restored %d\n", us(r.RestoreUS), r.PagesRestored)
 	}
+	if r := res.Rootfs; r != nil {
+		fmt.Fprintf(c.stdout, "  rootfs: synced with rsync: %s in %s while it ran, %s in %s while it was frozen\n",
+			bytesHuman(r.Bytes), ms(r.MS), bytesHuman(r.FrozenBytes), ms(r.FrozenMS))
+	}
 	if n := res.Network; n != nil {
 		fmt.Fprintf(c.stdout, "  network: namespace moved; interfaces %s, addresses %s; %d TCP connections carried, network locked %s\n",
 			listOrNone(n.Interfaces), listOrNone(n.Addresses), n.TCPConnections, ms(n.LockedMS))

@@ -151,6 +151,19 @@ type Result struct {
 	// Network is what moved of the process's own network namespace (nil:
 	// it runs in its host's, and moved none).
 	Network *Network `json:"network,omitempty"`
+	// Rootfs is how a container's root filesystem was synced (nil: the
+	// hosts share its storage, or no container moved).
+	Rootfs *RootfsSync `json:"rootfs,omitempty"`
+}
+
+// RootfsSync is a container root filesystem's sync with rsync: the pass
+// while it ran, and the pass while it was frozen (part of FrozenMS), in
+// bytes that crossed the link (both ways) and milliseconds.
+type RootfsSync struct {
+	Bytes       int64 `json:"bytes"`
+	MS          int64 `json:"ms"`
+	FrozenBytes int64 `json:"frozen_bytes"`
+	FrozenMS    int64 `json:"frozen_ms"`
 }
 
 // Network is what a migration moved of a process's network namespace.

@@ -479,8 +479,11 @@ func (m *dest) prepareContainer(c *wire.Container) error {
 	if err != nil {
 		return api.Errorf(api.CodeInvalid, "the container's %v", err)
 	}
-	if token, err := os.ReadFile(c.Marker); err != nil || string(token) != c.Token {
-		return api.Errorf(api.CodePrecondition, "the container's root filesystem %s is not on storage the destination shares with the source (the source's marker %s is not there): copying it is not built yet; put the bundle on storage both hosts mount at the same path", c.Rootfs, c.Marker)
+	shared := false
+	if token, err := os.ReadFile(c.Marker); err == nil && string(token) == c.Token {
+		shared = true
+	} else if _, err := exec.LookPath("rsync"); err != nil {
+		return api.Errorf(api.CodePrecondition, "the container's root filesystem %s is not on storage the destination shares with the source, and the destination has no rsync to copy it: install rsync there (or share the storage)", c.Rootfs)
 	}
 	var missing []string
 	for _, src := range cfg.BindSources() {
@@ -497,7 +500,7 @@ func (m *dest) prepareContainer(c *wire.Container) error {
 	bundle := filepath.Join(m.p.ContainersDir, c.ID)
 	if ents, err := os.ReadDir(bundle); err == nil {
 		for _, e := range ents {
-			if e.Name() != "config.json" && e.Name() != CRIUConfig {
+			if e.Name() != "config.json" && e.Name() != CRIUConfig && e.Name() != "rootfs" {
 				return api.Errorf(api.CodeConflict, "the destination's bundle directory %s for container %s exists and is not one phaul made: remove it there", bundle, c.ID)
 			}
 		}
@@ -505,7 +508,15 @@ func (m *dest) prepareContainer(c *wire.Container) error {
 	if err := os.MkdirAll(bundle, 0o700); err != nil {
 		return err
 	}
-	cfg.SetRootfs(c.Rootfs)
+	if shared {
+		cfg.SetRootfs(c.Rootfs)
+	} else {
+		m.syncDir = filepath.Join(bundle, "rootfs")
+		if err := os.MkdirAll(m.syncDir, 0o755); err != nil {
+			return err
+		}
+		cfg.SetRootfs(m.syncDir)
+	}
 	if p := cfg.CgroupsPath(); p == "" || cgroupInUse(p) {
 		cfg.SetCgroupsPath(fmt.Sprintf("/phaul/%s-%s", c.ID, m.s.ID.String()[:8]))
 	}
@@ -521,7 +532,7 @@ func (m *dest) prepareContainer(c *wire.Container) error {
 	m.container = &Container{ID: c.ID, Runc: r, Bundle: bundle, HookExe: m.p.HookExe}
 	m.s.container.Store(c.ID)
 	m.log.Info("a container comes", zap.String("container", c.ID), zap.String("runc", v), zap.String("source_runc", c.RuncVersion),
-		zap.String("bundle", bundle), zap.String("rootfs", c.Rootfs), zap.Bool("rootfs_shared", true))
+		zap.String("bundle", bundle), zap.String("rootfs", c.Rootfs), zap.Bool("rootfs_shared", shared))
 	return nil
 }
 

@@ -123,6 +123,10 @@ type dest struct {
 	// on a discard.
 	container  *Container
 	bundleMade bool
+	// syncDir is where the container's rootfs is synced to (empty: its
+	// storage is shared); syncer the pass in progress.
+	syncDir string
+	syncer  *destSync
 
 	srcPID   int
 	cpuInfo  []byte // the source's cpuinfo image
@@ -197,6 +201,18 @@ func (m *dest) finished() bool { return m.state == dstEnd }
 
 func (m *dest) onRPC(msg wire.Message) error {
 	switch msg := msg.(type) {
+	case *wire.SyncOpen:
+		return m.onSyncOpen(msg)
+	case *wire.SyncData:
+		if m.syncer != nil {
+			m.syncer.in.write(msg.Data)
+		}
+		return nil
+	case *wire.SyncEOF:
+		if m.syncer != nil {
+			m.syncer.in.closeWrite()
+		}
+		return nil
 	case *wire.Ping:
 		return m.rpc.Send(&wire.Pong{Seq: msg.Seq})
 	case *wire.Pong:
@@ -394,7 +410,7 @@ func (m *dest) checked(cpuCheck string) error {
 	m.state = dstReceive
 	m.ph.enter("receive")
 	m.psDone = true // no page server before the restore
-	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths})
+	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != ""})
 }
 
 func (m *dest) startPageServer(cpuCheck string) error {
@@ -428,7 +444,7 @@ func (m *dest) onPageServer(ev criu.Event, cpuCheck string) error {
 		}
 		m.state = dstReceive
 		m.ph.enter("receive")
-		return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths})
+		return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != ""})
 	}
 	// WAIT_PID answered: the page server has exited.
 	if !ev.Status.Exited() || ev.Status.ExitStatus() != 0 {
@@ -1060,6 +1076,9 @@ func (m *dest) cancel() error {
 
 func (m *dest) cleanup() {
 	m.hb.stop()
+	if m.syncer != nil {
+		m.syncer.stop()
+	}
 	if m.state != dstEnd && m.state != dstCommitted {
 		// A panic mid-way: make the outcome safe, here and now.
 		m.discard(m.state == dstResumed || m.resuming)()

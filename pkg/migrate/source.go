@@ -116,7 +116,12 @@ type source struct {
 	gateLocks dumplock.Locks // dump gate locks held
 	waiting   *loop.Timer    // retries the dump gate
 	released  bool           // post-dump answered "go on": CRIU leaves the tree stopped
-	images    *sender        // streams the images while the tree is frozen
+	// A container's rootfs synced (not shared): the pass in progress,
+	// and each pass's figures.
+	needSync  bool
+	sync      *sourceSync
+	syncStats [2]SyncStats
+	images    *sender // streams the images while the tree is frozen
 	// stopped are the tasks stopped by job control when CRIU froze them
 	// (by their pid in their namespace): a resume leaves them stopped.
 	stopped map[int]bool
@@ -303,6 +308,9 @@ func (m *source) emit() {
 }
 
 func (m *source) onRPC(msg wire.Message) error {
+	if m.onSync(msg) {
+		return nil
+	}
 	switch msg := msg.(type) {
 	case *wire.Ping:
 		return m.rpc.Send(&wire.Pong{Seq: msg.Seq})
@@ -341,7 +349,26 @@ func (m *source) onRPC(msg wire.Message) error {
 		m.destVeths = msg.Veths
 		m.log = m.log.With(zap.String("mode", m.mode))
 		m.ph.log = m.log
-		m.log.Info("destination ready", zap.Int("dest_criu", msg.CRIUVersion), zap.String("cpu_check", msg.CPUCheck))
+		m.log.Info("destination ready", zap.Int("dest_criu", msg.CRIUVersion), zap.String("cpu_check", msg.CPUCheck), zap.Bool("rootfs_sync", msg.Sync))
+		if msg.Sync && m.p.Container != nil {
+			// Its storage is not shared: the rootfs goes first, while
+			// the container runs.
+			m.needSync = true
+			m.ph.enter("sync")
+			return m.startSync(1, func(st SyncStats, err error) {
+				m.syncStats[0] = st
+				if err != nil {
+					m.abort(api.Errorf(api.CodePrecondition, "sync the root filesystem (while it runs): %v", err))
+					return
+				}
+				m.log.Info("root filesystem synced while it runs", zap.Int64("bytes", st.Bytes), zap.Duration("took", st.Took))
+				if m.state == srcPrepare {
+					if err := m.startDumpWhenFree(); err != nil {
+						m.abort(err)
+					}
+				}
+			})
+		}
 		return m.startDumpWhenFree()
 	case *wire.Restored:
 		if m.state != srcRestore {
@@ -678,17 +705,38 @@ func (m *source) shipImages() error {
 		if m.state != srcImages {
 			return // aborted meanwhile
 		}
-		m.state = srcRestore
-		m.ph.enter("restore")
-		if err := m.rpc.Send(&wire.Restore{Files: len(names)}); err != nil {
-			m.abort(err)
+		restore := func() {
+			m.state = srcRestore
+			m.ph.enter("restore")
+			if err := m.rpc.Send(&wire.Restore{Files: len(names)}); err != nil {
+				m.abort(err)
+				return
+			}
+			if m.mode == api.ModeLazy {
+				m.holdStopped()
+				if err := m.answerPostDump(true); err != nil {
+					m.abort(err)
+				}
+			}
+		}
+		if !m.needSync {
+			restore()
 			return
 		}
-		if m.mode == api.ModeLazy {
-			m.holdStopped()
-			if err := m.answerPostDump(true); err != nil {
-				m.abort(err)
+		// The rootfs's last changes, while the container is frozen.
+		m.ph.enter("sync-frozen")
+		if err := m.startSync(2, func(st SyncStats, err error) {
+			m.syncStats[1] = st
+			if err != nil {
+				m.abort(api.Errorf(api.CodeAborted, "sync the root filesystem (frozen): %v", err))
+				return
 			}
+			m.log.Info("root filesystem synced while frozen", zap.Int64("bytes", st.Bytes), zap.Duration("took", st.Took))
+			if m.state == srcImages {
+				restore()
+			}
+		}); err != nil {
+			m.abort(api.Errorf(api.CodeAborted, "sync the root filesystem (frozen): %v", err))
 		}
 	})
 	m.images.start()
@@ -742,6 +790,7 @@ func (m *source) abort(err error) {
 	if m.failure == nil {
 		m.failure = err
 	}
+	m.stopSync()
 	switch m.state {
 	case srcEnd, srcAbort, srcResume, srcKill:
 		return
@@ -1016,6 +1065,7 @@ func (m *source) cleanup() {
 	if m.images != nil {
 		m.images.stop()
 	}
+	m.stopSync()
 	if m.p.Shared != nil {
 		os.Remove(m.p.Shared.Marker)
 	}
@@ -1093,6 +1143,10 @@ func (m *source) result() api.Result {
 	}
 	r.Restore = m.restore
 	r.Network = m.network(r.FrozenMS)
+	if m.needSync {
+		r.Rootfs = &api.RootfsSync{Bytes: m.syncStats[0].Bytes, MS: m.syncStats[0].Took.Milliseconds(),
+			FrozenBytes: m.syncStats[1].Bytes, FrozenMS: m.syncStats[1].Took.Milliseconds()}
+	}
 	return r
 }
 

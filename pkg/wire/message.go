@@ -39,6 +39,12 @@ const (
 	TypeResumed Type = 0x1f
 	TypePagesIn Type = 0x20
 	TypeResume  Type = 0x21
+	// A container's root filesystem, synced with rsync over the rpc
+	// connection (see SyncOpen).
+	TypeSyncOpen Type = 0x22
+	TypeSyncData Type = 0x23
+	TypeSyncEOF  Type = 0x24
+	TypeSyncDone Type = 0x25
 
 	TypePageData Type = 0x30
 	TypePageEOF  Type = 0x31
@@ -122,6 +128,10 @@ var specs = [256]*spec{
 	TypeResumed:    {name: "resumed", max: smallMax, channels: RPC, new: func() Message { return new(Resumed) }},
 	TypePagesIn:    {name: "pages-in", max: smallMax, channels: RPC, new: func() Message { return new(PagesIn) }},
 	TypeResume:     {name: "resume", max: smallMax, channels: RPC, new: func() Message { return new(Resume) }},
+	TypeSyncOpen:   {name: "sync-open", max: smallMax, channels: RPC, new: func() Message { return new(SyncOpen) }},
+	TypeSyncData:   {name: "sync-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(SyncData) }},
+	TypeSyncEOF:    {name: "sync-eof", max: 0, channels: RPC, raw: true, new: func() Message { return new(SyncEOF) }},
+	TypeSyncDone:   {name: "sync-done", max: controlMax, channels: RPC, new: func() Message { return new(SyncDone) }},
 	TypePageData:   {name: "page-data", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageData) }},
 	TypePageEOF:    {name: "page-eof", max: 0, channels: Mem, raw: true, new: func() Message { return new(PageEOF) }},
 	TypeResolve:    {name: "resolve", max: smallMax, channels: Query, new: func() Message { return new(Resolve) }},
@@ -382,6 +392,67 @@ type Ready struct {
 	// Veths are the tree's veths as the destination will make them: the
 	// host end's name and bridge there.
 	Veths []Veth `json:"veths,omitempty"`
+	// Sync: the destination does not share the container's storage and
+	// asks for its root filesystem (SyncOpen).
+	Sync bool `json:"sync,omitempty"`
+}
+
+// SyncOpen starts a pass of rsync over a container's root filesystem
+// (source to destination), the destination having asked for it (Ready's
+// Sync): Args are the arguments the source's rsync gives its server
+// ("rsync --server ... . DEST"); the destination checks them and runs its
+// own server into the bundle it made, whatever DEST says. SyncData carries
+// rsync's bytes both ways; SyncEOF ends one direction; the destination's
+// SyncDone says how its server ended. Pass 1 runs while the container
+// runs, pass 2 while it is frozen.
+type SyncOpen struct {
+	Pass int      `json:"pass"`
+	Args []string `json:"args"`
+}
+
+// SyncData is rsync's bytes.
+type SyncData struct{ Data []byte }
+
+// SyncEOF ends the sender's direction of the rsync stream.
+type SyncEOF struct{}
+
+// SyncDone is how the destination's rsync server ended.
+type SyncDone struct {
+	Pass  int    `json:"pass"`
+	Error string `json:"error,omitempty"`
+}
+
+var rsyncOption = regexp.MustCompile(`^-[A-Za-z.]+$`)
+
+// RsyncServerArgs checks what the source's rsync would run as its server
+// and returns the server's options (without "rsync --server", ".", and
+// the path): only a receiving server (no --sender), with option letters
+// and the few long options phaul's client gives.
+func RsyncServerArgs(args []string) ([]string, error) {
+	if len(args) < 5 || args[0] != "rsync" || args[1] != "--server" || args[len(args)-2] != "." {
+		return nil, fmt.Errorf("not an rsync server command: %q", args)
+	}
+	opts := args[2 : len(args)-2]
+	for _, o := range opts {
+		switch {
+		case o == "--delete", o == "--numeric-ids", o == "--stats":
+		case rsyncOption.MatchString(o):
+		default:
+			return nil, fmt.Errorf("rsync server option %q not allowed", o)
+		}
+	}
+	return opts, nil
+}
+
+func (m *SyncOpen) validate() error {
+	if m.Pass != 1 && m.Pass != 2 {
+		return fmt.Errorf("sync pass %d", m.Pass)
+	}
+	if len(m.Args) > 32 {
+		return fmt.Errorf("%d rsync arguments", len(m.Args))
+	}
+	_, err := RsyncServerArgs(m.Args)
+	return err
 }
 
 // Resume asks the destination to let the restored tree of a lazy
@@ -513,6 +584,10 @@ func (*Ping) Type() Type       { return TypePing }
 func (*Pong) Type() Type       { return TypePong }
 func (*Resumed) Type() Type    { return TypeResumed }
 func (*Resume) Type() Type     { return TypeResume }
+func (*SyncOpen) Type() Type   { return TypeSyncOpen }
+func (*SyncData) Type() Type   { return TypeSyncData }
+func (*SyncEOF) Type() Type    { return TypeSyncEOF }
+func (*SyncDone) Type() Type   { return TypeSyncDone }
 func (*PagesIn) Type() Type    { return TypePagesIn }
 func (*PageData) Type() Type   { return TypePageData }
 func (*PageEOF) Type() Type    { return TypePageEOF }
@@ -523,6 +598,10 @@ func (m *FileData) bytes() []byte     { return m.Data }
 func (m *FileData) setBytes(b []byte) { m.Data = b }
 func (m *PageData) bytes() []byte     { return m.Data }
 func (m *PageData) setBytes(b []byte) { m.Data = b }
+func (m *SyncData) bytes() []byte     { return m.Data }
+func (m *SyncData) setBytes(b []byte) { m.Data = b }
+func (m *SyncEOF) bytes() []byte      { return nil }
+func (m *SyncEOF) setBytes([]byte)    {}
 func (m *PageEOF) bytes() []byte      { return nil }
 func (m *PageEOF) setBytes([]byte)    {}
 

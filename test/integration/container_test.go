@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -40,6 +41,13 @@ type containerLab struct {
 // newContainerLab makes the bundle, starts the container under A's runc
 // root and the two daemons (B's runc is runcB, if set: a wrapper).
 func newContainerLab(t *testing.T, port int, runcB string) *containerLab {
+	return newContainerLabOn(t, port, runcB, false)
+}
+
+// newContainerLabOn is newContainerLab; unshared runs B where the
+// bundle's directory is hidden (a tmpfs over it in B's own mount
+// namespace), as on a host that does not share its storage.
+func newContainerLabOn(t *testing.T, port int, runcB string, unshared bool) *containerLab {
 	t.Helper()
 	for _, tool := range []string{"runc", "busybox"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -48,7 +56,7 @@ func newContainerLab(t *testing.T, port int, runcB string) *containerLab {
 	}
 	dir := t.TempDir()
 	l := &containerLab{t: t, rootA: filepath.Join(dir, "runc-a"), rootB: filepath.Join(dir, "runc-b"),
-		bundle: filepath.Join(dir, "bundle"), id: fmt.Sprintf("phaul-t%d-%d", os.Getpid(), port)}
+		bundle: filepath.Join(t.TempDir(), "bundle"), id: fmt.Sprintf("phaul-t%d-%d", os.Getpid(), port)}
 	cgroup := "/phaul-test/" + l.id
 	if err := harness.MakeBundle(harness.BundleConfig{Dir: l.bundle, Args: []string{"/bin/sh", "-c", counterLoop}, CgroupsPath: cgroup}); err != nil {
 		t.Fatal(err)
@@ -77,7 +85,12 @@ func newContainerLab(t *testing.T, port int, runcB string) *containerLab {
 	}
 	l.a = startDaemon(t, "A", "127.0.0.1:"+strconv.Itoa(port), daemonOpts{insecure: true,
 		flags: []string{"--runc-root", l.rootA, "--containers-dir", filepath.Join(dir, "containers-a")}})
-	l.b = startDaemon(t, "B", "127.0.0.2:"+strconv.Itoa(port+1), daemonOpts{insecure: true, flags: bFlags})
+	bOpts := daemonOpts{insecure: true, flags: bFlags}
+	if unshared {
+		bOpts.wrap = []string{"unshare", "--mount", "--propagation", "private", "--",
+			"sh", "-c", `mount -t tmpfs none "$0" && exec "$@"`, filepath.Dir(l.bundle)}
+	}
+	l.b = startDaemon(t, "B", "127.0.0.2:"+strconv.Itoa(port+1), bOpts)
 	waitFor(t, "the container to count", 10*time.Second, func() bool { return len(l.counts()) >= 3 })
 	return l
 }
@@ -93,8 +106,10 @@ func removeCgroups(p string) {
 	os.Remove(filepath.Join("/sys/fs/cgroup", p))
 }
 
-func (l *containerLab) counts() []int {
-	b, _ := os.ReadFile(filepath.Join(l.bundle, "rootfs", "count"))
+func (l *containerLab) counts() []int { return countsIn(filepath.Join(l.bundle, "rootfs")) }
+
+func countsIn(rootfs string) []int {
+	b, _ := os.ReadFile(filepath.Join(rootfs, "count"))
 	var out []int
 	for _, f := range strings.Fields(string(b)) {
 		if n, err := strconv.Atoi(f); err == nil {
@@ -107,11 +122,15 @@ func (l *containerLab) counts() []int {
 // checkCounting checks that the counter never skipped or restarted, and
 // that it goes on.
 func (l *containerLab) checkCounting(what string) {
+	l.checkCountingIn(what, filepath.Join(l.bundle, "rootfs"))
+}
+
+func (l *containerLab) checkCountingIn(what, rootfs string) {
 	t := l.t
 	t.Helper()
-	before := l.counts()
+	before := countsIn(rootfs)
 	time.Sleep(500 * time.Millisecond)
-	after := l.counts()
+	after := countsIn(rootfs)
 	if len(after) <= len(before) {
 		t.Fatalf("%s: the counter stopped at %d", what, len(before))
 	}
@@ -241,5 +260,61 @@ func TestContainerChecks(t *testing.T) {
 	r = l.a.phaulctl(t, "migrate", "--container", l.id, "--pid", "1", "--to", l.b.addr)
 	if r.code != 1 || !bytes.Contains([]byte(r.stderr), []byte("give one")) {
 		t.Errorf("--pid with --container: exit %d: %s", r.code, r.stderr)
+	}
+}
+
+// B does not share the bundle's storage: the rootfs is synced with rsync
+// over phaul's link, once while the container runs and once while it is
+// frozen. On B, the counter file in B's copy goes on from A's last value,
+// the 4 MiB file is intact, and the result gives both passes.
+func TestContainerRootfsSynced(t *testing.T) {
+	integration(t)
+	if _, err := exec.LookPath("rsync"); err != nil {
+		t.Fatal("rsync is missing (make deps installs it)")
+	}
+	l := newContainerLabOn(t, 18330, "", true)
+	blob, _ := os.ReadFile(filepath.Join(l.bundle, "rootfs", "blob"))
+	r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr, "--mode", "copy", "--json")
+	if r.code != 0 {
+		t.Fatalf("phaulctl migrate --container: exit %d: %s %s", r.code, r.stdout, r.stderr)
+	}
+	var res struct {
+		FrozenMS int64 `json:"frozen_ms"`
+		Rootfs   *struct {
+			Bytes       int64 `json:"bytes"`
+			MS          int64 `json:"ms"`
+			FrozenBytes int64 `json:"frozen_bytes"`
+			FrozenMS    int64 `json:"frozen_ms"`
+		} `json:"rootfs"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.Rootfs == nil {
+		t.Fatalf("the result has no rootfs sync: %v %s", err, r.stdout)
+	}
+	t.Logf("rootfs: %d bytes in %d ms while it ran, %d bytes in %d ms frozen; frozen %d ms in all",
+		res.Rootfs.Bytes, res.Rootfs.MS, res.Rootfs.FrozenBytes, res.Rootfs.FrozenMS, res.FrozenMS)
+	if res.Rootfs.Bytes < int64(len(blob)) || res.Rootfs.FrozenBytes <= 0 || res.Rootfs.FrozenBytes >= res.Rootfs.Bytes {
+		t.Errorf("the passes moved %d and %d bytes: want the first at least the 4 MiB file, the frozen one less", res.Rootfs.Bytes, res.Rootfs.FrozenBytes)
+	}
+	st, err := l.state(l.rootB)
+	if err != nil || !strings.Contains(st, `"status": "running"`) {
+		t.Fatalf("runc on B: %v %s", err, st)
+	}
+	var bst struct {
+		Rootfs string `json:"rootfs"`
+	}
+	json.Unmarshal([]byte(st), &bst)
+	if bst.Rootfs == "" || strings.HasPrefix(bst.Rootfs, filepath.Dir(l.bundle)) {
+		t.Fatalf("B's container runs on rootfs %q; want B's own copy", bst.Rootfs)
+	}
+	if got, _ := os.ReadFile(filepath.Join(bst.Rootfs, "blob")); !bytes.Equal(got, blob) {
+		t.Errorf("the 4 MiB file in B's copy differs (%d bytes)", len(got))
+	}
+	lastA := len(l.counts())
+	l.checkCountingIn("on B's copy", bst.Rootfs)
+	if n := len(countsIn(bst.Rootfs)); n <= lastA {
+		t.Errorf("B's counter is at %d, A's stopped at %d", n, lastA)
+	}
+	if st, err := l.state(l.rootA); err == nil {
+		t.Errorf("runc on A still knows the container: %s", st)
 	}
 }
