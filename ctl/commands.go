@@ -70,9 +70,10 @@ Exit status:
 --container ID moves the runc container ID (under phauld's --runc-root)
 instead, with runc's own checkpoint and restore: it keeps its id on the
 destination, which runc there lists as running; until the commit it stays
-paused here, and any failure resumes it. Its bundle (its root filesystem)
-must be on storage both hosts share, at the same path; copying it is not
-built yet. Containers move in copy mode so far.
+paused here, and any failure resumes it. A root filesystem on storage
+both hosts share (at the same path) is not copied; otherwise it is synced
+with rsync over phaul's own link, once while the container runs and once
+while it is frozen. Containers move in copy mode so far.
 
 On a terminal, a progress bar shows the phase, bytes and pages moved, the
 rate and an estimate; otherwise plain lines go to stderr.`,

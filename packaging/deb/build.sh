@@ -42,7 +42,7 @@ Architecture: $arch
 Maintainer: phaul maintainers <phaul@localhost>
 Installed-Size: $installed_size
 Depends: criu (>= 4.2), systemd
-Recommends: iptables
+Recommends: iptables, rsync, runc
 Section: admin
 Priority: optional
 Homepage: https://github.com/phaul/phaul
