@@ -26,6 +26,7 @@ import (
 	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/network"
 	"github.com/phaul/phaul/pkg/runc"
+	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -215,7 +216,7 @@ func bridge(ln net.Listener, ps net.Conn) (up, down int64, err error) {
 func (c *containerCRIU) StartRestore(o criu.Options) (Op, error) {
 	sock := filepath.Join(o.ImagesDir, hookSocket)
 	os.Remove(sock)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	ln, err := transport.ListenUnixPath(sock)
 	if err != nil {
 		return nil, fmt.Errorf("hook socket: %w", err)
 	}
@@ -504,6 +505,12 @@ func (m *dest) prepareContainer(c *wire.Container) error {
 				return api.Errorf(api.CodeConflict, "the destination's bundle directory %s for container %s exists and is not one phaul made: remove it there", bundle, c.ID)
 			}
 		}
+	}
+	// Recorded first: a restart then removes the bundle (and whatever
+	// runc made of it).
+	m.rec.Container = c.ID
+	if err := m.rec.Save(m.p.Dir); err != nil {
+		return err
 	}
 	if err := os.MkdirAll(bundle, 0o700); err != nil {
 		return err

@@ -195,7 +195,7 @@ type sourceSync struct {
 func (m *source) startSync(pass int, done func(SyncStats, error)) error {
 	sock := filepath.Join(m.p.Dir, rsyncSocket)
 	os.Remove(sock)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	ln, err := transport.ListenUnixPath(sock)
 	if err != nil {
 		return err
 	}

@@ -194,6 +194,7 @@ func newSource(s *Session, p SourceConfig, rpcLink, memLink *transport.Link) (*s
 func (m *source) begin() error {
 	if m.p.Container != nil {
 		m.s.container.Store(m.p.Container.ID)
+		m.rec.Container = m.p.Container.ID
 	}
 	m.ph.enter("prepare")
 	m.emit()

@@ -18,6 +18,8 @@ import (
 	"os/exec"
 	"strings"
 	"time"
+
+	"github.com/phaul/phaul/pkg/transport"
 )
 
 // PipeCommand is the first argument that makes phauld run as rsync's
@@ -33,7 +35,7 @@ func PipeMain(args []string) int {
 		fmt.Fprintf(os.Stderr, "phauld %s: want SOCKET HOST COMMAND... (rsync runs this for phauld)\n", PipeCommand)
 		return 2
 	}
-	c, err := net.DialTimeout("unix", args[0], 10*time.Second)
+	c, err := transport.DialUnixPath(args[0], 10*time.Second)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "phauld %s: %v\n", PipeCommand, err)
 		return 1

@@ -5,10 +5,11 @@ package runc
 import (
 	"bufio"
 	"fmt"
-	"net"
 	"os"
 	"strings"
 	"time"
+
+	"github.com/phaul/phaul/pkg/transport"
 )
 
 // HookCommand is the first argument that makes phauld run as CRIU's
@@ -35,7 +36,7 @@ func HookMain(args []string) int {
 		fmt.Fprintf(os.Stderr, "phauld %s: want SOCKET (CRIU runs this for phauld)\n", HookCommand)
 		return 2
 	}
-	c, err := net.DialTimeout("unix", args[0], 10*time.Second)
+	c, err := transport.DialUnixPath(args[0], 10*time.Second)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "phauld %s: %v\n", HookCommand, err)
 		return 1

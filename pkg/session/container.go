@@ -7,13 +7,21 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/migrate"
+	"github.com/phaul/phaul/pkg/network"
+	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/runc"
+	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -87,4 +95,80 @@ func (m *Manager) describeContainer(ctx context.Context, c *migrate.Container, s
 		return nil, api.Errorf(api.CodePrecondition, "runc does not run here: %v", err)
 	}
 	return w, nil
+}
+
+// resumeRec resumes the tree rec holds (resumeSource), a container that
+// runc holds paused thawed first.
+func (m *Manager) resumeRec(log *zap.Logger, rec *store.Record, stopped map[int]bool, traced time.Duration) error {
+	if rec.Container != "" && m.cfg.Runc != nil {
+		// A checkpoint the restart interrupted may still run: while
+		// CRIU holds the tasks runc says running (CRIU thaws the cgroup
+		// to seize them), and CRIU freezes it again when it lets go.
+		// Thawed only once runc's checkpoint is over.
+		if err := waitCheckpointGone(m.cfg.Runc, rec.Container, max(traced, 10*time.Second)); err != nil {
+			return err
+		}
+		if err := m.untraced(rec.PID, rec.StartTime, traced); err != nil {
+			return err
+		}
+		if st, err := m.cfg.Runc.State(context.Background(), rec.Container); err == nil && st.Status == "paused" {
+			if err := m.cfg.Runc.Resume(context.Background(), rec.Container); err != nil {
+				log.Error("cannot resume the container", zap.String("container", rec.Container), zap.Error(err))
+			}
+		}
+	}
+	return m.resumeSource(rec.PID, rec.StartTime, stopped, traced)
+}
+
+// killRec removes the tree rec holds (killTree); a container through
+// runc, which then forgets it, and on a destination with the bundle
+// made for it.
+func (m *Manager) killRec(log *zap.Logger, rec *store.Record) {
+	if rec.Container == "" || m.cfg.Runc == nil {
+		killTree(log, rec.PID, rec.StartTime)
+		return
+	}
+	if info, err := proc.Stat(rec.PID); err == nil && info.StartTime == rec.StartTime {
+		if gone, err := network.RemoveLinks(rec.PID); err == nil && len(gone) > 0 {
+			log.Info("removed the interfaces of the container's namespace", zap.Strings("interfaces", gone))
+		}
+	}
+	if err := m.cfg.Runc.Delete(context.Background(), rec.Container, true); err != nil && !errors.Is(err, runc.ErrNotExist) {
+		log.Error("cannot delete the container", zap.String("container", rec.Container), zap.Error(err))
+	}
+	if rec.Role == store.RoleDest && m.cfg.ContainersDir != "" && runc.ValidID(rec.Container) {
+		os.RemoveAll(filepath.Join(m.cfg.ContainersDir, rec.Container))
+	}
+}
+
+// waitCheckpointGone waits, up to limit, until no `runc checkpoint` of
+// container id under r's root runs on this host.
+func waitCheckpointGone(r *runc.Runc, id string, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		busy := false
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			if e.Name()[0] < '0' || e.Name()[0] > '9' {
+				continue
+			}
+			b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+			if err != nil {
+				continue
+			}
+			args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+			if len(args) > 2 && filepath.Base(args[0]) == "runc" && slices.Contains(args, "checkpoint") &&
+				args[len(args)-1] == id && (r.Root == "" || slices.Contains(args, r.Root)) {
+				busy = true
+				break
+			}
+		}
+		if !busy {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("runc's checkpoint of container %s still runs after %v; left as it is", id, limit)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

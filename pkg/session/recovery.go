@@ -88,7 +88,7 @@ func (m *Manager) Recover() error {
 			stopped := m.stoppedOf(log, dir, rec)
 			m.background(id, rec, func() {
 				why := "interrupted: phauld restarted"
-				if err := m.resumeSource(rec.PID, rec.StartTime, stopped, time.Minute); err != nil {
+				if err := m.resumeRec(log, rec, stopped, time.Minute); err != nil {
 					log.Error("recovered, but the source tree was not seen running", zap.Error(err))
 					why += "; the process was not seen running here afterwards: " + err.Error()
 				}
@@ -105,7 +105,7 @@ func (m *Manager) Recover() error {
 		case rec.Role == store.RoleSource && rec.State == store.Committed:
 			log.Info("recovering: committed; removing the source tree", zap.Int("pid", rec.PID))
 			m.background(id, rec, func() {
-				killTree(log, rec.PID, rec.StartTime)
+				m.killRec(log, rec)
 				rec.Done = true
 				m.saveRecovered(log, rec, dir)
 				note(id, rec, api.OutcomeCommitted, "")
@@ -113,7 +113,7 @@ func (m *Manager) Recover() error {
 		case rec.Role == store.RoleDest && rec.State == store.Restored:
 			log.Warn("recovering: restored but not committed; discarding this copy", zap.Int("dest_pid", rec.PID))
 			m.background(id, rec, func() {
-				killTree(log, rec.PID, rec.StartTime)
+				m.killRec(log, rec)
 				// Its namespace goes later (the kernel's teardown, and a
 				// closing connection that the lock holds); its veths'
 				// host ends go now.
@@ -136,13 +136,16 @@ func (m *Manager) Recover() error {
 			// keep the record for the source's query.
 			log.Info("recovering: committed here; making sure the process runs", zap.Int("dest_pid", rec.PID))
 			m.background(id, rec, func() {
-				if err := m.resumeSource(rec.PID, rec.StartTime, stoppedSet(rec.Stopped), 0); err != nil {
+				if err := m.resumeRec(log, rec, stoppedSet(rec.Stopped), 0); err != nil {
 					log.Error("the committed copy was not seen running", zap.Error(err))
 				}
 				note(id, rec, api.OutcomeCommitted, "")
 			})
 		case rec.Role == store.RoleDest:
 			log.Warn("recovering: interrupted before anything was restored")
+			if rec.Container != "" {
+				m.killRec(log, rec) // runc forgets a half-restored one; its bundle goes
+			}
 			rec.State, rec.Error = store.Aborted, "interrupted: phauld restarted"
 			m.saveRecovered(log, rec, dir)
 			note(id, rec, api.OutcomeRolledBack, rec.Error)
@@ -215,23 +218,8 @@ func (m *Manager) stoppedOf(log *zap.Logger, dir string, rec *store.Record) map[
 // traced for that, or until the manager stops. A tree that is gone is an
 // error: it cannot be seen running.
 func (m *Manager) resumeSource(pid int, start uint64, stopped map[int]bool, traced time.Duration) error {
-	deadline := time.Now().Add(traced)
-	for {
-		info, err := proc.Stat(pid)
-		if err != nil || info.StartTime != start {
-			return fmt.Errorf("the tree (pid %d) is gone", pid)
-		}
-		if info.State != 't' {
-			break
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("the tree (pid %d) is still traced after %v; left as it is", pid, traced)
-		}
-		select {
-		case <-m.stopping:
-			return fmt.Errorf("phauld is stopping; the tree (pid %d) is still traced, left as it is", pid)
-		case <-time.After(20 * time.Millisecond):
-		}
+	if err := m.untraced(pid, start, traced); err != nil {
+		return err
 	}
 	tree, err := proc.OpenTree(pid, start)
 	if err != nil {
@@ -264,4 +252,28 @@ func killTree(log *zap.Logger, pid int, start uint64) {
 	if err := proc.KillTree(tree); err != nil {
 		log.Error("tree did not exit", zap.Error(err))
 	}
+}
+
+// untraced waits, up to traced, until the tree rooted at pid (started at
+// start) is no longer traced: CRIU has let go of it.
+func (m *Manager) untraced(pid int, start uint64, traced time.Duration) error {
+	deadline := time.Now().Add(traced)
+	for {
+		info, err := proc.Stat(pid)
+		if err != nil || info.StartTime != start {
+			return fmt.Errorf("the tree (pid %d) is gone", pid)
+		}
+		if info.State != 't' {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the tree (pid %d) is still traced after %v; left as it is", pid, traced)
+		}
+		select {
+		case <-m.stopping:
+			return fmt.Errorf("phauld is stopping; the tree (pid %d) is still traced, left as it is", pid)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
 }

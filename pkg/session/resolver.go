@@ -175,16 +175,16 @@ func (m *Manager) settle(r *resolver) {
 	switch r.outcome {
 	case wire.OutcomeCommitted:
 		log.Info("resolved: the destination committed; removing the source tree", zap.Int("dest_pid", r.destPID))
-		killTree(log, r.rec.PID, r.rec.StartTime)
+		m.killRec(log, r.rec)
 		r.rec.State, r.rec.Done = store.Committed, true
 	case api.OutcomeKilled:
 		log.Info("resolved by an operator: removing the source tree", zap.Int("pid", r.rec.PID))
-		killTree(log, r.rec.PID, r.rec.StartTime)
+		m.killRec(log, r.rec)
 		r.rec.State, r.rec.Done, r.rec.Error = store.Committed, true, "settled by an operator: the source tree was killed"
 	case wire.OutcomeAborted:
 		log.Info("resolved: the destination did not commit; resuming the source tree", zap.Int("pid", r.rec.PID))
 		stopped := m.stoppedOf(log, r.dir, r.rec)
-		if r.resumeErr = m.resumeSource(r.rec.PID, r.rec.StartTime, stopped, time.Minute); r.resumeErr != nil {
+		if r.resumeErr = m.resumeRec(log, r.rec, stopped, time.Minute); r.resumeErr != nil {
 			log.Error("the source tree was not seen running", zap.Error(r.resumeErr))
 		}
 		r.rec.State = store.Aborted

@@ -64,6 +64,10 @@ type Record struct {
 	// tree's namespace: a copy discarded after a restart takes them with
 	// it.
 	Veths []string `json:"veths,omitempty"`
+	// Container is the id of the runc container the tree is (under the
+	// daemon's runc root): a recovery resumes it with runc resume (a
+	// source holds it paused), or deletes it with runc delete.
+	Container string `json:"container,omitempty"`
 	// Done: the session is over on both sides; the record only remains
 	// for inspection until it ages out.
 	Done    bool      `json:"done,omitempty"`

@@ -31,7 +31,9 @@
 //
 // Then (clients.go) the pause of a service with connected clients against
 // the same service with none: redis-server in its own network namespace,
-// with 0, 1 and 100 clients each keeping one connection (-clients).
+// with 0, 1 and 100 clients each keeping one connection (-clients); and
+// (container.go) a runc container whose 200 MiB root filesystem is synced
+// with rsync, against the same container on shared storage (-container).
 package main
 
 import (
@@ -112,6 +114,7 @@ func run() error {
 	flag.IntVar(&c.runs, "runs", 5, "runs of each mode per workload")
 	flag.StringVar(&c.bin, "bin", "bin", "directory with phauld and phaulctl")
 	clientsFlag := flag.String("clients", "0,1,100", "client counts of the connected service, the first the baseline (\"\": skip it)")
+	containers := flag.Bool("container", true, "measure a container's root filesystem synced with rsync, against shared storage")
 	flag.Parse()
 	var counts []int
 	if *clientsFlag != "" {
@@ -121,11 +124,17 @@ func run() error {
 		}
 	}
 	connected := func() error {
-		if len(counts) == 0 {
-			return nil
+		if len(counts) > 0 {
+			fmt.Println("\nA service with connected clients:")
+			if err := runClients(c, counts); err != nil {
+				return err
+			}
 		}
-		fmt.Println("\nA service with connected clients:")
-		return runClients(c, counts)
+		if *containers {
+			fmt.Println("\nA container whose root filesystem is synced:")
+			return runContainers(c)
+		}
+		return nil
 	}
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root (CRIU)")

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/pkg/wire"
+	"github.com/phaul/phaul/test/faultproxy"
 	"github.com/phaul/phaul/test/harness"
 )
 
@@ -316,5 +318,54 @@ func TestContainerRootfsSynced(t *testing.T) {
 	}
 	if st, err := l.state(l.rootA); err == nil {
 		t.Errorf("runc on A still knows the container: %s", st)
+	}
+}
+
+// The source's phauld is killed once the destination has restored the
+// container (the commit not yet asked), then started again: the
+// destination discards its copy (runc forgets it, its bundle goes), and
+// the restarted source resumes the container it held paused, which counts
+// on. Likewise at the main points before: the page transfer, and before
+// the dump (nothing frozen yet).
+func TestContainerSourceKilled(t *testing.T) {
+	integration(t)
+	for i, at := range []struct {
+		name string
+		rule faultproxy.Rule
+	}{
+		{"before the dump", faultproxy.Rule{Dir: faultproxy.ToSource, Type: wire.TypeReady, Nth: 1}},
+		{"during the pages", faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypePageData, Nth: 2}},
+		{"after the restore", faultproxy.Rule{Dir: faultproxy.ToSource, Type: wire.TypeRestored, Nth: 1}},
+	} {
+		t.Run(at.name, func(t *testing.T) {
+			port := 18340 + 10*i
+			l := newContainerLab(t, port, "")
+			px := newFaultProxy(t, "127.0.0.3:"+strconv.Itoa(port+2), l.b.addr)
+			r := at.rule
+			r.Action, r.Hook = faultproxy.Swallow, func() { l.a.kill() }
+			px.Arm(&r)
+			res := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", px.Addr(), "--mode", "copy")
+			select {
+			case <-r.Fired():
+			default:
+				t.Fatalf("the migration ended before the point was reached: exit %d: %s %s", res.code, res.stdout, res.stderr)
+			}
+			if res.code != 4 {
+				t.Errorf("phaulctl migrate, its phauld killed: exit %d; want 4 (not known here): %s %s", res.code, res.stdout, res.stderr)
+			}
+			waitFor(t, "the destination to end its session", time.Minute, func() bool { return len(l.b.sessions(t)) == 0 })
+			l.a.start()
+			waitFor(t, "the container to run on A again", 30*time.Second, func() bool {
+				st, err := l.state(l.rootA)
+				return err == nil && strings.Contains(st, `"status": "running"`)
+			})
+			l.checkCounting("after the restart")
+			if st, err := l.state(l.rootB); err == nil {
+				t.Errorf("runc on B knows the container: %s", st)
+			}
+			if ents, _ := os.ReadDir(filepath.Join(filepath.Dir(l.rootB), "containers-b")); len(ents) != 0 {
+				t.Errorf("B kept %d entries in its containers directory", len(ents))
+			}
+		})
 	}
 }
