@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -184,8 +185,10 @@ type sourceSync struct {
 	t0         time.Time
 	clientDone bool
 	clientErr  error
+	clientCode int
 	serverDone bool
 	serverErr  string
+	serverCode int
 	done       func(SyncStats, error)
 	ended      bool
 }
@@ -248,6 +251,7 @@ func (m *source) startSync(pass int, done func(SyncStats, error)) error {
 			y.clientDone = true
 			if err != nil {
 				y.clientErr = fmt.Errorf("rsync: %v: %s", err, strings.TrimSpace(y.stderr.String()))
+				y.clientCode = exitCode(err)
 			}
 			m.syncFinish(y)
 			if !y.ended {
@@ -282,7 +286,7 @@ func (m *source) onSync(msg wire.Message) bool {
 		if msg.Pass != y.pass {
 			return false
 		}
-		y.serverDone, y.serverErr = true, msg.Error
+		y.serverDone, y.serverErr, y.serverCode = true, msg.Error, msg.Code
 		m.syncFinish(y)
 	default:
 		return false
@@ -294,14 +298,24 @@ func (m *source) syncFinish(y *sourceSync) {
 	if y.ended {
 		return
 	}
+	// Over a running container (pass 1) rsync may end with files that
+	// changed or vanished while it read them (23, 24): the frozen pass
+	// sends them whole. Anything else fails the pass, at once.
+	tolerable := func(code int) bool { return y.pass == 1 && livePartial(code) }
+	serverFailed := y.serverDone && y.serverErr != "" && !tolerable(y.serverCode)
+	clientFailed := y.clientDone && y.clientErr != nil && !tolerable(y.clientCode)
+	if !serverFailed && !clientFailed && !(y.clientDone && y.serverDone) {
+		return
+	}
 	var err error
 	switch {
-	case y.serverDone && y.serverErr != "":
+	case serverFailed:
 		err = fmt.Errorf("the destination's rsync: %s", y.serverErr)
-	case y.clientDone && y.clientErr != nil:
+	case clientFailed:
 		err = y.clientErr
-	case !(y.clientDone && y.serverDone):
-		return
+	case y.clientErr != nil || y.serverErr != "":
+		m.log.Info("files changed while the root filesystem was synced; the frozen pass finishes them",
+			zap.Int("rsync_code", max(y.clientCode, y.serverCode)))
 	}
 	y.ended = true
 	y.out.stop()
@@ -383,6 +397,7 @@ func (m *dest) onSyncOpen(msg *wire.SyncOpen) error {
 			done := &wire.SyncDone{Pass: y.pass}
 			if err != nil {
 				done.Error = fmt.Sprintf("%v: %s", err, strings.TrimSpace(y.stderr.String()))
+				done.Code = exitCode(err)
 			}
 			if !m.rpc.Closed() {
 				m.rpc.Send(done)
@@ -399,3 +414,17 @@ func (y *destSync) stop() {
 		y.cmd.Process.Kill()
 	}
 }
+
+// exitCode is a command's exit status (-1: it did not exit).
+func exitCode(err error) int {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode()
+	}
+	return -1
+}
+
+// livePartial: rsync ended well, or only with files that changed or
+// vanished while it read them (23, 24), which a pass over a running
+// container may meet.
+func livePartial(code int) bool { return code == 0 || code == 23 || code == 24 }

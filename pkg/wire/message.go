@@ -420,6 +420,8 @@ type SyncEOF struct{}
 type SyncDone struct {
 	Pass  int    `json:"pass"`
 	Error string `json:"error,omitempty"`
+	// Code is rsync's exit status (0 with no Error).
+	Code int `json:"code,omitempty"`
 }
 
 var rsyncOption = regexp.MustCompile(`^-[A-Za-z.]+$`)
