@@ -293,9 +293,10 @@ type asyncOp struct {
 	logPath string
 	efd     int
 
-	mu      sync.Mutex
-	events  []criu.Event
-	replies []chan bool // notifications waiting for their answer, in order
+	mu        sync.Mutex
+	events    []criu.Event
+	replies   []chan bool // notifications waiting for their answer, in order
+	efdClosed bool
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -318,7 +319,10 @@ func newAsyncOp(cmd *exec.Cmd, logPath string) (*asyncOp, error) {
 		// Nobody watches the eventfd once the op ended and was closed.
 		<-op.exited
 		<-op.closed
+		op.mu.Lock()
+		op.efdClosed = true
 		unix.Close(op.efd)
+		op.mu.Unlock()
 	}()
 	return op, nil
 }
@@ -349,6 +353,9 @@ func (op *asyncOp) wait() error {
 func (op *asyncOp) push(ev criu.Event) {
 	op.mu.Lock()
 	defer op.mu.Unlock()
+	if op.efdClosed {
+		return // too late: nobody reads events any more
+	}
 	op.events = append(op.events, ev)
 	var one [8]byte
 	one[0] = 1 // little endian
@@ -400,6 +407,9 @@ func (op *asyncOp) Fd() int { return op.efd }
 func (op *asyncOp) Next() (criu.Event, error) {
 	op.mu.Lock()
 	defer op.mu.Unlock()
+	if op.efdClosed {
+		return criu.Event{}, errors.New("runc: the request is over")
+	}
 	if len(op.events) == 0 {
 		var b [8]byte
 		unix.Read(op.efd, b[:])

@@ -247,6 +247,7 @@ func (m *source) startSync(pass int, done func(SyncStats, error)) error {
 	}()
 	go func() {
 		err := y.cmd.Wait()
+		y.ln.Close() // a pipe that never connected is not waited for
 		m.s.l.Post(func() {
 			y.clientDone = true
 			if err != nil {
