@@ -137,7 +137,7 @@ func (c *containerCRIU) StartDump(o criu.Options) (Op, error) {
 		cpo.PageServer = ln.Addr().String()
 	}
 	cmd := r.CheckpointCommand(ctx, c.c.ID, cpo)
-	op, err := newAsyncOp(cmd, filepath.Join(o.ImagesDir, "dump.log"))
+	op, err := newAsyncOp(cmd, "checkpoint", filepath.Join(o.ImagesDir, "dump.log"))
 	if err != nil {
 		if ln != nil {
 			ln.Close()
@@ -186,11 +186,22 @@ func bridge(ln net.Listener, ps net.Conn) (up, down int64, err error) {
 	if tl, ok := ln.(*net.TCPListener); ok {
 		tl.SetDeadline(time.Now().Add(time.Minute))
 	}
-	c, err := ln.Accept()
-	ln.Close()
-	if err != nil {
-		return 0, 0, err
+	// The port is on loopback, where any local user may connect first:
+	// only a connection from a root socket (CRIU's) is taken.
+	var c net.Conn
+	for c == nil {
+		conn, err := ln.Accept()
+		if err != nil {
+			ln.Close()
+			return 0, 0, err
+		}
+		if peerUID(conn) == 0 {
+			c = conn
+		} else {
+			conn.Close()
+		}
 	}
+	ln.Close()
 	defer c.Close()
 	done := make(chan struct{})
 	go func() {
@@ -206,6 +217,37 @@ func bridge(ln net.Listener, ps net.Conn) (up, down int64, err error) {
 	}
 	<-done
 	return up, down, err
+}
+
+// peerUID is the owner of the other end of c, a TCP connection on
+// loopback, as /proc/net/tcp says (-1 if not found).
+func peerUID(c net.Conn) int {
+	local, ok1 := c.LocalAddr().(*net.TCPAddr)
+	remote, ok2 := c.RemoteAddr().(*net.TCPAddr)
+	if !ok1 || !ok2 || remote.IP.To4() == nil {
+		return -1
+	}
+	hexAddr := func(a *net.TCPAddr) string {
+		ip := a.IP.To4()
+		return fmt.Sprintf("%02X%02X%02X%02X:%04X", ip[3], ip[2], ip[1], ip[0], a.Port)
+	}
+	// The peer's socket: its local address is our remote one.
+	want, peer := hexAddr(remote), hexAddr(local)
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) > 7 && f[1] == want && f[2] == peer {
+			uid, err := strconv.Atoi(f[7])
+			if err != nil {
+				return -1
+			}
+			return uid
+		}
+	}
+	return -1
 }
 
 // StartRestore restores the container from the images in o.ImagesDir with
@@ -226,7 +268,7 @@ func (c *containerCRIU) StartRestore(o criu.Options) (Op, error) {
 	}
 	cmd := c.c.Runc.RestoreCommand(context.Background(), c.c.ID, runc.RestoreOptions{
 		Bundle: c.c.Bundle, ImagePath: o.ImagesDir, WorkPath: o.ImagesDir, TCPEstablished: o.Network})
-	op, err := newAsyncOp(cmd, filepath.Join(o.ImagesDir, "restore.log"))
+	op, err := newAsyncOp(cmd, "restore", filepath.Join(o.ImagesDir, "restore.log"))
 	if err != nil {
 		ln.Close()
 		return nil, err
@@ -289,6 +331,7 @@ func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''
 // watches.
 type asyncOp struct {
 	cmd     *exec.Cmd
+	command string // runc's: checkpoint, restore
 	stderr  bytes.Buffer
 	logPath string
 	efd     int
@@ -303,12 +346,12 @@ type asyncOp struct {
 	exited    chan struct{}
 }
 
-func newAsyncOp(cmd *exec.Cmd, logPath string) (*asyncOp, error) {
+func newAsyncOp(cmd *exec.Cmd, command, logPath string) (*asyncOp, error) {
 	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
 	if err != nil {
 		return nil, err
 	}
-	op := &asyncOp{cmd: cmd, logPath: logPath, efd: efd, closed: make(chan struct{}), exited: make(chan struct{})}
+	op := &asyncOp{cmd: cmd, command: command, logPath: logPath, efd: efd, closed: make(chan struct{}), exited: make(chan struct{})}
 	cmd.Stdout = nil
 	cmd.Stderr = &op.stderr
 	if err := cmd.Start(); err != nil {
@@ -334,16 +377,7 @@ func (op *asyncOp) wait() error {
 	if err == nil {
 		return nil
 	}
-	command := "command"
-	if len(op.cmd.Args) > 0 {
-		for _, a := range op.cmd.Args[1:] {
-			if !strings.HasPrefix(a, "-") && (a == "checkpoint" || a == "restore") {
-				command = a
-				break
-			}
-		}
-	}
-	rerr := (&runc.Runc{}).Failure(command, err, op.stderr.Bytes())
+	rerr := runc.CommandError(op.command, err, op.stderr.Bytes())
 	if lines := criu.ErrorLines(op.logPath, 3); len(lines) > 0 {
 		return fmt.Errorf("%w; CRIU: %s (full log: %s)", rerr, strings.Join(lines, "; "), op.logPath)
 	}

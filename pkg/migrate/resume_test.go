@@ -3,7 +3,10 @@
 package migrate
 
 import (
+	"net"
+	"os"
 	"os/exec"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -68,4 +71,46 @@ func isHelper(cmdline string) bool { return len(cmdline) > 0 && cmdline[:4] == "
 func stateIs(pid int, s byte) bool {
 	info, err := proc.Stat(pid)
 	return err == nil && info.State == s
+}
+
+// peerUID finds who owns the other end of a loopback connection.
+func TestPeerUID(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := peerUID(s); got != os.Geteuid() {
+		t.Errorf("peerUID = %d, want %d (this process)", got, os.Geteuid())
+	}
+	if os.Geteuid() != 0 {
+		return
+	}
+	// Another user's connection is told apart (the container bridge
+	// refuses it).
+	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	other := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+		"bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/"+port+"; sleep 5")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { other.Process.Kill(); other.Wait() }()
+	s2, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if got := peerUID(s2); got != 65534 {
+		t.Errorf("peerUID of nobody's connection = %d, want 65534", got)
+	}
 }

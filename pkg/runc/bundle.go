@@ -97,18 +97,3 @@ func (c Config) BindSources() []string {
 	}
 	return out
 }
-
-// HasNetworkNamespace reports whether the container gets a network
-// namespace of its own (linux.namespaces has one of type network without
-// a path).
-func (c Config) HasNetworkNamespace() bool {
-	nss, _ := c.object("linux")["namespaces"].([]any)
-	for _, n := range nss {
-		nm, _ := n.(map[string]any)
-		if t, _ := nm["type"].(string); t == "network" {
-			p, _ := nm["path"].(string)
-			return p == ""
-		}
-	}
-	return false
-}

@@ -75,7 +75,7 @@ func (r *Runc) run(ctx context.Context, args ...string) ([]byte, error) {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		return stdout.Bytes(), r.failure(args[0], err, stderr.Bytes())
+		return stdout.Bytes(), CommandError(args[0], err, stderr.Bytes())
 	}
 	return stdout.Bytes(), nil
 }
@@ -99,7 +99,10 @@ func (e *Error) Unwrap() error { return e.Err }
 // logMsg finds the message of runc's logrus lines (level=error msg="…").
 var logMsg = regexp.MustCompile(`msg="((?:[^"\\]|\\.)*)"`)
 
-func (r *Runc) failure(command string, err error, stderr []byte) error {
+// CommandError turns a runc command's exit and its stderr into an *Error
+// with runc's own message (ErrNotExist underneath for an unknown
+// container).
+func CommandError(command string, err error, stderr []byte) error {
 	var msgs []string
 	for _, line := range strings.Split(strings.TrimSpace(string(stderr)), "\n") {
 		if m := logMsg.FindStringSubmatch(line); m != nil {
@@ -142,22 +145,6 @@ func (r *Runc) State(ctx context.Context, id string) (State, error) {
 		return s, fmt.Errorf("runc state %s: %w", id, err)
 	}
 	return s, nil
-}
-
-// List lists the containers runc knows.
-func (r *Runc) List(ctx context.Context) ([]State, error) {
-	out, err := r.run(ctx, "list", "--format", "json")
-	if err != nil {
-		return nil, err
-	}
-	var list []State
-	if s := strings.TrimSpace(string(out)); s == "" || s == "null" {
-		return nil, nil
-	}
-	if err := json.Unmarshal(out, &list); err != nil {
-		return nil, fmt.Errorf("runc list: %w", err)
-	}
-	return list, nil
 }
 
 // Pause freezes the container's processes (its cgroup's freezer).
@@ -238,11 +225,6 @@ func (r *Runc) RestoreCommand(ctx context.Context, id string, o RestoreOptions) 
 		a = append(a, "--tcp-established")
 	}
 	return r.command(ctx, append(a, id)...)
-}
-
-// Failure turns a runc command's exit and stderr into an *Error.
-func (r *Runc) Failure(command string, err error, stderr []byte) error {
-	return r.failure(command, err, stderr)
 }
 
 // ValidID reports whether id can be a container id phaul accepts (runc's

@@ -18,7 +18,6 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/migrate"
-	"github.com/phaul/phaul/pkg/network"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/runc"
 	"github.com/phaul/phaul/pkg/store"
@@ -129,9 +128,7 @@ func (m *Manager) killRec(log *zap.Logger, rec *store.Record) {
 		return
 	}
 	if info, err := proc.Stat(rec.PID); err == nil && info.StartTime == rec.StartTime {
-		if gone, err := network.RemoveLinks(rec.PID); err == nil && len(gone) > 0 {
-			log.Info("removed the interfaces of the container's namespace", zap.Strings("interfaces", gone))
-		}
+		removeLinks(log, rec.PID)
 	}
 	if err := m.cfg.Runc.Delete(context.Background(), rec.Container, true); err != nil && !errors.Is(err, runc.ErrNotExist) {
 		log.Error("cannot delete the container", zap.String("container", rec.Container), zap.Error(err))

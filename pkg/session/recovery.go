@@ -241,14 +241,7 @@ func killTree(log *zap.Logger, pid int, start uint64) {
 		return
 	}
 	defer proc.CloseAll(tree)
-	// A namespace of its own outlives it for a while: its interfaces
-	// (its veths' host ends with them) go first, so that it answers for
-	// no address meanwhile.
-	if gone, err := network.RemoveLinks(pid); err != nil {
-		log.Warn("cannot remove the interfaces of the tree's namespace", zap.Error(err))
-	} else if len(gone) > 0 {
-		log.Info("removed the interfaces of the tree's namespace", zap.Strings("interfaces", gone))
-	}
+	removeLinks(log, pid)
 	if err := proc.KillTree(tree); err != nil {
 		log.Error("tree did not exit", zap.Error(err))
 	}
@@ -276,4 +269,15 @@ func (m *Manager) untraced(pid int, start uint64, traced time.Duration) error {
 		}
 	}
 	return nil
+}
+
+// removeLinks empties the network namespace of pid, a tree that goes, of
+// its interfaces (its veths' host ends with them): the namespace outlives
+// the tree for a while, and must answer for no address meanwhile.
+func removeLinks(log *zap.Logger, pid int) {
+	if gone, err := network.RemoveLinks(pid); err != nil {
+		log.Warn("cannot remove the interfaces of the tree's namespace", zap.Error(err))
+	} else if len(gone) > 0 {
+		log.Info("removed the interfaces of the tree's namespace", zap.Strings("interfaces", gone))
+	}
 }

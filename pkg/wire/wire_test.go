@@ -238,3 +238,23 @@ func TestPrepareValidate(t *testing.T) {
 		t.Errorf("%+v: %v", ok, err)
 	}
 }
+
+// The destination runs only a receiving rsync server, with options it
+// knows: never a sender (which would send its files to the source).
+func TestRsyncServerArgs(t *testing.T) {
+	opts, err := RsyncServerArgs([]string{"rsync", "--server", "-lHogDtpre.iLsfxCIvu", "--delete", "--stats", "--numeric-ids", ".", "/rootfs/"})
+	if err != nil || len(opts) != 4 {
+		t.Fatalf("rsync's own server command: %v, %v", opts, err)
+	}
+	for _, bad := range [][]string{
+		{"rsync", "--server", "--sender", "-logDtpre.iLsfxCIvu", ".", "/etc/"},
+		{"rsync", "--server", "-logDtpre.iLsfxCIvu", "--rsync-path=sh", ".", "/x/"},
+		{"rsync", "--server", "-e", "sh", ".", "/x/"},
+		{"sh", "--server", "-a", ".", "/x/"},
+		{"rsync", "--server", "-a", "/x/"},
+	} {
+		if _, err := RsyncServerArgs(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}

@@ -240,7 +240,6 @@ func TestContainerChecks(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { removeCgroups("/phaul-test/" + l.id + "-b") })
-	before := len(l.counts())
 	r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr)
 	if r.code != 1 || !strings.Contains(r.stderr, "already has a container "+l.id) {
 		t.Fatalf("to a host with the id taken: exit %d: %s %s; want refused (1), naming the id", r.code, r.stdout, r.stderr)
@@ -251,9 +250,6 @@ func TestContainerChecks(t *testing.T) {
 		t.Errorf("the refused container is not running on A: %s", st)
 	}
 	l.checkCounting("after the refusal")
-	if len(l.counts()) <= before {
-		t.Errorf("the container stopped counting")
-	}
 	// An unknown container, and one named with --pid too.
 	r = l.a.phaulctl(t, "migrate", "--container", "no-such-container", "--to", l.b.addr)
 	if r.code != 1 || !strings.Contains(r.stderr, "knows no container no-such-container") {

@@ -161,10 +161,6 @@ func (rc *redisClient) goesOn(t *testing.T, what string) {
 	t.Logf("%s: %d replies in sequence, longest wait for one %v", what, n, gap.Round(time.Millisecond))
 }
 
-func hasLink(t *testing.T, ns, name string) bool {
-	return exec.Command("ip", "-n", ns, "link", "show", name).Run() == nil
-}
-
 func TestServiceKeepsItsClient(t *testing.T) {
 	integration(t)
 	for i, mode := range []string{"copy", "lazy"} {
@@ -216,10 +212,10 @@ func TestServiceKeepsItsClient(t *testing.T) {
 				info, err := proc.Stat(svc.pid)
 				return err != nil || info.State == 'Z'
 			})
-			if hasLink(t, lab.name("A"), "vsvc") {
+			if lab.HasLink("A", "vsvc") {
 				t.Errorf("the namespace's veth vsvc is still on A")
 			}
-			if !hasLink(t, lab.name("B"), "vsvc") {
+			if !lab.HasLink("B", "vsvc") {
 				t.Errorf("no veth vsvc on B")
 			}
 		})
@@ -350,8 +346,8 @@ func TestServiceKeepsItsClientOnRollback(t *testing.T) {
 			if !proc.Running(svc.pid) {
 				t.Errorf("the service (pid %d) does not run on A", svc.pid)
 			}
-			waitFor(t, "B's copy and its veth to be gone", 10*time.Second, func() bool { return !hasLink(t, lab.name("B"), "vsvc") })
-			if !hasLink(t, lab.name("A"), "vsvc") {
+			waitFor(t, "B's copy and its veth to be gone", 10*time.Second, func() bool { return !lab.HasLink("B", "vsvc") })
+			if !lab.HasLink("A", "vsvc") {
 				t.Errorf("the veth vsvc is gone from A")
 			}
 		})
@@ -610,11 +606,11 @@ func runConnectedCell(t *testing.T, mode string, p point, f fault, want string, 
 	}
 	checkExitCode(t, f, res, want)
 	rc.goesOn(t, "after the fault")
-	if want == sideSource && !hasLink(t, lab.name("A"), "vsvc") {
+	if want == sideSource && !lab.HasLink("A", "vsvc") {
 		t.Errorf("the service's veth is gone from A")
 	}
 	deadline := time.Now().Add(30 * time.Second)
-	for hasLink(t, lab.name("B"), "vsvc") {
+	for lab.HasLink("B", "vsvc") {
 		if time.Now().After(deadline) {
 			out, _ := exec.Command("ip", "-n", lab.name("B"), "-d", "link", "show", "vsvc").CombinedOutput()
 			t.Fatalf("the namespace's veth is still on B after 30 s: %s; processes in the service's directory: %s; in other namespaces: %s", out, describeIn(svc.dir), otherNS())
