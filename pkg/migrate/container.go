@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -93,9 +94,6 @@ func (c *containerCRIU) Stopped(dir string) (map[int]bool, error) { return c.bas
 // not a socket). When runc is done the op says post-dump: true leaves the
 // container paused, false resumes it, as CRIU would.
 func (c *containerCRIU) StartDump(o criu.Options) (Op, error) {
-	if o.LazyPages {
-		return nil, errors.New("lazy migration of a container is not built yet: use --mode copy")
-	}
 	if len(o.External) > 0 || len(o.InheritFds) > 0 {
 		return nil, errors.New("a container whose processes write to the journal cannot move: give it no journald streams")
 	}
@@ -114,6 +112,13 @@ func (c *containerCRIU) StartDump(o criu.Options) (Op, error) {
 			undo()
 			return nil, fmt.Errorf("lock the container's network: %w", err)
 		}
+	}
+	if o.LazyPages {
+		op, err := c.startLazyDump(o)
+		if err != nil {
+			undo()
+		}
+		return op, err
 	}
 	var ps net.Conn
 	var ln net.Listener
@@ -202,21 +207,140 @@ func bridge(ln net.Listener, ps net.Conn) (up, down int64, err error) {
 		}
 	}
 	ln.Close()
+	return splice(c, ps)
+}
+
+// splice copies c to ps and ps to c until both directions end, and closes
+// both: up is what went from c to ps.
+func splice(c, ps net.Conn) (up, down int64, err error) {
+	defer ps.Close()
 	defer c.Close()
+	type halfCloser interface{ CloseWrite() error }
 	done := make(chan struct{})
 	go func() {
-		down, _ = io.Copy(c, ps) // the page server's answers
-		if tc, ok := c.(*net.TCPConn); ok {
-			tc.CloseWrite()
+		down, _ = io.Copy(c, ps)
+		if hc, ok := c.(halfCloser); ok {
+			hc.CloseWrite()
 		}
 		close(done)
 	}()
 	up, err = io.Copy(ps, c)
-	if uc, ok := ps.(*net.UnixConn); ok {
-		uc.CloseWrite()
+	if hc, ok := ps.(halfCloser); ok {
+		hc.CloseWrite()
 	}
 	<-done
 	return up, down, err
+}
+
+// startLazyDump checkpoints the paused container with runc's lazy pages:
+// CRIU dumps all but the memory, says so on the status descriptor, and
+// serves the memory from a TCP port (runc gives CRIU the port only, so it
+// listens on every address, for one connection). phauld connects at once
+// (the port is open to anyone only until then) and that is the op's
+// post-dump: saying yes bridges the connection to ps, the relay's socket,
+// and the destination's lazy-pages daemon pulls the pages through it;
+// saying no closes it, and CRIU gives the dump up. runc ends when the
+// pages are all served (the container is left paused, as CRIU found it)
+// or the serving failed (the container is resumed here).
+func (c *containerCRIU) startLazyDump(o criu.Options) (Op, error) {
+	if o.PageServer == nil {
+		return nil, errors.New("a lazy dump needs the relay's socket")
+	}
+	ps, err := net.FileConn(o.PageServer)
+	if err != nil {
+		return nil, fmt.Errorf("page server bridge: %w", err)
+	}
+	port, err := freePort()
+	if err != nil {
+		ps.Close()
+		return nil, fmt.Errorf("page server port: %w", err)
+	}
+	statusR, statusW, err := os.Pipe()
+	if err != nil {
+		ps.Close()
+		return nil, err
+	}
+	ctx := context.Background()
+	r := c.c.Runc
+	cmd := r.CheckpointCommand(ctx, c.c.ID, runc.CheckpointOptions{ImagePath: o.ImagesDir, WorkPath: o.ImagesDir,
+		LeaveRunning: true, TCPEstablished: o.Network, LazyPages: true, StatusFd: 3,
+		PageServer: net.JoinHostPort("127.0.0.1", strconv.Itoa(port))})
+	cmd.ExtraFiles = []*os.File{statusW}
+	op, err := newAsyncOp(cmd, "checkpoint", filepath.Join(o.ImagesDir, "dump.log"))
+	statusW.Close()
+	if err != nil {
+		statusR.Close()
+		ps.Close()
+		return nil, err
+	}
+	undo := func() {
+		if err := r.Resume(ctx, c.c.ID); err != nil {
+			c.log.Error("cannot resume the container", zap.Error(err))
+		}
+	}
+	go func() {
+		defer close(op.exited)
+		defer ps.Close()
+		conn, err := awaitLazyServer(statusR, port)
+		statusR.Close()
+		if err == nil {
+			if !op.notify("post-dump", o.PID) {
+				conn.Close() // CRIU reads the end, and gives the dump up
+				op.given = true
+				err = errors.New("the dump was given up: the container was resumed")
+			} else {
+				up, down, serr := splice(conn, ps)
+				c.log.Debug("lazy pages bridged", zap.Int64("to_relay", up), zap.Int64("from_relay", down), zap.Error(serr))
+			}
+		}
+		if err != nil && !errors.Is(err, errLazyNotReady) && !op.given {
+			// CRIU waits for a connection that will not come.
+			op.kill()
+		}
+		werr := op.wait()
+		if err == nil || errors.Is(err, errLazyNotReady) && werr != nil {
+			err = werr // runc's own reason beats "it never listened"
+		}
+		if err != nil {
+			c.log.Warn("the container's lazy checkpoint failed; resuming it", zap.Error(err))
+			undo()
+			op.push(criu.Event{Err: err})
+			return
+		}
+		op.push(criu.Event{})
+	}()
+	return op, nil
+}
+
+var errLazyNotReady = errors.New("runc ended before CRIU served the pages")
+
+// awaitLazyServer waits for runc's word that CRIU's lazy page server
+// listens (a NUL byte on status; its end, if runc exits first), and
+// connects to it: a connection CRIU's, root's, or none.
+func awaitLazyServer(status *os.File, port int) (net.Conn, error) {
+	var b [1]byte
+	if n, _ := status.Read(b[:]); n != 1 || b[0] != 0 {
+		return nil, errLazyNotReady
+	}
+	conn, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), 10*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("connect to CRIU's lazy page server: %w", err)
+	}
+	if peerUID(conn) != 0 {
+		conn.Close()
+		return nil, fmt.Errorf("port %d, where CRIU's lazy page server should listen, is not root's", port)
+	}
+	return conn, nil
+}
+
+// freePort is a TCP port free on every address at the time of asking.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", ":0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
 // peerUID is the owner of the other end of c, a TCP connection on
@@ -266,8 +390,11 @@ func (c *containerCRIU) StartRestore(o criu.Options) (Op, error) {
 		ln.Close()
 		return nil, err
 	}
+	// The work path is the images directory, where the lazy-pages
+	// daemon (lazy mode) listens.
 	cmd := c.c.Runc.RestoreCommand(context.Background(), c.c.ID, runc.RestoreOptions{
-		Bundle: c.c.Bundle, ImagePath: o.ImagesDir, WorkPath: o.ImagesDir, TCPEstablished: o.Network})
+		Bundle: c.c.Bundle, ImagePath: o.ImagesDir, WorkPath: o.ImagesDir, TCPEstablished: o.Network,
+		LazyPages: o.LazyPages})
 	op, err := newAsyncOp(cmd, "restore", filepath.Join(o.ImagesDir, "restore.log"))
 	if err != nil {
 		ln.Close()
@@ -336,6 +463,9 @@ type asyncOp struct {
 	logPath string
 	efd     int
 
+	// given: the op was told no, and lets its command end by itself.
+	given bool
+
 	mu        sync.Mutex
 	events    []criu.Event
 	replies   []chan bool // notifications waiting for their answer, in order
@@ -354,6 +484,8 @@ func newAsyncOp(cmd *exec.Cmd, command, logPath string) (*asyncOp, error) {
 	op := &asyncOp{cmd: cmd, command: command, logPath: logPath, efd: efd, closed: make(chan struct{}), exited: make(chan struct{})}
 	cmd.Stdout = nil
 	cmd.Stderr = &op.stderr
+	// Its own process group, which CRIU joins: kill ends both.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		unix.Close(efd)
 		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
@@ -487,12 +619,17 @@ func (op *asyncOp) Abandon(grace time.Duration) bool {
 		return false
 	case <-time.After(grace):
 	}
-	op.cmd.Process.Kill()
+	op.kill()
 	select {
 	case <-op.exited:
 	case <-time.After(grace):
 	}
 	return true
+}
+
+// kill kills runc and the CRIU it runs (its process group).
+func (op *asyncOp) kill() {
+	syscall.Kill(-op.cmd.Process.Pid, syscall.SIGKILL)
 }
 
 func (op *asyncOp) LogPath() string { return op.logPath }

@@ -318,14 +318,9 @@ func (m *dest) prepare(p *wire.Prepare) error {
 		return err
 	}
 	if p.Container != nil {
-		if m.mode != api.ModeCopy {
-			if p.Mode == api.ModeAuto || p.Mode == "" {
-				m.mode = api.ModeCopy // what containers move by, so far
-				m.log = m.log.With(zap.String("mode", m.mode))
-				m.ph.log = m.log
-			} else {
-				return api.Errorf(api.CodePrecondition, "%s migration of a container is not built yet: use --mode copy (or auto)", m.mode)
-			}
+		if m.mode != api.ModeCopy && m.mode != api.ModeLazy {
+			// runc's pre-dumps need soft-dirty tracking, as CRIU's do.
+			return api.Errorf(api.CodePrecondition, "%s migration of a container is not built: use --mode copy or lazy (or auto)", m.mode)
 		}
 		if err := m.prepareContainer(p.Container); err != nil {
 			return err
@@ -640,8 +635,10 @@ func (m *dest) startRestore() error {
 		LazyPages:    m.mode == api.ModeLazy,
 		Network:      m.netw != nil,
 	}
-	for _, v := range m.veths {
-		opts.External = append(opts.External, fmt.Sprintf("veth[%s]:%s@%s", v.Inner, v.Outer, v.Bridge))
+	if m.container == nil { // a container's are made by buildNetwork
+		for _, v := range m.veths {
+			opts.External = append(opts.External, fmt.Sprintf("veth[%s]:%s@%s", v.Inner, v.Outer, v.Bridge))
+		}
 	}
 	if m.netw != nil {
 		for _, v := range m.netw.Macvlans {
@@ -676,6 +673,23 @@ func (m *dest) startRestore() error {
 	return err
 }
 
+// buildNetwork makes the set-up of a container's namespace, which runc
+// has CRIU restore empty (pid is in it): its veths, addresses and
+// routes, as the source described them, before CRIU restores its
+// sockets.
+func (m *dest) buildNetwork(pid int) error {
+	h, err := netns.GetFromPid(pid)
+	if err != nil {
+		return api.Errorf(api.CodeAborted, "the restored container's network namespace: %v", err)
+	}
+	defer h.Close()
+	if err := network.Build(h, m.netw.Links, m.netw.Routes, m.veths); err != nil {
+		return api.Errorf(api.CodeAborted, "make the container's network namespace again: %v", err)
+	}
+	m.log.Info("the container's network namespace made again", zap.Any("links", m.netw.Links), zap.Any("routes", m.netw.Routes))
+	return nil
+}
+
 func (m *dest) onRestore(ev criu.Event) error {
 	if ev.Notify != "" {
 		if ev.Notify == "post-restore" && m.state == dstRestore {
@@ -696,6 +710,12 @@ func (m *dest) onRestore(ev criu.Event) error {
 				h.Close()
 			}
 			m.log.Debug("restored namespace's network locked")
+			if m.container != nil {
+				if err := m.buildNetwork(ev.PID); err != nil {
+					m.restoreW.op.Reply(false)
+					return err
+				}
+			}
 		}
 		return m.restoreW.op.Reply(m.state == dstRestore)
 	}

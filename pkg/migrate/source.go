@@ -220,6 +220,15 @@ func (m *source) begin() error {
 		for _, v := range m.net.Macvlans {
 			netw.Macvlans = append(netw.Macvlans, wire.Macvlan(v))
 		}
+		if m.p.Container != nil {
+			// runc has CRIU dump it empty: its set-up goes apart.
+			if err := m.net.CheckConfigurable(); err != nil {
+				return api.Errorf(api.CodePrecondition, "%v", err)
+			}
+			if netw.Links, netw.Routes, err = network.ReadConfig(m.p.Proc.PID); err != nil {
+				return api.Errorf(api.CodePrecondition, "the container's network namespace: %v", err)
+			}
+		}
 	}
 	var modes []string
 	for _, x := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
@@ -475,7 +484,11 @@ func (m *source) startDump() error {
 	// CRIU gets its own copy of the socket at exec; ours closes now.
 	defer theirs.Close()
 	m.relay = relay
-	m.relay.HoldEOF = lazy
+	// A container's lazy dump listens itself (runc gives CRIU a port,
+	// not a socket), and then waits, after lazy-pages' close command,
+	// for the end of the stream: it must get it. (A stream cut short
+	// still fails there: the close command never came.)
+	m.relay.HoldEOF = lazy && m.p.Container == nil
 	m.ph.enter("dump")
 	m.tDump = time.Now()
 	opts := criu.Options{
@@ -930,8 +943,9 @@ func (m *source) resume(tree []*proc.Process, released bool) error {
 	pid, start := m.p.Proc.PID, m.p.Proc.StartTime
 	if released && m.p.Container != nil {
 		// Left paused by the dump: thawed first, then resumed as any
-		// tree (its network given back).
-		if err := m.p.Container.Runc.Resume(context.Background(), m.p.Container.ID); err != nil {
+		// tree (its network given back). A lazy dump that failed has
+		// thawed it already.
+		if err := m.p.Container.Runc.ResumeIfPaused(context.Background(), m.p.Container.ID); err != nil {
 			return fmt.Errorf("runc resume %s: %w", m.p.Container.ID, err)
 		}
 	}

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -159,6 +160,19 @@ func (r *Runc) Resume(ctx context.Context, id string) error {
 	return err
 }
 
+// ResumeIfPaused thaws the container if it is paused, and does nothing
+// if it is not (running already, after a dump that failed and resumed it).
+func (r *Runc) ResumeIfPaused(ctx context.Context, id string) error {
+	st, err := r.State(ctx, id)
+	if err != nil {
+		return err
+	}
+	if st.Status != "paused" {
+		return nil
+	}
+	return r.Resume(ctx, id)
+}
+
 // Delete deletes the container; force kills it first if it runs (or is
 // paused).
 func (r *Runc) Delete(ctx context.Context, id string, force bool) error {
@@ -183,6 +197,14 @@ type CheckpointOptions struct {
 	// TCPEstablished carries established connections; SkipInFlight
 	// leaves connections not yet accepted behind instead of failing.
 	TCPEstablished, SkipInFlight bool
+	// LazyPages leaves the memory out of the images: once dumped, CRIU
+	// serves it from PageServer's port (on every address: CRIU takes
+	// only the port) to one lazy-pages daemon, and runc returns when
+	// that one has it all. StatusFd, if not 0, is the descriptor (in
+	// the command's ExtraFiles, write-only) on which runc writes a NUL
+	// byte when the server listens.
+	LazyPages bool
+	StatusFd  int
 }
 
 func (o CheckpointOptions) args() []string {
@@ -198,6 +220,12 @@ func (o CheckpointOptions) args() []string {
 	}
 	if o.SkipInFlight {
 		a = append(a, "--tcp-skip-in-flight")
+	}
+	if o.LazyPages {
+		a = append(a, "--lazy-pages")
+	}
+	if o.StatusFd != 0 {
+		a = append(a, "--status-fd", strconv.Itoa(o.StatusFd))
 	}
 	return a
 }
@@ -215,6 +243,9 @@ type RestoreOptions struct {
 	Bundle, ImagePath, WorkPath string
 	// TCPEstablished restores established connections.
 	TCPEstablished bool
+	// LazyPages leaves the memory to the lazy-pages daemon whose socket
+	// is in WorkPath.
+	LazyPages bool
 }
 
 // RestoreCommand is the command that restores container id, detached (runc
@@ -223,6 +254,9 @@ func (r *Runc) RestoreCommand(ctx context.Context, id string, o RestoreOptions) 
 	a := []string{"restore", "--detach", "--bundle", o.Bundle, "--image-path", o.ImagePath, "--work-path", o.WorkPath}
 	if o.TCPEstablished {
 		a = append(a, "--tcp-established")
+	}
+	if o.LazyPages {
+		a = append(a, "--lazy-pages")
 	}
 	return r.command(ctx, append(a, id)...)
 }

@@ -110,10 +110,8 @@ func (m *Manager) resumeRec(log *zap.Logger, rec *store.Record, stopped map[int]
 		if err := m.untraced(rec.PID, rec.StartTime, traced); err != nil {
 			return err
 		}
-		if st, err := m.cfg.Runc.State(context.Background(), rec.Container); err == nil && st.Status == "paused" {
-			if err := m.cfg.Runc.Resume(context.Background(), rec.Container); err != nil {
-				log.Error("cannot resume the container", zap.String("container", rec.Container), zap.Error(err))
-			}
+		if err := m.cfg.Runc.ResumeIfPaused(context.Background(), rec.Container); err != nil {
+			log.Error("cannot resume the container", zap.String("container", rec.Container), zap.Error(err))
 		}
 	}
 	return m.resumeSource(rec.PID, rec.StartTime, stopped, traced)

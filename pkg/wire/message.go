@@ -307,6 +307,32 @@ type Network struct {
 	// move with it; InFlight those not yet accepted, which do not.
 	Connections int `json:"tcp_connections"`
 	InFlight    int `json:"tcp_in_flight"`
+	// Links and Routes are the namespace's own set-up, for a destination
+	// that makes the namespace itself: a runc container's (runc has
+	// CRIU dump a container's network namespace empty, as one it does
+	// not manage). Set only for containers.
+	Links  []NetLink  `json:"links,omitempty"`
+	Routes []NetRoute `json:"routes,omitempty"`
+}
+
+// NetLink is an interface of a namespace: its name, MAC address, MTU and
+// addresses (ADDR/PREFIX; link-local ones left to the kernel).
+type NetLink struct {
+	Name      string   `json:"name"`
+	MAC       string   `json:"mac,omitempty"`
+	MTU       int      `json:"mtu,omitempty"`
+	Addresses []string `json:"addresses,omitempty"`
+}
+
+// NetRoute is a route of a namespace's main table that its addresses do
+// not make by themselves: to Dst (ADDR/PREFIX; "" is the default route),
+// through Gateway (if any), out of Dev.
+type NetRoute struct {
+	Dst     string `json:"dst,omitempty"`
+	Gateway string `json:"gateway,omitempty"`
+	Dev     string `json:"dev"`
+	// IPv6: a default route of either family is Dst "".
+	IPv6 bool `json:"ipv6,omitempty"`
 }
 
 // Veth is a veth pair from a tree's namespace to its host.

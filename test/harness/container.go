@@ -99,9 +99,14 @@ func MakeBundle(c BundleConfig) error {
 // RunContainer starts the bundle as container id under the runc state
 // root, detached, its stdio on /dev/null (CRIU cannot carry a descriptor
 // on one of our files).
-func RunContainer(root, bundle, id string) error {
+func RunContainer(root, bundle, id string) error { return RunContainerIn(nil, root, bundle, id) }
+
+// RunContainerIn is RunContainer with runc run under wrap (nsenter into a
+// network namespace, say).
+func RunContainerIn(wrap []string, root, bundle, id string) error {
 	logPath := filepath.Join(bundle, "runc-run.log")
-	cmd := exec.Command("runc", "--root", root, "--log", logPath, "run", "--detach", "--bundle", bundle, id)
+	args := append(wrap, "runc", "--root", root, "--log", logPath, "run", "--detach", "--bundle", bundle, id)
+	cmd := exec.Command(args[0], args[1:]...)
 	null, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
 	if err != nil {
 		return err

@@ -4,6 +4,7 @@ package harness
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -225,7 +226,17 @@ func (l *Lab) StartService(dir, port string, args ...string) (s *Service, err er
 	}); err != nil {
 		return nil, fmt.Errorf("%s did not start: %w", args[0], err)
 	}
-	n := strconv.Itoa(s.PID)
+	if err := l.linkService(s.PID, port, args[0]); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// linkService gives the service (the init of its network namespace, pid)
+// its link to A's segment and its addresses, and waits until what (its
+// name, for errors) answers on port from C.
+func (l *Lab) linkService(pid int, port, what string) error {
+	n := strconv.Itoa(pid)
 	link := [][]string{
 		{"ip", "-n", l.Name("A"), "link", "add", "vsvc", "type", "veth", "peer", "name", "eth0", "netns", n},
 		{"ip", "-n", l.Name("A"), "link", "set", "vsvc", "master", "br0", "up"},
@@ -244,7 +255,7 @@ func (l *Lab) StartService(dir, port string, args ...string) (s *Service, err er
 		{"nsenter", "-t", n, "-n", "ip", "link", "set", "lo", "up"},
 	}...) {
 		if err := run(step...); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	if err := WaitUntil(10*time.Second, func() bool {
@@ -254,9 +265,30 @@ func (l *Lab) StartService(dir, port string, args ...string) (s *Service, err er
 		}
 		return err == nil
 	}); err != nil {
-		return nil, fmt.Errorf("%s does not answer on %s:%s: %w", args[0], LabServiceAddr, port, err)
+		return fmt.Errorf("%s does not answer on %s:%s: %w", what, LabServiceAddr, port, err)
 	}
-	return s, nil
+	return nil
+}
+
+// StartContainer runs the bundle as runc container id under the state
+// root root, from A's network namespace (runc makes the container one of
+// its own), links it as the service, and waits until it answers on port
+// from C. It returns the container's init.
+func (l *Lab) StartContainer(root, bundle, id, port string) (int, error) {
+	if err := RunContainerIn([]string{"nsenter", "--net=" + l.Path("A")}, root, bundle, id); err != nil {
+		return 0, err
+	}
+	out, err := exec.Command("runc", "--root", root, "state", id).Output()
+	if err != nil {
+		return 0, fmt.Errorf("runc state %s: %v", id, err)
+	}
+	var st struct {
+		PID int `json:"pid"`
+	}
+	if err := json.Unmarshal(out, &st); err != nil || st.PID == 0 {
+		return 0, fmt.Errorf("runc state %s: %q", id, out)
+	}
+	return st.PID, l.linkService(st.PID, port, "container "+id)
 }
 
 // Stop kills the service's first copy and, by pid, every process whose

@@ -11,11 +11,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/wire"
 	"github.com/phaul/phaul/test/faultproxy"
 	"github.com/phaul/phaul/test/harness"
@@ -150,17 +152,26 @@ func (l *containerLab) state(root string) (string, error) {
 
 func TestContainerMigrates(t *testing.T) {
 	integration(t)
-	l := newContainerLab(t, 18300, "")
+	for _, c := range []struct {
+		mode string
+		port int
+	}{{"copy", 18300}, {"lazy", 18400}} {
+		t.Run(c.mode, func(t *testing.T) { testContainerMigrates(t, c.mode, c.port) })
+	}
+}
+
+func testContainerMigrates(t *testing.T, mode string, port int) {
+	l := newContainerLab(t, port, "")
 	sum := func() [32]byte {
 		b, _ := os.ReadFile(filepath.Join(l.bundle, "rootfs", "blob"))
 		return sha256.Sum256(b)
 	}
 	blob := sum()
-	r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr, "--mode", "copy")
+	r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr, "--mode", mode)
 	if r.code != 0 {
 		t.Fatalf("phaulctl migrate --container: exit %d: %s %s", r.code, r.stdout, r.stderr)
 	}
-	if !strings.Contains(r.stdout, "container "+l.id+" now runs on "+l.b.addr) {
+	if !strings.Contains(r.stdout, "container "+l.id+" now runs on "+l.b.addr) || !strings.Contains(r.stdout, mode) {
 		t.Errorf("phaulctl said: %s", r.stdout)
 	}
 	t.Logf("A to B: %s", r.stdout)
@@ -186,7 +197,7 @@ func TestContainerMigrates(t *testing.T) {
 		t.Errorf("B's history does not name the container: %s", h.stdout)
 	}
 	// And back: the bundle B made is used, and removed when it leaves.
-	r = l.b.phaulctl(t, "migrate", "--container", l.id, "--to", l.a.addr, "--mode", "copy")
+	r = l.b.phaulctl(t, "migrate", "--container", l.id, "--to", l.a.addr, "--mode", mode)
 	if r.code != 0 {
 		t.Fatalf("migrating it back: exit %d: %s %s", r.code, r.stdout, r.stderr)
 	}
@@ -361,6 +372,92 @@ func TestContainerSourceKilled(t *testing.T) {
 			}
 			if ents, _ := os.ReadDir(filepath.Join(filepath.Dir(l.rootB), "containers-b")); len(ents) != 0 {
 				t.Errorf("B kept %d entries in its containers directory", len(ents))
+			}
+		})
+	}
+}
+
+// A container with a network namespace of its own, linked as the lab's
+// service (a veth on A's br0, its own address), running redis; a client
+// on C keeps one connection, a request every 20 ms. The namespace moves
+// with the container: the client's connection goes on with the copy on
+// B, whose veth is on B's br0, and nothing of it is left on A.
+func TestContainerKeepsItsClient(t *testing.T) {
+	integration(t)
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		t.Fatal("redis-server is missing (make deps installs it)")
+	}
+	for i, mode := range []string{"copy", "lazy"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			port := 18410 + 10*i
+			lab := newNetLab(t, "br0")
+			dir := t.TempDir()
+			rootA, rootB := filepath.Join(dir, "runc-a"), filepath.Join(dir, "runc-b")
+			bundle := filepath.Join(dir, "bundle")
+			id := fmt.Sprintf("phaul-t%d-%d", os.Getpid(), port)
+			cgroup := "/phaul-test/" + id
+			// redis from the host's /usr (bound in, the same path on
+			// both "hosts"), its append-only file in the rootfs.
+			if err := harness.MakeBundle(harness.BundleConfig{Dir: bundle, CgroupsPath: cgroup, Binds: []string{"/usr"},
+				Args: []string{"/usr/bin/redis-server", "--port", redisPort, "--bind", "0.0.0.0", "--protected-mode", "no",
+					"--save", "", "--appendonly", "yes", "--dir", "/data", "--logfile", "/data/redis.log"}}); err != nil {
+				t.Fatal(err)
+			}
+			rootfs := filepath.Join(bundle, "rootfs")
+			for _, l := range []string{"lib", "lib64"} {
+				if err := os.Symlink("usr/"+l, filepath.Join(rootfs, l)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := os.Mkdir(filepath.Join(rootfs, "data"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				if t.Failed() {
+					b, _ := os.ReadFile(filepath.Join(rootfs, "data", "redis.log"))
+					t.Logf("--- redis.log ---\n%s", b)
+				}
+				harness.DeleteContainer(rootA, id)
+				harness.DeleteContainer(rootB, id)
+				removeCgroups(cgroup)
+				removeCgroups("/phaul/x")
+			})
+			a := lab.daemon("A", port, []string{"--runc-root", rootA, "--containers-dir", filepath.Join(dir, "containers-a")})
+			b := lab.daemon("B", port+1, []string{"--runc-root", rootB, "--containers-dir", filepath.Join(dir, "containers-b")})
+			if _, err := lab.StartContainer(rootA, bundle, id, redisPort); err != nil {
+				t.Fatal(err)
+			}
+			rc := lab.startClient("k")
+			time.Sleep(300 * time.Millisecond)
+
+			r := a.phaulctl(t, "migrate", "--container", id, "--to", b.addr, "--mode", mode, "--json")
+			if r.code != 0 {
+				t.Fatalf("phaulctl migrate --container: exit %d: %s %s", r.code, r.stdout, r.stderr)
+			}
+			var res api.Result
+			if err := json.Unmarshal([]byte(r.stdout), &res); err != nil {
+				t.Fatalf("the result: %v: %s", err, r.stdout)
+			}
+			rc.goesOn(t, "after the migration")
+			n := res.Network
+			if n == nil || n.TCPConnections < 1 || len(n.Veths) != 1 || n.Veths[0].Bridge != "br0" || n.Veths[0].Inner != "eth0" ||
+				!slices.Contains(n.Addresses, labSvcAddr+"/24") {
+				t.Errorf("the result says %+v; want the namespace moved: eth0 on br0, %s/24, the connection", n, labSvcAddr)
+			}
+			t.Logf("mode %s: frozen %d ms, network locked %d ms, %d connections carried", res.Mode, res.FrozenMS, n.LockedMS, n.TCPConnections)
+			out, err := exec.Command("runc", "--root", rootB, "state", id).CombinedOutput()
+			if err != nil || !strings.Contains(string(out), `"status": "running"`) {
+				t.Fatalf("runc on B: %v %s; want the container running", err, out)
+			}
+			if out, err := exec.Command("runc", "--root", rootA, "state", id).CombinedOutput(); err == nil {
+				t.Errorf("runc on A still knows the container: %s", out)
+			}
+			if lab.HasLink("A", "vsvc") {
+				t.Errorf("the namespace's veth vsvc is still on A")
+			}
+			if !lab.HasLink("B", "vsvc") {
+				t.Errorf("no veth vsvc on B")
 			}
 		})
 	}
