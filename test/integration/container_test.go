@@ -462,3 +462,78 @@ func TestContainerKeepsItsClient(t *testing.T) {
 		})
 	}
 }
+
+// The link to B is cut at the main points of a container's migration to a
+// host that does not share its storage (so that the rootfs is synced):
+// before the dump; during the frozen sync of the rootfs; during the
+// restore on B; after the restore, before the commit. Each time the
+// container runs on A again, counting on with no gap, its files intact,
+// and B has no trace of it: runc there does not know it, its bundle is
+// gone, no session is left.
+func TestContainerRollbackCells(t *testing.T) {
+	integration(t)
+	if _, err := exec.LookPath("rsync"); err != nil {
+		t.Fatal("rsync is missing (make deps installs it)")
+	}
+	type cell struct {
+		name string
+		rule faultproxy.Rule
+		// later: the link is cut this long after the frame passed.
+		later time.Duration
+	}
+	cells := []cell{
+		{"before the dump", faultproxy.Rule{Dir: faultproxy.ToSource, Type: wire.TypeReady, Nth: 1}, 0},
+		{"during the frozen sync", faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypeSyncOpen, Nth: 2}, 0},
+		// The restore takes over a second here (runc, CRIU, the hook).
+		{"during the restore", faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypeRestore, Nth: 1}, 300 * time.Millisecond},
+		{"after the restore", faultproxy.Rule{Dir: faultproxy.ToSource, Type: wire.TypeRestored, Nth: 1}, 0},
+	}
+	n := 0
+	for _, mode := range []string{"copy", "lazy"} {
+		for _, c := range cells {
+			port := 18440 + 5*n
+			n++
+			t.Run(mode+"/"+c.name, func(t *testing.T) {
+				t.Parallel()
+				l := newContainerLabOn(t, port, "", true)
+				blob, _ := os.ReadFile(filepath.Join(l.bundle, "rootfs", "blob"))
+				px := newFaultProxy(t, "127.0.0.3:"+strconv.Itoa(port+2), l.b.addr)
+				r := c.rule
+				if c.later > 0 {
+					r.Action, r.Hook = faultproxy.Pass, func() { time.AfterFunc(c.later, px.DropAll) }
+				} else {
+					r.Action = faultproxy.Drop
+				}
+				px.Arm(&r)
+				res := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", px.Addr(), "--mode", mode)
+				select {
+				case <-r.Fired():
+				default:
+					t.Fatalf("the migration ended before the point was reached: exit %d: %s %s", res.code, res.stdout, res.stderr)
+				}
+				if res.code == 0 {
+					t.Fatalf("phaulctl migrate succeeded with its link cut: %s", res.stdout)
+				}
+				t.Logf("phaulctl migrate: exit %d: %s", res.code, strings.TrimSpace(res.stderr))
+				if c.name != "before the dump" && res.code != 3 {
+					t.Errorf("phaulctl migrate: exit %d; want 3 (rolled back): %s %s", res.code, res.stdout, res.stderr)
+				}
+				st, err := l.state(l.rootA)
+				if err != nil || !strings.Contains(st, `"status": "running"`) {
+					t.Fatalf("runc on A: %v %s; want the container running", err, st)
+				}
+				l.checkCounting("after the rollback")
+				if got, _ := os.ReadFile(filepath.Join(l.bundle, "rootfs", "blob")); !bytes.Equal(got, blob) {
+					t.Errorf("the 4 MiB file in A's rootfs changed")
+				}
+				waitFor(t, "B to end its session", time.Minute, func() bool { return len(l.b.sessions(t)) == 0 })
+				if st, err := l.state(l.rootB); err == nil {
+					t.Errorf("runc on B knows the container: %s", st)
+				}
+				if ents, _ := os.ReadDir(filepath.Join(filepath.Dir(l.rootB), "containers-b")); len(ents) != 0 {
+					t.Errorf("B kept %d entries in its containers directory", len(ents))
+				}
+			})
+		}
+	}
+}
