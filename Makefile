@@ -25,7 +25,7 @@ FUZZTIME ?= 10s
 # and restores a moved namespace's firewall with iptables-save/-restore).
 DEB_PACKAGES := util-linux procps systemd iproute2 tcpdump passwd ca-certificates debian-archive-keyring \
 	dpkg-dev debootstrap systemd-container man-db gcc libc6-dev groff-base redis-server iptables nginx-light wrk \
-	runc rsync busybox-static
+	runc rsync busybox-static podman
 
 .PHONY: all build criu deps test check unit fuzz-short fuzz integration test-system deb demo bench soak clean
 

@@ -83,6 +83,20 @@ type options struct {
 	runcPath    string
 	runcRoot    string
 	containers  string
+	sharedPaths sharedPaths
+}
+
+// sharedPaths is --shared-path DIR, repeatable.
+type sharedPaths []string
+
+func (s *sharedPaths) String() string { return strings.Join(*s, ",") }
+
+func (s *sharedPaths) Set(v string) error {
+	if !filepath.IsAbs(v) {
+		return fmt.Errorf("%q: want an absolute path", v)
+	}
+	*s = append(*s, filepath.Clean(v))
+	return nil
 }
 
 // bridgeMap is --bridge-map SRC=DST, repeatable.
@@ -170,6 +184,7 @@ Flags:
 	fs.StringVar(&o.runcPath, "runc", "runc", "runc binary for containers (`PATH`, or a name looked up in PATH; containers are refused where it is missing)")
 	fs.StringVar(&o.runcRoot, "runc-root", "/run/runc", "runc's state root (`DIR`): where migrate --container finds containers, and where arriving ones are kept")
 	fs.StringVar(&o.containers, "containers-dir", "", "`DIR` for the bundles of arriving containers (default: containers under --state-dir)")
+	fs.Var(&o.sharedPaths, "shared-path", "as a destination, take an arriving container's root filesystem under `DIR` as on storage shared with the source, at the same path: nothing is copied (repeatable; else phaul sees for itself, by a marker file the source writes)")
 	fs.StringVar(&o.logTarget, "log-target", "auto", "`TARGET` of the logs: journal (native entries with PHAUL_* fields), console, or auto (journal when stderr is the journal)")
 	return fs
 }
@@ -301,6 +316,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		Guard:         guards(log),
 		Runc:          rc,
 		ContainersDir: containersDir,
+		SharedPaths:   o.sharedPaths,
 		HookExe:       self,
 		Authorize:     policy.CanMigrateTree,
 		ServerTLS:     sec.Server,

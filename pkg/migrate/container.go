@@ -662,7 +662,12 @@ func (m *dest) prepareContainer(c *wire.Container) error {
 		return api.Errorf(api.CodeInvalid, "the container's %v", err)
 	}
 	shared := false
-	if token, err := os.ReadFile(c.Marker); err == nil && string(token) == c.Token {
+	if dir, ok := underAny(c.Rootfs, m.p.SharedPaths); ok {
+		if fi, err := os.Stat(c.Rootfs); err != nil || !fi.IsDir() {
+			return api.Errorf(api.CodePrecondition, "the container's root filesystem %s is under %s, which this phauld's --shared-path says is shared with the source, but it is not here: mount the shared storage, or take %s out of --shared-path", c.Rootfs, dir, dir)
+		}
+		shared = true
+	} else if token, err := os.ReadFile(c.Marker); err == nil && c.Marker != "" && string(token) == c.Token {
 		shared = true
 	} else if _, err := exec.LookPath("rsync"); err != nil {
 		return api.Errorf(api.CodePrecondition, "the container's root filesystem %s is not on storage the destination shares with the source, and the destination has no rsync to copy it: install rsync there (or share the storage)", c.Rootfs)
@@ -722,6 +727,17 @@ func (m *dest) prepareContainer(c *wire.Container) error {
 	m.log.Info("a container comes", zap.String("container", c.ID), zap.String("runc", v), zap.String("source_runc", c.RuncVersion),
 		zap.String("bundle", bundle), zap.String("rootfs", c.Rootfs), zap.Bool("rootfs_shared", shared))
 	return nil
+}
+
+// underAny says which of dirs path is in (or is), if any.
+func underAny(path string, dirs []string) (string, bool) {
+	path = filepath.Clean(path)
+	for _, d := range dirs {
+		if path == d || strings.HasPrefix(path, strings.TrimSuffix(d, "/")+"/") {
+			return d, true
+		}
+	}
+	return "", false
 }
 
 // cgroupInUse reports whether the cgroup path p exists on this host (under

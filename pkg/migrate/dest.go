@@ -96,6 +96,10 @@ type DestConfig struct {
 	Runc          *runc.Runc
 	ContainersDir string
 	HookExe       string
+	// SharedPaths are where the operator says storage is shared with
+	// the sources (phauld --shared-path): a container's rootfs there is
+	// not copied.
+	SharedPaths []string
 }
 
 // dest is the state machine of the daemon a process arrives at. It is the

@@ -261,6 +261,27 @@ func (r *Runc) RestoreCommand(ctx context.Context, id string, o RestoreOptions) 
 	return r.command(ctx, append(a, id)...)
 }
 
+// ManagerAnnotation is the annotation by which a container manager
+// (podman: "libpod") marks the containers it has runc run.
+const ManagerAnnotation = "io.container.manager"
+
+// PodmanContainer reports whether podman (if installed) has a container
+// name (a name or an id), and its full id.
+func PodmanContainer(ctx context.Context, name string) (id string, ok bool) {
+	path, err := exec.LookPath("podman")
+	if err != nil || !ValidID(name) {
+		return "", false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, path, "container", "inspect", "--format", "{{.ID}}", name).Output()
+	if err != nil {
+		return "", false
+	}
+	id = strings.TrimSpace(string(out))
+	return id, id != ""
+}
+
 // ValidID reports whether id can be a container id phaul accepts (runc's
 // own rule: letters, digits, _ + - .; not . or ..).
 func ValidID(id string) bool {

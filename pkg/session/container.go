@@ -36,10 +36,18 @@ func (m *Manager) findContainer(ctx context.Context, id string) (*migrate.Contai
 	}
 	st, err := r.State(ctx, id)
 	if errors.Is(err, runc.ErrNotExist) {
+		if full, ok := runc.PodmanContainer(ctx, id); ok {
+			return nil, 0, podmanRefusal(id, full)
+		}
 		return nil, 0, api.Errorf(api.CodeNotFound, "runc knows no container %s in %s (runc --root %s list)", id, rootName(r), rootName(r))
 	}
 	if err != nil {
 		return nil, 0, api.Errorf(api.CodePrecondition, "%v", err)
+	}
+	if manager := st.Annotations[runc.ManagerAnnotation]; manager == "libpod" {
+		return nil, 0, podmanRefusal(id, id)
+	} else if manager != "" {
+		return nil, 0, api.Errorf(api.CodePrecondition, "container %s is managed by %s (annotation %s): moving it with runc behind its manager's back would leave %s on both hosts wrong about it; phaul moves containers that runc runs for you", id, manager, runc.ManagerAnnotation, manager)
 	}
 	switch st.Status {
 	case "running":
@@ -53,6 +61,16 @@ func (m *Manager) findContainer(ctx context.Context, id string) (*migrate.Contai
 		c.OwnBundle = true
 	}
 	return c, st.PID, nil
+}
+
+// podmanRefusal is why a podman container does not move (docs/operations.md,
+// "Podman", says it at length).
+func podmanRefusal(name, id string) error {
+	return api.Errorf(api.CodePrecondition, "container %s is podman's (id %s), and phaul does not move podman's containers: podman "+
+		"cannot keep a container frozen here until the destination has restored it and committed (it checkpoints only a running "+
+		"container, not a paused one, and has no page server or lazy mode), so a failure could leave it running nowhere or twice. "+
+		"Use podman's own 'container checkpoint --export' and 'container restore --import' (the container is stopped here first), "+
+		"or run the service with runc to move it with phaul; see docs/operations.md, \"Podman\"", name, id)
 }
 
 func rootName(r *runc.Runc) string {
@@ -85,7 +103,11 @@ func (m *Manager) describeContainer(ctx context.Context, c *migrate.Container, s
 	w := &wire.Container{ID: c.ID, Config: b, Rootfs: rootfs, Token: hex.EncodeToString(tok[:]),
 		Marker: filepath.Join(filepath.Dir(rootfs), ".phaul-shared-"+sid.String())}
 	if err := os.WriteFile(w.Marker, []byte(w.Token), 0o600); err != nil {
-		return nil, api.Errorf(api.CodePrecondition, "container %s: cannot write the shared-storage marker next to its rootfs: %v", c.ID, err)
+		// Read-only storage, say: the destination then shares it only
+		// if its --shared-path says so, and syncs it otherwise.
+		m.cfg.Log.Warn("cannot write the shared-storage marker next to the container's rootfs; the destination will not see for itself that it shares the storage",
+			zap.String("container", c.ID), zap.Error(err))
+		w.Marker, w.Token = "", ""
 	}
 	if v, err := c.Runc.Version(ctx); err == nil {
 		w.RuncVersion = v

@@ -100,6 +100,9 @@ type Config struct {
 	Runc          *runc.Runc
 	ContainersDir string
 	HookExe       string
+	// SharedPaths: an arriving container's rootfs under one of them is
+	// on shared storage (phauld --shared-path).
+	SharedPaths []string
 }
 
 func (c *Config) setDefaults() {
@@ -490,7 +493,7 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 	cfg := migrate.DestConfig{ID: id, Peer: peer, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir,
 		PeerTimeout: m.cfg.PeerTimeout, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks, BridgeMap: m.cfg.BridgeMap,
 		Guard: m.cfg.Guard, Hold: func(pids []int) error { return m.claim(id, pids, "arriving") },
-		Runc: m.cfg.Runc, ContainersDir: m.cfg.ContainersDir, HookExe: m.cfg.HookExe}
+		Runc: m.cfg.Runc, ContainersDir: m.cfg.ContainersDir, HookExe: m.cfg.HookExe, SharedPaths: m.cfg.SharedPaths}
 	if m.cfg.Place != nil {
 		cfg.Place = func(ctx context.Context, pids []int) error { return m.cfg.Place(ctx, id.String(), pids) }
 	}

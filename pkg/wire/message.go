@@ -355,7 +355,8 @@ type Container struct {
 	// Marker is a file the source made next to the rootfs for this
 	// migration, holding Token: a destination that sees it, with the
 	// token, at the same path shares the storage, and nothing need be
-	// copied.
+	// copied. Both are empty when the source could not write it
+	// (read-only storage).
 	Marker string `json:"marker"`
 	Token  string `json:"token"`
 	// RuncVersion is the source's runc.
@@ -372,12 +373,16 @@ func (c *Container) validate() error {
 	if len(c.Config) == 0 || len(c.Config) > MaxContainerConfig {
 		return fmt.Errorf("container config of %d bytes", len(c.Config))
 	}
-	for _, p := range []string{c.Rootfs, c.Marker} {
+	paths := []string{c.Rootfs}
+	if c.Marker != "" || c.Token != "" {
+		paths = append(paths, c.Marker)
+	}
+	for _, p := range paths {
 		if !filepath.IsAbs(p) || filepath.Clean(p) != p || len(p) > 4096 {
 			return fmt.Errorf("container path %q", p)
 		}
 	}
-	if len(c.Token) != 32 || len(c.RuncVersion) > 64 {
+	if (c.Marker != "" && len(c.Token) != 32) || len(c.RuncVersion) > 64 {
 		return fmt.Errorf("container token or runc version")
 	}
 	return nil
@@ -731,6 +736,33 @@ func (n *Network) validate() error {
 	}
 	if n.Connections < 0 || n.InFlight < 0 {
 		return fmt.Errorf("network: %d connections, %d in flight", n.Connections, n.InFlight)
+	}
+	if len(n.Links) > MaxInterfaces || len(n.Routes) > 16*MaxInterfaces {
+		return fmt.Errorf("network: %d links, %d routes", len(n.Links), len(n.Routes))
+	}
+	for _, l := range n.Links {
+		if !ValidIfName(l.Name) || l.MTU < 0 || l.MTU > 65535 || len(l.Addresses) > 4*MaxInterfaces {
+			return fmt.Errorf("network: link %q (mtu %d, %d addresses)", l.Name, l.MTU, len(l.Addresses))
+		}
+		if _, err := net.ParseMAC(l.MAC); l.MAC != "" && err != nil {
+			return fmt.Errorf("network: link %s's MAC address %q", l.Name, l.MAC)
+		}
+		for _, a := range l.Addresses {
+			if _, _, err := net.ParseCIDR(a); err != nil {
+				return fmt.Errorf("network: address %q", a)
+			}
+		}
+	}
+	for _, r := range n.Routes {
+		if !ValidIfName(r.Dev) {
+			return fmt.Errorf("network: route's interface name %q not allowed", r.Dev)
+		}
+		if _, _, err := net.ParseCIDR(r.Dst); r.Dst != "" && err != nil {
+			return fmt.Errorf("network: route to %q", r.Dst)
+		}
+		if r.Gateway != "" && net.ParseIP(r.Gateway) == nil {
+			return fmt.Errorf("network: route's gateway %q", r.Gateway)
+		}
 	}
 	return nil
 }

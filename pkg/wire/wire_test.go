@@ -222,6 +222,14 @@ func TestPrepareValidate(t *testing.T) {
 		{PID: 1, Network: &Network{Macvlans: []Macvlan{{Inner: "", Lower: "eth0"}}}},
 		{PID: 1, Network: &Network{Addresses: []string{"10.0.0.1"}}},
 		{PID: 1, Network: &Network{Interfaces: []string{".."}}},
+		{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", MAC: "zz"}}}},
+		{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", Addresses: []string{"10.0.0.1"}}}}},
+		{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", MTU: 1 << 20}}}},
+		{PID: 1, Network: &Network{Routes: []NetRoute{{Dev: "eth0", Dst: "default"}}}},
+		{PID: 1, Network: &Network{Routes: []NetRoute{{Dev: "eth0", Gateway: "10.0.0.300"}}}},
+		{PID: 1, Network: &Network{Routes: []NetRoute{{Dev: "a b"}}}},
+		{PID: 1, Container: &Container{ID: "c", Config: []byte("{}"), Rootfs: "/r", Marker: "/m", Token: ""}},
+		{PID: 1, Container: &Container{ID: "c", Config: []byte("{}"), Rootfs: "r"}},
 	} {
 		b, err := Marshal(bad)
 		if err != nil {
@@ -234,6 +242,14 @@ func TestPrepareValidate(t *testing.T) {
 	ok := &Prepare{PID: 1, Name: strings.Repeat("x", 64), JournalStreams: []uint64{1, 2},
 		Network: &Network{Veths: []Veth{{Inner: "eth0", Outer: "veth-svc.1", Bridge: "br0"}}, Macvlans: []Macvlan{{Inner: "mv0", Lower: "eno1"}}, Interfaces: []string{"eth0", "mv0"},
 			Addresses: []string{"10.0.0.1/24", "fd00::1/64"}, Connections: 3}}
+	if err := ok.validate(); err != nil {
+		t.Errorf("%+v: %v", ok, err)
+	}
+	// A container's namespace set-up; a container with no marker (the
+	// source could not write one).
+	ok = &Prepare{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", MAC: "02:00:00:00:00:01", MTU: 1500, Addresses: []string{"10.0.0.1/24", "fd00::1/64"}}},
+		Routes: []NetRoute{{Dev: "eth0"}, {Dev: "eth0", Dst: "10.1.0.0/16", Gateway: "10.0.0.254"}, {Dev: "eth0", Gateway: "fd00::fe", IPv6: true}}},
+		Container: &Container{ID: "c", Config: []byte("{}"), Rootfs: "/r"}}
 	if err := ok.validate(); err != nil {
 		t.Errorf("%+v: %v", ok, err)
 	}

@@ -51,7 +51,7 @@ func newContainerLab(t *testing.T, port int, runcB string) *containerLab {
 // newContainerLabOn is newContainerLab; unshared runs B where the
 // bundle's directory is hidden (a tmpfs over it in B's own mount
 // namespace), as on a host that does not share its storage.
-func newContainerLabOn(t *testing.T, port int, runcB string, unshared bool) *containerLab {
+func newContainerLabOn(t *testing.T, port int, runcB string, unshared bool, bExtra ...string) *containerLab {
 	t.Helper()
 	for _, tool := range []string{"runc", "busybox"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -87,6 +87,7 @@ func newContainerLabOn(t *testing.T, port int, runcB string, unshared bool) *con
 	if runcB != "" {
 		bFlags = append(bFlags, "--runc", runcB)
 	}
+	bFlags = append(bFlags, bExtra...)
 	l.a = startDaemon(t, "A", "127.0.0.1:"+strconv.Itoa(port), daemonOpts{insecure: true,
 		flags: []string{"--runc-root", l.rootA, "--containers-dir", filepath.Join(dir, "containers-a")}})
 	bOpts := daemonOpts{insecure: true, flags: bFlags}
@@ -536,4 +537,92 @@ func TestContainerRollbackCells(t *testing.T) {
 			})
 		}
 	}
+}
+
+// A podman container (Debian's podman, with runc as its runtime) is found
+// by its name or its id, and refused before anything is frozen, with the
+// reason: podman cannot keep it frozen here until a commit. It runs on,
+// unpaused.
+func TestPodmanContainerRefused(t *testing.T) {
+	integration(t)
+	if _, err := exec.LookPath("podman"); err != nil {
+		t.Fatal("podman is missing (make deps installs it)")
+	}
+	dir := t.TempDir()
+	bundle := filepath.Join(dir, "bundle")
+	if err := harness.MakeBundle(harness.BundleConfig{Dir: bundle, Args: []string{"/bin/true"}}); err != nil {
+		t.Fatal(err)
+	}
+	name := fmt.Sprintf("phaul-t%d-podman", os.Getpid())
+	image := "localhost/" + name + ":latest"
+	podman := func(args ...string) (string, error) {
+		out, err := exec.Command("podman", args...).CombinedOutput()
+		return strings.TrimSpace(string(out)), err
+	}
+	imp := exec.Command("sh", "-c", `tar -C "$1" -c . | podman import -q - "$2"`, "sh", filepath.Join(bundle, "rootfs"), image)
+	if out, err := imp.CombinedOutput(); err != nil {
+		t.Fatalf("podman import: %v: %s", err, out)
+	}
+	t.Cleanup(func() { podman("rmi", "-f", image) })
+	// runc as its runtime, and limits this host's root can set (see
+	// docs/operations.md).
+	id, err := podman("run", "-d", "--runtime", "runc", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
+		"--name", name, image, "/bin/sh", "-c", "while :; do sleep 0.1; done")
+	t.Cleanup(func() { podman("rm", "-f", "-t", "0", name) })
+	if err != nil {
+		t.Fatalf("podman run: %v: %s", err, id)
+	}
+	// podman's runc keeps its state in runc's default root.
+	a := startDaemon(t, "A", "127.0.0.1:18490", daemonOpts{insecure: true, flags: []string{"--runc-root", "/run/runc"}})
+	b := startDaemon(t, "B", "127.0.0.2:18491", daemonOpts{insecure: true,
+		flags: []string{"--runc-root", filepath.Join(dir, "runc-b"), "--containers-dir", filepath.Join(dir, "containers-b")}})
+	for _, ref := range []string{name, id} {
+		r := a.phaulctl(t, "migrate", "--container", ref, "--to", b.addr)
+		if r.code != 1 || !strings.Contains(r.stderr, "is podman's") || !strings.Contains(r.stderr, "cannot keep a container frozen") {
+			t.Errorf("migrate --container %s (podman's): exit %d: %s %s; want refused (1), saying why", ref, r.code, r.stdout, r.stderr)
+		}
+	}
+	if st, err := podman("container", "inspect", "--format", "{{.State.Status}}", name); err != nil || st != "running" {
+		t.Errorf("podman says the refused container is %q (%v); want running", st, err)
+	}
+	if len(a.sessions(t)) != 0 || len(b.sessions(t)) != 0 {
+		t.Errorf("a refused migration left sessions")
+	}
+}
+
+// phauld --shared-path DIR on the destination: a rootfs under DIR is taken
+// as shared without a marker file (here the source cannot write one: the
+// bundle directory is immutable), and nothing is copied; where DIR does
+// not hold the rootfs, the migration is refused before the freeze.
+func TestContainerSharedPath(t *testing.T) {
+	integration(t)
+	shared := os.TempDir() // the tests' directories are in it
+	t.Run("shared", func(t *testing.T) {
+		l := newContainerLabOn(t, 18500, "", false, "--shared-path", shared)
+		if out, err := exec.Command("chattr", "+i", l.bundle).CombinedOutput(); err != nil {
+			t.Fatalf("chattr +i: %v: %s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("chattr", "-i", l.bundle).Run() })
+		r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr, "--mode", "copy", "--json")
+		if r.code != 0 {
+			t.Fatalf("phaulctl migrate --container: exit %d: %s %s", r.code, r.stdout, r.stderr)
+		}
+		var res api.Result
+		if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.Rootfs != nil {
+			t.Errorf("the result: %v; rootfs %+v: want no sync", err, res.Rootfs)
+		}
+		st, err := l.state(l.rootB)
+		if err != nil || !strings.Contains(st, `"status": "running"`) || !strings.Contains(st, filepath.Join(l.bundle, "rootfs")) {
+			t.Fatalf("runc on B: %v %s; want the container running on the source's rootfs", err, st)
+		}
+		l.checkCounting("on B")
+	})
+	t.Run("not there", func(t *testing.T) {
+		l := newContainerLabOn(t, 18510, "", true, "--shared-path", shared)
+		r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr, "--mode", "copy")
+		if r.code != 1 || !strings.Contains(r.stderr, "--shared-path says is shared") {
+			t.Fatalf("phaulctl migrate: exit %d: %s %s; want refused (1): the rootfs is not where --shared-path says", r.code, r.stdout, r.stderr)
+		}
+		l.checkCounting("after the refusal")
+	})
 }
