@@ -22,7 +22,9 @@ FUZZTIME ?= 10s
 # debootstrap and systemd-nspawn for its containers; redis-server: the
 # service that keeps its client across a migration; nginx-light and wrk:
 # a server migrated under load; iptables: CRIU saves
-# and restores a moved namespace's firewall with iptables-save/-restore).
+# and restores a moved namespace's firewall with iptables-save/-restore;
+# runc, rsync, busybox-static: containers and their synced rootfs; podman:
+# its containers are refused, with the reason).
 DEB_PACKAGES := util-linux procps systemd iproute2 tcpdump passwd ca-certificates debian-archive-keyring \
 	dpkg-dev debootstrap systemd-container man-db gcc libc6-dev groff-base redis-server iptables nginx-light wrk \
 	runc rsync busybox-static podman

@@ -73,7 +73,9 @@ destination, which runc there lists as running; until the commit it stays
 paused here, and any failure resumes it. A root filesystem on storage
 both hosts share (at the same path) is not copied; otherwise it is synced
 with rsync over phaul's own link, once while the container runs and once
-while it is frozen. Containers move in copy mode so far.
+while it is frozen. Containers move in copy or lazy mode, with their own
+network namespace; podman's are refused (podman cannot keep a container
+frozen until the commit).
 
 On a terminal, a progress bar shows the phase, bytes and pages moved, the
 rate and an estimate; otherwise plain lines go to stderr.`,
