@@ -68,3 +68,22 @@ func TestConfig(t *testing.T) {
 		t.Error("null accepted")
 	}
 }
+
+// The commands say what runc needs to hear: global options first, the id
+// last, a lazy checkpoint its status descriptor.
+func TestCommands(t *testing.T) {
+	r := &Runc{Path: "/usr/sbin/runc", Root: "/run/r", CRIU: "/usr/local/sbin/criu"}
+	cmd := r.CheckpointCommand(t.Context(), "c1", CheckpointOptions{ImagePath: "/i", WorkPath: "/w", PageServer: "127.0.0.1:7",
+		LeaveRunning: true, TCPEstablished: true, LazyPages: true, StatusFd: 3})
+	want := []string{"/usr/sbin/runc", "--root", "/run/r", "--criu", "/usr/local/sbin/criu", "checkpoint", "--image-path", "/i", "--work-path", "/w",
+		"--page-server", "127.0.0.1:7", "--leave-running", "--tcp-established", "--lazy-pages", "--status-fd", "3", "c1"}
+	if !slices.Equal(cmd.Args, want) {
+		t.Errorf("checkpoint: %q\nwant %q", cmd.Args, want)
+	}
+	cmd = r.RestoreCommand(t.Context(), "c1", RestoreOptions{Bundle: "/b", ImagePath: "/i", WorkPath: "/i", LazyPages: true})
+	want = []string{"/usr/sbin/runc", "--root", "/run/r", "--criu", "/usr/local/sbin/criu", "restore", "--detach", "--bundle", "/b",
+		"--image-path", "/i", "--work-path", "/i", "--lazy-pages", "c1"}
+	if !slices.Equal(cmd.Args, want) {
+		t.Errorf("restore: %q\nwant %q", cmd.Args, want)
+	}
+}
