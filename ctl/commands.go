@@ -305,6 +305,19 @@ func newStatus(c *cli) *cobra.Command {
 					}
 				}
 			}
+			if k := st.Containers; k != nil {
+				if k.Refused != "" {
+					fmt.Fprintf(c.stdout, "containers: refused: %s\n", k.Refused)
+				} else {
+					fmt.Fprintf(c.stdout, "containers: runc %s (%s), state root %s, arriving bundles in %s\n", k.RuncVersion, k.Runc, k.Root, k.Dir)
+				}
+				if len(k.SharedPaths) > 0 {
+					fmt.Fprintf(c.stdout, "  shared storage (--shared-path): %s\n", strings.Join(k.SharedPaths, ", "))
+				}
+				if k.Podman {
+					fmt.Fprintf(c.stdout, "  podman is installed: its containers are refused (podman cannot keep one frozen until the commit)\n")
+				}
+			}
 			return c.printSessions(st.Sessions)
 		},
 	}

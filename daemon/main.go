@@ -293,7 +293,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	defer placer.Close()
 
 	policy := control.Policy{GroupID: gid, Group: o.group}
-	rc, containersDir, self := containerRuntime(o, log)
+	rc, containersDir, self, ctrs := containerRuntime(o, log)
 	mgr, err := session.NewManager(session.Config{
 		Log:         log.Named("session"),
 		CRIU:        migrate.FromClient(cc),
@@ -336,7 +336,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		ctlL.Close()
 		return fmt.Errorf("recover sessions: %w", err)
 	}
-	svc := &service{mgr: mgr, info: info, modes: migrate.ModeSupport(asSource, asDest), criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String(), sec: sec}
+	svc := &service{mgr: mgr, info: info, modes: migrate.ModeSupport(asSource, asDest), criuPath: cc.Path(), stateDir: o.stateDir, control: ctlL.Addr().String(), sec: sec, ctrs: ctrs}
 	for _, l := range migLs {
 		svc.listen = append(svc.listen, l.Addr().String())
 	}
@@ -422,20 +422,26 @@ func guards(log *zap.Logger) func(dir string, pid int, start uint64) (migrate.Gu
 // containerRuntime is the runc phauld moves containers with (nil if it is
 // not installed), the directory arriving bundles go to, and phauld's own
 // binary (CRIU runs it during a container's restore).
-func containerRuntime(o options, log *zap.Logger) (*runc.Runc, string, string) {
+func containerRuntime(o options, log *zap.Logger) (*runc.Runc, string, string, api.Containers) {
 	dir := o.containers
 	if dir == "" {
 		dir = filepath.Join(o.stateDir, "containers")
 	}
+	st := api.Containers{Root: o.runcRoot, Dir: dir, SharedPaths: o.sharedPaths}
+	if _, err := exec.LookPath("podman"); err == nil {
+		st.Podman = true
+	}
 	self, err := os.Executable()
 	if err != nil {
 		log.Warn("cannot find phauld's own binary: containers cannot arrive here", zap.Error(err))
-		return nil, dir, ""
+		st.Refused = fmt.Sprintf("phauld cannot find its own binary (%v)", err)
+		return nil, dir, "", st
 	}
 	path, err := exec.LookPath(o.runcPath)
 	if err != nil {
 		log.Info("no runc here: containers are refused", zap.String("runc", o.runcPath))
-		return nil, dir, self
+		st.Refused = fmt.Sprintf("no runc (%s) here: install Debian's runc, then restart phauld", o.runcPath)
+		return nil, dir, self, st
 	}
 	criuPath := o.criuPath
 	if p, err := exec.LookPath(criuPath); err == nil {
@@ -445,8 +451,10 @@ func containerRuntime(o options, log *zap.Logger) (*runc.Runc, string, string) {
 	v, err := r.Version(context.Background())
 	if err != nil {
 		log.Warn("runc does not run: containers are refused", zap.Error(err))
-		return nil, dir, self
+		st.Refused = fmt.Sprintf("runc does not run: %v", err)
+		return nil, dir, self, st
 	}
 	log.Info("runc found", zap.String("path", path), zap.String("version", v), zap.String("root", o.runcRoot), zap.String("containers_dir", dir))
-	return r, dir, self
+	st.Runc, st.RuncVersion = path, v
+	return r, dir, self, st
 }

@@ -23,6 +23,7 @@ type service struct {
 	control  string
 	listen   []string
 	modes    map[string]string
+	ctrs     api.Containers
 }
 
 func (s *service) Status(context.Context) api.Status {
@@ -46,6 +47,8 @@ func (s *service) Status(context.Context) api.Status {
 		Modes:    s.modes,
 		Sessions: s.mgr.Sessions(),
 	}
+	ctrs := s.ctrs
+	st.Containers = &ctrs
 	if s.sec.ID != nil {
 		st.TLSNames = s.sec.ID.Names()
 		exp := s.sec.ID.Leaf.NotAfter

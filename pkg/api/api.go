@@ -319,7 +319,23 @@ type Status struct {
 	// Modes says, for each migration mode, whether this host can take
 	// part in it: "" if it can, else why not.
 	Modes    map[string]string `json:"modes,omitempty"`
-	Sessions []Session         `json:"sessions"`
+	// Containers is what this host does with runc containers.
+	Containers *Containers `json:"containers,omitempty"`
+	Sessions   []Session   `json:"sessions"`
+}
+
+// Containers is how a host moves containers: with the runc at Runc
+// (its version, its state root Root; arriving bundles in Dir), or not at
+// all (Refused says why, and what to do).
+type Containers struct {
+	Runc        string   `json:"runc,omitempty"`
+	RuncVersion string   `json:"runc_version,omitempty"`
+	Root        string   `json:"root,omitempty"`
+	Dir         string   `json:"dir,omitempty"`
+	SharedPaths []string `json:"shared_paths,omitempty"`
+	Refused     string   `json:"refused,omitempty"`
+	// Podman: podman is installed; its containers are refused.
+	Podman bool `json:"podman,omitempty"`
 }
 
 // HistoryEntry is one finished migration, as `phaulctl history` shows it.

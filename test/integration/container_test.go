@@ -267,6 +267,10 @@ func TestContainerChecks(t *testing.T) {
 	if r.code != 1 || !strings.Contains(r.stderr, "knows no container no-such-container") {
 		t.Errorf("an unknown container: exit %d: %s", r.code, r.stderr)
 	}
+	// status says how this host moves containers.
+	if st := l.a.phaulctl(t, "status"); !strings.Contains(st.stdout, "containers: runc ") || !strings.Contains(st.stdout, "state root "+l.rootA) {
+		t.Errorf("phaulctl status does not say how containers move: %s", st.stdout)
+	}
 	r = l.a.phaulctl(t, "migrate", "--container", l.id, "--pid", "1", "--to", l.b.addr)
 	if r.code != 1 || !bytes.Contains([]byte(r.stderr), []byte("give one")) {
 		t.Errorf("--pid with --container: exit %d: %s", r.code, r.stderr)
@@ -282,9 +286,15 @@ func TestContainerRootfsSynced(t *testing.T) {
 	if _, err := exec.LookPath("rsync"); err != nil {
 		t.Fatal("rsync is missing (make deps installs it)")
 	}
-	l := newContainerLabOn(t, 18330, "", true)
+	for i, mode := range []string{"copy", "lazy"} {
+		t.Run(mode, func(t *testing.T) { testContainerRootfsSynced(t, mode, 18330+100*i) })
+	}
+}
+
+func testContainerRootfsSynced(t *testing.T, mode string, port int) {
+	l := newContainerLabOn(t, port, "", true)
 	blob, _ := os.ReadFile(filepath.Join(l.bundle, "rootfs", "blob"))
-	r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr, "--mode", "copy", "--json")
+	r := l.a.phaulctl(t, "migrate", "--container", l.id, "--to", l.b.addr, "--mode", mode, "--json")
 	if r.code != 0 {
 		t.Fatalf("phaulctl migrate --container: exit %d: %s %s", r.code, r.stdout, r.stderr)
 	}
@@ -587,6 +597,9 @@ func TestPodmanContainerRefused(t *testing.T) {
 	}
 	if len(a.sessions(t)) != 0 || len(b.sessions(t)) != 0 {
 		t.Errorf("a refused migration left sessions")
+	}
+	if st := a.phaulctl(t, "status"); !strings.Contains(st.stdout, "podman is installed: its containers are refused") {
+		t.Errorf("phaulctl status does not say podman's containers are refused: %s", st.stdout)
 	}
 }
 
