@@ -318,7 +318,7 @@ type Status struct {
 	Disabled string `json:"disabled,omitempty"`
 	// Modes says, for each migration mode, whether this host can take
 	// part in it: "" if it can, else why not.
-	Modes    map[string]string `json:"modes,omitempty"`
+	Modes map[string]string `json:"modes,omitempty"`
 	// Containers is what this host does with runc containers.
 	Containers *Containers `json:"containers,omitempty"`
 	Sessions   []Session   `json:"sessions"`
