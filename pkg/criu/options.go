@@ -62,6 +62,10 @@ type Options struct {
 	// stopped: see pkg/network Unlock). Without it the network is never
 	// locked, and CRIU refuses connected TCP sockets.
 	Network bool
+	// FileLocks carries the tree's file locks (flock, POSIX and OFD
+	// locks): a dump records them, a restore takes them again. A lock on
+	// a file the tree shares with a process outside it fails the dump.
+	FileLocks bool
 	// configFile is a CRIU configuration file for what RPC cannot say.
 	configFile string
 }
@@ -139,6 +143,9 @@ func (o *Options) rpcOpts() *rpc.CriuOpts {
 	}
 	if o.configFile != "" {
 		r.ConfigFile = proto.String(o.configFile)
+	}
+	if o.FileLocks {
+		r.FileLocks = proto.Bool(true)
 	}
 	if o.GhostLimit != 0 {
 		r.GhostLimit = proto.Uint32(o.GhostLimit)

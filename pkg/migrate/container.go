@@ -126,7 +126,7 @@ func (c *containerCRIU) StartDump(o criu.Options) (Op, error) {
 	// container with connections not yet accepted fails its dump (and
 	// resumes).
 	cpo := runc.CheckpointOptions{ImagePath: o.ImagesDir, WorkPath: o.ImagesDir, LeaveRunning: true,
-		TCPEstablished: o.Network}
+		TCPEstablished: o.Network, FileLocks: o.FileLocks}
 	if o.PageServer != nil {
 		var err error
 		if ps, err = net.FileConn(o.PageServer); err == nil {
@@ -218,8 +218,14 @@ func splice(c, ps net.Conn) (up, down int64, err error) {
 	type halfCloser interface{ CloseWrite() error }
 	done := make(chan struct{})
 	go func() {
-		down, _ = io.Copy(c, ps)
-		if hc, ok := c.(halfCloser); ok {
+		var err error
+		down, err = io.Copy(c, ps)
+		if tc, ok := c.(*net.TCPConn); ok && err != nil {
+			// A reset stays a reset: CRIU must not take a broken
+			// stream for one that ended.
+			tc.SetLinger(0)
+			tc.Close()
+		} else if hc, ok := c.(halfCloser); ok {
 			hc.CloseWrite()
 		}
 		close(done)
@@ -263,7 +269,7 @@ func (c *containerCRIU) startLazyDump(o criu.Options) (Op, error) {
 	ctx := context.Background()
 	r := c.c.Runc
 	cmd := r.CheckpointCommand(ctx, c.c.ID, runc.CheckpointOptions{ImagePath: o.ImagesDir, WorkPath: o.ImagesDir,
-		LeaveRunning: true, TCPEstablished: o.Network, LazyPages: true, StatusFd: 3,
+		LeaveRunning: true, TCPEstablished: o.Network, LazyPages: true, StatusFd: 3, FileLocks: o.FileLocks,
 		PageServer: net.JoinHostPort("127.0.0.1", strconv.Itoa(port))})
 	cmd.ExtraFiles = []*os.File{statusW}
 	op, err := newAsyncOp(cmd, "checkpoint", filepath.Join(o.ImagesDir, "dump.log"))
@@ -283,17 +289,18 @@ func (c *containerCRIU) startLazyDump(o criu.Options) (Op, error) {
 		defer ps.Close()
 		conn, err := awaitLazyServer(statusR, port)
 		statusR.Close()
+		given := false // told no: runc ends by itself
 		if err == nil {
 			if !op.notify("post-dump", o.PID) {
 				conn.Close() // CRIU reads the end, and gives the dump up
-				op.given = true
+				given = true
 				err = errors.New("the dump was given up: the container was resumed")
 			} else {
 				up, down, serr := splice(conn, ps)
 				c.log.Debug("lazy pages bridged", zap.Int64("to_relay", up), zap.Int64("from_relay", down), zap.Error(serr))
 			}
 		}
-		if err != nil && !errors.Is(err, errLazyNotReady) && !op.given {
+		if err != nil && !errors.Is(err, errLazyNotReady) && !given {
 			// CRIU waits for a connection that will not come.
 			op.kill()
 		}
@@ -394,7 +401,7 @@ func (c *containerCRIU) StartRestore(o criu.Options) (Op, error) {
 	// daemon (lazy mode) listens.
 	cmd := c.c.Runc.RestoreCommand(context.Background(), c.c.ID, runc.RestoreOptions{
 		Bundle: c.c.Bundle, ImagePath: o.ImagesDir, WorkPath: o.ImagesDir, TCPEstablished: o.Network,
-		LazyPages: o.LazyPages})
+		LazyPages: o.LazyPages, FileLocks: o.FileLocks})
 	op, err := newAsyncOp(cmd, "restore", filepath.Join(o.ImagesDir, "restore.log"))
 	if err != nil {
 		ln.Close()
@@ -463,9 +470,6 @@ type asyncOp struct {
 	logPath string
 	efd     int
 
-	// given: the op was told no, and lets its command end by itself.
-	given bool
-
 	mu        sync.Mutex
 	events    []criu.Event
 	replies   []chan bool // notifications waiting for their answer, in order
@@ -474,6 +478,7 @@ type asyncOp struct {
 	closeOnce sync.Once
 	closed    chan struct{}
 	exited    chan struct{}
+	reaped    chan struct{} // runc was waited for
 }
 
 func newAsyncOp(cmd *exec.Cmd, command, logPath string) (*asyncOp, error) {
@@ -481,7 +486,7 @@ func newAsyncOp(cmd *exec.Cmd, command, logPath string) (*asyncOp, error) {
 	if err != nil {
 		return nil, err
 	}
-	op := &asyncOp{cmd: cmd, command: command, logPath: logPath, efd: efd, closed: make(chan struct{}), exited: make(chan struct{})}
+	op := &asyncOp{cmd: cmd, command: command, logPath: logPath, efd: efd, closed: make(chan struct{}), exited: make(chan struct{}), reaped: make(chan struct{})}
 	cmd.Stdout = nil
 	cmd.Stderr = &op.stderr
 	// Its own process group, which CRIU joins: kill ends both.
@@ -506,6 +511,7 @@ func newAsyncOp(cmd *exec.Cmd, command, logPath string) (*asyncOp, error) {
 // Error lines of CRIU's log.
 func (op *asyncOp) wait() error {
 	err := op.cmd.Wait()
+	close(op.reaped)
 	if err == nil {
 		return nil
 	}
@@ -627,8 +633,14 @@ func (op *asyncOp) Abandon(grace time.Duration) bool {
 	return true
 }
 
-// kill kills runc and the CRIU it runs (its process group).
+// kill kills runc and the CRIU it runs (its process group), unless runc
+// was reaped already.
 func (op *asyncOp) kill() {
+	select {
+	case <-op.reaped:
+		return
+	default:
+	}
 	syscall.Kill(-op.cmd.Process.Pid, syscall.SIGKILL)
 }
 
@@ -667,7 +679,7 @@ func (m *dest) prepareContainer(c *wire.Container) error {
 			return api.Errorf(api.CodePrecondition, "the container's root filesystem %s is under %s, which this phauld's --shared-path says is shared with the source, but it is not here: mount the shared storage, or take %s out of --shared-path", c.Rootfs, dir, dir)
 		}
 		shared = true
-	} else if token, err := os.ReadFile(c.Marker); err == nil && c.Marker != "" && string(token) == c.Token {
+	} else if c.Marker != "" && readMarker(c.Marker, c.Rootfs, m.s.ID) == c.Token {
 		shared = true
 	} else if _, err := exec.LookPath("rsync"); err != nil {
 		return api.Errorf(api.CodePrecondition, "the container's root filesystem %s is not on storage the destination shares with the source, and the destination has no rsync to copy it: install rsync there (or share the storage)", c.Rootfs)
@@ -728,6 +740,34 @@ func (m *dest) prepareContainer(c *wire.Container) error {
 		zap.String("bundle", bundle), zap.String("rootfs", c.Rootfs), zap.Bool("rootfs_shared", shared))
 	return nil
 }
+
+// readMarker reads the source's shared-storage marker at path: only where
+// the source makes it (next to the rootfs, named for this session), a
+// regular file, not through a symlink, 64 bytes at most ("" otherwise).
+func readMarker(path, rootfs string, sid wire.SessionID) string {
+	if path != filepath.Join(filepath.Dir(rootfs), MarkerPrefix+sid.String()) {
+		return ""
+	}
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return ""
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return ""
+	}
+	b := make([]byte, 65)
+	n, _ := io.ReadFull(f, b)
+	if n > 64 {
+		return ""
+	}
+	return string(b[:n])
+}
+
+// MarkerPrefix names the shared-storage marker a source writes next to a
+// container's rootfs (its session id follows).
+const MarkerPrefix = ".phaul-shared-"
 
 // underAny says which of dirs path is in (or is), if any.
 func underAny(path string, dirs []string) (string, bool) {

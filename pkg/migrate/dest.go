@@ -322,9 +322,30 @@ func (m *dest) prepare(p *wire.Prepare) error {
 		return err
 	}
 	if p.Container != nil {
+		if p.Mode == api.ModeAuto || p.Mode == "" {
+			// Lazy only when asked: runc has CRIU serve a container's
+			// pages from a port open on every address for a moment
+			// (docs/security.md).
+			m.mode = api.ModeCopy
+			m.log = m.log.With(zap.String("mode", m.mode))
+			m.ph.log = m.log
+		}
 		if m.mode != api.ModeCopy && m.mode != api.ModeLazy {
-			// runc's pre-dumps need soft-dirty tracking, as CRIU's do.
-			return api.Errorf(api.CodePrecondition, "%s migration of a container is not built: use --mode copy or lazy (or auto)", m.mode)
+			// phaul does not run runc's pre-dumps (which need soft-dirty
+			// tracking too).
+			return api.Errorf(api.CodePrecondition, "%s migration of a container is not built: use --mode copy or lazy", m.mode)
+		}
+		if n := p.Network; n != nil {
+			// Its namespace is made here from the links described.
+			have := map[string]bool{}
+			for _, l := range n.Links {
+				have[l.Name] = true
+			}
+			for _, v := range n.Veths {
+				if !have[v.Inner] {
+					return api.Errorf(api.CodePrecondition, "the source did not describe the container's interface %s, which this host would have to make: upgrade phauld there", v.Inner)
+				}
+			}
 		}
 		if err := m.prepareContainer(p.Container); err != nil {
 			return err
@@ -638,6 +659,7 @@ func (m *dest) startRestore() error {
 		Notify:       true,
 		LazyPages:    m.mode == api.ModeLazy,
 		Network:      m.netw != nil,
+		FileLocks:    true, // what the dump carried, if any
 	}
 	if m.container == nil { // a container's are made by buildNetwork
 		for _, v := range m.veths {

@@ -503,6 +503,7 @@ func (m *source) startDump() error {
 		// images, as large as CRIU allows (it counts allocated size).
 		GhostLimit: math.MaxUint32,
 		Network:    m.net.Own,
+		FileLocks:  true,
 	}
 	for _, ino := range m.journal {
 		opts.ExtUnixSk = true

@@ -57,8 +57,8 @@ func ReadConfig(pid int) ([]wire.NetLink, []wire.NetRoute, error) {
 			return nil, nil, fmt.Errorf("list the addresses of %s: %w", a.Name, err)
 		}
 		for _, ad := range addrs {
-			if ad.IP.IsLinkLocalUnicast() {
-				continue // the kernel makes it again from the MAC
+			if ad.IP.To4() == nil && ad.IP.IsLinkLocalUnicast() {
+				continue // the kernel makes it again (from the MAC: it moves)
 			}
 			nl.Addresses = append(nl.Addresses, ad.IPNet.String())
 		}
@@ -77,7 +77,11 @@ func ReadConfig(pid int) ([]wire.NetLink, []wire.NetRoute, error) {
 		if !ok {
 			continue
 		}
-		nr := wire.NetRoute{Dev: dev, IPv6: r.Family == unix.AF_INET6}
+		nr := wire.NetRoute{Dev: dev, IPv6: r.Family == unix.AF_INET6, Metric: r.Priority, Scope: int(r.Scope),
+			Onlink: r.Flags&unix.RTNH_F_ONLINK != 0}
+		if r.Src != nil {
+			nr.Src = r.Src.String()
+		}
 		if r.Dst != nil {
 			if ones, _ := r.Dst.Mask.Size(); ones > 0 || !r.Dst.IP.IsUnspecified() {
 				nr.Dst = r.Dst.String()
@@ -203,12 +207,29 @@ func Build(tree netns.NsHandle, links []wire.NetLink, routes []wire.NetRoute, ve
 			return err
 		}
 	}
-	for _, r := range routes {
+	// Routes without a gateway first: a gateway must be reachable when
+	// its route is made (Calico's 169.254.1.1 on the link, then the
+	// default route through it).
+	ordered := make([]wire.NetRoute, 0, len(routes))
+	for _, direct := range []bool{true, false} {
+		for _, r := range routes {
+			if (r.Gateway == "") == direct {
+				ordered = append(ordered, r)
+			}
+		}
+	}
+	for _, r := range ordered {
 		dev, err := inner.LinkByName(r.Dev)
 		if err != nil {
 			return fmt.Errorf("route via %s: %w", r.Dev, err)
 		}
-		route := &netlink.Route{LinkIndex: dev.Attrs().Index, Family: unix.AF_INET}
+		route := &netlink.Route{LinkIndex: dev.Attrs().Index, Family: unix.AF_INET, Priority: r.Metric, Scope: netlink.Scope(r.Scope)}
+		if r.Onlink {
+			route.Flags = unix.RTNH_F_ONLINK
+		}
+		if r.Src != "" {
+			route.Src = net.ParseIP(r.Src)
+		}
 		if r.IPv6 {
 			route.Family = unix.AF_INET6
 		}
@@ -223,8 +244,6 @@ func Build(tree netns.NsHandle, links []wire.NetLink, routes []wire.NetRoute, ve
 			if route.Gw = net.ParseIP(r.Gateway); route.Gw == nil {
 				return fmt.Errorf("route gateway %q: not an address", r.Gateway)
 			}
-		} else {
-			route.Scope = netlink.SCOPE_LINK
 		}
 		if err := inner.RouteAdd(route); err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("route %s via %s dev %s: %w", orDefault(r.Dst), r.Gateway, r.Dev, err)

@@ -205,6 +205,8 @@ type CheckpointOptions struct {
 	// byte when the server listens.
 	LazyPages bool
 	StatusFd  int
+	// FileLocks carries the container's file locks.
+	FileLocks bool
 }
 
 func (o CheckpointOptions) args() []string {
@@ -223,6 +225,9 @@ func (o CheckpointOptions) args() []string {
 	}
 	if o.LazyPages {
 		a = append(a, "--lazy-pages")
+	}
+	if o.FileLocks {
+		a = append(a, "--file-locks")
 	}
 	if o.StatusFd != 0 {
 		a = append(a, "--status-fd", strconv.Itoa(o.StatusFd))
@@ -246,6 +251,8 @@ type RestoreOptions struct {
 	// LazyPages leaves the memory to the lazy-pages daemon whose socket
 	// is in WorkPath.
 	LazyPages bool
+	// FileLocks takes the container's file locks again.
+	FileLocks bool
 }
 
 // RestoreCommand is the command that restores container id, detached (runc
@@ -257,6 +264,9 @@ func (r *Runc) RestoreCommand(ctx context.Context, id string, o RestoreOptions) 
 	}
 	if o.LazyPages {
 		a = append(a, "--lazy-pages")
+	}
+	if o.FileLocks {
+		a = append(a, "--file-locks")
 	}
 	return r.command(ctx, append(a, id)...)
 }
@@ -274,7 +284,7 @@ func PodmanContainer(ctx context.Context, name string) (id string, ok bool) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, path, "container", "inspect", "--format", "{{.ID}}", name).Output()
+	out, err := exec.CommandContext(ctx, path, "container", "inspect", "--format", "{{.ID}}", "--", name).Output()
 	if err != nil {
 		return "", false
 	}

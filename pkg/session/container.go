@@ -101,7 +101,7 @@ func (m *Manager) describeContainer(ctx context.Context, c *migrate.Container, s
 		return nil, err
 	}
 	w := &wire.Container{ID: c.ID, Config: b, Rootfs: rootfs, Token: hex.EncodeToString(tok[:]),
-		Marker: filepath.Join(filepath.Dir(rootfs), ".phaul-shared-"+sid.String())}
+		Marker: filepath.Join(filepath.Dir(rootfs), migrate.MarkerPrefix+sid.String())}
 	if err := os.WriteFile(w.Marker, []byte(w.Token), 0o600); err != nil {
 		// Read-only storage, say: the destination then shares it only
 		// if its --shared-path says so, and syncs it otherwise.

@@ -333,6 +333,13 @@ type NetRoute struct {
 	Dev     string `json:"dev"`
 	// IPv6: a default route of either family is Dst "".
 	IPv6 bool `json:"ipv6,omitempty"`
+	// Src is the preferred source address; Metric the route's priority;
+	// Scope its scope (netlink's: 0 universe, 253 link); Onlink: the
+	// gateway is on the link whatever the addresses say.
+	Src    string `json:"src,omitempty"`
+	Metric int    `json:"metric,omitempty"`
+	Scope  int    `json:"scope,omitempty"`
+	Onlink bool   `json:"onlink,omitempty"`
 }
 
 // Veth is a veth pair from a tree's namespace to its host.
@@ -762,6 +769,9 @@ func (n *Network) validate() error {
 		}
 		if r.Gateway != "" && net.ParseIP(r.Gateway) == nil {
 			return fmt.Errorf("network: route's gateway %q", r.Gateway)
+		}
+		if r.Src != "" && net.ParseIP(r.Src) == nil || r.Metric < 0 || r.Scope < 0 || r.Scope > 255 {
+			return fmt.Errorf("network: route source %q, metric %d, scope %d", r.Src, r.Metric, r.Scope)
 		}
 	}
 	return nil

@@ -1,0 +1,81 @@
+//go:build linux
+
+package integration
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/phaul/phaul/pkg/proc"
+)
+
+// A process that holds a flock on a file and an open file it deleted
+// migrates with both, without any option: on the destination the lock is
+// held (another process cannot take it) and the deleted file's content is
+// intact behind the new process's descriptor; nothing of it runs on the
+// source.
+func TestFileLockAndDeletedFile(t *testing.T) {
+	integration(t)
+	dir := t.TempDir()
+	a := startDaemon(t, "A", "127.0.0.1:17601", daemonOpts{})
+	// B has its own copy of the directory (a tmpfs over it, in a mount
+	// namespace of its own), with an unlocked lock file of its own: on
+	// one machine both copies would otherwise want the one lock, which
+	// the frozen source holds until the commit.
+	b := startDaemon(t, "B", "127.0.0.2:17602", daemonOpts{wrap: []string{"unshare", "--mount", "--propagation", "private", "--",
+		"sh", "-c", `mount -t tmpfs -o mode=0755 none "$0" && install -m 644 /dev/null "$0/lock" && exec "$@"`, dir}})
+	lock, data := filepath.Join(dir, "lock"), filepath.Join(dir, "data")
+	content := bytes.Repeat([]byte("phaul keeps what was deleted\n"), 1000)
+	if err := os.WriteFile(data, content, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The shell holds fd 3 (flock'ed: the lock is its open file's) and
+	// fd 4 (the data file, deleted).
+	script := `exec 3>"$1" 4<"$2"; flock 3; rm "$2"; while :; do sleep 0.1; done`
+	cmd := exec.Command("unshare", "--pid", "--fork", "--", "setsid", "sh", "-c", script, "sh", lock, data)
+	null, _ := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	defer null.Close()
+	cmd.Stdin, cmd.Stdout, cmd.Stderr, cmd.Dir = null, null, null, dir
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	var pid int
+	waitFor(t, "the shell to hold its lock", 10*time.Second, func() bool {
+		kids, _ := proc.Children(cmd.Process.Pid)
+		if len(kids) != 1 {
+			return false
+		}
+		pid = kids[0]
+		_, err := os.Stat(data)
+		return os.IsNotExist(err) && exec.Command("flock", "-n", lock, "true").Run() != nil
+	})
+	res := a.migrate(t, pid, b)
+	if res.DestPID <= 0 {
+		t.Fatalf("the result names no pid on B: %+v", res)
+	}
+	t.Cleanup(func() { syscall.Kill(res.DestPID, syscall.SIGKILL) })
+	waitRunning(t, res.DestPID)
+	onB := []string{"--mount=/proc/" + strconv.Itoa(res.DestPID) + "/ns/mnt", "--"}
+	if exec.Command("nsenter", append(onB, "flock", "-n", lock, "true")...).Run() == nil {
+		t.Errorf("the lock on B's %s is free after the migration; want it held by the copy", lock)
+	}
+	if locks, _ := os.ReadFile("/proc/locks"); !strings.Contains(string(locks), " "+strconv.Itoa(res.DestPID)+" ") {
+		t.Errorf("/proc/locks names no lock of pid %d:\n%s", res.DestPID, locks)
+	}
+	got, err := os.ReadFile("/proc/" + strconv.Itoa(res.DestPID) + "/fd/4")
+	if err != nil || !bytes.Equal(got, content) {
+		t.Errorf("the deleted file behind fd 4 of the copy: %d bytes, %v; want the %d bytes it had", len(got), err, len(content))
+	}
+	waitFor(t, "the source's copy to be gone", 10*time.Second, func() bool {
+		info, err := proc.Stat(pid)
+		return err != nil || info.State == 'Z'
+	})
+}
