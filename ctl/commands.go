@@ -229,9 +229,14 @@ did not commit, why. --json has every figure, CRIU's statistics included.`,
 				}
 				msg := ""
 				if e.Error != nil {
+					// The outcome says what became of the process: the
+					// cause is what is left to say.
 					msg = e.Error.Message
-					if len(msg) > 60 {
-						msg = msg[:57] + "..."
+					if e.Error.Cause != "" {
+						msg = e.Error.Cause
+					}
+					if len(msg) > 100 {
+						msg = msg[:97] + "..."
 					}
 				}
 				pid := strconv.Itoa(e.PID)

@@ -95,9 +95,14 @@ func (p *progress) done() {
 // line renders ev; width > 0 fits it (and its bar) to a terminal.
 func (p *progress) line(ev api.Event, width int) string {
 	var parts []string
+	final := ev.Phase == "done"
 	moved := bytesHuman(ev.Bytes)
-	if ev.MemBytes > 0 && ev.Bytes > 0 {
+	if ev.MemBytes > 0 && ev.Bytes > 0 && ev.Bytes < ev.MemBytes && !final {
+		// An estimate (the tree's resident memory) only while it holds.
 		moved += " of ~" + bytesHuman(ev.MemBytes)
+	}
+	if final {
+		moved += " moved"
 	}
 	if ev.Bytes > 0 {
 		parts = append(parts, moved)
@@ -108,7 +113,15 @@ func (p *progress) line(ev api.Event, width int) string {
 	if n := ev.Network; n != nil && n.LockedMS > 0 {
 		parts = append(parts, "network locked "+ms(n.LockedMS))
 	}
-	if p.rate > 0 && ev.Bytes > 0 {
+	if final {
+		// The totals: no rate of the moment, no time left.
+		if ev.ElapsedMS > 0 {
+			parts = append(parts, "in "+ms(ev.ElapsedMS))
+			if ev.Bytes > 0 {
+				parts = append(parts, bytesHuman(int64(float64(ev.Bytes)/(float64(ev.ElapsedMS)/1000)))+"/s on average")
+			}
+		}
+	} else if p.rate > 0 && ev.Bytes > 0 {
 		parts = append(parts, bytesHuman(int64(p.rate))+"/s")
 		if left := ev.MemBytes - ev.Bytes; ev.MemBytes > 0 && left > 0 && ev.Phase != "done" {
 			parts = append(parts, "about "+(time.Duration(float64(left)/p.rate*float64(time.Second))).Round(100*time.Millisecond).String()+" left")
@@ -123,7 +136,7 @@ func (p *progress) line(ev api.Event, width int) string {
 	}
 	head := fmt.Sprintf("%-10s ", ev.Phase)
 	bar := ""
-	if ev.MemBytes > 0 {
+	if ev.MemBytes > 0 && !final {
 		n := width - len(head) - len(text) - 3
 		if n > 40 {
 			n = 40

@@ -25,9 +25,11 @@ func TestProgressPlain(t *testing.T) {
 	clock = clock.Add(2 * time.Second)
 	p.event(ev("dump", 600, 100*mib))
 	p.event(ev("restore", 700, 256*mib))
+	p.event(ev("done", 1000, 300*mib)) // more than the estimate
 	p.done()
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
-	want := []string{"prepare...", "dump...", "dump: 100.0 MiB of ~256.0 MiB, 25600 pages", "restore: 256.0 MiB of ~256.0 MiB, 65536 pages"}
+	want := []string{"prepare...", "dump...", "dump: 100.0 MiB of ~256.0 MiB, 25600 pages", "restore: 256.0 MiB, 65536 pages",
+		"done: 300.0 MiB moved, 76800 pages, in 1.00 s, 300.0 MiB/s on average"}
 	if len(lines) != len(want) {
 		t.Fatalf("lines:\n%s", out.String())
 	}
@@ -38,6 +40,9 @@ func TestProgressPlain(t *testing.T) {
 	}
 	if !strings.Contains(lines[2], "MiB/s") || !strings.Contains(lines[2], "left") {
 		t.Errorf("no rate or estimate in %q", lines[2])
+	}
+	if last := lines[len(lines)-1]; strings.Contains(last, "left") || strings.Contains(last, "~") {
+		t.Errorf("the final line %q has an estimate; want the totals", last)
 	}
 	if strings.Contains(out.String(), "\r") {
 		t.Error("carriage returns in plain output")

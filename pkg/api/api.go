@@ -52,6 +52,9 @@ const (
 type Error struct {
 	Code    Code   `json:"code"`
 	Message string `json:"message"`
+	// Cause, when Message also says what became of the process, is the
+	// failure alone (what phaulctl history shows).
+	Cause string `json:"cause,omitempty"`
 }
 
 func (e *Error) Error() string { return e.Message }
@@ -76,6 +79,10 @@ func CodeOf(err error) Code {
 func AsError(err error) *Error {
 	if err == nil {
 		return nil
+	}
+	var e *Error
+	if errors.As(err, &e) && e.Message == err.Error() {
+		return &Error{Code: e.Code, Message: e.Message, Cause: e.Cause}
 	}
 	return &Error{Code: CodeOf(err), Message: err.Error()}
 }

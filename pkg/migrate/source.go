@@ -986,6 +986,7 @@ func (m *source) ended(resumeErr error) {
 		m.failure = api.Errorf(api.CodeInDoubt,
 			"migration failed, and the process was not seen running here afterwards (pid %d: %v); if it is stopped, resume it with kill -CONT on it and its children: %s",
 			m.p.Proc.PID, resumeErr, e.Message)
+		m.failure.(*api.Error).Cause = e.Message
 		return
 	}
 	if !m.tDump.IsZero() {
@@ -996,7 +997,9 @@ func (m *source) ended(resumeErr error) {
 		if e.Code == api.CodeCanceled {
 			code = e.Code
 		}
-		m.failure = api.Errorf(code, "migration failed; the process was resumed here (pid %d): %s", m.p.Proc.PID, e.Message)
+		f := api.Errorf(code, "migration failed; the process was resumed here (pid %d): %s", m.p.Proc.PID, e.Message)
+		f.Cause = e.Message
+		m.failure = f
 		m.log.Info("rolled back: the process runs on the source")
 	}
 }

@@ -236,6 +236,10 @@ func TestContainerRollback(t *testing.T) {
 	if ents, _ := os.ReadDir(filepath.Join(filepath.Dir(l.bundle), "containers-b")); len(ents) != 0 {
 		t.Errorf("B kept %d entries in its containers directory", len(ents))
 	}
+	// The history gives the cause (its outcome column says the rest).
+	if h := l.a.phaulctl(t, "history"); !strings.Contains(h.stdout, "restore refused by the test") || strings.Contains(h.stdout, "was resumed here") {
+		t.Errorf("A's history does not give the cause of the failure:\n%s", h.stdout)
+	}
 }
 
 // What B cannot take is refused before anything is frozen (an id it has
