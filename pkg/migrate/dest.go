@@ -7,9 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -232,6 +234,7 @@ func (m *dest) onRPC(msg wire.Message) error {
 		if m.state != dstPrepare {
 			break
 		}
+		m.namePeer(msg.SourcePort)
 		return m.prepare(msg)
 	case *wire.FileBegin:
 		if m.state != dstReceive {
@@ -697,6 +700,22 @@ func (m *dest) startRestore() error {
 	m.state = dstRestore
 	m.restoreW, err = watchCRIU(m.s.l, op, 1, m.onRestore, m.abort)
 	return err
+}
+
+// namePeer names the source by its host and the port its daemon listens
+// on (the connection's own port is an ephemeral one): the host as the
+// connection shows it, only the port as the source says.
+func (m *dest) namePeer(port int) {
+	host, _, err := net.SplitHostPort(m.s.Peer)
+	if err != nil {
+		return
+	}
+	name := host
+	if port > 0 && port < 1<<16 {
+		name = net.JoinHostPort(host, strconv.Itoa(port))
+	}
+	m.s.peer.Store(name)
+	m.rec.Peer = name
 }
 
 // buildNetwork makes the set-up of a container's namespace, which runc

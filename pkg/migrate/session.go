@@ -31,6 +31,9 @@ type Session struct {
 	Started   time.Time
 
 	// Fields below are written by the loop goroutine and read by others.
+	// peer, once set, names the peer better than Peer: a source
+	// daemon's own address (its host, and the port it listens on).
+	peer  atomic.Value // string
 	pid   atomic.Int64
 	phase atomic.Value // string
 	bytes atomic.Int64
@@ -151,12 +154,21 @@ func (s *Session) Info() api.Session {
 		Direction: s.Direction,
 		PID:       int(s.pid.Load()),
 		Container: s.containerID(),
-		Peer:      s.Peer,
+		Peer:      s.PeerName(),
 		Phase:     s.phase.Load().(string),
 		Bytes:     s.bytes.Load(),
 		Started:   s.Started,
 		AgeMS:     time.Since(s.Started).Milliseconds(),
 	}
+}
+
+// PeerName is the other daemon: its address as the source says it, or
+// as the connection shows it.
+func (s *Session) PeerName() string {
+	if p, _ := s.peer.Load().(string); p != "" {
+		return p
+	}
+	return s.Peer
 }
 
 func (s *Session) containerID() string {

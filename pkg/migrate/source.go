@@ -72,7 +72,10 @@ func (s srcState) String() string { return srcStateNames[s] }
 
 // SourceConfig is what a source session needs to know.
 type SourceConfig struct {
-	ID  wire.SessionID
+	ID wire.SessionID
+	// ListenPort is the port this daemon takes migrations on (0: none),
+	// which the destination is told to name it by.
+	ListenPort int
 	Log *zap.Logger
 	// CRIU runs the dump; Info is what probing it found.
 	CRIU CRIU
@@ -237,6 +240,7 @@ func (m *source) begin() error {
 		}
 	}
 	return m.rpc.Send(&wire.Prepare{
+		SourcePort:     m.p.ListenPort,
 		PID:            m.p.Proc.PID,
 		Container:      m.p.Shared,
 		CRIUVersion:    m.p.Info.Version.Code(),

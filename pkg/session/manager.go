@@ -475,6 +475,19 @@ type running struct {
 	resolver *resolver
 }
 
+// listenPort is the port of this daemon's first TCP migration listener (0:
+// none).
+func (m *Manager) listenPort() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, l := range m.listeners {
+		if a, ok := l.Addr().(*net.TCPAddr); ok {
+			return a.Port
+		}
+	}
+	return 0
+}
+
 // startDest turns a complete pair into a destination session.
 func (m *Manager) startDest(id wire.SessionID, h *half) {
 	peer := h.conns[0].RemoteAddr().String()
@@ -621,7 +634,7 @@ func resultFields(direction string, r api.Result) []zap.Field {
 // record adds a finished session to the history.
 func (m *Manager) record(s *migrate.Session, end migrate.End, log *zap.Logger) {
 	e := api.HistoryEntry{
-		ID: s.ID.String(), Direction: s.Direction, PID: end.Result.SourcePID, Peer: s.Peer,
+		ID: s.ID.String(), Direction: s.Direction, PID: end.Result.SourcePID, Peer: s.PeerName(),
 		Started: s.Started, Ended: time.Now(), Outcome: end.Outcome, Result: end.Result,
 	}
 	if e.Outcome != api.OutcomeCommitted {
@@ -746,7 +759,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	}
 	s, err := migrate.NewSource(migrate.SourceConfig{
 		Container: ctr, Shared: shared,
-		ID: id, Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
+		ID: id, ListenPort: m.listenPort(), Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
 		PeerTimeout: m.cfg.PeerTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource,
 		Progress: func(ev api.Event) {
 			select {

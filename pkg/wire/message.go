@@ -287,6 +287,9 @@ type Prepare struct {
 	// Network is set when the tree has a network namespace of its own,
 	// which moves with it.
 	Network *Network `json:"network,omitempty"`
+	// SourcePort is the port the source daemon listens on for
+	// migrations (0: none), by which the destination names it.
+	SourcePort int `json:"source_port,omitempty"`
 }
 
 // Network is a tree's own network namespace, as the source found it.
@@ -672,6 +675,9 @@ var modeNames = map[string]bool{"": true, "copy": true, "lazy": true, "precopy":
 func (m *Prepare) validate() error {
 	if m.PID <= 0 {
 		return fmt.Errorf("pid %d", m.PID)
+	}
+	if m.SourcePort < 0 || m.SourcePort > 65535 {
+		return fmt.Errorf("source port %d", m.SourcePort)
 	}
 	if m.Container != nil {
 		if err := m.Container.validate(); err != nil {

@@ -222,6 +222,7 @@ func TestPrepareValidate(t *testing.T) {
 		{PID: 1, Network: &Network{Macvlans: []Macvlan{{Inner: "", Lower: "eth0"}}}},
 		{PID: 1, Network: &Network{Addresses: []string{"10.0.0.1"}}},
 		{PID: 1, Network: &Network{Interfaces: []string{".."}}},
+		{PID: 1, SourcePort: 70000},
 		{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", MAC: "zz"}}}},
 		{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", Addresses: []string{"10.0.0.1"}}}}},
 		{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", MTU: 1 << 20}}}},

@@ -197,6 +197,10 @@ func testContainerMigrates(t *testing.T, mode string, port int) {
 	if !strings.Contains(h.stdout, "container "+l.id) {
 		t.Errorf("B's history does not name the container: %s", h.stdout)
 	}
+	// Its peer is A's daemon, not the port A's connection came from.
+	if !strings.Contains(h.stdout, " "+l.a.addr+" ") {
+		t.Errorf("B's history does not name A (%s) as the peer: %s", l.a.addr, h.stdout)
+	}
 	// And back: the bundle B made is used, and removed when it leaves.
 	r = l.b.phaulctl(t, "migrate", "--container", l.id, "--to", l.a.addr, "--mode", mode)
 	if r.code != 0 {
