@@ -209,6 +209,14 @@ func (m *source) begin() error {
 	}
 	m.memBytes = proc.Resident(pids)
 	// What cannot move is refused here, before anything is frozen.
+	if nested, inner := proc.NestedPidNS(pids); nested != 0 && m.p.Container == nil {
+		if inner == 1 {
+			return api.Errorf(api.CodePrecondition, "pid %d (%s) is the parent of a pid namespace's init, pid %d, which CRIU cannot dump with it: migrate pid %d, the init of that namespace",
+				m.p.Proc.PID, printable(m.p.Proc.Comm), nested, nested)
+		}
+		return api.Errorf(api.CodePrecondition, "the tree of pid %d reaches into another pid namespace (pid %d is pid %d there), which CRIU cannot dump: migrate the init of that namespace, or a tree within one namespace",
+			m.p.Proc.PID, nested, inner)
+	}
 	if m.net, err = network.Inspect(pids); err != nil {
 		return api.Errorf(api.CodePrecondition, "%v", err)
 	}

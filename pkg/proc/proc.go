@@ -424,3 +424,29 @@ func IsCRIU(cmdline []byte) bool {
 	}
 	return false
 }
+
+// NestedPidNS finds, in the tree pids (its root first), the first process
+// in another pid namespace than the root's: CRIU cannot dump a tree that
+// spans pid namespaces. It returns its pid and its pid inside its own
+// namespace (1: that namespace's init), or 0 if there is none.
+func NestedPidNS(pids []int) (pid, inner int) {
+	if len(pids) == 0 {
+		return 0, 0
+	}
+	root, err := os.Readlink("/proc/" + strconv.Itoa(pids[0]) + "/ns/pid")
+	if err != nil {
+		return 0, 0
+	}
+	for _, p := range pids[1:] {
+		ns, err := os.Readlink("/proc/" + strconv.Itoa(p) + "/ns/pid")
+		if err != nil || ns == root {
+			continue
+		}
+		in, err := NSPid(p)
+		if err != nil {
+			continue
+		}
+		return p, in
+	}
+	return 0, 0
+}

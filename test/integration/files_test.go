@@ -4,6 +4,7 @@ package integration
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/proc"
 )
 
@@ -78,4 +80,47 @@ func TestFileLockAndDeletedFile(t *testing.T) {
 		info, err := proc.Stat(pid)
 		return err != nil || info.State == 'Z'
 	})
+}
+
+// Given the pid of `unshare`, the parent of a pid namespace's init, phaul
+// says to migrate the init instead, before anything is frozen: the
+// process never stops, and nothing was dumped.
+func TestUnshareParentRefused(t *testing.T) {
+	integration(t)
+	a := startDaemon(t, "A", "127.0.0.1:17611", daemonOpts{})
+	b := startDaemon(t, "B", "127.0.0.2:17612", daemonOpts{})
+	cmd := exec.Command("unshare", "--pid", "--fork", "--", "setsid", "sleep", "600")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	var init int
+	waitFor(t, "the namespace's init", 10*time.Second, func() bool {
+		kids, _ := proc.Children(cmd.Process.Pid)
+		if len(kids) == 1 {
+			init = kids[0]
+		}
+		return init != 0
+	})
+	t.Cleanup(func() { syscall.Kill(init, syscall.SIGKILL) })
+	r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(cmd.Process.Pid), "--to", b.addr)
+	want := "migrate pid " + strconv.Itoa(init) + ", the init of that namespace"
+	if r.code != 1 || !strings.Contains(r.stderr, want) {
+		t.Fatalf("migrate the unshare parent: exit %d: %s %s; want refused (1), saying %q", r.code, r.stdout, r.stderr, want)
+	}
+	for _, pid := range []int{cmd.Process.Pid, init} {
+		if info, err := proc.Stat(pid); err != nil || info.Stopped() {
+			t.Errorf("pid %d after the refusal: %+v, %v; want it running", pid, info, err)
+		}
+	}
+	var hist []api.HistoryEntry
+	h := a.phaulctl(t, "history", "--json")
+	if err := json.Unmarshal([]byte(h.stdout), &hist); err != nil {
+		t.Fatalf("history: %v: %s", err, h.stdout)
+	}
+	for _, e := range hist {
+		if e.Result.FrozenMS != 0 {
+			t.Errorf("the refused migration froze the process for %d ms", e.Result.FrozenMS)
+		}
+	}
 }
