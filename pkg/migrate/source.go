@@ -76,7 +76,7 @@ type SourceConfig struct {
 	// ListenPort is the port this daemon takes migrations on (0: none),
 	// which the destination is told to name it by.
 	ListenPort int
-	Log *zap.Logger
+	Log        *zap.Logger
 	// CRIU runs the dump; Info is what probing it found.
 	CRIU CRIU
 	Info criu.Info
