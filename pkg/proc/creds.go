@@ -1,0 +1,73 @@
+//go:build linux
+
+package proc
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// CapSysResource is CAP_SYS_RESOURCE's bit: CRIU needs it to dump a
+// process of another user (it raises the process's limits).
+const CapSysResource = 24
+
+// statusField is the value of the line "name:" of /proc/PID/status.
+func statusField(pid, name string) (string, error) {
+	b, err := os.ReadFile("/proc/" + pid + "/status")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, name+":"); ok {
+			return strings.TrimSpace(v), nil
+		}
+	}
+	return "", fmt.Errorf("pid %s: no %s in its status", pid, name)
+}
+
+// HasCap reports whether this process has capability bit in its
+// effective set.
+func HasCap(bit uint) bool {
+	v, err := statusField("self", "CapEff")
+	if err != nil {
+		return false
+	}
+	caps, err := strconv.ParseUint(v, 16, 64)
+	return err == nil && caps&(1<<bit) != 0
+}
+
+// UIDs are pid's real and effective user ids.
+func UIDs(pid int) (real, effective int, err error) {
+	v, err := statusField(strconv.Itoa(pid), "Uid")
+	if err != nil {
+		return 0, 0, err
+	}
+	f := strings.Fields(v)
+	if len(f) < 2 {
+		return 0, 0, fmt.Errorf("pid %d: Uid line %q", pid, v)
+	}
+	if real, err = strconv.Atoi(f[0]); err == nil {
+		effective, err = strconv.Atoi(f[1])
+	}
+	return real, effective, err
+}
+
+// OtherUser finds in pids the first process with a user id other than
+// root's (real or effective), and that id; pid 0 if there is none.
+func OtherUser(pids []int) (pid, uid int) {
+	for _, p := range pids {
+		r, e, err := UIDs(p)
+		if err != nil {
+			continue
+		}
+		if r != 0 {
+			return p, r
+		}
+		if e != 0 {
+			return p, e
+		}
+	}
+	return 0, 0
+}
