@@ -217,6 +217,10 @@ func (m *source) begin() error {
 		return api.Errorf(api.CodePrecondition, "the tree of pid %d reaches into another pid namespace (pid %d is pid %d there), which CRIU cannot dump: migrate the init of that namespace, or a tree within one namespace",
 			m.p.Proc.PID, nested, inner)
 	}
+	if pid, fd, tty := proc.Terminal(pids); pid != 0 {
+		return api.Errorf(api.CodePrecondition, "pid %d has a terminal, %s, on its descriptor %d: a terminal stays on this host, and CRIU cannot carry a process still attached to one; start it detached, its input and output on files or the journal (setsid CMD </dev/null >LOG 2>&1, or under systemd-run)",
+			pid, tty, fd)
+	}
 	if !proc.HasCap(proc.CapSysResource) {
 		if pid, uid := proc.OtherUser(pids); pid != 0 {
 			return api.Errorf(api.CodePrecondition, "pid %d of the tree runs as uid %d, and root here lacks CAP_SYS_RESOURCE, without which CRIU cannot dump another user's process (it raises the process's limits): run phauld where root has it (not in a container that drops it), or run the process as root",

@@ -71,3 +71,47 @@ func OtherUser(pids []int) (pid, uid int) {
 	}
 	return 0, 0
 }
+
+// Terminal finds, in the tree pids, a descriptor on a terminal whose
+// master the tree does not hold (a user's terminal, or the console): pid,
+// fd and the terminal's path; pid 0 if there is none. A tree that holds a
+// pty master itself (script, tmux) may hold its own terminals.
+func Terminal(pids []int) (pid, fd int, path string) {
+	type hit struct {
+		pid, fd int
+		path    string
+	}
+	var first *hit
+	for _, p := range pids {
+		dir := "/proc/" + strconv.Itoa(p) + "/fd"
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			target, err := os.Readlink(dir + "/" + e.Name())
+			if err != nil {
+				continue
+			}
+			if target == "/dev/ptmx" || target == "/dev/pts/ptmx" {
+				return 0, 0, "" // it holds a master: CRIU carries the pair
+			}
+			if first == nil && isTerminal(target) {
+				n, _ := strconv.Atoi(e.Name())
+				first = &hit{p, n, target}
+			}
+		}
+	}
+	if first == nil {
+		return 0, 0, ""
+	}
+	return first.pid, first.fd, first.path
+}
+
+func isTerminal(path string) bool {
+	if rest, ok := strings.CutPrefix(path, "/dev/pts/"); ok {
+		_, err := strconv.Atoi(rest)
+		return err == nil
+	}
+	return path == "/dev/console" || path == "/dev/tty" || strings.HasPrefix(path, "/dev/tty") && len(path) > len("/dev/tty")
+}

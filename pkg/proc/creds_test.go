@@ -20,3 +20,12 @@ func TestUIDsAndOtherUser(t *testing.T) {
 		t.Errorf("OtherUser(self) = %d, %d; want %d, %d", pid, uid, os.Getpid(), os.Getuid())
 	}
 }
+
+func TestIsTerminal(t *testing.T) {
+	for path, want := range map[string]bool{"/dev/pts/3": true, "/dev/tty1": true, "/dev/console": true, "/dev/tty": true,
+		"/dev/null": false, "/dev/pts/ptmx": false, "/dev/ttyfoo/x": true, "/tmp/tty": false, "pipe:[1]": false} {
+		if got := isTerminal(path); got != want {
+			t.Errorf("isTerminal(%q) = %v, want %v", path, got, want)
+		}
+	}
+}

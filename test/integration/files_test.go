@@ -124,3 +124,42 @@ func TestUnshareParentRefused(t *testing.T) {
 		}
 	}
 }
+
+// A process on a terminal (a pty of script's) is refused before anything
+// is frozen, the terminal named as the cause; it never stops.
+func TestTerminalRefused(t *testing.T) {
+	integration(t)
+	if _, err := exec.LookPath("script"); err != nil {
+		t.Fatal("script is missing (util-linux)")
+	}
+	a := startDaemon(t, "A", "127.0.0.1:17621", daemonOpts{})
+	b := startDaemon(t, "B", "127.0.0.2:17622", daemonOpts{})
+	cmd := exec.Command("script", "-qfec", "unshare --pid --fork -- setsid sleep 600", "/dev/null")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	t.Cleanup(func() {
+		if pid != 0 {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	waitFor(t, "the process on script's terminal", 10*time.Second, func() bool {
+		tree, _ := proc.Tree(cmd.Process.Pid)
+		for _, p := range tree {
+			if b, err := os.ReadFile("/proc/" + strconv.Itoa(p) + "/comm"); err == nil && strings.TrimSpace(string(b)) == "sleep" {
+				pid = p
+			}
+		}
+		return pid != 0
+	})
+	r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(pid), "--to", b.addr)
+	if r.code != 1 || !strings.Contains(r.stderr, "has a terminal, /dev/pts/") {
+		t.Fatalf("migrate a process on a terminal: exit %d: %s %s; want refused (1), naming the terminal", r.code, r.stdout, r.stderr)
+	}
+	if info, err := proc.Stat(pid); err != nil || info.Stopped() {
+		t.Errorf("pid %d after the refusal: %+v, %v; want it running", pid, info, err)
+	}
+}
