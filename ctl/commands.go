@@ -67,6 +67,12 @@ Exit status:
   auto     the best both hosts support: lazy, else precopy, else copy.
 'phaulctl status' shows which modes this host supports.
 
+A process on a terminal is refused before anything is frozen (the
+terminal stays on this host) unless --detach-terminal journal|null gives
+it a new terminal on the destination, whose output goes to the journal
+there (under the process's name) or nowhere; what it reads from it never
+comes.
+
 --container ID moves the runc container ID (under phauld's --runc-root)
 instead, with runc's own checkpoint and restore: it keeps its id on the
 destination, which runc there lists as running; until the commit it stays
@@ -136,6 +142,7 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 	cmd.Flags().StringVar(&req.Container, "container", "", "id of the runc container to migrate (instead of --pid)")
 	cmd.Flags().StringVar(&req.To, "to", "", "destination phauld, HOST or HOST:PORT")
 	cmd.Flags().StringVar(&req.Mode, "mode", api.ModeAuto, "how memory moves: copy, lazy, precopy or auto")
+	cmd.Flags().StringVar(&req.DetachTerminal, "detach-terminal", "", "for a process on a terminal (which stays here): give it a new one on the destination, its output to the `journal` or to null (without it, such a process is refused)")
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress display")
 	cmd.Flags().BoolVar(&c.json, "json", false, "print the result (or the error) as one JSON object")
 	return cmd

@@ -32,6 +32,7 @@ import (
 	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/netlock"
 	"github.com/phaul/phaul/pkg/pki"
+	"github.com/phaul/phaul/pkg/pty"
 	"github.com/phaul/phaul/pkg/rootfs"
 	"github.com/phaul/phaul/pkg/runc"
 	"github.com/phaul/phaul/pkg/session"
@@ -48,6 +49,10 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == rootfs.PipeCommand {
 		// phauld run by rsync as its remote shell (pkg/rootfs).
 		os.Exit(rootfs.PipeMain(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == pty.Command {
+		// phauld draining a restored process's new terminal (pkg/pty).
+		os.Exit(pty.Main(os.Args[2:]))
 	}
 	if len(os.Args) > 1 && os.Args[1] == runc.HookCommand {
 		// phauld run by CRIU as a container restore's action script.

@@ -99,7 +99,17 @@ type MigrateRequest struct {
 	// Mode is how memory moves: ModeCopy, ModeLazy, ModePrecopy, or
 	// ModeAuto ("" means auto).
 	Mode string `json:"mode,omitempty"`
+	// DetachTerminal, for a process on a terminal (which stays on this
+	// host), is where its terminal output goes on the destination:
+	// DetachJournal or DetachNull. "" refuses such a process.
+	DetachTerminal string `json:"detach_terminal,omitempty"`
 }
+
+// Where a detached terminal's output goes on the destination.
+const (
+	DetachJournal = "journal"
+	DetachNull    = "null"
+)
 
 // Migration modes.
 const (

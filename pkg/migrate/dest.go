@@ -25,6 +25,7 @@ import (
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/network"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/pty"
 	"github.com/phaul/phaul/pkg/runc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/transport"
@@ -158,6 +159,10 @@ type dest struct {
 
 	name    string   // the root process's command name
 	journal []uint64 // its journal stream sockets, to reconnect
+	// ttys are the terminals it was on (CRIU keys), each given a new one
+	// here; detach says where their output goes (api.Detach*).
+	ttys   []string
+	detach string
 
 	mode string // the migration's mode, as chosen in prepare
 
@@ -287,6 +292,15 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	m.ph.log = m.log
 	m.rec.SourcePID = p.PID
 	m.name, m.journal = p.Name, p.JournalStreams
+	m.ttys, m.detach = p.Terminals, p.Detach
+	if len(m.ttys) > 0 {
+		if m.p.HookExe == "" {
+			return api.Errorf(api.CodePrecondition, "the process is on a terminal, and the destination's phauld cannot find its own binary to drain the new one")
+		}
+		if m.detach == api.DetachJournal && !journal.HasStreams() {
+			return api.Errorf(api.CodePrecondition, "the process's terminal output was to go to the journal, and the destination has no journald (%s is missing there): use --detach-terminal null, or run systemd-journald there", journal.StreamPath)
+		}
+	}
 	if len(m.journal) > 0 && !journal.HasStreams() {
 		return api.Errorf(api.CodePrecondition,
 			"the process writes to the journal (systemd started it), and the destination has no journald to give it new streams (%s is missing there): run systemd-journald there, or migrate elsewhere",
@@ -674,6 +688,17 @@ func (m *dest) startRestore() error {
 			opts.External = append(opts.External, fmt.Sprintf("macvlan[%s]:%s", v.Inner, v.Lower))
 		}
 	}
+	// The tree's terminals: new ones, drained to the journal or nowhere.
+	for _, key := range m.ttys {
+		slave, err := m.newTerminal()
+		if err != nil {
+			for _, in := range opts.InheritFds {
+				in.File.Close()
+			}
+			return api.Errorf(api.CodeAborted, "give the process a new terminal: %v", err)
+		}
+		opts.InheritFds = append(opts.InheritFds, criu.InheritFd{Key: key, File: slave})
+	}
 	// The tree's journal streams: new ones, to this host's journald.
 	for _, ino := range m.journal {
 		f, err := journal.NewStream(m.name, 6)
@@ -700,6 +725,33 @@ func (m *dest) startRestore() error {
 	m.state = dstRestore
 	m.restoreW, err = watchCRIU(m.s.l, op, 1, m.onRestore, m.abort)
 	return err
+}
+
+// newTerminal opens a pseudo-terminal for the restored tree and starts
+// its drain (the master's reader, to the journal or /dev/null); it returns
+// the slave, for CRIU.
+func (m *dest) newTerminal() (*os.File, error) {
+	master, slave, err := pty.Open()
+	if err != nil {
+		return nil, err
+	}
+	defer master.Close() // the drain has its own
+	var out *os.File
+	if m.detach == api.DetachJournal {
+		out, err = journal.NewStream(m.name, 6)
+	} else {
+		out, err = os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	}
+	if err != nil {
+		slave.Close()
+		return nil, err
+	}
+	defer out.Close()
+	if err := pty.StartDrain(m.p.HookExe, master, out); err != nil {
+		slave.Close()
+		return nil, err
+	}
+	return slave, nil
 }
 
 // namePeer names the source by its host and the port its daemon listens

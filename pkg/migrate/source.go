@@ -91,6 +91,10 @@ type SourceConfig struct {
 	// Progress receives progress events; it is called on the session's
 	// loop and must not block.
 	Progress func(api.Event)
+	// DetachTerminal: a tree on a terminal gets a new one on the
+	// destination, its output to the journal or nowhere (api.Detach*);
+	// "" refuses such a tree.
+	DetachTerminal string
 	// Mode is what the user asked for; AsSource what this host can do.
 	Mode     string
 	AsSource Capabilities
@@ -130,6 +134,9 @@ type source struct {
 	stopped map[int]bool
 	// net is the tree's network, as found before the freeze.
 	net network.Namespace
+	// ttys are the terminals the tree is attached to, as CRIU's keys
+	// (--detach-terminal): external in the dump.
+	ttys []string
 	// destVeths are its veths as the destination makes them.
 	destVeths []wire.Veth
 	// postDumpAnswered: CRIU's post-dump notification has its answer.
@@ -218,8 +225,17 @@ func (m *source) begin() error {
 			m.p.Proc.PID, nested, inner)
 	}
 	if pid, fd, tty := proc.Terminal(pids); pid != 0 {
-		return api.Errorf(api.CodePrecondition, "pid %d has a terminal, %s, on its descriptor %d: a terminal stays on this host, and CRIU cannot carry a process still attached to one; start it detached, its input and output on files or the journal (setsid CMD </dev/null >LOG 2>&1, or under systemd-run)",
-			pid, tty, fd)
+		if m.p.Container != nil {
+			return api.Errorf(api.CodePrecondition, "the container's pid %d has a terminal, %s, on its descriptor %d (runc's console?): phaul moves containers on no terminal (process.terminal false in config.json)", pid, tty, fd)
+		}
+		if m.p.DetachTerminal == "" {
+			return api.Errorf(api.CodePrecondition, "pid %d has a terminal, %s, on its descriptor %d, and a terminal stays on this host: migrate it with --detach-terminal journal (or null), which gives it a new terminal on the destination whose output goes to the journal (or nowhere), or start it detached (setsid CMD </dev/null >LOG 2>&1)",
+				pid, tty, fd)
+		}
+		if m.ttys, err = proc.TerminalKeys(pids); err != nil {
+			return api.Errorf(api.CodePrecondition, "%v", err)
+		}
+		m.log.Info("the tree's terminal stays here; it gets a new one there", zap.String("terminal", tty), zap.String("output", m.p.DetachTerminal))
 	}
 	if !proc.HasCap(proc.CapSysResource) {
 		if pid, uid := proc.OtherUser(pids); pid != 0 {
@@ -257,7 +273,13 @@ func (m *source) begin() error {
 			modes = append(modes, x)
 		}
 	}
+	detach := ""
+	if len(m.ttys) > 0 {
+		detach = m.p.DetachTerminal
+	}
 	return m.rpc.Send(&wire.Prepare{
+		Terminals:      m.ttys,
+		Detach:         detach,
 		SourcePort:     m.p.ListenPort,
 		PID:            m.p.Proc.PID,
 		Container:      m.p.Shared,
@@ -531,6 +553,8 @@ func (m *source) startDump() error {
 		opts.ExtUnixSk = true
 		opts.External = append(opts.External, fmt.Sprintf("unix[%d]", ino))
 	}
+	// Its terminals stay here: the destination gives it new ones.
+	opts.External = append(opts.External, m.ttys...)
 	op, err := m.p.CRIU.StartDump(opts)
 	if err != nil {
 		return api.Errorf(api.CodeAborted, "start criu dump: %v", err)

@@ -7,6 +7,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // CapSysResource is CAP_SYS_RESOURCE's bit: CRIU needs it to dump a
@@ -114,4 +116,34 @@ func isTerminal(path string) bool {
 		return err == nil
 	}
 	return path == "/dev/console" || path == "/dev/tty" || strings.HasPrefix(path, "/dev/tty") && len(path) > len("/dev/tty")
+}
+
+// TerminalKeys are the terminals (Terminal's kind) the tree pids has
+// descriptors on, as CRIU names an external terminal: tty[RDEV:DEV].
+func TerminalKeys(pids []int) ([]string, error) {
+	seen := map[string]bool{}
+	var keys []string
+	for _, p := range pids {
+		dir := "/proc/" + strconv.Itoa(p) + "/fd"
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			target, err := os.Readlink(dir + "/" + e.Name())
+			if err != nil || !isTerminal(target) {
+				continue
+			}
+			var st unix.Stat_t
+			if err := unix.Stat(dir+"/"+e.Name(), &st); err != nil {
+				return nil, fmt.Errorf("pid %d's terminal %s: %w", p, target, err)
+			}
+			k := fmt.Sprintf("tty[%x:%x]", st.Rdev, st.Dev)
+			if !seen[k] {
+				seen[k] = true
+				keys = append(keys, k)
+			}
+		}
+	}
+	return keys, nil
 }

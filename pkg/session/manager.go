@@ -704,6 +704,11 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	if mode == "" {
 		mode = api.ModeAuto
 	}
+	switch req.DetachTerminal {
+	case "", api.DetachJournal, api.DetachNull:
+	default:
+		return api.Result{}, api.Errorf(api.CodeInvalid, "--detach-terminal %q: want journal or null", req.DetachTerminal)
+	}
 	// This side first, before anything is touched: a mode the source
 	// cannot run is refused here, with the reason.
 	if _, ok := m.cfg.AsSource[mode]; !ok && mode != api.ModeAuto {
@@ -760,7 +765,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	s, err := migrate.NewSource(migrate.SourceConfig{
 		Container: ctr, Shared: shared,
 		ID: id, ListenPort: m.listenPort(), Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
-		PeerTimeout: m.cfg.PeerTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource,
+		PeerTimeout: m.cfg.PeerTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource, DetachTerminal: req.DetachTerminal,
 		Progress: func(ev api.Event) {
 			select {
 			case events <- ev:

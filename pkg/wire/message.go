@@ -290,7 +290,15 @@ type Prepare struct {
 	// SourcePort is the port the source daemon listens on for
 	// migrations (0: none), by which the destination names it.
 	SourcePort int `json:"source_port,omitempty"`
+	// Terminals are the terminals the tree is attached to, as CRIU's
+	// external keys (tty[RDEV:DEV]): the destination gives it a new
+	// terminal for each, whose output goes to Detach ("journal" or
+	// "null").
+	Terminals []string `json:"terminals,omitempty"`
+	Detach    string   `json:"detach_terminal,omitempty"`
 }
+
+var ttyKey = regexp.MustCompile(`^tty\[[0-9a-f]{1,16}:[0-9a-f]{1,16}\]$`)
 
 // Network is a tree's own network namespace, as the source found it.
 type Network struct {
@@ -678,6 +686,14 @@ func (m *Prepare) validate() error {
 	}
 	if m.SourcePort < 0 || m.SourcePort > 65535 {
 		return fmt.Errorf("source port %d", m.SourcePort)
+	}
+	if len(m.Terminals) > 8 || (len(m.Terminals) > 0) != (m.Detach == "journal" || m.Detach == "null") || (m.Detach != "" && len(m.Terminals) == 0) {
+		return fmt.Errorf("%d terminals, detached to %q", len(m.Terminals), m.Detach)
+	}
+	for _, k := range m.Terminals {
+		if !ttyKey.MatchString(k) {
+			return fmt.Errorf("terminal %q", k)
+		}
 	}
 	if m.Container != nil {
 		if err := m.Container.validate(); err != nil {

@@ -223,6 +223,10 @@ func TestPrepareValidate(t *testing.T) {
 		{PID: 1, Network: &Network{Addresses: []string{"10.0.0.1"}}},
 		{PID: 1, Network: &Network{Interfaces: []string{".."}}},
 		{PID: 1, SourcePort: 70000},
+		{PID: 1, Terminals: []string{"tty[8800:1a]"}},
+		{PID: 1, Terminals: []string{"tty[8800:1a]"}, Detach: "file"},
+		{PID: 1, Terminals: []string{"tty[88:1a]:x"}, Detach: "null"},
+		{PID: 1, Detach: "null"},
 		{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", MAC: "zz"}}}},
 		{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", Addresses: []string{"10.0.0.1"}}}}},
 		{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", MTU: 1 << 20}}}},
@@ -250,7 +254,7 @@ func TestPrepareValidate(t *testing.T) {
 	// source could not write one).
 	ok = &Prepare{PID: 1, Network: &Network{Links: []NetLink{{Name: "eth0", MAC: "02:00:00:00:00:01", MTU: 1500, Addresses: []string{"10.0.0.1/24", "fd00::1/64"}}},
 		Routes: []NetRoute{{Dev: "eth0"}, {Dev: "eth0", Dst: "10.1.0.0/16", Gateway: "10.0.0.254"}, {Dev: "eth0", Gateway: "fd00::fe", IPv6: true}}},
-		Container: &Container{ID: "c", Config: []byte("{}"), Rootfs: "/r"}}
+		Container: &Container{ID: "c", Config: []byte("{}"), Rootfs: "/r"}, Terminals: []string{"tty[8800:1a]"}, Detach: "journal"}
 	if err := ok.validate(); err != nil {
 		t.Errorf("%+v: %v", ok, err)
 	}

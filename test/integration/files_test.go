@@ -126,15 +126,18 @@ func TestUnshareParentRefused(t *testing.T) {
 }
 
 // A process on a terminal (a pty of script's) is refused before anything
-// is frozen, the terminal named as the cause; it never stops.
-func TestTerminalRefused(t *testing.T) {
+// is frozen, the terminal named as the cause and --detach-terminal as the
+// way; it never stops. With --detach-terminal null it migrates: on B it
+// runs on a new terminal (and goes on writing to it), and its source copy
+// is gone.
+func TestTerminal(t *testing.T) {
 	integration(t)
 	if _, err := exec.LookPath("script"); err != nil {
 		t.Fatal("script is missing (util-linux)")
 	}
 	a := startDaemon(t, "A", "127.0.0.1:17621", daemonOpts{})
 	b := startDaemon(t, "B", "127.0.0.2:17622", daemonOpts{})
-	cmd := exec.Command("script", "-qfec", "unshare --pid --fork -- setsid sleep 600", "/dev/null")
+	cmd := exec.Command("script", "-qfec", "unshare --pid --fork -- setsid sh -c 'while :; do echo tick; sleep 0.1; done'", "/dev/null")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -149,17 +152,35 @@ func TestTerminalRefused(t *testing.T) {
 	waitFor(t, "the process on script's terminal", 10*time.Second, func() bool {
 		tree, _ := proc.Tree(cmd.Process.Pid)
 		for _, p := range tree {
-			if b, err := os.ReadFile("/proc/" + strconv.Itoa(p) + "/comm"); err == nil && strings.TrimSpace(string(b)) == "sleep" {
-				pid = p
+			if b, err := os.ReadFile("/proc/" + strconv.Itoa(p) + "/cmdline"); err == nil && strings.Contains(string(b), "echo tick") {
+				if n, err := proc.NSPid(p); err == nil && n == 1 {
+					pid = p
+				}
 			}
 		}
 		return pid != 0
 	})
+	tty, _ := os.Readlink("/proc/" + strconv.Itoa(pid) + "/fd/1")
 	r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(pid), "--to", b.addr)
-	if r.code != 1 || !strings.Contains(r.stderr, "has a terminal, /dev/pts/") {
-		t.Fatalf("migrate a process on a terminal: exit %d: %s %s; want refused (1), naming the terminal", r.code, r.stdout, r.stderr)
+	if r.code != 1 || !strings.Contains(r.stderr, "has a terminal, "+tty) || !strings.Contains(r.stderr, "--detach-terminal") {
+		t.Fatalf("migrate a process on a terminal: exit %d: %s %s; want refused (1), naming the terminal %s and --detach-terminal", r.code, r.stdout, r.stderr, tty)
 	}
 	if info, err := proc.Stat(pid); err != nil || info.Stopped() {
 		t.Errorf("pid %d after the refusal: %+v, %v; want it running", pid, info, err)
 	}
+	res := a.migrateTo(t, pid, b.addr, "--detach-terminal", "null")
+	if res.DestPID <= 0 {
+		t.Fatalf("the result names no pid on B: %+v", res)
+	}
+	t.Cleanup(func() { syscall.Kill(res.DestPID, syscall.SIGKILL) })
+	time.Sleep(500 * time.Millisecond) // a few more ticks
+	waitRunning(t, res.DestPID)
+	now, err := os.Readlink("/proc/" + strconv.Itoa(res.DestPID) + "/fd/1")
+	if err != nil || !strings.HasPrefix(now, "/dev/pts/") || now == tty {
+		t.Errorf("the copy's stdout is %q (%v); want a new terminal, not %s", now, err, tty)
+	}
+	waitFor(t, "the source's copy to be gone", 10*time.Second, func() bool {
+		info, err := proc.Stat(pid)
+		return err != nil || info.State == 'Z'
+	})
 }
