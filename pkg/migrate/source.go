@@ -9,6 +9,7 @@ import (
 	"io"
 	"math"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"syscall"
@@ -224,18 +225,25 @@ func (m *source) begin() error {
 		return api.Errorf(api.CodePrecondition, "the tree of pid %d reaches into another pid namespace (pid %d is pid %d there), which CRIU cannot dump: migrate the init of that namespace, or a tree within one namespace",
 			m.p.Proc.PID, nested, inner)
 	}
-	if pid, fd, tty := proc.Terminal(pids); pid != 0 {
+	ttys, err := proc.Terminals(pids)
+	if err != nil {
+		return api.Errorf(api.CodePrecondition, "%v", err)
+	}
+	if len(ttys) > 0 {
+		tty := ttys[0]
 		if m.p.Container != nil {
-			return api.Errorf(api.CodePrecondition, "the container's pid %d has a terminal, %s, on its descriptor %d (runc's console?): phaul moves containers on no terminal (process.terminal false in config.json)", pid, tty, fd)
+			return api.Errorf(api.CodePrecondition, "the container's pid %d has a terminal, %s, on its descriptor %d (runc's console?): phaul moves containers on no terminal (process.terminal false in config.json)", tty.PID, tty.Path, tty.FD)
 		}
 		if m.p.DetachTerminal == "" {
 			return api.Errorf(api.CodePrecondition, "pid %d has a terminal, %s, on its descriptor %d, and a terminal stays on this host: migrate it with --detach-terminal journal (or null), which gives it a new terminal on the destination whose output goes to the journal (or nowhere), or start it detached (setsid CMD </dev/null >LOG 2>&1)",
-				pid, tty, fd)
+				tty.PID, tty.Path, tty.FD)
 		}
-		if m.ttys, err = proc.TerminalKeys(pids); err != nil {
-			return api.Errorf(api.CodePrecondition, "%v", err)
+		for _, t := range ttys {
+			if !slices.Contains(m.ttys, t.Key) {
+				m.ttys = append(m.ttys, t.Key)
+			}
 		}
-		m.log.Info("the tree's terminal stays here; it gets a new one there", zap.String("terminal", tty), zap.String("output", m.p.DetachTerminal))
+		m.log.Info("the tree's terminal stays here; it gets a new one there", zap.String("terminal", tty.Path), zap.String("output", m.p.DetachTerminal))
 	}
 	if !proc.HasCap(proc.CapSysResource) {
 		if pid, uid := proc.OtherUser(pids); pid != 0 {

@@ -74,16 +74,20 @@ func OtherUser(pids []int) (pid, uid int) {
 	return 0, 0
 }
 
-// Terminal finds, in the tree pids, a descriptor on a terminal whose
-// master the tree does not hold (a user's terminal, or the console): pid,
-// fd and the terminal's path; pid 0 if there is none. A tree that holds a
-// pty master itself (script, tmux) may hold its own terminals.
-func Terminal(pids []int) (pid, fd int, path string) {
-	type hit struct {
-		pid, fd int
-		path    string
-	}
-	var first *hit
+// TTY is a descriptor of a tree on a terminal: the process, the
+// descriptor, the terminal's path, and its name as CRIU's external
+// resource (tty[RDEV:DEV]).
+type TTY struct {
+	PID, FD   int
+	Path, Key string
+}
+
+// Terminals lists the tree pids' descriptors on terminals whose master it
+// does not hold (a user's terminal, the console), which stay on this
+// host. A tree that holds a pty master itself (script, tmux) carries its
+// own terminals: none is listed.
+func Terminals(pids []int) ([]TTY, error) {
+	var ttys []TTY
 	for _, p := range pids {
 		dir := "/proc/" + strconv.Itoa(p) + "/fd"
 		ents, err := os.ReadDir(dir)
@@ -96,18 +100,20 @@ func Terminal(pids []int) (pid, fd int, path string) {
 				continue
 			}
 			if target == "/dev/ptmx" || target == "/dev/pts/ptmx" {
-				return 0, 0, "" // it holds a master: CRIU carries the pair
+				return nil, nil // it holds a master: CRIU carries the pair
 			}
-			if first == nil && isTerminal(target) {
-				n, _ := strconv.Atoi(e.Name())
-				first = &hit{p, n, target}
+			if !isTerminal(target) {
+				continue
 			}
+			var st unix.Stat_t
+			if err := unix.Stat(dir+"/"+e.Name(), &st); err != nil {
+				return nil, fmt.Errorf("pid %d's terminal %s: %w", p, target, err)
+			}
+			fd, _ := strconv.Atoi(e.Name())
+			ttys = append(ttys, TTY{PID: p, FD: fd, Path: target, Key: fmt.Sprintf("tty[%x:%x]", st.Rdev, st.Dev)})
 		}
 	}
-	if first == nil {
-		return 0, 0, ""
-	}
-	return first.pid, first.fd, first.path
+	return ttys, nil
 }
 
 func isTerminal(path string) bool {
@@ -116,34 +122,4 @@ func isTerminal(path string) bool {
 		return err == nil
 	}
 	return path == "/dev/console" || path == "/dev/tty" || strings.HasPrefix(path, "/dev/tty") && len(path) > len("/dev/tty")
-}
-
-// TerminalKeys are the terminals (Terminal's kind) the tree pids has
-// descriptors on, as CRIU names an external terminal: tty[RDEV:DEV].
-func TerminalKeys(pids []int) ([]string, error) {
-	seen := map[string]bool{}
-	var keys []string
-	for _, p := range pids {
-		dir := "/proc/" + strconv.Itoa(p) + "/fd"
-		ents, err := os.ReadDir(dir)
-		if err != nil {
-			continue
-		}
-		for _, e := range ents {
-			target, err := os.Readlink(dir + "/" + e.Name())
-			if err != nil || !isTerminal(target) {
-				continue
-			}
-			var st unix.Stat_t
-			if err := unix.Stat(dir+"/"+e.Name(), &st); err != nil {
-				return nil, fmt.Errorf("pid %d's terminal %s: %w", p, target, err)
-			}
-			k := fmt.Sprintf("tty[%x:%x]", st.Rdev, st.Dev)
-			if !seen[k] {
-				seen[k] = true
-				keys = append(keys, k)
-			}
-		}
-	}
-	return keys, nil
 }

@@ -217,13 +217,7 @@ func (l *Lab) StartService(dir, port string, args ...string) (s *Service, err er
 			s.Stop()
 		}
 	}()
-	if err := WaitUntil(10*time.Second, func() bool {
-		kids, _ := proc.Children(cmd.Process.Pid)
-		if len(kids) == 1 {
-			s.PID = kids[0]
-		}
-		return s.PID != 0
-	}); err != nil {
+	if s.PID, err = OnlyChild(cmd.Process.Pid, 10*time.Second); err != nil {
 		return nil, fmt.Errorf("%s did not start: %w", args[0], err)
 	}
 	if err := l.linkService(s.PID, port, args[0]); err != nil {
@@ -402,6 +396,19 @@ func (rc *RedisClient) Halt() {
 	}
 	<-rc.done
 	rc.c.Close()
+}
+
+// OnlyChild waits, up to limit, until pid has one child (the init of the
+// namespace unshare made, say), and returns it.
+func OnlyChild(pid int, limit time.Duration) (int, error) {
+	child := 0
+	err := WaitUntil(limit, func() bool {
+		if kids, _ := proc.Children(pid); len(kids) == 1 {
+			child = kids[0]
+		}
+		return child != 0
+	})
+	return child, err
 }
 
 // WaitUntil polls cond every 2 ms until it holds, for at most limit.

@@ -102,19 +102,11 @@ func StartWorkload(c WorkloadConfig) (*Workload, error) {
 	go w.unshare.Wait()
 
 	deadline := time.Now().Add(30 * time.Second)
-	for {
-		kids, _ := proc.Children(w.unshare.Process.Pid)
-		if len(kids) == 1 {
-			w.PID = kids[0]
-			w.Track(w.PID)
-			break
-		}
-		if time.Now().After(deadline) {
-			w.Kill()
-			return nil, fmt.Errorf("workload did not start")
-		}
-		time.Sleep(10 * time.Millisecond)
+	if w.PID, err = OnlyChild(w.unshare.Process.Pid, 30*time.Second); err != nil {
+		w.Kill()
+		return nil, fmt.Errorf("workload did not start")
 	}
+	w.Track(w.PID)
 	for {
 		if st, err := report.Read(w.Status); err == nil && st.Seq >= 1 {
 			if kids, _ := proc.Children(w.PID); len(kids) >= c.Children {

@@ -628,6 +628,10 @@ func TestContainerSharedPath(t *testing.T) {
 		if r.code != 0 {
 			t.Fatalf("phaulctl migrate --container: exit %d: %s %s", r.code, r.stdout, r.stderr)
 		}
+		// Shared by --shared-path alone: the source wrote no marker.
+		if !strings.Contains(l.a.log(), "cannot write the shared-storage marker") {
+			t.Errorf("A wrote the shared-storage marker into an immutable directory?\n%s", l.a.log())
+		}
 		var res api.Result
 		if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.Rootfs != nil {
 			t.Errorf("the result: %v; rootfs %+v: want no sync", err, res.Rootfs)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/test/harness"
 )
 
 // A process that holds a flock on a file and an open file it deleted
@@ -49,13 +50,11 @@ func TestFileLockAndDeletedFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	var pid int
+	pid, err := harness.OnlyChild(cmd.Process.Pid, 10*time.Second)
+	if err != nil {
+		t.Fatalf("the shell to start: %v", err)
+	}
 	waitFor(t, "the shell to hold its lock", 10*time.Second, func() bool {
-		kids, _ := proc.Children(cmd.Process.Pid)
-		if len(kids) != 1 {
-			return false
-		}
-		pid = kids[0]
 		_, err := os.Stat(data)
 		return os.IsNotExist(err) && exec.Command("flock", "-n", lock, "true").Run() != nil
 	})
@@ -94,14 +93,10 @@ func TestUnshareParentRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	var init int
-	waitFor(t, "the namespace's init", 10*time.Second, func() bool {
-		kids, _ := proc.Children(cmd.Process.Pid)
-		if len(kids) == 1 {
-			init = kids[0]
-		}
-		return init != 0
-	})
+	init, err := harness.OnlyChild(cmd.Process.Pid, 10*time.Second)
+	if err != nil {
+		t.Fatalf("the namespace's init: %v", err)
+	}
 	t.Cleanup(func() { syscall.Kill(init, syscall.SIGKILL) })
 	r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(cmd.Process.Pid), "--to", b.addr)
 	want := "migrate pid " + strconv.Itoa(init) + ", the init of that namespace"
@@ -113,23 +108,25 @@ func TestUnshareParentRefused(t *testing.T) {
 			t.Errorf("pid %d after the refusal: %+v, %v; want it running", pid, info, err)
 		}
 	}
+	// No freeze in the history's entry for it, and no dump was started:
+	// no session of A's has a dump log.
 	var hist []api.HistoryEntry
 	h := a.phaulctl(t, "history", "--json")
-	if err := json.Unmarshal([]byte(h.stdout), &hist); err != nil {
-		t.Fatalf("history: %v: %s", err, h.stdout)
+	if err := json.Unmarshal([]byte(h.stdout), &hist); err != nil || len(hist) != 1 {
+		t.Fatalf("history: %v: %s; want the refused migration's entry", err, h.stdout)
 	}
-	for _, e := range hist {
-		if e.Result.FrozenMS != 0 {
-			t.Errorf("the refused migration froze the process for %d ms", e.Result.FrozenMS)
-		}
+	if hist[0].Result.FrozenMS != 0 || hist[0].Outcome == api.OutcomeCommitted {
+		t.Errorf("the refused migration's entry: %+v; want it not frozen, not committed", hist[0])
+	}
+	if logs, _ := filepath.Glob(filepath.Join(a.state, "sessions", "*", "dump.log")); len(logs) != 0 {
+		t.Errorf("the refused migration started a dump: %v", logs)
 	}
 }
 
 // A process on a terminal (a pty of script's) is refused before anything
 // is frozen, the terminal named as the cause and --detach-terminal as the
 // way; it never stops. With --detach-terminal null it migrates: on B it
-// runs on a new terminal (and goes on writing to it), and its source copy
-// is gone.
+// runs on a new terminal, and its source copy is gone.
 func TestTerminal(t *testing.T) {
 	integration(t)
 	if _, err := exec.LookPath("script"); err != nil {

@@ -422,14 +422,10 @@ func TestHostConnectionRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	var pid int
-	waitFor(t, "redis-cli to start", 5*time.Second, func() bool {
-		kids, _ := proc.Children(cmd.Process.Pid)
-		if len(kids) == 1 {
-			pid = kids[0]
-		}
-		return pid != 0
-	})
+	pid, err := harness.OnlyChild(cmd.Process.Pid, 5*time.Second)
+	if err != nil {
+		t.Fatalf("redis-cli to start: %v", err)
+	}
 	before, _ := proc.Stat(pid)
 	_, r, err := a.Migrate(pid, b.addr)
 	if err != nil || r.Code != 1 || !strings.Contains(r.Stdout, "TCP connection") || !strings.Contains(r.Stdout, "namespace of its own") {
