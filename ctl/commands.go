@@ -131,6 +131,9 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 			}
 			if res.Container != "" {
 				fmt.Fprintf(c.stdout, "container %s now runs on %s (its init: pid %d there)\n", res.Container, res.Dest, res.DestPID)
+			} else if res.NewPidNS {
+				fmt.Fprintf(c.stdout, "pid %d now runs on %s as pid %d, in a pid namespace of its own where it is still pid %d (its pids were taken there)\n",
+					res.SourcePID, res.Dest, res.DestPID, res.SourcePID)
 			} else {
 				fmt.Fprintf(c.stdout, "pid %d now runs on %s as pid %d\n", res.SourcePID, res.Dest, res.DestPID)
 			}

@@ -31,6 +31,7 @@ import (
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/netlock"
+	"github.com/phaul/phaul/pkg/pidns"
 	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/pty"
 	"github.com/phaul/phaul/pkg/rootfs"
@@ -53,6 +54,10 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == pty.Command {
 		// phauld draining a restored process's new terminal (pkg/pty).
 		os.Exit(pty.Main(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == pidns.Command {
+		// phauld as the init of a restored tree's new pid namespace.
+		os.Exit(pidns.Main(os.Args[2:]))
 	}
 	if len(os.Args) > 1 && os.Args[1] == runc.HookCommand {
 		// phauld run by CRIU as a container restore's action script.

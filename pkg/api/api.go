@@ -140,7 +140,11 @@ type Result struct {
 	Container string `json:"container,omitempty"`
 	SourcePID int    `json:"source_pid"`
 	DestPID   int    `json:"dest_pid"`
-	Dest      string `json:"dest"`
+	// NewPidNS: the destination restored the tree into a new pid
+	// namespace, where it keeps its pids (SourcePID is its pid there);
+	// DestPID is its pid on the destination host.
+	NewPidNS bool   `json:"new_pid_ns,omitempty"`
+	Dest     string `json:"dest"`
 	// FrozenMS is how long the process was frozen: from the start of the
 	// dump until the destination resumed it.
 	FrozenMS int64 `json:"frozen_ms"`

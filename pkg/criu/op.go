@@ -14,11 +14,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
+	"github.com/phaul/phaul/pkg/pidns"
 	"github.com/phaul/phaul/pkg/proc"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
@@ -80,6 +82,9 @@ type Op struct {
 	closeOnce sync.Once
 	exited    chan struct{}
 	exitErr   error
+	// nsInit: the process started is the init of a new pid namespace,
+	// with CRIU its child (Options.PidNSInit); exited is CRIU's exit.
+	nsInit bool
 }
 
 // start runs `criu swrk` with the RPC socket at fd 3 and files at fds 4, 5,
@@ -99,24 +104,47 @@ func (c *Client) start(kind string, o *Options, req *rpc.CriuReq) (*Op, error) {
 	// exec.Cmd duplicates ExtraFiles to fds 3, 4, ... in the child and
 	// clears close-on-exec there only, so no other session's descriptors
 	// leak into this CRIU.
-	cmd := exec.Command(c.path, "swrk", "3")
-	cmd.ExtraFiles = []*os.File{theirs}
+	files := []*os.File{theirs}
 	if o != nil {
-		cmd.ExtraFiles = append(cmd.ExtraFiles, o.files()...)
+		files = append(files, o.files()...)
+	}
+	var cmd *exec.Cmd
+	var status *os.File // the pid namespace's init reports CRIU's exit on it
+	if o != nil && o.PidNSInit != "" {
+		r, w, err := os.Pipe()
+		if err != nil {
+			unix.Close(fds[0])
+			return nil, fmt.Errorf("criu %s: %w", kind, err)
+		}
+		defer w.Close()
+		status = r
+		cmd = pidns.Wrap(o.PidNSInit, len(files), c.path, "swrk", "3")
+		cmd.ExtraFiles = append(files, w)
+	} else {
+		cmd = exec.Command(c.path, "swrk", "3")
+		if o != nil && o.EnterPidNS > 0 {
+			// nsenter forks into the pid namespace and waits for CRIU,
+			// passing its exit on; the descriptors go through as they are.
+			cmd = exec.Command("nsenter", "--target", strconv.Itoa(o.EnterPidNS), "--pid", "--mount", "--", c.path, "swrk", "3")
+		}
+		cmd.ExtraFiles = files
+		cmd.SysProcAttr = &syscall.SysProcAttr{
+			// Its own process group: a Ctrl-C meant for a foreground
+			// phauld must not reach a CRIU holding a frozen tree.
+			// No Pdeathsig: if phauld dies, CRIU sees its RPC socket
+			// close and rolls back by itself; killing it mid-dump could
+			// leave its parasite in the tasks.
+			Setpgid: true,
+		}
 	}
 	// CRIU logs to its log file; anything on stderr is a crash message.
 	cmd.Stdout, cmd.Stderr = nil, nil
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		// Its own process group: a Ctrl-C meant for a foreground phauld
-		// must not reach a CRIU holding a frozen tree.
-		// No Pdeathsig: if phauld dies, CRIU sees its RPC socket close
-		// and rolls back by itself; killing it mid-dump could leave its
-		// parasite in the tasks.
-		Setpgid: true,
-	}
 	if err := cmd.Start(); err != nil {
 		unix.Close(fds[0])
-		return nil, fmt.Errorf("criu %s: start %s: %w", kind, c.path, err)
+		if status != nil {
+			status.Close()
+		}
+		return nil, fmt.Errorf("criu %s: start %s: %w", kind, cmd.Path, err)
 	}
 	op := &Op{
 		kind:    kind,
@@ -129,10 +157,31 @@ func (c *Client) start(kind string, o *Options, req *rpc.CriuReq) (*Op, error) {
 	if o != nil {
 		op.dir, op.logFile = o.ImagesDir, o.LogFile
 	}
-	go func() {
-		op.exitErr = cmd.Wait()
-		close(op.exited)
-	}()
+	if status == nil {
+		go func() {
+			op.exitErr = cmd.Wait()
+			close(op.exited)
+		}()
+	} else {
+		// CRIU is the init's child; the init lives on as long as the
+		// restored tree does.
+		op.nsInit = true
+		go func() {
+			ws, ok := pidns.ReadStatus(status)
+			status.Close()
+			switch {
+			case !ok:
+				op.exitErr = errors.New("the pid namespace's init ended before CRIU")
+			case ws.Exited() && ws.ExitStatus() == 0:
+			case ws.Signaled():
+				op.exitErr = fmt.Errorf("signal: %v", ws.Signal())
+			default:
+				op.exitErr = fmt.Errorf("exit status %d", ws.ExitStatus())
+			}
+			close(op.exited)
+		}()
+		go cmd.Wait()
+	}
 	if err := op.send(req); err != nil {
 		op.Close()
 		return nil, err
@@ -140,7 +189,8 @@ func (c *Client) start(kind string, o *Options, req *rpc.CriuReq) (*Op, error) {
 	return op, nil
 }
 
-// Pid is the pid of the request's `criu swrk` process.
+// Pid is the pid of the request's `criu swrk` process, or, for a restore
+// into a new pid namespace, of that namespace's init (CRIU's parent).
 func (op *Op) Pid() int { return op.cmd.Process.Pid }
 
 // Kind names the request ("dump", "restore", ...).

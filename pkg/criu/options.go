@@ -66,6 +66,15 @@ type Options struct {
 	// locks): a dump records them, a restore takes them again. A lock on
 	// a file the tree shares with a process outside it fails the dump.
 	FileLocks bool
+	// PidNSInit, for a restore, is phauld's binary: the restore runs in
+	// a new pid namespace (and mount namespace, for its /proc) whose init
+	// is `PidNSInit pidns-init` (see pkg/pidns), so that the tree keeps
+	// pids that are taken in this one.
+	PidNSInit string
+	// EnterPidNS, for a dump, is the host pid of the init of a pid
+	// namespace (one PidNSInit made): CRIU runs in that namespace and its
+	// mount namespace (through nsenter), where PID is the tree's root.
+	EnterPidNS int
 	// configFile is a CRIU configuration file for what RPC cannot say.
 	configFile string
 }

@@ -86,6 +86,7 @@ func (c *containerCRIU) StartLazyPages(dir string, ps *os.File) (LazyPages, erro
 	return c.base.StartLazyPages(dir, ps)
 }
 func (c *containerCRIU) Stopped(dir string) (map[int]bool, error) { return c.base.Stopped(dir) }
+func (c *containerCRIU) Taken(ids []int) []int                    { return nil } // runc's own pid namespace
 
 // StartDump pauses the container, locks its namespace's network (CRIU
 // lifts its own lock when the dump ends, and the paused copy must take no

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/pidns"
 )
 
 // CRIU is what the state machines ask of CRIU: pkg/criu's Client gives it
@@ -22,6 +23,10 @@ type CRIU interface {
 	// job-control signal when CRIU froze them, by their pid in their own
 	// pid namespace (see criu.StoppedTasks).
 	Stopped(dir string) (map[int]bool, error)
+	// Taken lists the task ids of ids that a restore here could not
+	// give a tree, being in use (see pidns.Taken); the tree is then
+	// restored into a new pid namespace.
+	Taken(ids []int) []int
 }
 
 // Op is one CRIU request in progress (see criu.Op).
@@ -77,6 +82,8 @@ func (c clientCRIU) StartLazyPages(dir string, ps *os.File) (LazyPages, error) {
 }
 
 func (c clientCRIU) Stopped(dir string) (map[int]bool, error) { return criu.StoppedTasks(dir) }
+
+func (c clientCRIU) Taken(ids []int) []int { return pidns.Taken(ids) }
 
 // op keeps a nil *criu.Op from becoming a non-nil Op.
 func op(o *criu.Op, err error) (Op, error) {

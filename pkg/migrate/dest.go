@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/phaul/phaul/pkg/epoll"
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/network"
+	"github.com/phaul/phaul/pkg/pidns"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/pty"
 	"github.com/phaul/phaul/pkg/runc"
@@ -147,6 +149,11 @@ type dest struct {
 
 	pid  int // root of the restored tree
 	tree []*proc.Process
+	// newPidNS: the tree's pids are taken here, and it is restored into
+	// a new pid namespace of its own (pkg/pidns), whose init is nsInit
+	// (a host pid); pid and tree are host pids all the same.
+	newPidNS bool
+	nsInit   int
 	// stopped are the tasks job control had stopped when they were
 	// dumped (by their pid in their namespace): they stay stopped.
 	stopped map[int]bool
@@ -335,6 +342,15 @@ func (m *dest) prepare(p *wire.Prepare) error {
 			m.p.Info.Version, criu.VersionFromCode(p.CRIUVersion), criu.VersionFromCode(p.CRIUVersion))
 	}
 	m.ph.enter("checks")
+	if p.Container == nil && !p.OwnPidNS {
+		if taken := m.p.CRIU.Taken(p.TaskIDs); len(taken) > 0 {
+			if m.p.HookExe == "" {
+				return api.Errorf(api.CodePrecondition, "the process's pids (%s) are taken on the destination, and its phauld cannot find its own binary to restore the process into a new pid namespace", pidList(taken))
+			}
+			m.newPidNS = true
+			m.log.Info("the tree's pids are taken here: it is restored into a new pid namespace, where it keeps them", zap.String("taken", pidList(taken)))
+		}
+	}
 	if err := m.checkNetwork(p.Network); err != nil {
 		return err
 	}
@@ -660,6 +676,11 @@ func (m *dest) place(tree []*proc.Process) {
 	for i, p := range tree {
 		pids[i] = p.PID
 	}
+	if m.nsInit > 0 {
+		// The init of its pid namespace goes with it: were it killed
+		// with phauld's service, the namespace would die with it.
+		pids = append(pids, m.nsInit)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), placeTimeout)
 	defer cancel()
 	if err := m.p.Place(ctx, pids); err != nil {
@@ -677,6 +698,9 @@ func (m *dest) startRestore() error {
 		LazyPages:    m.mode == api.ModeLazy,
 		Network:      m.netw != nil,
 		FileLocks:    true, // what the dump carried, if any
+	}
+	if m.newPidNS {
+		opts.PidNSInit = m.p.HookExe
 	}
 	if m.container == nil { // a container's are made by buildNetwork
 		for _, v := range m.veths {
@@ -789,6 +813,14 @@ func (m *dest) buildNetwork(pid int) error {
 
 func (m *dest) onRestore(ev criu.Event) error {
 	if ev.Notify != "" {
+		if ev.PID > 0 {
+			pid, err := m.hostPID(ev.PID)
+			if err != nil {
+				m.restoreW.op.Reply(false)
+				return api.Errorf(api.CodeAborted, "the restored tree's root: %v", err)
+			}
+			ev.PID = pid
+		}
 		if ev.Notify == "post-restore" && m.state == dstRestore {
 			return m.restored(ev.PID)
 		}
@@ -820,8 +852,16 @@ func (m *dest) onRestore(ev criu.Event) error {
 		m.pid = 0 // CRIU killed what it had restored
 		return api.Errorf(api.CodeAborted, "restore failed: %v", ev.Err)
 	}
-	if ev.PID != 0 && ev.PID != m.pid {
-		return fmt.Errorf("criu restored pid %d, but announced %d", ev.PID, m.pid)
+	if ev.PID != 0 {
+		// CRIU may be gone by now: its tree passed to the namespace's
+		// init. Checked by the pid it has in its namespace.
+		pid, err := ev.PID, error(nil)
+		if m.newPidNS {
+			pid, err = proc.NSPid(m.pid)
+		}
+		if err != nil || pid != ev.PID {
+			return fmt.Errorf("criu restored pid %d, but announced %d (%d, %v)", ev.PID, m.pid, pid, err)
+		}
 	}
 	m.s.pid.Store(int64(m.pid))
 	tree, err := proc.OpenTree(m.pid, m.rec.StartTime)
@@ -832,7 +872,7 @@ func (m *dest) onRestore(ev criu.Event) error {
 	if err := m.startGuard(); err != nil {
 		return err
 	}
-	msg := &wire.Restored{PID: m.pid, RestoreMS: time.Since(m.tRestore).Milliseconds()}
+	msg := &wire.Restored{PID: m.pid, RestoreMS: time.Since(m.tRestore).Milliseconds(), NewPidNS: m.newPidNS}
 	if st, err := criu.ReadRestoreStats(m.p.Dir); err == nil {
 		msg.Stats, m.restoreStats = &st, &st
 	}
@@ -876,6 +916,32 @@ func (m *dest) endGuard(release bool) {
 	m.guard = nil
 }
 
+// hostPID is the pid here of the restored task CRIU names pid: the same,
+// unless the tree is in a new pid namespace, where CRIU sees its pids.
+func (m *dest) hostPID(pid int) (int, error) {
+	if !m.newPidNS {
+		return pid, nil
+	}
+	m.nsInit = m.restoreW.op.Pid()
+	return pidns.HostPID(m.nsInit, pid)
+}
+
+// pidList shows a few pids of a list, for a message.
+func pidList(pids []int) string {
+	var b strings.Builder
+	for i, p := range pids {
+		if i == 5 {
+			fmt.Fprintf(&b, " and %d more", len(pids)-i)
+			break
+		}
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(strconv.Itoa(p))
+	}
+	return b.String()
+}
+
 // restored records the restored tree before CRIU lets it exist past the
 // restore: a crash before the record makes CRIU kill the tree (its socket
 // closes), a crash after it leaves a record that names the tree to kill.
@@ -915,7 +981,11 @@ func (m *dest) restored(pid int) error {
 			return api.Errorf(api.CodeAborted, "cannot hold the restored namespace's network until the commit: %v", err)
 		}
 	}
-	m.log.Info("tree restored", zap.Int("dest_pid", pid))
+	if m.newPidNS {
+		m.log.Info("tree restored, in a new pid namespace", zap.Int("dest_pid", pid), zap.Int("pid_ns_init", m.nsInit))
+	} else {
+		m.log.Info("tree restored", zap.Int("dest_pid", pid))
+	}
 	return m.restoreW.op.Reply(true)
 }
 
@@ -1239,6 +1309,7 @@ func (m *dest) outcome() End {
 		ID:        m.s.ID.String(),
 		SourcePID: m.srcPID,
 		DestPID:   m.pid,
+		NewPidNS:  m.newPidNS,
 		TotalMS:   time.Since(m.s.Started).Milliseconds(),
 		Bytes:     m.bytes(),
 		PageBytes: pages,

@@ -23,6 +23,7 @@ import (
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/loop"
 	"github.com/phaul/phaul/pkg/network"
+	"github.com/phaul/phaul/pkg/pidns"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/transport"
@@ -145,6 +146,13 @@ type source struct {
 	tree             []*proc.Process
 
 	destPID int
+	// enterNS, if set, is the init of the pid namespace an earlier
+	// restore made for the tree (pkg/pidns), in which CRIU dumps it by
+	// nsPID, its root's pid there.
+	enterNS, nsPID int
+	// destNewPidNS: the destination restored the tree into a new pid
+	// namespace (destPID is its host pid there).
+	destNewPidNS bool
 	// destNotRunning is why the destination did not see its copy run
 	// after the commit ("": it did).
 	destNotRunning string
@@ -217,6 +225,21 @@ func (m *source) begin() error {
 	}
 	m.memBytes = proc.Resident(pids)
 	// What cannot move is refused here, before anything is frozen.
+	if nested, init, inner, phaul := pidns.Enclosing(m.p.Proc.PID); nested && m.p.Container == nil {
+		switch {
+		case phaul:
+			// Restored here into a pid namespace of its own: CRIU dumps
+			// it from inside, where it has the pids it had before.
+			m.enterNS, m.nsPID = init, inner
+			m.log.Info("the tree runs in a pid namespace phauld made when it restored it: CRIU dumps it from inside", zap.Int("pid_ns_init", init), zap.Int("ns_pid", inner))
+		case init != 0:
+			return api.Errorf(api.CodePrecondition, "pid %d (%s) is pid %d in a pid namespace whose init is pid %d, and CRIU dumps a pid namespace whole: migrate pid %d, the init of that namespace",
+				m.p.Proc.PID, printable(m.p.Proc.Comm), inner, init, init)
+		default:
+			return api.Errorf(api.CodePrecondition, "pid %d (%s) is pid %d in a pid namespace it joined from outside (nsenter?), which CRIU cannot dump: migrate the init of that namespace",
+				m.p.Proc.PID, printable(m.p.Proc.Comm), inner)
+		}
+	}
 	if nested, inner := proc.NestedPidNS(pids); nested != 0 && m.p.Container == nil {
 		if inner == 1 {
 			return api.Errorf(api.CodePrecondition, "pid %d (%s) is the parent of a pid namespace's init, pid %d, which CRIU cannot dump with it: migrate pid %d, the init of that namespace",
@@ -285,7 +308,17 @@ func (m *source) begin() error {
 	if len(m.ttys) > 0 {
 		detach = m.p.DetachTerminal
 	}
+	tasks, err := proc.TaskIDs(pids)
+	if err != nil {
+		return api.Errorf(api.CodeNotFound, "pid %d: %v", m.p.Proc.PID, err)
+	}
+	if len(tasks) > wire.MaxTaskIDs {
+		return api.Errorf(api.CodePrecondition, "the tree of pid %d has %d tasks, more than phaul moves (%d)", m.p.Proc.PID, len(tasks), wire.MaxTaskIDs)
+	}
+	rootNS, _ := proc.NSPid(m.p.Proc.PID)
 	return m.rpc.Send(&wire.Prepare{
+		TaskIDs:        tasks,
+		OwnPidNS:       rootNS == 1,
 		Terminals:      m.ttys,
 		Detach:         detach,
 		SourcePort:     m.p.ListenPort,
@@ -436,7 +469,7 @@ func (m *source) onRPC(msg wire.Message) error {
 		if m.state != srcRestore {
 			break
 		}
-		m.destPID = msg.PID
+		m.destPID, m.destNewPidNS = msg.PID, msg.NewPidNS
 		m.restore = msg.Stats
 		m.log.Info("destination restored the tree, stopped", zap.Int("dest_pid", msg.PID))
 		if m.mode == api.ModeLazy {
@@ -547,6 +580,7 @@ func (m *source) startDump() error {
 		ImagesDir:    m.p.Dir,
 		LogFile:      "dump.log",
 		PID:          m.p.Proc.PID,
+		EnterPidNS:   m.enterNS,
 		LeaveStopped: true,
 		Notify:       true,
 		PageServer:   theirs,
@@ -556,6 +590,9 @@ func (m *source) startDump() error {
 		GhostLimit: math.MaxUint32,
 		Network:    m.net.Own,
 		FileLocks:  true,
+	}
+	if m.enterNS > 0 {
+		opts.PID = m.nsPID
 	}
 	for _, ino := range m.journal {
 		opts.ExtUnixSk = true
@@ -1183,6 +1220,7 @@ func (m *source) result() api.Result {
 		Container:  m.containerID(),
 		SourcePID:  m.p.Proc.PID,
 		DestPID:    m.destPID,
+		NewPidNS:   m.destNewPidNS,
 		Dest:       m.p.Dest,
 		TotalMS:    time.Since(m.t0).Milliseconds(),
 		Bytes:      m.bytes(),

@@ -310,23 +310,62 @@ func Resident(pids []int) int64 {
 // NSPid is pid's pid in its own (innermost) pid namespace, from the NSpid
 // line of /proc/PID/status: the pid CRIU records it by in a dump.
 func NSPid(pid int) (int, error) {
+	ids, err := NSPids(pid)
+	if err != nil {
+		return 0, err
+	}
+	return ids[len(ids)-1], nil
+}
+
+// NSPids are pid's pids in each pid namespace it is in, from the reader's
+// inwards (the NSpid line of /proc/PID/status).
+func NSPids(pid int) ([]int, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH) {
-			return 0, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
+			return nil, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
 		}
-		return 0, err
+		return nil, err
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if f, ok := strings.CutPrefix(line, "NSpid:"); ok {
-			ids := strings.Fields(f)
-			if len(ids) == 0 {
-				break
+			var ids []int
+			for _, x := range strings.Fields(f) {
+				n, err := strconv.Atoi(x)
+				if err != nil {
+					return nil, fmt.Errorf("pid %d: NSpid %q", pid, f)
+				}
+				ids = append(ids, n)
 			}
-			return strconv.Atoi(ids[len(ids)-1])
+			if len(ids) > 0 {
+				return ids, nil
+			}
 		}
 	}
-	return 0, fmt.Errorf("pid %d: no NSpid in its status", pid)
+	return nil, fmt.Errorf("pid %d: no NSpid in its status", pid)
+}
+
+// TaskIDs are the ids of every task of pids (each process and each of its
+// threads) in their innermost pid namespace: the ids a dump records and
+// a restore must have free.
+func TaskIDs(pids []int) ([]int, error) {
+	var out []int
+	for _, pid := range pids {
+		tasks, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
+		if err != nil {
+			return nil, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
+		}
+		for _, t := range tasks {
+			tid, err := strconv.Atoi(t.Name())
+			if err != nil {
+				continue
+			}
+			if ns, err := NSPid(tid); err == nil {
+				out = append(out, ns)
+			}
+		}
+	}
+	return out, nil
 }
 
 // Running reports whether pid runs its program: it exists, is neither

@@ -296,7 +296,17 @@ type Prepare struct {
 	// "null").
 	Terminals []string `json:"terminals,omitempty"`
 	Detach    string   `json:"detach_terminal,omitempty"`
+	// TaskIDs are the pids and thread ids of the tree as its dump
+	// records them (in its own pid namespace). A destination on which
+	// any is taken restores the tree into a new pid namespace, unless
+	// OwnPidNS: the root is the init of a pid namespace of its own, which
+	// CRIU makes anew.
+	TaskIDs  []int `json:"task_ids,omitempty"`
+	OwnPidNS bool  `json:"own_pid_ns,omitempty"`
 }
+
+// MaxTaskIDs bounds the tasks of a tree a Prepare lists.
+const MaxTaskIDs = 1 << 16
 
 var ttyKey = regexp.MustCompile(`^tty\[[0-9a-f]{1,16}:[0-9a-f]{1,16}\]$`)
 
@@ -552,6 +562,10 @@ type Restored struct {
 	RestoreMS int64 `json:"restore_ms"`
 	// Stats are CRIU's restore statistics, when it wrote them.
 	Stats *api.RestoreStats `json:"stats,omitempty"`
+	// NewPidNS: the tree's pids were taken on the destination, which
+	// restored it into a new pid namespace where it keeps them; PID is
+	// its root's pid on the destination host.
+	NewPidNS bool `json:"new_pid_ns,omitempty"`
 }
 
 // Commit asks the destination to commit: resume its copy and make the
@@ -698,6 +712,14 @@ func (m *Prepare) validate() error {
 	if m.Container != nil {
 		if err := m.Container.validate(); err != nil {
 			return err
+		}
+	}
+	if len(m.TaskIDs) > MaxTaskIDs {
+		return fmt.Errorf("%d task ids", len(m.TaskIDs))
+	}
+	for _, id := range m.TaskIDs {
+		if id <= 0 || id > 1<<22 { // the kernel's PID_MAX_LIMIT
+			return fmt.Errorf("task id %d", id)
 		}
 	}
 	if !modeNames[m.Mode] {

@@ -35,6 +35,10 @@ type WorkloadConfig struct {
 	// wait for each other (the dump lock), so workloads that must move
 	// in parallel each need their own.
 	OwnCwd bool
+	// HostPidNS starts it as a user's background process would run: in
+	// this host's pid namespace, in a session of its own (setsid), not
+	// the init of a namespace.
+	HostPidNS bool
 }
 
 // Workload is a test process tree: the init of its own pid namespace
@@ -82,6 +86,9 @@ func StartWorkload(c WorkloadConfig) (*Workload, error) {
 		"--children", strconv.Itoa(c.Children), "--status", w.Status}
 	args = append(args, c.Extra...)
 	w.unshare = exec.Command("unshare", args...)
+	if c.HostPidNS {
+		w.unshare = exec.Command(args[4], args[5:]...)
+	}
 	if c.OwnCwd {
 		w.unshare.Dir = c.Dir
 	}
@@ -102,7 +109,9 @@ func StartWorkload(c WorkloadConfig) (*Workload, error) {
 	go w.unshare.Wait()
 
 	deadline := time.Now().Add(30 * time.Second)
-	if w.PID, err = OnlyChild(w.unshare.Process.Pid, 30*time.Second); err != nil {
+	if c.HostPidNS {
+		w.PID = w.unshare.Process.Pid
+	} else if w.PID, err = OnlyChild(w.unshare.Process.Pid, 30*time.Second); err != nil {
 		w.Kill()
 		return nil, fmt.Errorf("workload did not start")
 	}

@@ -332,6 +332,8 @@ type workloadOpts struct {
 	extra    []string
 	// stdout, if set, is the workload's stdout and stderr.
 	stdout *os.File
+	// hostPidNS: in this host's pid namespace (setsid workload ...).
+	hostPidNS bool
 }
 
 // startWorkload starts `unshare -p -f -- setsid workload ...` and waits
@@ -340,7 +342,7 @@ type workloadOpts struct {
 func startWorkload(t *testing.T, o workloadOpts) *workload {
 	t.Helper()
 	hw, err := harness.StartWorkload(harness.WorkloadConfig{Bin: bins.workload, Dir: t.TempDir(),
-		MemMiB: o.memMiB, Children: o.children, Seed: o.seed, Extra: o.extra, Output: o.stdout})
+		MemMiB: o.memMiB, Children: o.children, Seed: o.seed, Extra: o.extra, Output: o.stdout, HostPidNS: o.hostPidNS})
 	if err != nil {
 		t.Fatal(err)
 	}
