@@ -18,12 +18,20 @@ func newMigrate(c *cli) *cobra.Command {
 	var req api.MigrateRequest
 	var quiet bool
 	cmd := &cobra.Command{
-		Use:   "migrate (--pid PID | --container ID) --to HOST[:PORT]",
+		Use:   "migrate (--pid PID | --name NAME | --container ID) --to HOST[:PORT]",
 		Short: "Move a process tree, or a runc container, to another host",
 		Long: `Migrate moves the process tree rooted at PID to the phauld at HOST (port
 12345 unless given) and waits until it is over. It exits 0 only if the
 process was seen running on the destination; it then prints the pid it has
 there.
+
+--name NAME migrates the process 'phaulctl run --name NAME' started (or
+that arrived here with that name); it keeps the name on the destination.
+
+A process in this host's pid namespace (not the init of one of its own)
+whose pids are taken on the destination is restored there into a new pid
+namespace, where it keeps its pids; the line printed then names its pid
+on the destination host and says so.
 
 Until the destination has restored the process and committed, the process
 stays on this host, frozen; any failure resumes it here.
@@ -87,11 +95,17 @@ On a terminal, a progress bar shows the phase, bytes and pages moved, the
 rate and an estimate; otherwise plain lines go to stderr.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			given := 0
+			for _, set := range []bool{req.PID > 0, req.Container != "", req.Name != ""} {
+				if set {
+					given++
+				}
+			}
 			switch {
-			case req.PID > 0 && req.Container != "":
-				return fmt.Errorf("--pid and --container name what to migrate: give one")
-			case req.PID <= 0 && req.Container == "":
-				return fmt.Errorf("--pid or --container is required: the pid of the process, or the id of the runc container, to migrate")
+			case given > 1:
+				return fmt.Errorf("--pid, --name and --container each name what to migrate: give one")
+			case given == 0:
+				return fmt.Errorf("--pid, --name or --container is required: the pid of the process, its name (phaulctl run --name), or the id of the runc container, to migrate")
 			}
 			if req.To == "" {
 				return fmt.Errorf("--to is required: the destination host, HOST or HOST:PORT")
@@ -143,6 +157,7 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 	}
 	cmd.Flags().IntVar(&req.PID, "pid", 0, "root of the process tree to migrate")
 	cmd.Flags().StringVar(&req.Container, "container", "", "id of the runc container to migrate (instead of --pid)")
+	cmd.Flags().StringVar(&req.Name, "name", "", "name of the process to migrate, as phaulctl run --name gave it (instead of --pid)")
 	cmd.Flags().StringVar(&req.To, "to", "", "destination phauld, HOST or HOST:PORT")
 	cmd.Flags().StringVar(&req.Mode, "mode", api.ModeAuto, "how memory moves: copy, lazy, precopy or auto")
 	cmd.Flags().StringVar(&req.DetachTerminal, "detach-terminal", "", "for a process on a terminal (which stays here): give it a new one on the destination, its output to the `journal` or to null (without it, such a process is refused)")

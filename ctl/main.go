@@ -110,7 +110,7 @@ Set up phauld on both hosts first: systemctl enable --now phauld.socket`,
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().StringVar(&c.socket, "socket", api.DefaultSocket, "phauld's control socket")
-	root.AddCommand(newMigrate(c), newStatus(c), newList(c), newHistory(c), newCancel(c), newResolve(c), newPKI(c))
+	root.AddCommand(newMigrate(c), newRun(c), newNames(c), newStatus(c), newList(c), newHistory(c), newCancel(c), newResolve(c), newPKI(c))
 	return root
 }
 

@@ -37,7 +37,7 @@ func TestDaemonUnreachableSaysWhatToDo(t *testing.T) {
 
 func TestMigrateNeedsFlags(t *testing.T) {
 	var out, errb bytes.Buffer
-	if code := run(context.Background(), []string{"migrate", "--to", "b"}, &out, &errb); code == 0 || !strings.Contains(errb.String(), "--pid or --container is required") {
+	if code := run(context.Background(), []string{"migrate", "--to", "b"}, &out, &errb); code == 0 || !strings.Contains(errb.String(), "--pid, --name or --container is required") {
 		t.Errorf("no --pid: exit %d, stderr %q", code, errb.String())
 	}
 	errb.Reset()

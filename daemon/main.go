@@ -29,6 +29,7 @@ import (
 	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/guard"
 	"github.com/phaul/phaul/pkg/journal"
+	"github.com/phaul/phaul/pkg/launch"
 	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/netlock"
 	"github.com/phaul/phaul/pkg/pidns"
@@ -54,6 +55,10 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == pty.Command {
 		// phauld draining a restored process's new terminal (pkg/pty).
 		os.Exit(pty.Main(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == launch.InitCommand {
+		// phauld as the first process of a program phaulctl run starts.
+		os.Exit(launch.Main(os.Args[2:]))
 	}
 	if len(os.Args) > 1 && os.Args[1] == pidns.Command {
 		// phauld as the init of a restored tree's new pid namespace.
@@ -323,6 +328,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 			}
 		},
 		Place:         scopes(placer, log),
+		PlaceRun:      runScopes(placer),
 		Guard:         guards(log),
 		Runc:          rc,
 		ContainersDir: containersDir,
@@ -414,6 +420,23 @@ func scopes(p *systemd.Placer, log *zap.Logger) func(ctx context.Context, id str
 		}
 		log.Info("restored tree placed in its own scope", zap.String("scope", name), zap.String("slice", systemd.ScopeSlice))
 		return nil
+	}
+}
+
+// runScopes puts a program phaulctl run started in a scope of its own,
+// under phaul.slice, when systemd manages this host.
+func runScopes(p *systemd.Placer) func(ctx context.Context, name string, pid int) (string, error) {
+	if !systemd.Booted() {
+		return nil
+	}
+	return func(ctx context.Context, name string, pid int) (string, error) {
+		unit := "phaul-run-" + strconv.Itoa(pid) + ".scope"
+		desc := "program started by phaulctl run"
+		if name != "" {
+			unit = "phaul-run-" + name + ".scope"
+			desc += ", named " + name
+		}
+		return unit, p.Place(ctx, unit, desc, []int{pid})
 	}
 }
 

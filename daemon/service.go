@@ -70,6 +70,12 @@ func (s *service) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	return s.mgr.Migrate(ctx, caller, req, progress)
 }
 
+func (s *service) Run(ctx context.Context, caller api.Caller, req api.RunRequest) (api.RunResult, error) {
+	return s.mgr.Run(ctx, caller, req)
+}
+
+func (s *service) Names(ctx context.Context) []api.Named { return s.mgr.Names(ctx) }
+
 func (s *service) Cancel(_ context.Context, _ api.Caller, id string) (api.Session, error) {
 	return s.mgr.Cancel(id)
 }

@@ -103,6 +103,38 @@ type MigrateRequest struct {
 	// host), is where its terminal output goes on the destination:
 	// DetachJournal or DetachNull. "" refuses such a process.
 	DetachTerminal string `json:"detach_terminal,omitempty"`
+	// Name, instead of PID, names a process phaulctl run started (or
+	// that arrived with a name); the name goes with it.
+	Name string `json:"name,omitempty"`
+}
+
+// RunRequest asks the daemon to start a program so that it can migrate
+// (phaulctl run): Argv in Dir with Env, as the caller, the init of a pid
+// namespace of its own, stdout and stderr to Log (a file) or the journal.
+type RunRequest struct {
+	Argv []string `json:"argv"`
+	Env  []string `json:"env,omitempty"`
+	Dir  string   `json:"dir"`
+	Name string   `json:"name,omitempty"`
+	// Net is BRIDGE[,ADDR/PREFIX]: a network namespace of its own, with
+	// a veth on the bridge.
+	Net     string `json:"net,omitempty"`
+	Log     string `json:"log,omitempty"`
+	Journal bool   `json:"journal,omitempty"`
+}
+
+// RunResult is the started program: the pid to migrate, its name, and
+// the systemd scope it runs in (where systemd runs).
+type RunResult struct {
+	PID   int    `json:"pid"`
+	Name  string `json:"name,omitempty"`
+	Scope string `json:"scope,omitempty"`
+}
+
+// Named is a process known by a name on this host.
+type Named struct {
+	Name string `json:"name"`
+	PID  int    `json:"pid"`
 }
 
 // Where a detached terminal's output goes on the destination.
@@ -143,8 +175,11 @@ type Result struct {
 	// NewPidNS: the destination restored the tree into a new pid
 	// namespace, where it keeps its pids (SourcePID is its pid there);
 	// DestPID is its pid on the destination host.
-	NewPidNS bool   `json:"new_pid_ns,omitempty"`
-	Dest     string `json:"dest"`
+	NewPidNS bool `json:"new_pid_ns,omitempty"`
+	// Name is the name the process is known by (phaulctl run --name),
+	// which it keeps on the destination.
+	Name string `json:"name,omitempty"`
+	Dest string `json:"dest"`
 	// FrozenMS is how long the process was frozen: from the start of the
 	// dump until the destination resumed it.
 	FrozenMS int64 `json:"frozen_ms"`

@@ -158,6 +158,34 @@ func (c *Client) sessionCall(ctx context.Context, id, verb string, body any) (ap
 	return s, nil
 }
 
+// Run asks the daemon to start a program so that it can migrate.
+func (c *Client) Run(ctx context.Context, req api.RunRequest) (api.RunResult, error) {
+	var res api.RunResult
+	resp, err := c.do(ctx, http.MethodPost, "/v1/run", req)
+	if err != nil {
+		return res, err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&res); err != nil {
+		return res, fmt.Errorf("decode the started program: %w", err)
+	}
+	return res, nil
+}
+
+// Names lists the processes known by a name on the daemon's host.
+func (c *Client) Names(ctx context.Context) ([]api.Named, error) {
+	var out []api.Named
+	resp, err := c.do(ctx, http.MethodGet, "/v1/names", nil)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		return nil, fmt.Errorf("decode names: %w", err)
+	}
+	return out, nil
+}
+
 // Migrate asks the daemon to migrate and waits for the end. onEvent, if
 // set, gets every progress event.
 func (c *Client) Migrate(ctx context.Context, req api.MigrateRequest, onEvent func(api.Event)) (api.Result, error) {

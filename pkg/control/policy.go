@@ -3,13 +3,6 @@
 package control
 
 import (
-	"bufio"
-	"bytes"
-	"fmt"
-	"os"
-	"strconv"
-	"strings"
-
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/proc"
 )
@@ -38,7 +31,7 @@ func (p Policy) member(c api.Caller) bool {
 	if c.GID == p.GroupID {
 		return true
 	}
-	groups, err := procGroups(c.PID)
+	groups, err := proc.Groups(c.PID)
 	if err != nil {
 		return false
 	}
@@ -108,35 +101,4 @@ func (p Policy) CanMigrateTree(c api.Caller, root proc.Info, pids []int) error {
 		}
 	}
 	return nil
-}
-
-// procGroups reads the groups of process pid (its Gid and Groups lines).
-func procGroups(pid int) ([]int, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		return nil, err
-	}
-	var groups []int
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	for sc.Scan() {
-		line := sc.Text()
-		var fields []string
-		switch {
-		case strings.HasPrefix(line, "Groups:"):
-			fields = strings.Fields(strings.TrimPrefix(line, "Groups:"))
-		case strings.HasPrefix(line, "Gid:"):
-			// real, effective, saved, filesystem
-			fields = strings.Fields(strings.TrimPrefix(line, "Gid:"))
-		default:
-			continue
-		}
-		for _, f := range fields {
-			g, err := strconv.Atoi(f)
-			if err != nil {
-				return nil, fmt.Errorf("/proc/%d/status: %q", pid, line)
-			}
-			groups = append(groups, g)
-		}
-	}
-	return groups, nil
 }

@@ -37,6 +37,10 @@ type Service interface {
 	// History returns the newest limit finished migrations (all kept if
 	// limit <= 0), newest first.
 	History(ctx context.Context, limit int) ([]api.HistoryEntry, error)
+	// Run starts a program so that it can migrate (phaulctl run); Names
+	// lists the processes known by a name.
+	Run(ctx context.Context, caller api.Caller, req api.RunRequest) (api.RunResult, error)
+	Names(ctx context.Context) []api.Named
 }
 
 // Server is the control API server.
@@ -59,6 +63,8 @@ func New(svc Service, policy Policy, log *zap.Logger) *Server {
 	mux.HandleFunc("POST /v1/sessions/{id}/cancel", s.cancel)
 	mux.HandleFunc("POST /v1/sessions/{id}/resolve", s.resolve)
 	mux.HandleFunc("GET /v1/history", s.history)
+	mux.HandleFunc("POST /v1/run", s.run)
+	mux.HandleFunc("GET /v1/names", s.names)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, api.Errorf(api.CodeNotFound, "no endpoint %s %s", r.Method, r.URL.Path))
 	})
@@ -128,6 +134,34 @@ func (s *Server) refuse(w http.ResponseWriter, r *http.Request, err error) {
 	c := CallerFrom(r.Context())
 	s.log.Warn("control request refused", zap.String("path", r.URL.Path), zap.Int("uid", c.UID), zap.Int("pid", c.PID), zap.Error(err))
 	writeError(w, httpStatus(err), err)
+}
+
+// run starts a program for a member or root; it runs as the caller.
+func (s *Server) run(w http.ResponseWriter, r *http.Request) {
+	caller := CallerFrom(r.Context())
+	if err := s.policy.CanUse(caller); err != nil {
+		s.refuse(w, r, err)
+		return
+	}
+	var req api.RunRequest
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	res, err := s.svc.Run(r.Context(), caller, req)
+	if err != nil {
+		writeError(w, httpStatus(err), err)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+func (s *Server) names(w http.ResponseWriter, r *http.Request) {
+	if err := s.policy.CanUse(CallerFrom(r.Context())); err != nil {
+		s.refuse(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, s.svc.Names(r.Context()))
 }
 
 func (s *Server) sessions(w http.ResponseWriter, r *http.Request) {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/client"
+	"github.com/phaul/phaul/pkg/proc"
 )
 
 type fakeService struct {
@@ -24,6 +25,12 @@ type fakeService struct {
 	req    api.MigrateRequest
 	err    error
 }
+
+func (f *fakeService) Run(_ context.Context, caller api.Caller, req api.RunRequest) (api.RunResult, error) {
+	return api.RunResult{PID: 1, Name: req.Name}, nil
+}
+
+func (f *fakeService) Names(context.Context) []api.Named { return nil }
 
 func (f *fakeService) Status(context.Context) api.Status {
 	return api.Status{Version: "test", Sessions: []api.Session{{ID: "s1", Direction: "out", PID: 42}}}
@@ -199,9 +206,9 @@ func TestPolicy(t *testing.T) {
 		t.Errorf("member migrating its own process: %v", err)
 	}
 	// Supplementary groups count: this process's own groups.
-	groups, err := procGroups(os.Getpid())
+	groups, err := proc.Groups(os.Getpid())
 	if err != nil || len(groups) == 0 {
-		t.Fatalf("procGroups(self) = %v, %v", groups, err)
+		t.Fatalf("proc.Groups(self) = %v, %v", groups, err)
 	}
 	sup := Policy{GroupID: groups[len(groups)-1], Group: "x"}
 	if err := sup.CanUse(api.Caller{UID: 12345, GID: -2, PID: os.Getpid()}); err != nil {

@@ -105,6 +105,9 @@ type DestConfig struct {
 	// the sources (phauld --shared-path): a container's rootfs there is
 	// not copied.
 	SharedPaths []string
+	// NameFree, if set, refuses a name (of a process phaulctl run
+	// started) that a process here has.
+	NameFree func(name string) error
 }
 
 // dest is the state machine of the daemon a process arrives at. It is the
@@ -165,6 +168,7 @@ type dest struct {
 	discarded []*proc.Process
 
 	name    string   // the root process's command name
+	runName string   // the name it is known by (phaulctl run --name)
 	journal []uint64 // its journal stream sockets, to reconnect
 	// ttys are the terminals it was on (CRIU keys), each given a new one
 	// here; detach says where their output goes (api.Detach*).
@@ -300,6 +304,12 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	m.rec.SourcePID = p.PID
 	m.name, m.journal = p.Name, p.JournalStreams
 	m.ttys, m.detach = p.Terminals, p.Detach
+	m.runName = p.RunName
+	if m.runName != "" && m.p.NameFree != nil {
+		if err := m.p.NameFree(m.runName); err != nil {
+			return api.Errorf(api.CodeConflict, "the process is named %q, and a process here has that name: %v", m.runName, err)
+		}
+	}
 	if len(m.ttys) > 0 {
 		if m.p.HookExe == "" {
 			return api.Errorf(api.CodePrecondition, "the process is on a terminal, and the destination's phauld cannot find its own binary to drain the new one")
@@ -1310,6 +1320,7 @@ func (m *dest) outcome() End {
 		SourcePID: m.srcPID,
 		DestPID:   m.pid,
 		NewPidNS:  m.newPidNS,
+		Name:      m.runName,
 		TotalMS:   time.Since(m.s.Started).Milliseconds(),
 		Bytes:     m.bytes(),
 		PageBytes: pages,

@@ -97,6 +97,9 @@ type SourceConfig struct {
 	// destination, its output to the journal or nowhere (api.Detach*);
 	// "" refuses such a tree.
 	DetachTerminal string
+	// RunName is the name the process is known by here (phaulctl run
+	// --name): it keeps it on the destination.
+	RunName string
 	// Mode is what the user asked for; AsSource what this host can do.
 	Mode     string
 	AsSource Capabilities
@@ -317,6 +320,7 @@ func (m *source) begin() error {
 	}
 	rootNS, _ := proc.NSPid(m.p.Proc.PID)
 	return m.rpc.Send(&wire.Prepare{
+		RunName:        m.p.RunName,
 		TaskIDs:        tasks,
 		OwnPidNS:       rootNS == 1,
 		Terminals:      m.ttys,
@@ -1221,6 +1225,7 @@ func (m *source) result() api.Result {
 		SourcePID:  m.p.Proc.PID,
 		DestPID:    m.destPID,
 		NewPidNS:   m.destNewPidNS,
+		Name:       m.p.RunName,
 		Dest:       m.p.Dest,
 		TotalMS:    time.Since(m.t0).Milliseconds(),
 		Bytes:      m.bytes(),

@@ -29,6 +29,28 @@ func statusField(pid, name string) (string, error) {
 	return "", fmt.Errorf("pid %s: no %s in its status", pid, name)
 }
 
+// Groups are the groups of process pid: its real, effective, saved and
+// filesystem gids and its supplementary groups (the Gid and Groups lines
+// of its status).
+func Groups(pid int) ([]int, error) {
+	p := strconv.Itoa(pid)
+	var groups []int
+	for _, name := range []string{"Gid", "Groups"} {
+		v, err := statusField(p, name)
+		if err != nil {
+			return nil, err
+		}
+		for _, f := range strings.Fields(v) {
+			g, err := strconv.Atoi(f)
+			if err != nil {
+				return nil, fmt.Errorf("pid %d: %s %q", pid, name, v)
+			}
+			groups = append(groups, g)
+		}
+	}
+	return groups, nil
+}
+
 // HasCap reports whether this process has capability bit in its
 // effective set.
 func HasCap(bit uint) bool {

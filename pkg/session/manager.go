@@ -103,6 +103,9 @@ type Config struct {
 	// SharedPaths: an arriving container's rootfs under one of them is
 	// on shared storage (phauld --shared-path).
 	SharedPaths []string
+	// PlaceRun, if set, puts a program phaulctl run started (pid, named
+	// name or not) in a scope of its own and returns the scope's name.
+	PlaceRun func(ctx context.Context, name string, pid int) (string, error)
 }
 
 func (c *Config) setDefaults() {
@@ -170,8 +173,10 @@ type Manager struct {
 	// shaking are the connections still in their handshake, shut down at
 	// shutdown so that nobody waits for their timeout.
 	shaking map[*transport.Link]struct{}
-	sessWG  sync.WaitGroup
-	connWG  sync.WaitGroup
+	// names are the processes known by a name (phaulctl run --name).
+	names  map[string]named
+	sessWG sync.WaitGroup
+	connWG sync.WaitGroup
 }
 
 // half is an incoming migration of which one connection (or both, before
@@ -202,7 +207,7 @@ func NewManager(cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Manager{
+	m := &Manager{
 		history:    hist,
 		cpuChecks:  migrate.NewCPUChecks(),
 		cfg:        cfg,
@@ -215,7 +220,9 @@ func NewManager(cfg Config) (*Manager, error) {
 		handshakes: make(chan struct{}, maxHandshakes),
 		shaking:    map[*transport.Link]struct{}{},
 		gate:       dumplock.New(cfg.DumpLockDir),
-	}, nil
+	}
+	m.loadNames()
+	return m, nil
 }
 
 // Serve accepts migration connections on l until Shutdown. It returns nil
@@ -506,7 +513,8 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 	cfg := migrate.DestConfig{ID: id, Peer: peer, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir,
 		PeerTimeout: m.cfg.PeerTimeout, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks, BridgeMap: m.cfg.BridgeMap,
 		Guard: m.cfg.Guard, Hold: func(pids []int) error { return m.claim(id, pids, "arriving") },
-		Runc: m.cfg.Runc, ContainersDir: m.cfg.ContainersDir, HookExe: m.cfg.HookExe, SharedPaths: m.cfg.SharedPaths}
+		Runc: m.cfg.Runc, ContainersDir: m.cfg.ContainersDir, HookExe: m.cfg.HookExe, SharedPaths: m.cfg.SharedPaths,
+		NameFree: m.nameFree}
 	if m.cfg.Place != nil {
 		cfg.Place = func(ctx context.Context, pids []int) error { return m.cfg.Place(ctx, id.String(), pids) }
 	}
@@ -584,6 +592,14 @@ func (m *Manager) finished(r *running, end migrate.End, log *zap.Logger, dir str
 		return
 	}
 	m.unclaim(s.ID)
+	// A name goes with its process.
+	if end.Outcome == api.OutcomeCommitted && end.Result.Name != "" {
+		if s.Direction == api.DirectionIn {
+			m.setName(end.Result.Name, end.Result.DestPID)
+		} else {
+			m.setName(end.Result.Name, 0)
+		}
+	}
 	if end.Err != nil {
 		fields := []zap.Field{zap.Error(end.Err), zap.String("images", dir)}
 		var pe *migrate.PanicError
@@ -662,6 +678,14 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	addr, err := destAddr(req.To)
 	if err != nil {
 		return api.Result{}, err
+	}
+	if req.Name != "" {
+		if req.PID != 0 || req.Container != "" {
+			return api.Result{}, api.Errorf(api.CodeInvalid, "--name names the process: give no --pid or --container with it")
+		}
+		if req.PID, err = m.lookupName(req.Name); err != nil {
+			return api.Result{}, err
+		}
 	}
 	var ctr *migrate.Container
 	if req.Container != "" {
@@ -766,6 +790,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		Container: ctr, Shared: shared,
 		ID: id, ListenPort: m.listenPort(), Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
 		PeerTimeout: m.cfg.PeerTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource, DetachTerminal: req.DetachTerminal,
+		RunName: req.Name,
 		Progress: func(ev api.Event) {
 			select {
 			case events <- ev:

@@ -303,10 +303,21 @@ type Prepare struct {
 	// CRIU makes anew.
 	TaskIDs  []int `json:"task_ids,omitempty"`
 	OwnPidNS bool  `json:"own_pid_ns,omitempty"`
+	// RunName is the name the process is known by on the source
+	// (phaulctl run --name), which it keeps.
+	RunName string `json:"run_name,omitempty"`
 }
 
 // MaxTaskIDs bounds the tasks of a tree a Prepare lists.
 const MaxTaskIDs = 1 << 16
+
+// runName is what phaulctl run --name allows: it names a unit
+// (phaul-run-NAME.scope) and a journal identifier.
+var runName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// ValidRunName reports whether name may name a process phaulctl run
+// starts.
+func ValidRunName(name string) bool { return runName.MatchString(name) }
 
 var ttyKey = regexp.MustCompile(`^tty\[[0-9a-f]{1,16}:[0-9a-f]{1,16}\]$`)
 
@@ -713,6 +724,9 @@ func (m *Prepare) validate() error {
 		if err := m.Container.validate(); err != nil {
 			return err
 		}
+	}
+	if m.RunName != "" && !runName.MatchString(m.RunName) {
+		return fmt.Errorf("run name %q", m.RunName)
 	}
 	if len(m.TaskIDs) > MaxTaskIDs {
 		return fmt.Errorf("%d task ids", len(m.TaskIDs))
