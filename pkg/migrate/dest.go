@@ -361,6 +361,9 @@ func (m *dest) prepare(p *wire.Prepare) error {
 			m.log.Info("the tree's pids are taken here: it is restored into a new pid namespace, where it keeps them", zap.String("taken", pidList(taken)))
 		}
 	}
+	if err := checkFiles(p.Files); err != nil {
+		return err
+	}
 	if err := m.checkNetwork(p.Network); err != nil {
 		return err
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
@@ -261,6 +262,53 @@ func (r *receiver) close() {
 		r.cur.Close()
 		r.cur = nil
 	}
+}
+
+// checkFiles compares the files a tree uses with what this host has at
+// their paths, as CRIU's restore will (it reopens each by its path): each
+// must be there, a regular file of the same mode, of the same size where
+// the restore checks it, and a program or library the same build. Every
+// mismatch is listed (the first ten).
+func checkFiles(files []wire.FileCheck) error {
+	var bad []string
+	for _, f := range files {
+		var why string
+		var st unix.Stat_t
+		switch err := unix.Stat(f.Path, &st); {
+		case err != nil:
+			why = "missing here (" + err.Error() + ")"
+		case st.Mode&unix.S_IFMT != unix.S_IFREG:
+			why = "not a regular file here"
+		case st.Mode != f.Mode:
+			why = fmt.Sprintf("mode %o here, %o on the source", st.Mode&0o7777, f.Mode&0o7777)
+		case f.CheckSize && st.Size != f.Size:
+			why = fmt.Sprintf("%d bytes here, %d on the source", st.Size, f.Size)
+		case f.BuildID != "":
+			if id := proc.BuildID(f.Path); id != f.BuildID {
+				why = fmt.Sprintf("another build here (build-id %s, %s on the source)", orNone(id), f.BuildID)
+			}
+		}
+		if why != "" {
+			bad = append(bad, f.Path+": "+why)
+		}
+	}
+	if len(bad) == 0 {
+		return nil
+	}
+	n, more := len(bad), ""
+	if n > 10 {
+		more = fmt.Sprintf("; and %d more", len(bad)-10)
+		bad = bad[:10]
+	}
+	return api.Errorf(api.CodePrecondition, "%d of the files the process uses are not the same on the destination, and CRIU reopens each there by its path: %s%s. Make them the same there (the same packages, the same data, or storage both hosts share), or migrate to a host that has them",
+		n, strings.Join(bad, "; "), more)
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
 }
 
 // protocolErr is a peer breaking the protocol: it ends the session.

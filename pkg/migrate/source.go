@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -277,6 +278,11 @@ func (m *source) begin() error {
 				pid, uid)
 		}
 	}
+	if m.p.Container == nil {
+		if err := m.checkPlain(pids); err != nil {
+			return err
+		}
+	}
 	if m.net, err = network.Inspect(pids); err != nil {
 		return api.Errorf(api.CodePrecondition, "%v", err)
 	}
@@ -319,8 +325,19 @@ func (m *source) begin() error {
 		return api.Errorf(api.CodePrecondition, "the tree of pid %d has %d tasks, more than phaul moves (%d)", m.p.Proc.PID, len(tasks), wire.MaxTaskIDs)
 	}
 	rootNS, _ := proc.NSPid(m.p.Proc.PID)
+	var files []wire.FileCheck
+	if m.p.Container == nil { // runc's restore has the container's rootfs
+		for _, f := range proc.Files(pids) {
+			if len(files) == wire.MaxFileChecks {
+				m.log.Warn("the tree uses more files than the destination is asked to check", zap.Int("checked", len(files)))
+				break
+			}
+			files = append(files, wire.FileCheck(f))
+		}
+	}
 	return m.rpc.Send(&wire.Prepare{
 		RunName:        m.p.RunName,
+		Files:          files,
 		TaskIDs:        tasks,
 		OwnPidNS:       rootNS == 1,
 		Terminals:      m.ttys,
@@ -336,6 +353,49 @@ func (m *source) begin() error {
 		SourceModes:    modes,
 		Network:        netw,
 	})
+}
+
+// checkPlain refuses, before the freeze, a process tree (not a container)
+// that CRIU would refuse once frozen: one whose session or process group
+// leader is outside it (started in the background from a shell), one with
+// a mount namespace of its own, one with a Unix socket connected outside.
+func (m *source) checkPlain(pids []int) error {
+	in := map[int]bool{}
+	for _, p := range pids {
+		in[p] = true
+	}
+	for _, p := range pids {
+		info, err := proc.Stat(p)
+		if err != nil {
+			continue // gone: CRIU will not see it either
+		}
+		if !in[info.Session] || !in[info.PGID] {
+			what, leader := "session", info.Session
+			if in[info.Session] {
+				what, leader = "process group", info.PGID
+			}
+			return api.Errorf(api.CodePrecondition, "pid %d (%s) is in the %s of pid %d, which is not part of the tree (a shell that started it?), and CRIU restores a tree with its sessions and groups: start it in a session of its own (setsid CMD </dev/null >LOG 2>&1, or phaulctl run -- CMD)",
+				p, printable(info.Comm), what, leader)
+		}
+	}
+	mnt := "/proc/self/ns/mnt"
+	if m.enterNS > 0 {
+		mnt = "/proc/" + strconv.Itoa(m.enterNS) + "/ns/mnt" // CRIU dumps from in there
+	}
+	mine, err1 := os.Readlink(mnt)
+	theirs, err2 := os.Readlink("/proc/" + strconv.Itoa(pids[0]) + "/ns/mnt")
+	if err1 == nil && err2 == nil && mine != theirs {
+		return api.Errorf(api.CodePrecondition, "pid %d has a mount namespace of its own (unshare --mount?), which phaul does not move (its mounts would have to be made again on the destination): start it in the host's mount namespace, or run it as a runc container, which phaul moves with its root filesystem",
+			pids[0])
+	}
+	carried := map[uint64]bool{}
+	for _, ino := range m.journal {
+		carried[ino] = true
+	}
+	if err := network.UnixOutside(pids, carried); err != nil {
+		return api.Errorf(api.CodePrecondition, "%v", err)
+	}
+	return nil
 }
 
 // printable is a command name with control characters (prctl may set

@@ -37,7 +37,11 @@ type Info struct {
 	// State is the one-letter state: R, S, D, T (stopped), t (traced), Z...
 	State byte
 	PPID  int
-	Flags uint64
+	// PGID and Session are its process group and session (their
+	// leaders' pids, as this reader's pid namespace sees them; 0 if the
+	// leader is outside it).
+	PGID, Session int
+	Flags         uint64
 	// StartTime is when the process started, in clock ticks since boot.
 	// With PID it names a process uniquely.
 	StartTime uint64
@@ -101,6 +105,12 @@ func parseStat(b []byte) (Info, error) {
 	info := Info{PID: pid, Comm: string(b[open+1 : end]), State: f[0][0]}
 	if info.PPID, err = strconv.Atoi(f[1]); err != nil {
 		return Info{}, fmt.Errorf("malformed stat ppid: %w", err)
+	}
+	if info.PGID, err = strconv.Atoi(f[2]); err != nil {
+		return Info{}, fmt.Errorf("malformed stat pgrp: %w", err)
+	}
+	if info.Session, err = strconv.Atoi(f[3]); err != nil {
+		return Info{}, fmt.Errorf("malformed stat session: %w", err)
 	}
 	if info.Flags, err = strconv.ParseUint(f[6], 10, 64); err != nil {
 		return Info{}, fmt.Errorf("malformed stat flags: %w", err)

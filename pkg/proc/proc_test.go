@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -20,7 +21,7 @@ func TestParseStat(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Info{PID: 1234, Comm: "a) b (c", State: 'S', PPID: 1, Flags: 4194560, StartTime: 98765}
+	want := Info{PID: 1234, Comm: "a) b (c", State: 'S', PPID: 1, PGID: 1234, Session: 1234, Flags: 4194560, StartTime: 98765}
 	if info != want {
 		t.Fatalf("parseStat = %+v, want %+v", info, want)
 	}
@@ -196,4 +197,45 @@ func TestResident(t *testing.T) {
 		t.Errorf("Resident(self) = %d, want at least the 32 MiB just touched", got)
 	}
 	_ = buf[len(buf)-1]
+}
+
+func TestFilesOfSelf(t *testing.T) {
+	exe, _ := os.Executable()
+	f, err := os.CreateTemp(t.TempDir(), "log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString("x")
+	f.Close()
+	logf, _ := os.OpenFile(f.Name(), os.O_WRONLY|os.O_APPEND, 0)
+	defer logf.Close()
+	got := map[string]File{}
+	for _, x := range Files([]int{os.Getpid()}) {
+		got[x.Path] = x
+	}
+	self, ok := got[exe]
+	if !ok || !self.CheckSize || self.Mode&0o100 == 0 {
+		t.Errorf("Files(self) has %+v for the test binary %s; want it, size checked", self, exe)
+	}
+	if self.BuildID != BuildID(exe) {
+		t.Errorf("the test binary's build-id %q, BuildID says %q", self.BuildID, BuildID(exe))
+	}
+	if l, ok := got[f.Name()]; !ok || l.CheckSize || l.Size != 1 {
+		t.Errorf("Files(self) has %+v for a file open to append; want it, size 1, not checked", l)
+	}
+	for p := range got {
+		if strings.HasPrefix(p, "/proc/") || strings.HasPrefix(p, "/dev/") {
+			t.Errorf("Files(self) lists %s", p)
+		}
+	}
+}
+
+func TestBuildIDOfAnELF(t *testing.T) {
+	// Debian's binaries carry a GNU build-id: 20 bytes, 40 hex digits.
+	if id := BuildID("/bin/sh"); len(id) != 40 {
+		t.Errorf("BuildID(/bin/sh) = %q; want 40 hex digits", id)
+	}
+	if id := BuildID("/etc/hostname"); id != "" {
+		t.Errorf("BuildID of a text file = %q; want none", id)
+	}
 }

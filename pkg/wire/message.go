@@ -306,7 +306,26 @@ type Prepare struct {
 	// RunName is the name the process is known by on the source
 	// (phaulctl run --name), which it keeps.
 	RunName string `json:"run_name,omitempty"`
+	// Files are the regular files the tree has open, maps or runs, as
+	// CRIU will reopen them by path on the destination: the destination
+	// refuses before the freeze if one is missing there or differs.
+	Files []FileCheck `json:"files,omitempty"`
 }
+
+// FileCheck is a file a tree uses, as the source has it: its mode, its
+// size (CheckSize: a restore checks it, as for any file but one open
+// only for appending) and, for a program or library it runs, its ELF
+// build-id (hex).
+type FileCheck struct {
+	Path      string `json:"path"`
+	Mode      uint32 `json:"mode"`
+	Size      int64  `json:"size"`
+	CheckSize bool   `json:"check_size,omitempty"`
+	BuildID   string `json:"build_id,omitempty"`
+}
+
+// MaxFileChecks bounds the files a Prepare lists.
+const MaxFileChecks = 8192
 
 // MaxTaskIDs bounds the tasks of a tree a Prepare lists.
 const MaxTaskIDs = 1 << 16
@@ -727,6 +746,14 @@ func (m *Prepare) validate() error {
 	}
 	if m.RunName != "" && !runName.MatchString(m.RunName) {
 		return fmt.Errorf("run name %q", m.RunName)
+	}
+	if len(m.Files) > MaxFileChecks {
+		return fmt.Errorf("%d files", len(m.Files))
+	}
+	for _, f := range m.Files {
+		if len(f.Path) == 0 || len(f.Path) > 4096 || f.Path[0] != '/' || len(f.BuildID) > 128 || f.Size < 0 {
+			return fmt.Errorf("file %.64q", f.Path)
+		}
 	}
 	if len(m.TaskIDs) > MaxTaskIDs {
 		return fmt.Errorf("%d task ids", len(m.TaskIDs))

@@ -83,7 +83,9 @@ func StartTree(t testing.TB, argv ...string) int {
 		argv = []string{"sleep", "600"}
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// A session of its own, as a tree CRIU can dump has (see the source's
+	// checks before the freeze).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %v: %v", argv, err)
 	}
