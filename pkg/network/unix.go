@@ -4,6 +4,7 @@ package network
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -46,7 +47,7 @@ func UnixOutside(pids []int, carried map[uint64]bool) error {
 	names := map[uint64]string{}
 	for _, s := range socks {
 		if s.Name != nil {
-			names[uint64(s.DiagMsg.INode)] = *s.Name
+			names[uint64(s.DiagMsg.INode)] = strings.TrimRight(*s.Name, "\x00")
 		}
 	}
 	for _, s := range socks {

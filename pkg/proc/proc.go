@@ -357,12 +357,14 @@ func NSPids(pid int) ([]int, error) {
 
 // TaskIDs are the ids of every task of pids (each process and each of its
 // threads) in their innermost pid namespace: the ids a dump records and
-// a restore must have free.
+// a restore must have free. A process that has exited since pids was
+// listed is left out (a running tree's short-lived children come and
+// go); only its root's exit is an error.
 func TaskIDs(pids []int) ([]int, error) {
 	var out []int
-	for _, pid := range pids {
+	for i, pid := range pids {
 		tasks, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
-		if err != nil {
+		if err != nil && i == 0 {
 			return nil, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
 		}
 		for _, t := range tasks {

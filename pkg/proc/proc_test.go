@@ -239,3 +239,16 @@ func TestBuildIDOfAnELF(t *testing.T) {
 		t.Errorf("BuildID of a text file = %q; want none", id)
 	}
 }
+
+func TestTaskIDsSkipsWhatExited(t *testing.T) {
+	self := os.Getpid()
+	// 4194303: no such process (the kernel's largest pid), as a child
+	// that exited after the tree was listed.
+	ids, err := TaskIDs([]int{self, 4194303})
+	if err != nil || len(ids) == 0 || ids[0] == 0 {
+		t.Fatalf("TaskIDs(self, gone) = %v, %v; want this process's threads", ids, err)
+	}
+	if _, err := TaskIDs([]int{4194303, self}); err == nil {
+		t.Error("TaskIDs of a tree whose root exited: no error")
+	}
+}

@@ -62,6 +62,7 @@ func run(args []string) error {
 	hold := fs.String("hold", "", "a file to keep open for the whole run")
 	listen := fs.String("listen", "", "a TCP address to listen on for the whole run")
 	dirty := fs.Int("dirty", 0, "MiB of memory to rewrite every tick (keeps pages dirty)")
+	unixPeer := fs.String("unix-connect", "", "a Unix stream socket to connect to and hold for the whole run")
 	ghost := fs.String("ghost", "", "MIB:DIR: a file of MIB MiB of pseudo-random bytes in DIR (a tmpfs), kept open and deleted: its contents live only in the process")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -110,6 +111,13 @@ func run(args []string) error {
 		}
 		defer f.Close()
 		w.ghost = f
+	}
+	if *unixPeer != "" {
+		c, err := net.Dial("unix", *unixPeer)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
 	}
 	if *listen != "" {
 		// Plain TCP: Go's default listener is MPTCP, which CRIU cannot
