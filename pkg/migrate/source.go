@@ -388,6 +388,10 @@ func (m *source) checkPlain(pids []int) error {
 		return api.Errorf(api.CodePrecondition, "pid %d has a mount namespace of its own (unshare --mount?), which phaul does not move (its mounts would have to be made again on the destination): start it in the host's mount namespace, or run it as a runc container, which phaul moves with its root filesystem",
 			pids[0])
 	}
+	if pid, fd, what := proc.Unsupported(pids); pid != 0 {
+		return api.Errorf(api.CodePrecondition, "pid %d has %s (its descriptor %d), which CRIU cannot dump: have the program not use it while it moves (most that use io_uring can be told to use epoll), or it cannot move",
+			pid, what, fd)
+	}
 	carried := map[uint64]bool{}
 	for _, ino := range m.journal {
 		carried[ino] = true

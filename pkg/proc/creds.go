@@ -145,3 +145,33 @@ func isTerminal(path string) bool {
 	}
 	return path == "/dev/console" || path == "/dev/tty" || strings.HasPrefix(path, "/dev/tty") && len(path) > len("/dev/tty")
 }
+
+// Unsupported finds in the tree pids a descriptor of a kind CRIU cannot
+// dump (io_uring, perf events, userfaultfd, KVM), which it would find out
+// with the tree frozen: the process, the descriptor and what it is, or
+// pid 0.
+func Unsupported(pids []int) (pid, fd int, what string) {
+	kinds := []struct{ link, what string }{
+		{"anon_inode:[io_uring]", "an io_uring instance"},
+		{"anon_inode:[perf_event]", "a perf event"},
+		{"anon_inode:[userfaultfd]", "a userfaultfd"},
+		{"anon_inode:kvm-", "a KVM virtual machine"},
+	}
+	for _, p := range pids {
+		dir := "/proc/" + strconv.Itoa(p) + "/fd"
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			target, err := os.Readlink(dir + "/" + e.Name())
+			if err != nil {
+				continue
+			}
+			for _, k := range kinds {
+				if strings.HasPrefix(target, k.link) {
+					n, _ := strconv.Atoi(e.Name())
+					return p, n, k.what
+				}
+			}
+		}
+	}
+	return 0, 0, ""
+}

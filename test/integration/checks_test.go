@@ -152,6 +152,25 @@ func TestRefusedBeforeTheFreeze(t *testing.T) {
 		refusedBeforeFreeze(t, a, b, w.pid, "Unix stream socket", "connected to "+sock, "outside the tree")
 	})
 
+	// Kinds of descriptor CRIU cannot dump: an io_uring instance; and
+	// Go's default listener, MPTCP since Go 1.24.
+	for i, c := range []struct{ name, flag, arg, want string }{
+		{"io_uring", "--io-uring", "", "has an io_uring instance"},
+		{"mptcp listener", "--mptcp-listen", "127.0.0.1:17679", "GODEBUG=multipathtcp=0"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			a := startDaemon(t, "A", "127.0.0.1:"+strconv.Itoa(17671+2*i), daemonOpts{})
+			b := startDaemon(t, "B", "127.0.0.2:"+strconv.Itoa(17672+2*i), daemonOpts{})
+			extra := []string{c.flag}
+			if c.arg != "" {
+				extra = append(extra, c.arg)
+			}
+			w := startWorkload(t, workloadOpts{memMiB: 8, extra: extra})
+			refusedBeforeFreeze(t, a, b, w.pid, c.want)
+		})
+	}
+
 	// A file it has open and the program it runs differ on B (its own
 	// copy of the directory, a tmpfs in a mount namespace of its own):
 	// the file's size, the program's build (same size and mode, another

@@ -38,6 +38,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/phaul/phaul/test/pattern"
 	"github.com/phaul/phaul/test/report"
@@ -62,6 +63,8 @@ func run(args []string) error {
 	hold := fs.String("hold", "", "a file to keep open for the whole run")
 	listen := fs.String("listen", "", "a TCP address to listen on for the whole run")
 	dirty := fs.Int("dirty", 0, "MiB of memory to rewrite every tick (keeps pages dirty)")
+	ioURing := fs.Bool("io-uring", false, "hold an io_uring instance for the whole run")
+	mptcp := fs.String("mptcp-listen", "", "a TCP address to listen on with Go's default listener (MPTCP since Go 1.24)")
 	unixPeer := fs.String("unix-connect", "", "a Unix stream socket to connect to and hold for the whole run")
 	ghost := fs.String("ghost", "", "MIB:DIR: a file of MIB MiB of pseudo-random bytes in DIR (a tmpfs), kept open and deleted: its contents live only in the process")
 	if err := fs.Parse(args); err != nil {
@@ -111,6 +114,22 @@ func run(args []string) error {
 		}
 		defer f.Close()
 		w.ghost = f
+	}
+	if *ioURing {
+		// io_uring_setup(4 entries, struct io_uring_params)
+		var params [120]byte
+		fd, _, errno := syscall.Syscall(425, 4, uintptr(unsafe.Pointer(&params)), 0)
+		if errno != 0 {
+			return fmt.Errorf("io_uring_setup: %w", errno)
+		}
+		defer syscall.Close(int(fd))
+	}
+	if *mptcp != "" {
+		l, err := net.Listen("tcp", *mptcp)
+		if err != nil {
+			return err
+		}
+		defer l.Close()
 	}
 	if *unixPeer != "" {
 		c, err := net.Dial("unix", *unixPeer)
