@@ -171,6 +171,27 @@ func TestRefusedBeforeTheFreeze(t *testing.T) {
 		})
 	}
 
+	// In its host's network namespace (lab host A's: this test's own),
+	// listening on the host's address, which stays with the host.
+	t.Run("bound to the host's address", func(t *testing.T) {
+		t.Parallel()
+		lab := newNetLab(t, "br0")
+		a := lab.daemon("A", 17681, nil)
+		b := lab.daemon("B", 17682, nil)
+		dir := t.TempDir()
+		addr := hostAddr("A") + ":17683"
+		pid := startSetsid(t, dir, "nsenter", "--net="+lab.path("A"), "--", bins.workload, "--mem", "8",
+			"--status", filepath.Join(dir, "status.json"), "--listen", addr)
+		waitFor(t, "the workload to listen", 10*time.Second, func() bool {
+			c, err := lab.dial("A", addr)
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		})
+		refusedBeforeFreeze(t, a, b, pid, "has a TCP socket bound to "+addr+", an address of this host", "network namespace of its own")
+	})
+
 	// A file it has open and the program it runs differ on B (its own
 	// copy of the directory, a tmpfs in a mount namespace of its own):
 	// the file's size, the program's build (same size and mode, another
