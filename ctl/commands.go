@@ -76,10 +76,11 @@ Exit status:
 'phaulctl status' shows which modes this host supports.
 
 A process on a terminal is refused before anything is frozen (the
-terminal stays on this host) unless --detach-terminal journal|null gives
-it a new terminal on the destination, whose output goes to the journal
-there (under the process's name) or nowhere; what it reads from it never
-comes.
+terminal stays on this host) unless --detach-terminal journal|null|FILE
+gives it a new terminal on the destination, whose output goes to the
+journal there (under the process's name), nowhere, or to the end of FILE
+(an absolute path there; root only, as the destination opens it as
+root); what it reads from it never comes.
 
 --container ID moves the runc container ID (under phauld's --runc-root)
 instead, with runc's own checkpoint and restore: it keeps its id on the
@@ -160,7 +161,7 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 	cmd.Flags().StringVar(&req.Name, "name", "", "name of the process to migrate, as phaulctl run --name gave it (instead of --pid)")
 	cmd.Flags().StringVar(&req.To, "to", "", "destination phauld, HOST or HOST:PORT")
 	cmd.Flags().StringVar(&req.Mode, "mode", api.ModeAuto, "how memory moves: copy, lazy, precopy or auto")
-	cmd.Flags().StringVar(&req.DetachTerminal, "detach-terminal", "", "for a process on a terminal (which stays here): give it a new one on the destination, its output to the `journal` or to null (without it, such a process is refused)")
+	cmd.Flags().StringVar(&req.DetachTerminal, "detach-terminal", "", "for a process on a terminal (which stays here): give it a new one on the destination, its output to the `journal`, to null, or appended to a FILE there (an absolute path; root only) (without it, such a process is refused)")
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress display")
 	cmd.Flags().BoolVar(&c.json, "json", false, "print the result (or the error) as one JSON object")
 	return cmd

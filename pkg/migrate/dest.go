@@ -317,6 +317,11 @@ func (m *dest) prepare(p *wire.Prepare) error {
 		if m.detach == api.DetachJournal && !journal.HasStreams() {
 			return api.Errorf(api.CodePrecondition, "the process's terminal output was to go to the journal, and the destination has no journald (%s is missing there): use --detach-terminal null, or run systemd-journald there", journal.StreamPath)
 		}
+		if strings.HasPrefix(m.detach, "/") {
+			if err := detachFileOK(m.detach); err != nil {
+				return err
+			}
+		}
 	}
 	if len(m.journal) > 0 && !journal.HasStreams() {
 		return api.Errorf(api.CodePrecondition,
@@ -774,9 +779,12 @@ func (m *dest) newTerminal() (*os.File, error) {
 	}
 	defer master.Close() // the drain has its own
 	var out *os.File
-	if m.detach == api.DetachJournal {
+	switch {
+	case m.detach == api.DetachJournal:
 		out, err = journal.NewStream(m.name, 6)
-	} else {
+	case strings.HasPrefix(m.detach, "/"):
+		out, err = os.OpenFile(m.detach, os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_NOFOLLOW|unix.O_NOCTTY, 0o640)
+	default:
 		out, err = os.OpenFile(os.DevNull, os.O_WRONLY, 0)
 	}
 	if err != nil {
@@ -789,6 +797,19 @@ func (m *dest) newTerminal() (*os.File, error) {
 		return nil, err
 	}
 	return slave, nil
+}
+
+// detachFileOK checks, before the freeze, that the file a detached
+// terminal's output is to go to can be: its directory exists, and the
+// file, if there, is a regular file (not a link).
+func detachFileOK(path string) error {
+	if st, err := os.Stat(filepath.Dir(path)); err != nil || !st.IsDir() {
+		return api.Errorf(api.CodePrecondition, "the terminal's output was to go to %s, and the destination has no directory %s", path, filepath.Dir(path))
+	}
+	if st, err := os.Lstat(path); err == nil && !st.Mode().IsRegular() {
+		return api.Errorf(api.CodePrecondition, "the terminal's output was to go to %s, which is not a regular file on the destination", path)
+	}
+	return nil
 }
 
 // namePeer names the source by its host and the port its daemon listens

@@ -728,10 +728,14 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	if mode == "" {
 		mode = api.ModeAuto
 	}
-	switch req.DetachTerminal {
-	case "", api.DetachJournal, api.DetachNull:
-	default:
-		return api.Result{}, api.Errorf(api.CodeInvalid, "--detach-terminal %q: want journal or null", req.DetachTerminal)
+	switch d := req.DetachTerminal; {
+	case d == "", d == api.DetachJournal, d == api.DetachNull:
+	case !wire.ValidDetachFile(d):
+		return api.Result{}, api.Errorf(api.CodeInvalid, "--detach-terminal %q: want journal, null, or an absolute path of the file to append the output to on the destination", d)
+	case caller.UID != 0:
+		// The caller's identity does not travel with the migration yet:
+		// the destination would open the file as root.
+		return api.Result{}, api.Errorf(api.CodePermission, "--detach-terminal FILE is root's only (the destination opens the file as root): use journal or null")
 	}
 	// This side first, before anything is touched: a mode the source
 	// cannot run is refused here, with the reason.

@@ -7,6 +7,7 @@ import (
 	"net"
 	"path/filepath"
 	"regexp"
+	"strings"
 
 	"github.com/phaul/phaul/pkg/api"
 )
@@ -295,7 +296,9 @@ type Prepare struct {
 	// terminal for each, whose output goes to Detach ("journal" or
 	// "null").
 	Terminals []string `json:"terminals,omitempty"`
-	Detach    string   `json:"detach_terminal,omitempty"`
+	// Detach may also be the absolute path of a file the output is
+	// appended to on the destination (a root caller's choice).
+	Detach string `json:"detach_terminal,omitempty"`
 	// TaskIDs are the pids and thread ids of the tree as its dump
 	// records them (in its own pid namespace). A destination on which
 	// any is taken restores the tree into a new pid namespace, unless
@@ -333,6 +336,13 @@ const MaxTaskIDs = 1 << 16
 // runName is what phaulctl run --name allows: it names a unit
 // (phaul-run-NAME.scope) and a journal identifier.
 var runName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// ValidDetachFile reports whether path may be where a detached terminal's
+// output goes (--detach-terminal FILE): absolute, clean, at most 4096
+// bytes, no NUL.
+func ValidDetachFile(path string) bool {
+	return len(path) > 1 && len(path) <= 4096 && path[0] == '/' && filepath.Clean(path) == path && !strings.ContainsRune(path, 0)
+}
 
 // ValidRunName reports whether name may name a process phaulctl run
 // starts.
@@ -731,7 +741,7 @@ func (m *Prepare) validate() error {
 	if m.SourcePort < 0 || m.SourcePort > 65535 {
 		return fmt.Errorf("source port %d", m.SourcePort)
 	}
-	if len(m.Terminals) > 8 || (len(m.Terminals) > 0) != (m.Detach == "journal" || m.Detach == "null") || (m.Detach != "" && len(m.Terminals) == 0) {
+	if len(m.Terminals) > 8 || (len(m.Terminals) > 0) != (m.Detach == "journal" || m.Detach == "null" || ValidDetachFile(m.Detach)) || (m.Detach != "" && len(m.Terminals) == 0) {
 		return fmt.Errorf("%d terminals, detached to %q", len(m.Terminals), m.Detach)
 	}
 	for _, k := range m.Terminals {

@@ -125,8 +125,10 @@ func TestUnshareParentRefused(t *testing.T) {
 
 // A process on a terminal (a pty of script's) is refused before anything
 // is frozen, the terminal named as the cause and --detach-terminal as the
-// way; it never stops. With --detach-terminal null it migrates: on B it
-// runs on a new terminal, and its source copy is gone.
+// way; it never stops. With --detach-terminal FILE it migrates: on B it
+// runs on a new terminal whose output goes to FILE, and its source copy
+// is gone. Back to A with --detach-terminal null (on B it is on B's
+// terminal, refused without), FILE grows no more.
 func TestTerminal(t *testing.T) {
 	integration(t)
 	if _, err := exec.LookPath("script"); err != nil {
@@ -165,19 +167,39 @@ func TestTerminal(t *testing.T) {
 	if info, err := proc.Stat(pid); err != nil || info.Stopped() {
 		t.Errorf("pid %d after the refusal: %+v, %v; want it running", pid, info, err)
 	}
-	res := a.migrateTo(t, pid, b.addr, "--detach-terminal", "null")
+	// To B, its terminal's output to a file there.
+	out := filepath.Join(t.TempDir(), "tty.out")
+	res := a.migrateTo(t, pid, b.addr, "--detach-terminal", out)
 	if res.DestPID <= 0 {
 		t.Fatalf("the result names no pid on B: %+v", res)
 	}
 	t.Cleanup(func() { syscall.Kill(res.DestPID, syscall.SIGKILL) })
-	time.Sleep(500 * time.Millisecond) // a few more ticks
 	waitRunning(t, res.DestPID)
 	now, err := os.Readlink("/proc/" + strconv.Itoa(res.DestPID) + "/fd/1")
 	if err != nil || !strings.HasPrefix(now, "/dev/pts/") || now == tty {
 		t.Errorf("the copy's stdout is %q (%v); want a new terminal, not %s", now, err, tty)
 	}
+	waitFor(t, "its ticks in "+out, 10*time.Second, func() bool {
+		b, _ := os.ReadFile(out)
+		return strings.Count(string(b), "tick") >= 3
+	})
 	waitFor(t, "the source's copy to be gone", 10*time.Second, func() bool {
 		info, err := proc.Stat(pid)
 		return err != nil || info.State == 'Z'
 	})
+	// And back, its output to nowhere: on B it is on a terminal too (the
+	// one B gave it), refused without the option.
+	r = b.phaulctl(t, "migrate", "--pid", strconv.Itoa(res.DestPID), "--to", a.addr)
+	if r.code != 1 || !strings.Contains(r.stderr, "--detach-terminal") {
+		t.Fatalf("migrate it back without --detach-terminal: exit %d: %s; want refused (1)", r.code, r.stderr)
+	}
+	back := b.migrateTo(t, res.DestPID, a.addr, "--detach-terminal", "null")
+	t.Cleanup(func() { syscall.Kill(back.DestPID, syscall.SIGKILL) })
+	waitRunning(t, back.DestPID)
+	size := func() int64 { st, _ := os.Stat(out); return st.Size() }
+	was := size()
+	time.Sleep(300 * time.Millisecond)
+	if size() != was {
+		t.Errorf("%s still grows after the process left B", out)
+	}
 }
