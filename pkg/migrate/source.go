@@ -317,9 +317,11 @@ func (m *source) begin() error {
 	if len(m.ttys) > 0 {
 		detach = m.p.DetachTerminal
 	}
-	tasks, err := proc.TaskIDs(pids)
-	if err != nil {
-		return api.Errorf(api.CodeNotFound, "pid %d: %v", m.p.Proc.PID, err)
+	var tasks []int
+	if m.p.Container == nil { // runc restores a container's own pid namespace
+		if tasks, err = proc.TaskIDs(pids); err != nil {
+			return api.Errorf(api.CodeNotFound, "pid %d: %v", m.p.Proc.PID, err)
+		}
 	}
 	if len(tasks) > wire.MaxTaskIDs {
 		return api.Errorf(api.CodePrecondition, "the tree of pid %d has %d tasks, more than phaul moves (%d)", m.p.Proc.PID, len(tasks), wire.MaxTaskIDs)
@@ -327,8 +329,9 @@ func (m *source) begin() error {
 	rootNS, _ := proc.NSPid(m.p.Proc.PID)
 	var files []wire.FileCheck
 	if m.p.Container == nil { // runc's restore has the container's rootfs
+		paths := 0
 		for _, f := range proc.Files(pids) {
-			if len(files) == wire.MaxFileChecks {
+			if paths += len(f.Path); len(files) == wire.MaxFileChecks || paths > wire.MaxFileCheckBytes {
 				m.log.Warn("the tree uses more files than the destination is asked to check", zap.Int("checked", len(files)))
 				break
 			}

@@ -5,7 +5,6 @@ package session
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"os"
 	"path/filepath"
 	"sort"
@@ -60,8 +59,12 @@ func (m *Manager) saveNames() {
 	b, _ := json.Marshal(m.names)
 	path := filepath.Join(m.cfg.StateDir, namesFile)
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err == nil {
+	err := os.WriteFile(tmp, b, 0o600)
+	if err == nil {
 		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		m.log.Warn("cannot save the names of launched processes: a restart forgets them", zap.Error(err))
 	}
 }
 
@@ -187,5 +190,3 @@ func procGroupsOf(pid int) ([]uint32, error) {
 	}
 	return out, nil
 }
-
-var errNoName = errors.New("no name")

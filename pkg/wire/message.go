@@ -106,6 +106,8 @@ type spec struct {
 const (
 	smallMax   = 4 << 10
 	controlMax = 64 << 10
+	// prepareMax: a prepare lists the tree's task ids and files.
+	prepareMax = 1 << 20
 )
 
 // specs is the table of every message type: the only way bytes from the
@@ -113,7 +115,7 @@ const (
 var specs = [256]*spec{
 	TypeHello:      {name: "hello", max: smallMax, channels: Handshake, new: func() Message { return new(Hello) }},
 	TypeHelloReply: {name: "hello-reply", max: smallMax, channels: Handshake, new: func() Message { return new(HelloReply) }},
-	TypePrepare:    {name: "prepare", max: controlMax, channels: RPC, new: func() Message { return new(Prepare) }},
+	TypePrepare:    {name: "prepare", max: prepareMax, channels: RPC, new: func() Message { return new(Prepare) }},
 	TypeReady:      {name: "ready", max: controlMax, channels: RPC, new: func() Message { return new(Ready) }},
 	TypeFileBegin:  {name: "file-begin", max: smallMax, channels: RPC, new: func() Message { return new(FileBegin) }},
 	TypeFileData:   {name: "file-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileData) }},
@@ -327,11 +329,15 @@ type FileCheck struct {
 	BuildID   string `json:"build_id,omitempty"`
 }
 
-// MaxFileChecks bounds the files a Prepare lists.
-const MaxFileChecks = 8192
+// MaxFileChecks bounds the files a Prepare lists, and MaxFileCheckBytes
+// their paths together.
+const (
+	MaxFileChecks     = 8192
+	MaxFileCheckBytes = 384 << 10
+)
 
 // MaxTaskIDs bounds the tasks of a tree a Prepare lists.
-const MaxTaskIDs = 1 << 16
+const MaxTaskIDs = 1 << 15
 
 // runName is what phaulctl run --name allows: it names a unit
 // (phaul-run-NAME.scope) and a journal identifier.
@@ -759,6 +765,13 @@ func (m *Prepare) validate() error {
 	}
 	if len(m.Files) > MaxFileChecks {
 		return fmt.Errorf("%d files", len(m.Files))
+	}
+	paths := 0
+	for _, f := range m.Files {
+		paths += len(f.Path)
+	}
+	if paths > MaxFileCheckBytes {
+		return fmt.Errorf("files with %d bytes of paths", paths)
 	}
 	for _, f := range m.Files {
 		if len(f.Path) == 0 || len(f.Path) > 4096 || f.Path[0] != '/' || len(f.BuildID) > 128 || f.Size < 0 {

@@ -303,6 +303,31 @@ func TestTwoHosts(t *testing.T) {
 		t.Errorf("%s's journal lacks the migrated workload's line %q:\n%s", b.name, line, out)
 	}
 
+	// phaulctl run: a program started to be moved, in a scope of its own
+	// under phaul.slice, its output in the journal under its name; moved
+	// by that name, which it keeps on the other host.
+	out = a.must(t, "phaulctl run --name ticker --journal -- sh -c 'while :; do echo tick; sleep 0.2; done' 2>/dev/null")
+	runPID, err := strconv.Atoi(strings.TrimSpace(out))
+	if err != nil {
+		t.Fatalf("phaulctl run printed %q", out)
+	}
+	if out := a.must(t, fmt.Sprintf("cat /proc/%d/cgroup; systemctl show -p Slice --value phaul-run-ticker.scope", runPID)); !strings.Contains(out, "phaul.slice/phaul-run-ticker.scope") {
+		t.Errorf("the program phaulctl run started: its cgroup and scope's slice: %s; want phaul-run-ticker.scope in phaul.slice", out)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if out := a.must(t, "journalctl -t ticker --no-pager -o cat"); !strings.Contains(out, "tick") {
+		t.Errorf("%s's journal lacks the ticker's output:\n%s", a.name, out)
+	}
+	out = a.must(t, "phaulctl migrate --name ticker --to "+b.addr+" --json")
+	var ran api.Result
+	if err := json.Unmarshal([]byte(out), &ran); err != nil || ran.Name != "ticker" || ran.DestPID <= 0 {
+		t.Fatalf("phaulctl migrate --name ticker printed %q (%v)", out, err)
+	}
+	if out := b.must(t, "phaulctl names"); !strings.Contains(out, "ticker") || !strings.Contains(out, strconv.Itoa(ran.DestPID)) {
+		t.Errorf("phaulctl names on %s: %q; want ticker, pid %d", b.name, out, ran.DestPID)
+	}
+	b.must(t, fmt.Sprintf("kill %d", ran.DestPID))
+
 	// Restarting phauld leaves it running.
 	b.must(t, "systemctl restart phauld.service")
 	again := b.report(t, res.DestPID)
