@@ -66,11 +66,13 @@ bridge missing, the name taken, ...), nothing left running.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&req.Name, "name", "", "a name to migrate it by (phaulctl migrate --name NAME)")
+	cmd.Flags().StringVar(&req.Name, "name", "", "a `NAME` to migrate it by (phaulctl migrate --name NAME)")
 	cmd.Flags().StringVar(&req.Net, "net", "", "a network namespace of its own: eth0 on `BRIDGE[,ADDR/PREFIX]` (root only)")
 	cmd.Flags().StringVar(&req.Log, "log", "", "append its stdout and stderr to `FILE`")
 	cmd.Flags().BoolVar(&req.Journal, "journal", false, "send its stdout and stderr to the journal")
 	cmd.Flags().BoolVar(&c.json, "json", false, "print the started program as JSON")
+	// Flags after CMD are CMD's, with or without "--".
+	cmd.Flags().SetInterspersed(false)
 	return cmd
 }
 
