@@ -180,11 +180,10 @@ func runCell(t *testing.T, mode string, p point, f fault, want string) {
 	var bOpts daemonOpts
 	var extra []string
 	if f.key == "restore-fail" {
-		// The destination runs where a file the process holds open does
-		// not exist: CRIU's restore fails for real.
+		// The destination runs where a file the process holds open for
+		// writing is read-only: CRIU's restore fails for real.
 		held := t.TempDir()
-		bOpts.wrap = []string{"unshare", "--mount", "--propagation", "private", "--",
-			"sh", "-c", `mount -t tmpfs none "$0" && exec "$@"`, held}
+		bOpts.wrap = readOnlyWrap(held)
 		extra = []string{"--hold", filepath.Join(held, "data")}
 	}
 	// Plain TCP: the proxy reads the frames to find its point.

@@ -336,6 +336,15 @@ type workloadOpts struct {
 	hostPidNS bool
 }
 
+// readOnlyWrap runs a destination phauld where dir is what the source
+// has, but read-only (a read-only bind of it, in a mount namespace of its
+// own): the checks before the freeze pass (the files are the same), and
+// CRIU's restore fails for real when it reopens one there for writing.
+func readOnlyWrap(dir string) []string {
+	return []string{"unshare", "--mount", "--propagation", "private", "--",
+		"sh", "-c", `mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"`, dir}
+}
+
 // startWorkload starts `unshare -p -f -- setsid workload ...` and waits
 // until it has written its first report. It is killed at the end of the
 // test, wherever it went.

@@ -100,12 +100,9 @@ func TestJobControlSurvives(t *testing.T) {
 func jobControlRollback(t *testing.T, mode string, port int) {
 	held := t.TempDir()
 	a := startDaemon(t, "A", "127.0.0.1:"+strconv.Itoa(port), daemonOpts{})
-	// In B's mount namespace, the held file's directory is an empty
-	// tmpfs: the restore fails for real, after the dump.
-	b := startDaemon(t, "B", "127.0.0.2:"+strconv.Itoa(port+1), daemonOpts{wrap: []string{
-		"unshare", "--mount", "--propagation", "private", "--",
-		"sh", "-c", `mount -t tmpfs none "$0" && exec "$@"`, held,
-	}})
+	// In B's mount namespace, the held file's directory is read-only:
+	// the restore fails for real, after the dump.
+	b := startDaemon(t, "B", "127.0.0.2:"+strconv.Itoa(port+1), daemonOpts{wrap: readOnlyWrap(held)})
 	w := startWorkload(t, workloadOpts{memMiB: 32, children: 2, extra: []string{"--hold", filepath.Join(held, "data")}})
 	k0, k1 := childByIndex(t, w.pid, 0), childByIndex(t, w.pid, 1)
 	syscall.Kill(k0, syscall.SIGSTOP)

@@ -146,7 +146,8 @@ func unusedPID(t *testing.T) int {
 
 // TestRestoreFailureRollsBack makes the restore fail for real: the
 // destination phauld runs in its own mount namespace, where a file the
-// process holds open does not exist (as on a host without it). The
+// process holds open for writing is read-only (the same file: the checks
+// before the freeze pass, and CRIU's open fails). The
 // migration must fail with a clear error, and the process must run on the
 // source again, not stopped, intact; nothing may be left on the
 // destination.
@@ -154,11 +155,8 @@ func TestRestoreFailureRollsBack(t *testing.T) {
 	integration(t)
 	held := t.TempDir()
 	a := startDaemon(t, "A", "127.0.0.1:17121", daemonOpts{})
-	// In B's mount namespace, the held file's directory is an empty tmpfs.
-	b := startDaemon(t, "B", "127.0.0.2:17122", daemonOpts{wrap: []string{
-		"unshare", "--mount", "--propagation", "private", "--",
-		"sh", "-c", `mount -t tmpfs none "$0" && exec "$@"`, held,
-	}})
+	// In B's mount namespace, the held file's directory is read-only.
+	b := startDaemon(t, "B", "127.0.0.2:17122", daemonOpts{wrap: readOnlyWrap(held)})
 	w := startWorkload(t, workloadOpts{memMiB: 64, children: 1, extra: []string{"--hold", filepath.Join(held, "data")}})
 	before := w.report(w.pid, w.status)
 	srcInfo, _ := proc.Stat(w.pid)
