@@ -167,9 +167,12 @@ type dest struct {
 	// discarded are the handles of a killed copy, closed at the end.
 	discarded []*proc.Process
 
-	name    string   // the root process's command name
-	runName string   // the name it is known by (phaulctl run --name)
-	journal []uint64 // its journal stream sockets, to reconnect
+	name    string // the root process's command name
+	runName string // the name it is known by (phaulctl run --name)
+	// unixPeers: its datagram sockets are connected to sockets outside
+	// it, which CRIU connects them to again here (ext-unix-sk).
+	unixPeers bool
+	journal   []uint64 // its journal stream sockets, to reconnect
 	// ttys are the terminals it was on (CRIU keys), each given a new one
 	// here; detach says where their output goes (api.Detach*).
 	ttys   []string
@@ -369,6 +372,12 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	if err := checkFiles(p.Files); err != nil {
 		return err
 	}
+	for _, path := range p.UnixPeers {
+		if st, err := os.Stat(path); err != nil || st.Mode()&os.ModeSocket == 0 {
+			return api.Errorf(api.CodePrecondition, "the process sends datagrams to the Unix socket %s, which CRIU connects it to again on the destination, and the destination has no socket there: run what listens there (a syslog daemon for /dev/log), or migrate elsewhere", path)
+		}
+	}
+	m.unixPeers = len(p.UnixPeers) > 0
 	if err := m.checkNetwork(p.Network); err != nil {
 		return err
 	}
@@ -716,6 +725,7 @@ func (m *dest) startRestore() error {
 		LazyPages:    m.mode == api.ModeLazy,
 		Network:      m.netw != nil,
 		FileLocks:    true, // what the dump carried, if any
+		ExtUnixSk:    m.unixPeers,
 	}
 	if m.newPidNS {
 		opts.PidNSInit = m.p.HookExe

@@ -154,6 +154,9 @@ type source struct {
 	// restore made for the tree (pkg/pidns), in which CRIU dumps it by
 	// nsPID, its root's pid there.
 	enterNS, nsPID int
+	// unixPeers are the paths of the sockets outside the tree its Unix
+	// datagram sockets are connected to: CRIU connects them again there.
+	unixPeers []string
 	// destNewPidNS: the destination restored the tree into a new pid
 	// namespace (destPID is its host pid there).
 	destNewPidNS bool
@@ -340,6 +343,7 @@ func (m *source) begin() error {
 	}
 	return m.rpc.Send(&wire.Prepare{
 		RunName:        m.p.RunName,
+		UnixPeers:      m.unixPeers,
 		Files:          files,
 		TaskIDs:        tasks,
 		OwnPidNS:       rootNS == 1,
@@ -361,7 +365,9 @@ func (m *source) begin() error {
 // checkPlain refuses, before the freeze, a process tree (not a container)
 // that CRIU would refuse once frozen: one whose session or process group
 // leader is outside it (started in the background from a shell), one with
-// a mount namespace of its own, one with a Unix socket connected outside.
+// a mount namespace of its own, one with a descriptor CRIU cannot dump,
+// one with a Unix socket connected outside but for those carried (journal
+// streams; datagram sockets connected to a path, kept in unixPeers).
 func (m *source) checkPlain(pids []int) error {
 	in := map[int]bool{}
 	for _, p := range pids {
@@ -399,9 +405,14 @@ func (m *source) checkPlain(pids []int) error {
 	for _, ino := range m.journal {
 		carried[ino] = true
 	}
-	if err := network.UnixOutside(pids, carried); err != nil {
+	peers, err := network.UnixOutside(pids, carried)
+	if err != nil {
 		return api.Errorf(api.CodePrecondition, "%v", err)
 	}
+	if len(peers) > wire.MaxUnixPeers {
+		return api.Errorf(api.CodePrecondition, "the tree sends datagrams to %d Unix sockets outside it, more than phaul carries (%d)", len(peers), wire.MaxUnixPeers)
+	}
+	m.unixPeers = peers
 	return nil
 }
 
@@ -668,6 +679,9 @@ func (m *source) startDump() error {
 	for _, ino := range m.journal {
 		opts.ExtUnixSk = true
 		opts.External = append(opts.External, fmt.Sprintf("unix[%d]", ino))
+	}
+	if len(m.unixPeers) > 0 {
+		opts.ExtUnixSk = true // datagram peers: connected again by path
 	}
 	// Its terminals stay here: the destination gives it new ones.
 	opts.External = append(opts.External, m.ttys...)

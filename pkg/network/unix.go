@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -16,26 +17,29 @@ import (
 	"github.com/phaul/phaul/pkg/proc"
 )
 
-// UnixOutside finds a Unix socket of the tree pids (its root first)
+// UnixOutside finds the Unix sockets of the tree pids (its root first)
 // connected to a socket outside the tree, but for those in carried
-// (journal streams, which the destination connects afresh): CRIU cannot
-// dump such a connection, and would find out with the tree frozen. It
-// asks the kernel (sock_diag, in the tree's network namespace) for each
-// socket's peer, one socket at a time, and returns nil if there is none.
-func UnixOutside(pids []int, carried map[uint64]bool) error {
+// (journal streams, which the destination connects afresh). A datagram
+// socket connected to a socket bound to a path (syslog's /dev/log, say)
+// CRIU carries with ext-unix-sk, connecting it to that path again on
+// restore: their paths are returned, for the destination to check. Any
+// other CRIU cannot dump, and would find out with the tree frozen: an
+// error says which. It asks the kernel (sock_diag, in the tree's network
+// namespace) for each socket's peer, one socket at a time.
+func UnixOutside(pids []int, carried map[uint64]bool) (dgramPeers []string, err error) {
 	mine := map[uint64]int{} // the tree's Unix sockets, to their pid
-	err := proc.EachSocket(pids, func(s proc.Socket) error {
+	err = proc.EachSocket(pids, func(s proc.Socket) error {
 		if d, err := unix.GetsockoptInt(s.FD, unix.SOL_SOCKET, unix.SO_DOMAIN); err == nil && d == unix.AF_UNIX {
 			mine[s.Inode] = s.PID
 		}
 		return nil
 	})
 	if err != nil || len(mine) == 0 {
-		return err
+		return nil, err
 	}
 	diag, err := openSockDiag(pids[0])
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer unix.Close(diag)
 	for ino, pid := range mine {
@@ -47,7 +51,7 @@ func UnixOutside(pids []int, carried map[uint64]bool) error {
 			continue // closed since it was listed
 		}
 		if err != nil {
-			return fmt.Errorf("ask the kernel for pid %d's Unix socket %d (sock_diag): %w", pid, ino, err)
+			return nil, fmt.Errorf("ask the kernel for pid %d's Unix socket %d (sock_diag): %w", pid, ino, err)
 		}
 		if s.peer == 0 {
 			continue
@@ -58,11 +62,17 @@ func UnixOutside(pids []int, carried map[uint64]bool) error {
 		what := "an unnamed socket"
 		if p, err := unixDiag(diag, s.peer); err == nil && p.name != "" {
 			what = p.name
+			if s.typ == unix.SOCK_DGRAM && p.name[0] == '/' {
+				if !slices.Contains(dgramPeers, p.name) {
+					dgramPeers = append(dgramPeers, p.name)
+				}
+				continue
+			}
 		}
-		return fmt.Errorf("pid %d has a Unix %s socket (inode %d) connected to %s, which belongs to a process outside the tree: CRIU cannot carry such a connection. Have the program connect after it moved (or reconnect when the peer goes), or move the peer with it (one tree)",
+		return nil, fmt.Errorf("pid %d has a Unix %s socket (inode %d) connected to %s, which belongs to a process outside the tree: CRIU cannot carry such a connection. Have the program connect after it moved (or reconnect when the peer goes), or move the peer with it (one tree)",
 			pid, sockType(s.typ), ino, what)
 	}
-	return nil
+	return dgramPeers, nil
 }
 
 // openSockDiag opens a sock_diag netlink socket in the network namespace

@@ -24,7 +24,7 @@ func TestUnixOutside(t *testing.T) {
 	}
 	defer syscall.Close(fds[0])
 	defer syscall.Close(fds[1])
-	if err := UnixOutside([]int{os.Getpid()}, nil); err != nil {
+	if _, err := UnixOutside([]int{os.Getpid()}, nil); err != nil {
 		t.Fatalf("a socketpair within the tree: %v", err)
 	}
 	sock := filepath.Join(t.TempDir(), "srv.sock")
@@ -44,7 +44,7 @@ func TestUnixOutside(t *testing.T) {
 	}
 	defer s.Close()
 	// Both ends are this process's: still within.
-	if err := UnixOutside([]int{os.Getpid()}, nil); err != nil {
+	if _, err := UnixOutside([]int{os.Getpid()}, nil); err != nil {
 		t.Fatalf("both ends in the tree: %v", err)
 	}
 	// The accepted end goes to another process (the tree loses it).
@@ -53,7 +53,7 @@ func TestUnixOutside(t *testing.T) {
 	cmd := execHolding(t, f)
 	f.Close()
 	defer cmd()
-	err = UnixOutside([]int{os.Getpid()}, nil)
+	_, err = UnixOutside([]int{os.Getpid()}, nil)
 	if err == nil || !strings.Contains(err.Error(), "connected to") || !strings.Contains(err.Error(), "outside the tree") {
 		t.Fatalf("a connection whose peer another process holds: %v; want it named", err)
 	}
@@ -67,4 +67,31 @@ func execHolding(t *testing.T, f *os.File) func() {
 		t.Fatal(err)
 	}
 	return func() { p.Kill(); p.Wait() }
+}
+
+// A datagram socket connected to a socket bound to a path outside the
+// tree is carried: its peer's path is returned, no error.
+func TestUnixOutsideDatagramToAPath(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("pidfd_getfd on this process's sockets needs root")
+	}
+	path := filepath.Join(t.TempDir(), "log.sock")
+	srv, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	f, _ := srv.File()
+	srv.Close()
+	stop := execHolding(t, f)
+	f.Close()
+	defer stop()
+	peers, err := UnixOutside([]int{os.Getpid()}, nil)
+	if err != nil || len(peers) != 1 || peers[0] != path {
+		t.Fatalf("UnixOutside = %v, %v; want [%s], no error", peers, err, path)
+	}
 }

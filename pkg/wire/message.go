@@ -315,7 +315,15 @@ type Prepare struct {
 	// CRIU will reopen them by path on the destination: the destination
 	// refuses before the freeze if one is missing there or differs.
 	Files []FileCheck `json:"files,omitempty"`
+	// UnixPeers are the paths of sockets outside the tree that its Unix
+	// datagram sockets are connected to (syslog's /dev/log, say): CRIU
+	// connects them to the same paths on the destination, which must
+	// have a socket at each.
+	UnixPeers []string `json:"unix_peers,omitempty"`
 }
+
+// MaxUnixPeers bounds the UnixPeers of a Prepare.
+const MaxUnixPeers = 64
 
 // FileCheck is a file a tree uses, as the source has it: its mode, its
 // size (CheckSize: a restore checks it, as for any file but one open
@@ -776,6 +784,14 @@ func (m *Prepare) validate() error {
 	for _, f := range m.Files {
 		if len(f.Path) == 0 || len(f.Path) > 4096 || f.Path[0] != '/' || len(f.BuildID) > 128 || f.Size < 0 {
 			return fmt.Errorf("file %.64q", f.Path)
+		}
+	}
+	if len(m.UnixPeers) > MaxUnixPeers {
+		return fmt.Errorf("%d unix peers", len(m.UnixPeers))
+	}
+	for _, p := range m.UnixPeers {
+		if !ValidDetachFile(p) || len(p) > 108 {
+			return fmt.Errorf("unix peer %.64q", p)
 		}
 	}
 	if len(m.TaskIDs) > MaxTaskIDs {

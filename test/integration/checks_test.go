@@ -249,3 +249,53 @@ func flipBuildID(t *testing.T, b []byte) []byte {
 	out[s.Offset+16] ^= 0xff
 	return out
 }
+
+// A Unix datagram socket connected to a socket outside the tree, bound to
+// a path (as syslog's /dev/log is), moves: CRIU connects it to the same
+// path on B, and the server goes on receiving from the moved process. A
+// destination with no socket at that path refuses it before the freeze.
+func TestUnixDatagramPeerCarried(t *testing.T) {
+	integration(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "log.sock")
+	srv, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	var mu sync.Mutex
+	last := 0
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			n, err := srv.Read(buf)
+			if err != nil {
+				return
+			}
+			v, _ := strconv.Atoi(string(buf[:n]))
+			mu.Lock()
+			last = v
+			mu.Unlock()
+		}
+	}()
+	got := func() int { mu.Lock(); defer mu.Unlock(); return last }
+	w := startWorkload(t, workloadOpts{memMiB: 8, extra: []string{"--unix-dgram", path}})
+	waitFor(t, "the workload's datagrams", 10*time.Second, func() bool { return got() > 3 })
+
+	// B without the socket (its own empty directory there): refused.
+	a := startDaemon(t, "A", "127.0.0.1:17691", daemonOpts{})
+	c := startDaemon(t, "C", "127.0.0.2:17692", daemonOpts{wrap: []string{"unshare", "--mount", "--propagation", "private", "--",
+		"sh", "-c", `mount -t tmpfs none "$0" && exec "$@"`, dir}})
+	refusedBeforeFreeze(t, a, c, w.pid, "sends datagrams to the Unix socket "+path, "no socket there")
+
+	// B with it: it moves, and goes on sending.
+	b := startDaemon(t, "B", "127.0.0.3:17693", daemonOpts{})
+	res := a.migrate(t, w.pid, b)
+	w.track(res.DestPID)
+	waitRunning(t, res.DestPID)
+	before := got()
+	waitFor(t, "datagrams from the moved process", 10*time.Second, func() bool { return got() > before+3 })
+	if info, err := proc.Stat(w.pid); err == nil && info.State != 'Z' && res.DestPID != w.pid {
+		t.Errorf("the source copy, pid %d, still runs", w.pid)
+	}
+}

@@ -65,6 +65,7 @@ func run(args []string) error {
 	dirty := fs.Int("dirty", 0, "MiB of memory to rewrite every tick (keeps pages dirty)")
 	ioURing := fs.Bool("io-uring", false, "hold an io_uring instance for the whole run")
 	mptcp := fs.String("mptcp-listen", "", "a TCP address to listen on with Go's default listener (MPTCP since Go 1.24)")
+	dgram := fs.String("unix-dgram", "", "a Unix datagram socket to connect to and send a number to every 50 ms")
 	unixPeer := fs.String("unix-connect", "", "a Unix stream socket to connect to and hold for the whole run")
 	ghost := fs.String("ghost", "", "MIB:DIR: a file of MIB MiB of pseudo-random bytes in DIR (a tmpfs), kept open and deleted: its contents live only in the process")
 	if err := fs.Parse(args); err != nil {
@@ -130,6 +131,19 @@ func run(args []string) error {
 			return err
 		}
 		defer l.Close()
+	}
+	if *dgram != "" {
+		c, err := net.Dial("unixgram", *dgram)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		go func() {
+			for i := 1; ; i++ {
+				fmt.Fprintf(c, "%d", i) // a peer gone for a moment loses some
+				time.Sleep(50 * time.Millisecond)
+			}
+		}()
 	}
 	if *unixPeer != "" {
 		c, err := net.Dial("unix", *unixPeer)
