@@ -66,6 +66,11 @@ type Options struct {
 	// locks): a dump records them, a restore takes them again. A lock on
 	// a file the tree shares with a process outside it fails the dump.
 	FileLocks bool
+	// ShellJob lets the tree's root be in a session and process group
+	// whose leader is outside the tree (a job a shell started): a dump
+	// records it so, and a restore puts the tree in CRIU's own session
+	// and group.
+	ShellJob bool
 	// PidNSInit, for a restore, is phauld's binary: the restore runs in
 	// a new pid namespace (and mount namespace, for its /proc) whose init
 	// is `PidNSInit pidns-init` (see pkg/pidns), so that the tree keeps
@@ -162,6 +167,9 @@ func (o *Options) rpcOpts() *rpc.CriuOpts {
 	for _, in := range o.InheritFds {
 		r.InheritFd = append(r.InheritFd, &rpc.InheritFd{Key: proto.String(in.Key), Fd: proto.Int32(fd)})
 		fd++
+	}
+	if o.ShellJob {
+		r.ShellJob = proto.Bool(true)
 	}
 	if o.ExtUnixSk {
 		r.ExtUnixSk = proto.Bool(true)

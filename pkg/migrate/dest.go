@@ -172,7 +172,9 @@ type dest struct {
 	// unixPeers: its datagram sockets are connected to sockets outside
 	// it, which CRIU connects them to again here (ext-unix-sk).
 	unixPeers bool
-	journal   []uint64 // its journal stream sockets, to reconnect
+	// shellJob: restored as a shell's job, in CRIU's session and group.
+	shellJob bool
+	journal  []uint64 // its journal stream sockets, to reconnect
 	// ttys are the terminals it was on (CRIU keys), each given a new one
 	// here; detach says where their output goes (api.Detach*).
 	ttys   []string
@@ -378,6 +380,7 @@ func (m *dest) prepare(p *wire.Prepare) error {
 		}
 	}
 	m.unixPeers = len(p.UnixPeers) > 0
+	m.shellJob = p.ShellJob
 	if err := m.checkNetwork(p.Network); err != nil {
 		return err
 	}
@@ -726,6 +729,7 @@ func (m *dest) startRestore() error {
 		Network:      m.netw != nil,
 		FileLocks:    true, // what the dump carried, if any
 		ExtUnixSk:    m.unixPeers,
+		ShellJob:     m.shellJob,
 	}
 	if m.newPidNS {
 		opts.PidNSInit = m.p.HookExe

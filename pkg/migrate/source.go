@@ -154,6 +154,9 @@ type source struct {
 	// restore made for the tree (pkg/pidns), in which CRIU dumps it by
 	// nsPID, its root's pid there.
 	enterNS, nsPID int
+	// shellJob: the tree's root is in a session or group whose leader is
+	// outside it (a shell's job): CRIU dumps and restores it as such.
+	shellJob bool
 	// unixPeers are the paths of the sockets outside the tree its Unix
 	// datagram sockets are connected to: CRIU connects them again there.
 	unixPeers []string
@@ -344,6 +347,7 @@ func (m *source) begin() error {
 	return m.rpc.Send(&wire.Prepare{
 		RunName:        m.p.RunName,
 		UnixPeers:      m.unixPeers,
+		ShellJob:       m.shellJob,
 		Files:          files,
 		TaskIDs:        tasks,
 		OwnPidNS:       rootNS == 1,
@@ -372,6 +376,25 @@ func (m *source) checkPlain(pids []int) error {
 	in := map[int]bool{}
 	for _, p := range pids {
 		in[p] = true
+	}
+	// A job a shell started: its session (and maybe its group) is the
+	// shell's. CRIU carries the root so as a shell job, into a session
+	// of the destination's; any other task must be in the tree's.
+	if root, err := proc.Stat(pids[0]); err == nil && (!in[root.Session] || !in[root.PGID]) {
+		if ns, _ := proc.NSPid(pids[0]); ns == 1 {
+			// CRIU refuses it even as a shell job.
+			return api.Errorf(api.CodePrecondition, "pid %d (%s) is the init of a pid namespace of its own, and the leader of its session is outside that namespace (it was started without setsid), which CRIU cannot dump: start it with unshare --pid --fork -- setsid CMD, or phaulctl run -- CMD",
+				pids[0], printable(root.Comm))
+		}
+		m.shellJob = true
+		if !in[root.Session] {
+			in[root.Session] = true
+		}
+		if !in[root.PGID] {
+			in[root.PGID] = true
+		}
+		m.log.Info("the tree's session leader is outside it (a shell's job): it moves as a shell job, into a session of the destination's",
+			zap.Int("session", root.Session), zap.Int("pgid", root.PGID))
 	}
 	for _, p := range pids {
 		info, err := proc.Stat(p)
@@ -683,6 +706,7 @@ func (m *source) startDump() error {
 	if len(m.unixPeers) > 0 {
 		opts.ExtUnixSk = true // datagram peers: connected again by path
 	}
+	opts.ShellJob = m.shellJob
 	// Its terminals stay here: the destination gives it new ones.
 	opts.External = append(opts.External, m.ttys...)
 	op, err := m.p.CRIU.StartDump(opts)

@@ -320,6 +320,10 @@ type Prepare struct {
 	// connects them to the same paths on the destination, which must
 	// have a socket at each.
 	UnixPeers []string `json:"unix_peers,omitempty"`
+	// ShellJob: the tree's root is in a session (or group) whose leader
+	// is outside it, a shell's job; it is restored into the restoring
+	// CRIU's session and group.
+	ShellJob bool `json:"shell_job,omitempty"`
 }
 
 // MaxUnixPeers bounds the UnixPeers of a Prepare.

@@ -100,18 +100,19 @@ func startSetsid(t *testing.T, dir string, args ...string) int {
 func TestRefusedBeforeTheFreeze(t *testing.T) {
 	integration(t)
 
-	// Started in the background by a shell: its session is the shell's.
-	t.Run("session outside the tree", func(t *testing.T) {
+	// The init of a pid namespace of its own, started without setsid:
+	// its session is the shell's, outside its namespace.
+	t.Run("session leader outside its pid namespace", func(t *testing.T) {
 		t.Parallel()
 		a := startDaemon(t, "A", "127.0.0.1:17661", daemonOpts{})
 		b := startDaemon(t, "B", "127.0.0.2:17662", daemonOpts{})
-		shell := startSetsid(t, t.TempDir(), "sh", "-c", "sleep 600 & wait")
-		child, err := harness.OnlyChild(shell, 10*time.Second)
+		parent := startSetsid(t, t.TempDir(), "unshare", "--pid", "--fork", "--", "sleep", "600")
+		init, err := harness.OnlyChild(parent, 10*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { syscall.Kill(child, syscall.SIGKILL) })
-		refusedBeforeFreeze(t, a, b, child, "is in the session of pid "+strconv.Itoa(shell), "setsid", "phaulctl run")
+		t.Cleanup(func() { syscall.Kill(init, syscall.SIGKILL) })
+		refusedBeforeFreeze(t, a, b, init, "the leader of its session is outside that namespace", "setsid")
 	})
 
 	// unshare --mount: a mount namespace of its own.
@@ -297,5 +298,40 @@ func TestUnixDatagramPeerCarried(t *testing.T) {
 	waitFor(t, "datagrams from the moved process", 10*time.Second, func() bool { return got() > before+3 })
 	if info, err := proc.Stat(w.pid); err == nil && info.State != 'Z' && res.DestPID != w.pid {
 		t.Errorf("the source copy, pid %d, still runs", w.pid)
+	}
+}
+
+// A job a shell started in the background (its session and group the
+// shell's, in the host's pid namespace) moves as CRIU's shell job: on B
+// it runs, in a session of B's making, not the shell's; the source copy
+// is gone, the shell goes on waiting.
+func TestShellJobMigrates(t *testing.T) {
+	integration(t)
+	a := startDaemon(t, "A", "127.0.0.1:17695", daemonOpts{})
+	b := startDaemon(t, "B", "127.0.0.2:17696", daemonOpts{})
+	shell := startSetsid(t, t.TempDir(), "sh", "-c", "sleep 600 & wait")
+	job, err := harness.OnlyChild(shell, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Kill(job, syscall.SIGKILL) })
+	if info, _ := proc.Stat(job); info.Session != shell {
+		t.Fatalf("the job's session is %d; want the shell's, %d", info.Session, shell)
+	}
+	start, _ := proc.Stat(job)
+	res := a.migrate(t, job, b)
+	t.Cleanup(func() { syscall.Kill(res.DestPID, syscall.SIGKILL) })
+	info := waitRunning(t, res.DestPID)
+	if info.Session == shell || info.Comm != "sleep" {
+		t.Errorf("on B: %+v; want sleep, in another session than the shell's (%d)", info, shell)
+	}
+	if !gone(job, start.StartTime) {
+		t.Errorf("the source copy, pid %d, still runs", job)
+	}
+	if sh, err := proc.Stat(shell); err != nil || sh.Stopped() {
+		t.Errorf("the shell after its job left: %+v, %v; want it running", sh, err)
+	}
+	if !strings.Contains(a.log(), "it moves as a shell job") {
+		t.Errorf("A's log does not say the tree moved as a shell job")
 	}
 }
