@@ -297,6 +297,29 @@ func TestControlSocketPermissions(t *testing.T) {
 		t.Error("a migration started for a process the caller does not own")
 	}
 
+	// phaulctl run: the member's program runs as the member, its log
+	// opened with the member's rights; --net is root's.
+	runDir := t.TempDir()
+	openUp(runDir, 0o777)
+	r = as(memberUID, member, "run", "--log", filepath.Join(runDir, "out.log"), "--", "sleep", "600")
+	ran, err := strconv.Atoi(strings.TrimSpace(r.stdout))
+	if r.code != 0 || err != nil {
+		t.Fatalf("member phaulctl run: exit %d: %s %s", r.code, r.stdout, r.stderr)
+	}
+	t.Cleanup(func() { syscall.Kill(ran, syscall.SIGKILL) })
+	if real, eff, err := proc.UIDs(ran); err != nil || real != memberUID || eff != memberUID {
+		t.Errorf("the member's program runs as uid %d/%d (%v); want %d", real, eff, err, memberUID)
+	}
+	if fi, err := os.Stat(filepath.Join(runDir, "out.log")); err != nil || fi.Sys().(*syscall.Stat_t).Uid != memberUID {
+		t.Errorf("the member's log: %v; want it made by uid %d", err, memberUID)
+	}
+	if r := as(memberUID, member, "run", "--log", "/root/phaul-member.log", "--", "true"); r.code == 0 || !strings.Contains(r.stderr, "permission denied") {
+		t.Errorf("member run with a log it may not write: exit %d, %s; want refused", r.code, r.stderr)
+	}
+	if r := as(memberUID, member, "run", "--net", "lo", "--", "sleep", "1"); r.code == 0 || !strings.Contains(r.stderr, "root's only") {
+		t.Errorf("member run --net: exit %d, %s; want refused, root's only", r.code, r.stderr)
+	}
+
 	// Its own process: allowed. CRIU can dump only root's trees on a
 	// machine whose root lacks CAP_SYS_RESOURCE (this VM): there the dump
 	// fails after the authorization, and the process resumes.
@@ -311,6 +334,14 @@ func TestControlSocketPermissions(t *testing.T) {
 	}
 	defer func() { own.Process.Kill(); own.Wait() }()
 	waitFor(t, "the member's workload", 10*time.Second, func() bool { _, err := os.Stat(status); return err == nil })
+	// --detach-terminal FILE is root's: the destination opens FILE as root.
+	r = as(memberUID, member, "migrate", "--pid", strconv.Itoa(own.Process.Pid), "--to", b.addr, "--detach-terminal", "/tmp/x.out", "--json")
+	out.Error = nil
+	json.Unmarshal([]byte(r.stdout), &out)
+	if r.code == 0 || out.Error == nil || out.Error.Code != api.CodePermission || !strings.Contains(out.Error.Message, "root's only") {
+		t.Errorf("member with --detach-terminal FILE: exit %d, %s; want permission_denied, root's only", r.code, r.stdout)
+	}
+
 	r = as(memberUID, member, "migrate", "--pid", strconv.Itoa(own.Process.Pid), "--to", b.addr, "--json")
 	out.Error = nil
 	json.Unmarshal([]byte(r.stdout), &out)
