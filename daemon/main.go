@@ -191,7 +191,7 @@ Flags:
 	fs.DurationVar(&o.keepFailed, "keep-failed", 7*24*time.Hour, "how long to keep the directories of failed migrations for inspection")
 	fs.BoolVar(&o.keepImages, "keep-images", false, "keep the images of successful migrations under --state-dir")
 	fs.StringVar(&o.tlsDir, "tls-dir", "/etc/phauld/tls", "`DIR` with ca.pem, cert.pem and key.pem for mutual TLS between daemons")
-	fs.BoolVar(&o.insecure, "insecure", false, "migrate over plain TCP, unauthenticated and unencrypted (trusted networks only; both daemons need it)")
+	fs.BoolVar(&o.insecure, "insecure", false, "migrate over plain TCP, unauthenticated and unencrypted: anyone who can connect to the listen address can run programs as root on this host (both daemons need it; only where nobody else can reach the port)")
 	fs.StringVar(&o.group, "control-group", "phaul", "`GROUP` whose members may use the control socket (created if missing)")
 	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")
 	fs.BoolVar(&o.oneShot, "one-shot", false, "serve exactly one migration (in or out), then exit")
@@ -374,6 +374,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	// The service manager's view: STATUS kept current, WATCHDOG pinged
 	// while the manager answers.
 	go systemd.KeepStatus(ctx, svc.listen, mgr.Sessions)
+	if o.insecure {
+		log.Warn(insecureWarning(svc.listen), zap.Strings("listen", svc.listen))
+	}
 	log.Info("phauld ready", zap.String("version", version.Version), zap.Strings("listen", svc.listen),
 		zap.String("control", svc.control), zap.String("state_dir", o.stateDir))
 
@@ -421,6 +424,13 @@ func scopes(p *systemd.Placer, log *zap.Logger) func(ctx context.Context, id str
 		log.Info("restored tree placed in its own scope", zap.String("scope", name), zap.String("slice", systemd.ScopeSlice))
 		return nil
 	}
+}
+
+// insecureWarning says what --insecure gives away, in words: a migration
+// restores, as root, whatever the peer sends.
+func insecureWarning(listen []string) string {
+	return "--insecure: anyone who can connect to " + strings.Join(listen, ", ") +
+		" can run programs as root on this host (a migration restores, as root, whatever it is sent), and migrations cross the network unencrypted: use it only where nobody else can reach that port"
 }
 
 // runScopes puts a program phaulctl run started in a scope of its own,

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"flag"
 	"io"
@@ -47,5 +48,18 @@ func TestLogTargetJournalNeedsJournald(t *testing.T) {
 	err := run(context.Background(), []string{"--log-target", "journal", "--state-dir", t.TempDir()}, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "no journald here") {
 		t.Fatalf("run --log-target journal without journald: %v", err)
+	}
+}
+
+// --insecure says what it gives away, at start and in --help.
+func TestInsecureSaysWhatItGivesAway(t *testing.T) {
+	w := insecureWarning([]string{"0.0.0.0:12345", "[::]:12345"})
+	if !strings.Contains(w, "anyone who can connect to 0.0.0.0:12345, [::]:12345 can run programs as root on this host") {
+		t.Errorf("the warning: %q", w)
+	}
+	var help bytes.Buffer
+	parseFlags([]string{"--help"}, &help)
+	if !strings.Contains(help.String(), "can run programs as root on this host") {
+		t.Errorf("phauld --help does not say what --insecure gives away:\n%s", help.String())
 	}
 }

@@ -29,7 +29,7 @@ type Security struct {
 // are disabled, and Disabled says what to run.
 func LoadSecurity(dir string, insecure bool, log *zap.Logger) Security {
 	if insecure {
-		log.Warn("--insecure: migrations run over plain TCP, unauthenticated and unencrypted; use it only on a network you trust")
+		log.Warn("--insecure: migrations run over plain TCP, unauthenticated and unencrypted (phauld says at start who can then run programs as root here)")
 		return Security{Mode: api.SecurityInsecure}
 	}
 	id, err := Load(dir)
