@@ -73,7 +73,7 @@ func refusedBeforeFreeze(t *testing.T, a, b *daemon, pid int, want ...string) {
 	}
 	var hist []api.HistoryEntry
 	h := a.phaulctl(t, "history", "--json")
-	if err := json.Unmarshal([]byte(h.stdout), &hist); err != nil || len(hist) == 0 {
+	if err := json.Unmarshal([]byte(h.stdout), &hist); err != nil || len(hist) != 1 {
 		t.Fatalf("history: %v: %s; want the refused migration's entry", err, h.stdout)
 	}
 	if hist[0].Result.FrozenMS != 0 || hist[0].Outcome == api.OutcomeCommitted {
@@ -95,6 +95,20 @@ func startSetsid(t *testing.T, dir string, args ...string) int {
 	return cmd.Process.Pid
 }
 
+// startNSInit starts args (unshare ... --fork ...) in a session of its
+// own and returns its pid and that of its child, the init of the pid
+// namespace it made; both are killed at the end.
+func startNSInit(t *testing.T, args ...string) (parent, init int) {
+	t.Helper()
+	parent = startSetsid(t, t.TempDir(), args...)
+	init, err := harness.OnlyChild(parent, 10*time.Second)
+	if err != nil {
+		t.Fatalf("the namespace's init: %v", err)
+	}
+	t.Cleanup(func() { syscall.Kill(init, syscall.SIGKILL) })
+	return parent, init
+}
+
 // What CRIU would refuse only with the tree frozen, phaul refuses first,
 // saying the cause and what to do.
 func TestRefusedBeforeTheFreeze(t *testing.T) {
@@ -106,12 +120,7 @@ func TestRefusedBeforeTheFreeze(t *testing.T) {
 		t.Parallel()
 		a := startDaemon(t, "A", "127.0.0.1:17661", daemonOpts{})
 		b := startDaemon(t, "B", "127.0.0.2:17662", daemonOpts{})
-		parent := startSetsid(t, t.TempDir(), "unshare", "--pid", "--fork", "--", "sleep", "600")
-		init, err := harness.OnlyChild(parent, 10*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { syscall.Kill(init, syscall.SIGKILL) })
+		_, init := startNSInit(t, "unshare", "--pid", "--fork", "--", "sleep", "600")
 		refusedBeforeFreeze(t, a, b, init, "the leader of its session is outside that namespace", "setsid")
 	})
 
@@ -120,12 +129,7 @@ func TestRefusedBeforeTheFreeze(t *testing.T) {
 		t.Parallel()
 		a := startDaemon(t, "A", "127.0.0.1:17663", daemonOpts{})
 		b := startDaemon(t, "B", "127.0.0.2:17664", daemonOpts{})
-		parent := startSetsid(t, t.TempDir(), "unshare", "--mount", "--pid", "--fork", "--", "setsid", "sleep", "600")
-		init, err := harness.OnlyChild(parent, 10*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { syscall.Kill(init, syscall.SIGKILL) })
+		_, init := startNSInit(t, "unshare", "--mount", "--pid", "--fork", "--", "setsid", "sleep", "600")
 		refusedBeforeFreeze(t, a, b, init, "has a mount namespace of its own", "runc container")
 	})
 

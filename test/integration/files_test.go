@@ -4,7 +4,6 @@ package integration
 
 import (
 	"bytes"
-	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/test/harness"
 )
@@ -88,38 +86,10 @@ func TestUnshareParentRefused(t *testing.T) {
 	integration(t)
 	a := startDaemon(t, "A", "127.0.0.1:17611", daemonOpts{})
 	b := startDaemon(t, "B", "127.0.0.2:17612", daemonOpts{})
-	cmd := exec.Command("unshare", "--pid", "--fork", "--", "setsid", "sleep", "600")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	init, err := harness.OnlyChild(cmd.Process.Pid, 10*time.Second)
-	if err != nil {
-		t.Fatalf("the namespace's init: %v", err)
-	}
-	t.Cleanup(func() { syscall.Kill(init, syscall.SIGKILL) })
-	r := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(cmd.Process.Pid), "--to", b.addr)
-	want := "migrate pid " + strconv.Itoa(init) + ", the init of that namespace"
-	if r.code != 1 || !strings.Contains(r.stderr, want) {
-		t.Fatalf("migrate the unshare parent: exit %d: %s %s; want refused (1), saying %q", r.code, r.stdout, r.stderr, want)
-	}
-	for _, pid := range []int{cmd.Process.Pid, init} {
-		if info, err := proc.Stat(pid); err != nil || info.Stopped() {
-			t.Errorf("pid %d after the refusal: %+v, %v; want it running", pid, info, err)
-		}
-	}
-	// No freeze in the history's entry for it, and no dump was started:
-	// no session of A's has a dump log.
-	var hist []api.HistoryEntry
-	h := a.phaulctl(t, "history", "--json")
-	if err := json.Unmarshal([]byte(h.stdout), &hist); err != nil || len(hist) != 1 {
-		t.Fatalf("history: %v: %s; want the refused migration's entry", err, h.stdout)
-	}
-	if hist[0].Result.FrozenMS != 0 || hist[0].Outcome == api.OutcomeCommitted {
-		t.Errorf("the refused migration's entry: %+v; want it not frozen, not committed", hist[0])
-	}
-	if logs, _ := filepath.Glob(filepath.Join(a.state, "sessions", "*", "dump.log")); len(logs) != 0 {
-		t.Errorf("the refused migration started a dump: %v", logs)
+	parent, init := startNSInit(t, "unshare", "--pid", "--fork", "--", "setsid", "sleep", "600")
+	refusedBeforeFreeze(t, a, b, parent, "migrate pid "+strconv.Itoa(init)+", the init of that namespace")
+	if info, err := proc.Stat(init); err != nil || info.Stopped() {
+		t.Errorf("the init, pid %d, after the refusal: %+v, %v; want it running", init, info, err)
 	}
 }
 
