@@ -261,16 +261,18 @@ did not commit, why. --json has every figure, CRIU's statistics included.`,
 					if e.Error.Cause != "" {
 						msg = e.Error.Cause
 					}
-					if len(msg) > 100 {
-						msg = msg[:97] + "..."
+					// A record may hold what a peer said: shown as data.
+					msg = api.Clean(msg)
+					if r := []rune(msg); len(r) > 100 {
+						msg = string(r[:97]) + "..."
 					}
 				}
 				pid := strconv.Itoa(e.PID)
 				if e.Result.Container != "" {
-					pid += " (container " + e.Result.Container + ")"
+					pid += " (container " + api.Clean(e.Result.Container) + ")"
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Ended.Local().Format("2006-01-02 15:04:05"),
-					e.ID[:min(8, len(e.ID))], e.Direction, pid, e.Peer, e.Outcome, mode, frozen, bytesHuman(e.Result.Bytes), msg)
+					api.Clean(e.ID[:min(8, len(e.ID))]), e.Direction, pid, api.Clean(e.Peer), e.Outcome, api.Clean(mode), frozen, bytesHuman(e.Result.Bytes), msg)
 			}
 			return tw.Flush()
 		},
@@ -469,12 +471,12 @@ func (c *cli) printSessions(list []api.Session) error {
 	for _, s := range list {
 		pid := strconv.Itoa(s.PID)
 		if s.Container != "" {
-			pid += " (container " + s.Container + ")"
+			pid += " (container " + api.Clean(s.Container) + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, s.Direction, pid, s.Peer, s.Phase,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, s.Direction, pid, api.Clean(s.Peer), s.Phase,
 			bytesHuman(s.Bytes), (time.Duration(s.AgeMS) * time.Millisecond).Round(100*time.Millisecond))
 		if s.Note != "" {
-			notes = append(notes, fmt.Sprintf("%s: %s", s.ID[:min(8, len(s.ID))], s.Note))
+			notes = append(notes, fmt.Sprintf("%s: %s", s.ID[:min(8, len(s.ID))], api.Clean(s.Note)))
 		}
 	}
 	if err := tw.Flush(); err != nil {

@@ -118,7 +118,7 @@ Set up phauld on both hosts first: systemctl enable --now phauld.socket`,
 // --json), with what to do about it.
 func (c *cli) report(err error) {
 	var un *client.UnreachableError
-	msg := err.Error()
+	msg := api.Clean(err.Error()) // it may quote the peer daemon
 	switch {
 	case errors.As(err, &un) && errors.Is(un.Err, syscall.EACCES):
 		msg += "\nThe control socket is for root and members of group phaul: ask an administrator to add you (usermod -aG phaul USER), then log in again."

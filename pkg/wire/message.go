@@ -252,13 +252,41 @@ type Hello struct {
 	Daemon string `json:"daemon,omitempty"`
 }
 
-// HelloReply answers a Hello. When OK is false, Error says why and the
-// connection is closed.
+// HelloReply answers a Hello. When OK is false, Code says why (one of the
+// Refused codes), Error in words, and the connection is closed. A
+// destination that refuses a connection before any TLS (too busy, an
+// address --allow-peer does not list, the other security mode) writes
+// this frame in plain, TLS or not: the source recognises it.
 type HelloReply struct {
 	OK     bool   `json:"ok"`
+	Code   string `json:"code,omitempty"`
 	Error  string `json:"error,omitempty"`
 	Daemon string `json:"daemon,omitempty"`
 }
+
+// Why a destination refuses a connection (HelloReply.Code).
+const (
+	// RefusedBusy: the destination has too many connections that are
+	// not a session yet (from this address, or in all).
+	RefusedBusy = "busy"
+	// RefusedPeer: the destination's --allow-peer does not list the
+	// source's address.
+	RefusedPeer = "peer_not_allowed"
+	// RefusedNeedsTLS: the destination requires mutual TLS and the
+	// source spoke plain TCP (it runs with --insecure).
+	RefusedNeedsTLS = "tls_required"
+	// RefusedInsecure: the destination runs with --insecure and the
+	// source spoke TLS.
+	RefusedInsecure = "destination_insecure"
+	// RefusedSession: the session is already running, already has this
+	// connection, or the protocol version is not spoken.
+	RefusedSession = "session"
+	// RefusedStopping: the destination phauld is shutting down.
+	RefusedStopping = "stopping"
+)
+
+var refusedCodes = map[string]bool{"": true, RefusedBusy: true, RefusedPeer: true, RefusedNeedsTLS: true,
+	RefusedInsecure: true, RefusedSession: true, RefusedStopping: true}
 
 // Prepare opens a migration: the source tells the destination what it is
 // about to send, and the destination checks it can take it.
@@ -742,6 +770,7 @@ func (m *Hello) validate() error {
 	if m.Role != RoleRPC && m.Role != RoleMem && m.Role != RoleQuery {
 		return fmt.Errorf("unknown role %q", m.Role)
 	}
+	m.Daemon = api.Clean(m.Daemon)
 	return nil
 }
 
@@ -936,6 +965,31 @@ func (m *Restore) validate() error {
 	return nil
 }
 
+// Text from the peer is data: the decoders below keep it, cleaned
+// (api.Clean), so that no escape sequence reaches a log, a record or a
+// terminal; codes must be of the known sets.
+
+func (m *HelloReply) validate() error {
+	if !refusedCodes[m.Code] {
+		return fmt.Errorf("unknown refusal code %.32q", m.Code)
+	}
+	m.Error, m.Daemon = api.Clean(m.Error), api.Clean(m.Daemon)
+	return nil
+}
+
+func (m *Fail) validate() error {
+	if !api.Code(m.Code).Known() {
+		return fmt.Errorf("unknown error code %.32q", m.Code)
+	}
+	m.Message = api.Clean(m.Message)
+	return nil
+}
+
+func (m *SyncDone) validate() error {
+	m.Error = api.Clean(m.Error)
+	return nil
+}
+
 func (m *Restored) validate() error {
 	if m.PID <= 0 {
 		return fmt.Errorf("pid %d", m.PID)
@@ -947,6 +1001,7 @@ func (m *Committed) validate() error {
 	if m.PID <= 0 {
 		return fmt.Errorf("pid %d", m.PID)
 	}
+	m.NotRunning = api.Clean(m.NotRunning)
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"reflect"
 	"strings"
@@ -279,3 +280,46 @@ func TestRsyncServerArgs(t *testing.T) {
 		}
 	}
 }
+
+// TestPeerTextIsCleaned: text in a peer's messages is decoded cleaned
+// (no escape sequence reaches a log or a record), and an error code
+// outside the known sets is refused.
+func TestPeerTextIsCleaned(t *testing.T) {
+	const evil = "restore failed\x1b[2J\x1b]0;owned\x07"
+	decode := func(m Message, ch Channel) (Message, error) {
+		b, err := Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ReadMessage(bytes.NewReader(b), ch)
+	}
+	for _, m := range []Message{
+		&Fail{Code: "aborted", Message: evil},
+		&HelloReply{Code: RefusedBusy, Error: evil, Daemon: evil},
+		&Committed{PID: 7, NotRunning: evil},
+		&SyncDone{Pass: 1, Error: evil},
+	} {
+		ch := RPC
+		if m.Type() == TypeHelloReply {
+			ch = Handshake
+		}
+		got, err := decode(m, ch)
+		if err != nil {
+			t.Fatalf("%s: %v", m.Type(), err)
+		}
+		if s := fmtMessage(got); strings.ContainsAny(s, "\x1b\x07") || !strings.Contains(s, `\x1b[2J`) {
+			t.Errorf("%s decoded as %s", m.Type(), s)
+		}
+	}
+	for _, m := range []Message{&Fail{Code: "evil\x1b[2J", Message: "x"}, &Fail{Message: "no code"}, &HelloReply{Code: "whatever"}} {
+		ch := RPC
+		if m.Type() == TypeHelloReply {
+			ch = Handshake
+		}
+		if _, err := decode(m, ch); !errors.Is(err, ErrPayload) {
+			t.Errorf("%#v decoded (%v): an unknown code must be refused", m, err)
+		}
+	}
+}
+
+func fmtMessage(m Message) string { return fmt.Sprintf("%+v", m) }
