@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -99,6 +100,34 @@ type options struct {
 	runcRoot    string
 	containers  string
 	sharedPaths sharedPaths
+	allowPeers  allowPeers
+}
+
+// allowPeers is --allow-peer CIDR, repeatable.
+type allowPeers []netip.Prefix
+
+func (a *allowPeers) String() string {
+	var parts []string
+	for _, p := range *a {
+		parts = append(parts, p.String())
+	}
+	return strings.Join(parts, ",")
+}
+
+func (a *allowPeers) Set(v string) error {
+	p, err := netip.ParsePrefix(v)
+	if err != nil {
+		addr, aerr := netip.ParseAddr(v)
+		if aerr != nil {
+			return fmt.Errorf("%q: want an address or a CIDR prefix (10.1.2.0/24, fd00::/64, 10.1.2.3)", v)
+		}
+		p = netip.PrefixFrom(addr, addr.BitLen())
+	}
+	if p.Addr().Is4In6() {
+		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+	}
+	*a = append(*a, p.Masked())
+	return nil
 }
 
 // sharedPaths is --shared-path DIR, repeatable.
@@ -199,6 +228,7 @@ Flags:
 	fs.StringVar(&o.runcPath, "runc", "runc", "runc binary for containers (`PATH`, or a name looked up in PATH; containers are refused where it is missing)")
 	fs.StringVar(&o.runcRoot, "runc-root", "/run/runc", "runc's state root (`DIR`): where migrate --container finds containers, and where arriving ones are kept")
 	fs.StringVar(&o.containers, "containers-dir", "", "`DIR` for the bundles of arriving containers (default: containers under --state-dir)")
+	fs.Var(&o.allowPeers, "allow-peer", "accept migration connections only from `CIDR` (an address or a prefix: 10.1.2.0/24; repeatable; default: from anywhere); others are refused before any byte is read, with or without --insecure")
 	fs.Var(&o.sharedPaths, "shared-path", "as a destination, take an arriving container's root filesystem under `DIR` as on storage shared with the source, at the same path: nothing is copied (repeatable; else phaul sees for itself, by a marker file the source writes)")
 	fs.StringVar(&o.logTarget, "log-target", "auto", "`TARGET` of the logs: journal (native entries with PHAUL_* fields), console, or auto (journal when stderr is the journal)")
 	return fs
@@ -339,6 +369,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		ClientTLS:     sec.Client,
 		Insecure:      o.insecure,
 		Disabled:      sec.Disabled,
+		Admission:     session.Admission{AllowPeers: o.allowPeers},
 	})
 	if err != nil {
 		closeAll(migLs)
@@ -375,7 +406,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	// while the manager answers.
 	go systemd.KeepStatus(ctx, svc.listen, mgr.Sessions)
 	if o.insecure {
-		log.Warn(insecureWarning(svc.listen), zap.Strings("listen", svc.listen))
+		log.Warn(insecureWarning(svc.listen, o.allowPeers), zap.Strings("listen", svc.listen))
+	}
+	if len(o.allowPeers) > 0 {
+		log.Info("migration connections accepted only from --allow-peer", zap.String("allow_peer", o.allowPeers.String()))
 	}
 	log.Info("phauld ready", zap.String("version", version.Version), zap.Strings("listen", svc.listen),
 		zap.String("control", svc.control), zap.String("state_dir", o.stateDir))
@@ -428,9 +462,13 @@ func scopes(p *systemd.Placer, log *zap.Logger) func(ctx context.Context, id str
 
 // insecureWarning says what --insecure gives away, in words: a migration
 // restores, as root, whatever the peer sends.
-func insecureWarning(listen []string) string {
-	return "--insecure: anyone who can connect to " + strings.Join(listen, ", ") +
-		" can run programs as root on this host (a migration restores, as root, whatever it is sent), and migrations cross the network unencrypted: use it only where nobody else can reach that port"
+func insecureWarning(listen []string, allow allowPeers) string {
+	from := ""
+	if len(allow) > 0 {
+		from = " from " + allow.String()
+	}
+	return "--insecure: anyone who can connect to " + strings.Join(listen, ", ") + from +
+		" can run programs as root on this host (a migration restores, as root, whatever it is sent), and migrations cross the network unencrypted: use it only where nobody else can reach that port (--allow-peer limits who may connect)"
 }
 
 // runScopes puts a program phaulctl run started in a scope of its own,

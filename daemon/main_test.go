@@ -41,6 +41,25 @@ func TestParseFlags(t *testing.T) {
 	}
 }
 
+func TestAllowPeerFlag(t *testing.T) {
+	o, err := parseFlags([]string{"--allow-peer", "10.1.2.0/24", "--allow-peer", "192.168.7.9", "--allow-peer", "::ffff:10.9.0.0/112", "--allow-peer", "fd00::/64"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := o.allowPeers.String(); got != "10.1.2.0/24,192.168.7.9/32,10.9.0.0/16,fd00::/64" {
+		t.Errorf("--allow-peer gave %s", got)
+	}
+	for _, bad := range []string{"10.1.2.0/33", "host.example", ""} {
+		if _, err := parseFlags([]string{"--allow-peer", bad}, io.Discard); err == nil {
+			t.Errorf("--allow-peer %q accepted", bad)
+		}
+	}
+	w := insecureWarning([]string{"0.0.0.0:12345"}, o.allowPeers[:1])
+	if !strings.Contains(w, "anyone who can connect to 0.0.0.0:12345 from 10.1.2.0/24 can run programs as root on this host") {
+		t.Errorf("the warning with --allow-peer: %q", w)
+	}
+}
+
 func TestLogTargetJournalNeedsJournald(t *testing.T) {
 	if journal.Enabled() {
 		t.Skip("journald runs here")
@@ -53,7 +72,7 @@ func TestLogTargetJournalNeedsJournald(t *testing.T) {
 
 // --insecure says what it gives away, at start and in --help.
 func TestInsecureSaysWhatItGivesAway(t *testing.T) {
-	w := insecureWarning([]string{"0.0.0.0:12345", "[::]:12345"})
+	w := insecureWarning([]string{"0.0.0.0:12345", "[::]:12345"}, nil)
 	if !strings.Contains(w, "anyone who can connect to 0.0.0.0:12345, [::]:12345 can run programs as root on this host") {
 		t.Errorf("the warning: %q", w)
 	}

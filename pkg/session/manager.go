@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -106,6 +107,9 @@ type Config struct {
 	// PlaceRun, if set, puts a program phaulctl run started (pid, named
 	// name or not) in a scope of its own and returns the scope's name.
 	PlaceRun func(ctx context.Context, name string, pid int) (string, error)
+	// Admission bounds the connections that are not a session yet (zero
+	// values: the defaults), and says who may connect.
+	Admission Admission
 }
 
 func (c *Config) setDefaults() {
@@ -118,6 +122,7 @@ func (c *Config) setDefaults() {
 	if c.PairTimeout == 0 {
 		c.PairTimeout = 30 * time.Second
 	}
+	c.Admission.setDefaults()
 	if c.DialTimeout == 0 {
 		c.DialTimeout = 10 * time.Second
 	}
@@ -137,13 +142,6 @@ func (c *Config) setDefaults() {
 		c.DumpLockDir = dumplock.DefaultDir
 	}
 }
-
-// Limits on connections that have not become a session yet, so that a
-// flood of handshakes cannot exhaust the daemon.
-const (
-	maxHandshakes = 256
-	maxHalves     = 128
-)
 
 // Manager owns every session of a daemon: it pairs incoming connections
 // into destination sessions, starts source sessions, and stops them all at
@@ -166,13 +164,14 @@ type Manager struct {
 	// up its waits.
 	stopping chan struct{}
 
-	gate       *dumplock.Gate
-	history    *store.History
-	cpuChecks  *migrate.CPUChecks
-	handshakes chan struct{} // semaphore
-	// shaking are the connections still in their handshake, shut down at
-	// shutdown so that nobody waits for their timeout.
-	shaking map[*transport.Link]struct{}
+	gate      *dumplock.Gate
+	history   *store.History
+	cpuChecks *migrate.CPUChecks
+	// incoming are the connections accepted that are not a pair's yet
+	// (see Admission), shut down at shutdown so that nobody waits for
+	// their timeout.
+	incoming map[*transport.Link]*incoming
+	drops    dropLog
 	// names are the processes known by a name (phaulctl run --name).
 	names  map[string]named
 	sessWG sync.WaitGroup
@@ -185,6 +184,9 @@ type half struct {
 	conns [2]*transport.Link // by role: 0 rpc, 1 mem
 	ready [2]bool
 	timer *time.Timer
+	// addr is the address of the first connection, since when it waits.
+	addr  netip.Addr
+	since time.Time
 }
 
 func roleIndex(r wire.Role) int {
@@ -208,18 +210,17 @@ func NewManager(cfg Config) (*Manager, error) {
 		return nil, err
 	}
 	m := &Manager{
-		history:    hist,
-		cpuChecks:  migrate.NewCPUChecks(),
-		cfg:        cfg,
-		log:        cfg.Log,
-		sessions:   map[wire.SessionID]*running{},
-		resolvers:  map[wire.SessionID]*resolver{},
-		held:       map[int]holder{},
-		stopping:   make(chan struct{}),
-		halves:     map[wire.SessionID]*half{},
-		handshakes: make(chan struct{}, maxHandshakes),
-		shaking:    map[*transport.Link]struct{}{},
-		gate:       dumplock.New(cfg.DumpLockDir),
+		history:   hist,
+		cpuChecks: migrate.NewCPUChecks(),
+		cfg:       cfg,
+		log:       cfg.Log,
+		sessions:  map[wire.SessionID]*running{},
+		resolvers: map[wire.SessionID]*resolver{},
+		held:      map[int]holder{},
+		stopping:  make(chan struct{}),
+		halves:    map[wire.SessionID]*half{},
+		incoming:  map[*transport.Link]*incoming{},
+		gate:      dumplock.New(cfg.DumpLockDir),
 	}
 	m.loadNames()
 	return m, nil
@@ -258,17 +259,9 @@ func (m *Manager) Serve(l net.Listener) error {
 			return fmt.Errorf("accept migration connection: %w", err)
 		}
 		delay = 0
-		select {
-		case m.handshakes <- struct{}{}:
-		default:
-			m.log.Warn("too many handshakes in progress; connection refused", zap.Stringer("peer", c.RemoteAddr()))
-			c.Close()
-			continue
-		}
 		m.connWG.Add(1)
 		go func() {
 			defer m.connWG.Done()
-			defer func() { <-m.handshakes }()
 			m.handshake(c)
 		}()
 	}
@@ -284,6 +277,7 @@ func isTemporary(err error) bool {
 // session id. Pairing is never by arrival order.
 func (m *Manager) handshake(c net.Conn) {
 	remote := c.RemoteAddr().String()
+	addr := peerAddr(c.RemoteAddr())
 	log := m.log.With(zap.String("peer", remote))
 	if m.cfg.Disabled != nil {
 		log.Warn("migration connection refused: migrations are disabled", zap.Error(m.cfg.Disabled))
@@ -295,18 +289,23 @@ func (m *Manager) handshake(c net.Conn) {
 		log.Warn("cannot take the connection", zap.Error(err))
 		return
 	}
-	m.mu.Lock()
-	if m.closing {
-		m.mu.Unlock()
+	if !m.cfg.Admission.allowed(addr) {
+		m.drops.add(m.log, "connections refused: their address is not in --allow-peer", addr)
+		refuse(lk, wire.RefusedPeer, "this address is not in the destination's --allow-peer")
 		lk.Close()
 		return
 	}
-	m.shaking[lk] = struct{}{}
+	m.mu.Lock()
+	in := m.enter(lk, addr)
 	m.mu.Unlock()
+	if in == nil {
+		lk.Close()
+		return
+	}
 	keep := false
 	defer func() {
 		m.mu.Lock()
-		delete(m.shaking, lk)
+		m.leave(in)
 		m.mu.Unlock()
 		if !keep {
 			lk.Close()
@@ -315,11 +314,30 @@ func (m *Manager) handshake(c net.Conn) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.HandshakeTimeout)
 	defer cancel()
+	// A connection that says nothing is dropped soon, and meanwhile
+	// holds no handshake place.
+	if err := lk.WaitFirstBytes(ctx, m.cfg.Admission.FirstByte); err != nil {
+		m.drops.add(m.log, "connections dropped: nothing received in time, or closed before a byte", addr)
+		return
+	}
+	m.mu.Lock()
+	room := m.startHandshake(in)
+	m.mu.Unlock()
+	if !room {
+		m.drops.add(m.log, "connections refused: too many handshakes in progress (the destination is saturated)", addr)
+		refuse(lk, wire.RefusedBusy, "too many connections in their handshake")
+		return
+	}
 	deadline, _ := ctx.Deadline()
 	if m.cfg.ServerTLS != nil {
 		// Nothing of the protocol is read before the peer has proven
 		// who it is.
 		if err := lk.ServerTLS(ctx, m.cfg.ServerTLS); err != nil {
+			if plainPeer(lk.Preface()) {
+				log.Warn("connection refused: the peer runs with --insecure (it spoke phaul's plain protocol), and this daemon requires mutual TLS: run both daemons with certificates, or both with --insecure")
+				refuse(lk, wire.RefusedNeedsTLS, "the destination requires mutual TLS")
+				return
+			}
 			log.Warn("connection refused", zap.Error(transport.TLSError(err)))
 			return
 		}
@@ -328,6 +346,11 @@ func (m *Manager) handshake(c net.Conn) {
 	lk.SetDeadline(deadline)
 	msg, err := wire.ReadMessage(lk.Stream(), wire.Handshake)
 	if err != nil {
+		if m.cfg.ServerTLS == nil && tlsPeer(lk.Preface()) {
+			log.Warn("connection refused: the peer speaks TLS (it runs with certificates), and this daemon runs with --insecure: run both daemons with certificates, or both with --insecure")
+			refuse(lk, wire.RefusedInsecure, "the destination runs with --insecure")
+			return
+		}
 		log.Warn("handshake failed: connection dropped", zap.Error(err))
 		return
 	}
@@ -346,10 +369,10 @@ func (m *Manager) handshake(c net.Conn) {
 	}
 	role := roleIndex(hello.Role)
 
-	h, err := m.reserve(hello, lk)
+	h, err := m.reserve(hello, lk, addr)
 	reply := &wire.HelloReply{OK: err == nil, Daemon: version.Daemon()}
 	if err != nil {
-		reply.Error = err.Error()
+		reply.Code, reply.Error = refusalCode(err), err.Error()
 	}
 	werr := wire.WriteMessage(lk.Stream(), reply)
 	if err != nil || werr != nil {
@@ -382,15 +405,39 @@ func (m *Manager) handshake(c net.Conn) {
 	log.Debug("connection accepted")
 	if complete {
 		m.startDest(hello.Session, h)
+		return
 	}
+	m.connWG.Add(1)
+	go func() {
+		defer m.connWG.Done()
+		m.watchLone(hello.Session, h, role, lk)
+	}()
 }
 
-// reserve records c as the connection of its role for its session.
-func (m *Manager) reserve(hello *wire.Hello, c *transport.Link) (*half, error) {
+// Why reserve refuses a connection.
+var (
+	errStopping = errors.New("destination phauld is shutting down")
+	errBusy     = errors.New("too many connections waiting for their pair")
+)
+
+// refusalCode is the HelloReply code for reserve's error.
+func refusalCode(err error) string {
+	switch {
+	case errors.Is(err, errStopping):
+		return wire.RefusedStopping
+	case errors.Is(err, errBusy):
+		return wire.RefusedBusy
+	}
+	return wire.RefusedSession
+}
+
+// reserve records c, from addr, as the connection of its role for its
+// session.
+func (m *Manager) reserve(hello *wire.Hello, c *transport.Link, addr netip.Addr) (*half, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closing {
-		return nil, errors.New("destination phauld is shutting down")
+		return nil, errStopping
 	}
 	if hello.Proto < wire.Version {
 		return nil, fmt.Errorf("protocol version %d is not supported (this daemon speaks %d)", hello.Proto, wire.Version)
@@ -400,10 +447,10 @@ func (m *Manager) reserve(hello *wire.Hello, c *transport.Link) (*half, error) {
 	}
 	h := m.halves[hello.Session]
 	if h == nil {
-		if len(m.halves) >= maxHalves {
-			return nil, errors.New("too many unpaired connections")
+		if !m.makeRoomForHalf(addr) {
+			return nil, errBusy
 		}
-		h = &half{}
+		h = &half{addr: addr, since: time.Now()}
 		id := hello.Session
 		h.timer = time.AfterFunc(m.cfg.PairTimeout, func() { m.expire(id, h) })
 		m.halves[id] = h
@@ -1020,6 +1067,9 @@ func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role
 		host, _, _ := net.SplitHostPort(addr)
 		if err := lk.ClientTLS(ctx, m.cfg.ClientTLS(host)); err != nil {
 			lk.Close()
+			if r := refusalOf(lk.Preface()); r != nil {
+				return nil, refusedError(addr, role, r)
+			}
 			return nil, api.Errorf(api.CodeUnavailable,
 				"cannot open a trusted connection to the destination at %s: %v (both daemons need certificates from the same CA, and the destination's must be valid for %q; see 'phaulctl pki --help')",
 				addr, transport.TLSError(err), host)
@@ -1046,7 +1096,7 @@ func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role
 	}
 	if !reply.OK {
 		lk.Close()
-		return nil, api.Errorf(api.CodeUnavailable, "the destination phauld at %s refused the %s connection: %s", addr, role, reply.Error)
+		return nil, refusedError(addr, role, reply)
 	}
 	lk.SetDeadline(time.Time{})
 	return lk, nil
@@ -1090,7 +1140,7 @@ func (m *Manager) closeIntake() (first bool) {
 			}
 		}
 	}
-	for lk := range m.shaking {
+	for lk := range m.incoming {
 		// Wakes a handshake blocked on the socket; its goroutine closes it.
 		lk.Shutdown()
 	}

@@ -256,7 +256,9 @@ func TestResolveByOperator(t *testing.T) {
 				break
 			}
 		}
-		if api.CodeOf(err) != api.CodeConflict || !strings.Contains(err.Error(), "committed") {
+		// If the resolver's own query settled it first, the session is
+		// gone by the time the order comes: not found, and committed.
+		if api.CodeOf(err) != api.CodeNotFound && (api.CodeOf(err) != api.CodeConflict || !strings.Contains(err.Error(), "committed")) {
 			t.Fatalf("resolve --resume while the destination can say it committed: %v; want refused, saying so", err)
 		}
 		if err := <-done; err != nil {

@@ -115,7 +115,7 @@ func TestTLSRefusals(t *testing.T) {
 		{"no certificate", &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: id.CAs, ServerName: "127.0.0.1"}, "didn't provide a certificate"},
 		{"another CA", withRoots(other.ClientConfig("127.0.0.1"), id), "unknown authority"},
 		{"expired", expired.ClientConfig("127.0.0.1"), "expired"},
-		{"plain TCP", nil, "does not speak TLS"},
+		{"plain TCP", nil, ""},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -133,7 +133,17 @@ func TestTLSRefusals(t *testing.T) {
 				conn = tc
 			}
 			conn.Write(hello)
-			if b, err := io.ReadAll(conn); len(b) > 0 && bytes.HasPrefix(b, []byte("PH")) {
+			b, err := io.ReadAll(conn)
+			if c.cfg == nil {
+				// A plain peer is told, in plain, that TLS is required;
+				// it learns nothing else.
+				if r := refusalOf(b); r == nil || r.Code != wire.RefusedNeedsTLS {
+					t.Fatalf("a plain peer got %q (%v), want a tls_required refusal", b, err)
+				}
+				waitLog(t, logs, "the peer runs with --insecure")
+				return
+			}
+			if len(b) > 0 && bytes.HasPrefix(b, []byte("PH")) {
 				t.Fatalf("the daemon answered the protocol: %q (%v)", b, err)
 			}
 			deadline := time.Now().Add(5 * time.Second)
@@ -157,4 +167,16 @@ func TestTLSRefusals(t *testing.T) {
 func withRoots(cfg *tls.Config, trust *pki.Loaded) *tls.Config {
 	cfg.RootCAs = trust.CAs
 	return cfg
+}
+
+// waitLog waits up to 5 s for a log line whose message contains snippet.
+func waitLog(t *testing.T, logs *observer.ObservedLogs, snippet string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for logs.FilterMessageSnippet(snippet).Len() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no log line says %q", snippet)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

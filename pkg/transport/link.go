@@ -91,6 +91,65 @@ func (l *Link) handshakeTLS(ctx context.Context) error {
 	return err
 }
 
+// Preface is what the peer sent first (up to 1 KiB), as the socket gave
+// it, TLS or not: after a failed TLS handshake it shows whether the peer
+// answered in phaul's plain frames instead (see wire.HelloReply).
+func (l *Link) Preface() []byte { return l.fc.preface }
+
+// WritePlain writes b on the socket itself, outside any TLS session, by
+// deadline: a refusal the peer reads whatever mode it speaks. Only before
+// the link joins a loop.
+func (l *Link) WritePlain(b []byte, deadline time.Time) error {
+	l.fc.wrDeadline = deadline
+	defer func() { l.fc.wrDeadline = time.Time{} }()
+	_, err := l.fc.Write(b)
+	return err
+}
+
+// WaitFirstBytes waits until the peer has sent something, for at most d
+// (or until ctx ends, or Shutdown). It returns io.EOF if the peer closed
+// the connection without a byte, os.ErrDeadlineExceeded if it sent
+// nothing in time. Only before the link joins a loop.
+func (l *Link) WaitFirstBytes(ctx context.Context, d time.Duration) error {
+	stop := context.AfterFunc(ctx, l.Shutdown)
+	defer stop()
+	if err := l.fc.wait(unix.POLLIN, time.Now().Add(d)); err != nil {
+		return err
+	}
+	var b [1]byte
+	for {
+		n, _, err := unix.Recvfrom(l.fc.fd, b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return os.ErrDeadlineExceeded // woken without data
+		case err != nil:
+			return err
+		case n == 0:
+			return io.EOF
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return nil
+	}
+}
+
+// PeerClosed waits up to d for the peer to close its side of the
+// connection (FIN, reset or error) and reports whether it did. It does not
+// read: data the peer sent stays for the link's owner. Any goroutine may
+// call it while the link waits for its owner (a connection waiting for
+// its pair): it only polls.
+func (l *Link) PeerClosed(d time.Duration) bool {
+	fds := []unix.PollFd{{Fd: int32(l.fc.fd), Events: unix.POLLRDHUP}}
+	n, err := unix.Poll(fds, int(d/time.Millisecond))
+	if err != nil || n == 0 {
+		return false
+	}
+	return fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0
+}
+
 // Stream is l as a blocking byte stream, for the handshakes.
 func (l *Link) Stream() io.ReadWriter {
 	if l.tls != nil {
@@ -198,7 +257,16 @@ type fdConn struct {
 	// rbuf batches socket reads: crypto/tls asks for a record at a time.
 	rbuf       []byte
 	rpos, rend int
+
+	// preface is the first bytes the peer sent, kept while the link is
+	// used blocking (the handshakes), to tell what a peer that does not
+	// speak our mode sent instead (see Preface).
+	preface []byte
 }
+
+// prefaceMax is how much of the peer's first bytes a link keeps: a
+// handshake refusal frame fits.
+const prefaceMax = 1024
 
 // readBatch is how much one read from the socket may bring.
 const readBatch = 256 << 10
@@ -245,6 +313,9 @@ func (c *fdConn) rawRead(p []byte) (int, error) {
 			return 0, err
 		case n == 0 && len(p) > 0:
 			return 0, io.EOF
+		}
+		if !c.loop && len(c.preface) < prefaceMax {
+			c.preface = append(c.preface, p[:min(n, prefaceMax-len(c.preface))]...)
 		}
 		return n, nil
 	}

@@ -135,7 +135,7 @@ func TestUntrustedPeersRefused(t *testing.T) {
 		{"no certificate", &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: trust.CAs, ServerName: "127.0.0.2"}, "didn't provide a certificate"},
 		{"another CA", withRoots(other.ClientConfig("127.0.0.2"), trust), "unknown authority"},
 		{"expired", expired.ClientConfig("127.0.0.2"), "expired"},
-		{"plain TCP", nil, "does not speak TLS"},
+		{"plain TCP", nil, "the peer runs with --insecure"},
 	}
 	for _, c := range cases {
 		before := strings.Count(b.log(), "connection refused")
