@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +19,7 @@ import (
 	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/wire"
+	"github.com/phaul/phaul/test/harness"
 )
 
 // newAdmitManager is a manager on loopback with the admission bounds a;
@@ -30,7 +30,7 @@ func newAdmitManager(t *testing.T, id *pki.Loaded, a Admission) (*Manager, strin
 	cfg := Config{
 		Log: zap.New(core), CRIU: migrate.FromClient(criu.New("/nonexistent/criu")),
 		Info:     criu.Info{Version: criu.Version{Major: 4, Minor: 2}},
-		StateDir: t.TempDir(), HandshakeTimeout: 5 * time.Second, PairTimeout: 30 * time.Second,
+		StateDir: t.TempDir(), HandshakeTimeout: 2 * time.Second,
 		Admission: a,
 	}
 	if id != nil {
@@ -71,53 +71,11 @@ func pairs(t *testing.T, m *Manager, addr string) error {
 	return nil
 }
 
-// flood holds n connections open to addr, each made by open, until the
-// test ends: one the daemon closes is opened again at once, as an
-// attacker would. They come from 127.0.0.1, as the test's own source.
-func flood(t *testing.T, addr string, n int, open func(net.Conn)) {
-	floodFrom(t, "127.0.0.1", addr, n, true, open)
-}
-
-// floodFrom is flood from the loopback address from; without reopen, a
-// connection the daemon closes is not opened again.
-func floodFrom(t *testing.T, from, addr string, n int, reopen bool, open func(net.Conn)) {
-	t.Helper()
-	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for i := 0; i < n; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				c, err := d.Dial("tcp", addr)
-				if err != nil {
-					select {
-					case <-stop:
-						return
-					case <-time.After(10 * time.Millisecond):
-						continue
-					}
-				}
-				open(c)
-				closed := make(chan struct{})
-				go func() { io.Copy(io.Discard, c); close(closed) }()
-				select {
-				case <-stop:
-					c.Close()
-					<-closed
-					return
-				case <-closed:
-					c.Close()
-					if !reopen {
-						<-stop
-						return
-					}
-				}
-			}
-		}()
-	}
-	t.Cleanup(func() { close(stop); wg.Wait() })
+// bothModes runs f with mutual TLS (id) and with plain TCP (nil).
+func bothModes(t *testing.T, f func(t *testing.T, id *pki.Loaded)) {
+	id, _ := testPKI(t)
+	t.Run("tls", func(t *testing.T) { f(t, id) })
+	t.Run("insecure", func(t *testing.T) { f(t, nil) })
 }
 
 // TestIdleFloodStopsNothing: 400 connections held open to the
@@ -125,37 +83,29 @@ func floodFrom(t *testing.T, from, addr string, n int, reopen bool, open func(ne
 // to fill the 256 handshake places for 10 s each); and a silent
 // connection is dropped after FirstByte.
 func TestIdleFloodStopsNothing(t *testing.T) {
-	id, _ := testPKI(t)
-	for _, tls := range []bool{true, false} {
-		name := map[bool]string{true: "tls", false: "insecure"}[tls]
-		t.Run(name, func(t *testing.T) {
-			var pk *pki.Loaded
-			if tls {
-				pk = id
+	bothModes(t, func(t *testing.T, pk *pki.Loaded) {
+		m, addr, _ := newAdmitManager(t, pk, Admission{FirstByte: 2 * time.Second})
+		t.Cleanup(harness.Flood("127.0.0.1", addr, 400, true, nil))
+		time.Sleep(500 * time.Millisecond) // all 400 in
+		for i := 0; i < 3; i++ {
+			if err := pairs(t, m, addr); err != nil {
+				t.Fatalf("a migration's connections during the flood: %v", err)
 			}
-			m, addr, _ := newAdmitManager(t, pk, Admission{FirstByte: 2 * time.Second})
-			flood(t, addr, 400, func(net.Conn) {})
-			time.Sleep(500 * time.Millisecond) // all 400 in
-			for i := 0; i < 3; i++ {
-				if err := pairs(t, m, addr); err != nil {
-					t.Fatalf("a migration's connections during the flood: %v", err)
-				}
-			}
-			c, err := net.Dial("tcp", addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			start := time.Now()
-			c.SetReadDeadline(time.Now().Add(10 * time.Second))
-			if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
-				t.Fatalf("a silent connection: %v, want it closed", err)
-			}
-			if d := time.Since(start); d < 1500*time.Millisecond || d > 5*time.Second {
-				t.Errorf("a silent connection closed after %v, want about 2 s", d)
-			}
-		})
-	}
+		}
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		start := time.Now()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+			t.Fatalf("a silent connection: %v, want it closed", err)
+		}
+		if d := time.Since(start); d < 1500*time.Millisecond || d > 5*time.Second {
+			t.Errorf("a silent connection closed after %v, want about 2 s", d)
+		}
+	})
 }
 
 // TestLoneHelloFloodStopsNothing: lone hellos do not keep a migration
@@ -169,7 +119,7 @@ func TestLoneHelloFloodStopsNothing(t *testing.T) {
 	}
 	t.Run("once, same address", func(t *testing.T) {
 		m, addr, _ := newAdmitManager(t, nil, Admission{})
-		floodFrom(t, "127.0.0.1", addr, 128, false, lone)
+		t.Cleanup(harness.Flood("127.0.0.1", addr, 128, false, lone))
 		time.Sleep(time.Second)
 		for i := 0; i < 3; i++ {
 			if err := pairs(t, m, addr); err != nil {
@@ -179,7 +129,7 @@ func TestLoneHelloFloodStopsNothing(t *testing.T) {
 	})
 	t.Run("held, another address", func(t *testing.T) {
 		m, addr, _ := newAdmitManager(t, nil, Admission{})
-		floodFrom(t, "127.0.0.2", addr, 200, true, lone)
+		t.Cleanup(harness.Flood("127.0.0.2", addr, 200, true, lone))
 		time.Sleep(time.Second)
 		for i := 0; i < 3; i++ {
 			if err := pairs(t, m, addr); err != nil {
@@ -217,59 +167,43 @@ func TestLoneConnectionFreedOnClose(t *testing.T) {
 // connections, a source is told the destination is saturated, in both
 // modes, not that its certificates are wrong.
 func TestSaturatedSaysSo(t *testing.T) {
-	id, _ := testPKI(t)
-	for _, tls := range []bool{true, false} {
-		name := map[bool]string{true: "tls", false: "insecure"}[tls]
-		t.Run(name, func(t *testing.T) {
-			var pk *pki.Loaded
-			if tls {
-				pk = id
+	bothModes(t, func(t *testing.T, pk *pki.Loaded) {
+		m, addr, logs := newAdmitManager(t, pk, Admission{Handshakes: 2, HandshakesPerAddr: 2, HandshakeGrace: time.Hour})
+		for i := 0; i < 2; i++ {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
 			}
-			m, addr, logs := newAdmitManager(t, pk, Admission{Handshakes: 2, HandshakesPerAddr: 2, HandshakeGrace: time.Hour})
-			for i := 0; i < 2; i++ {
-				c, err := net.Dial("tcp", addr)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer c.Close()
-				c.Write([]byte{0x16}) // a first byte, then nothing
-			}
-			time.Sleep(200 * time.Millisecond)
-			err := pairs(t, m, addr)
-			if err == nil || !strings.Contains(err.Error(), "saturated") || strings.Contains(err.Error(), "certificate") {
-				t.Fatalf("a source facing a saturated destination got %v", err)
-			}
-			waitLog(t, logs, "the destination is saturated")
-		})
-	}
+			defer c.Close()
+			c.Write([]byte{0x16}) // a first byte, then nothing
+		}
+		time.Sleep(200 * time.Millisecond)
+		err := pairs(t, m, addr)
+		if err == nil || !strings.Contains(err.Error(), "saturated") || strings.Contains(err.Error(), "certificate") {
+			t.Fatalf("a source facing a saturated destination got %v", err)
+		}
+		waitLog(t, logs, "the destination is saturated")
+	})
 }
 
 // TestAllowPeer: with --allow-peer, an address outside the list is
 // refused before any byte is read, and the source is told why; inside,
 // a migration's connections pair.
 func TestAllowPeer(t *testing.T) {
-	id, _ := testPKI(t)
-	for _, tls := range []bool{true, false} {
-		name := map[bool]string{true: "tls", false: "insecure"}[tls]
-		t.Run(name, func(t *testing.T) {
-			var pk *pki.Loaded
-			if tls {
-				pk = id
-			}
-			m, addr, logs := newAdmitManager(t, pk, Admission{AllowPeers: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}})
-			err := pairs(t, m, addr)
-			if err == nil || !strings.Contains(err.Error(), "--allow-peer") {
-				t.Fatalf("a source outside --allow-peer got %v", err)
-			}
-			waitLog(t, logs, "not in --allow-peer")
+	bothModes(t, func(t *testing.T, pk *pki.Loaded) {
+		m, addr, logs := newAdmitManager(t, pk, Admission{AllowPeers: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}})
+		err := pairs(t, m, addr)
+		if err == nil || !strings.Contains(err.Error(), "--allow-peer") {
+			t.Fatalf("a source outside --allow-peer got %v", err)
+		}
+		waitLog(t, logs, "not in --allow-peer")
 
-			m, addr, _ = newAdmitManager(t, pk, Admission{AllowPeers: []netip.Prefix{
-				netip.MustParsePrefix("10.1.0.0/16"), netip.MustParsePrefix("127.0.0.0/8")}})
-			if err := pairs(t, m, addr); err != nil {
-				t.Fatalf("a source inside --allow-peer: %v", err)
-			}
-		})
-	}
+		m, addr, _ = newAdmitManager(t, pk, Admission{AllowPeers: []netip.Prefix{
+			netip.MustParsePrefix("10.1.0.0/16"), netip.MustParsePrefix("127.0.0.0/8")}})
+		if err := pairs(t, m, addr); err != nil {
+			t.Fatalf("a source inside --allow-peer: %v", err)
+		}
+	})
 }
 
 // TestMixedModesSaySo: a TLS daemon and an insecure one name the cause

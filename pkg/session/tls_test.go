@@ -13,11 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/phaul/phaul/pkg/criu"
-	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/pki"
 	"github.com/phaul/phaul/pkg/wire"
 )
@@ -41,27 +38,7 @@ func testPKI(t *testing.T) (*pki.Loaded, string) {
 // are observable.
 func newTLSManager(t *testing.T, id *pki.Loaded) (*Manager, string, *observer.ObservedLogs) {
 	t.Helper()
-	core, logs := observer.New(zap.DebugLevel)
-	m, err := NewManager(Config{
-		Log: zap.New(core), CRIU: migrate.FromClient(criu.New("/nonexistent/criu")),
-		Info:     criu.Info{Version: criu.Version{Major: 4, Minor: 2}},
-		StateDir: t.TempDir(), HandshakeTimeout: 2 * time.Second,
-		ServerTLS: id.ServerConfig(), ClientTLS: id.ClientConfig,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go m.Serve(l)
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		m.Shutdown(ctx)
-	})
-	return m, l.Addr().String(), logs
+	return newAdmitManager(t, id, Admission{})
 }
 
 // TestTLSPairs opens a migration's two connections over mutual TLS with

@@ -3,55 +3,15 @@
 package integration
 
 import (
-	"io"
-	"net"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/test/harness"
 )
-
-// holdIdle holds n TCP connections open to addr from the loopback
-// address from, sending nothing, until the test ends: one the daemon
-// closes is opened again at once, as an attacker would.
-func holdIdle(t *testing.T, from, addr string, n int) {
-	t.Helper()
-	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for i := 0; i < n; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				c, err := d.Dial("tcp", addr)
-				if err != nil {
-					select {
-					case <-stop:
-						return
-					case <-time.After(10 * time.Millisecond):
-						continue
-					}
-				}
-				closed := make(chan struct{})
-				go func() { io.Copy(io.Discard, c); close(closed) }()
-				select {
-				case <-stop:
-					c.Close()
-					<-closed
-					return
-				case <-closed:
-					c.Close()
-				}
-			}
-		}()
-	}
-	t.Cleanup(func() { close(stop); wg.Wait() })
-}
 
 // TestFloodStopsNothing: while 400 idle connections are held open to the
 // destination, from the source's own address, a real migration goes
@@ -64,7 +24,7 @@ func TestFloodStopsNothing(t *testing.T) {
 	b := startDaemon(t, "B", "127.0.0.2:19302", daemonOpts{})
 	w := startWorkload(t, workloadOpts{memMiB: 16})
 	before := w.report(w.pid, w.status)
-	holdIdle(t, "127.0.0.1", b.addr, 400)
+	t.Cleanup(harness.Flood("127.0.0.1", b.addr, 400, true, nil))
 	time.Sleep(time.Second) // all of them in
 	res := a.migrate(t, w.pid, b)
 	w.track(res.DestPID)
