@@ -156,6 +156,19 @@ func (m *Manager) startHandshake(in *incoming) bool {
 	return true
 }
 
+// displaced reports whether in was displaced by a newer connection (its
+// handshake then failed for that reason alone): counted in one line, not
+// logged alone.
+func (m *Manager) displaced(in *incoming) bool {
+	m.mu.Lock()
+	evicted := in.evicted
+	m.mu.Unlock()
+	if evicted {
+		m.drops.add(m.log, "handshakes displaced by newer connections: more than the bound were in progress", in.addr)
+	}
+	return evicted
+}
+
 // leave forgets in (m.mu held).
 func (m *Manager) leave(in *incoming) { delete(m.incoming, in.lk) }
 

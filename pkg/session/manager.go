@@ -333,6 +333,9 @@ func (m *Manager) handshake(c net.Conn) {
 		// Nothing of the protocol is read before the peer has proven
 		// who it is.
 		if err := lk.ServerTLS(ctx, m.cfg.ServerTLS); err != nil {
+			if m.displaced(in) {
+				return
+			}
 			if plainPeer(lk.Preface()) {
 				log.Warn("connection refused: the peer runs with --insecure (it spoke phaul's plain protocol), and this daemon requires mutual TLS: run both daemons with certificates, or both with --insecure")
 				refuse(lk, wire.RefusedNeedsTLS, "the destination requires mutual TLS")
@@ -346,6 +349,9 @@ func (m *Manager) handshake(c net.Conn) {
 	lk.SetDeadline(deadline)
 	msg, err := wire.ReadMessage(lk.Stream(), wire.Handshake)
 	if err != nil {
+		if m.displaced(in) {
+			return
+		}
 		if m.cfg.ServerTLS == nil && tlsPeer(lk.Preface()) {
 			log.Warn("connection refused: the peer speaks TLS (it runs with certificates), and this daemon runs with --insecure: run both daemons with certificates, or both with --insecure")
 			refuse(lk, wire.RefusedInsecure, "the destination runs with --insecure")
