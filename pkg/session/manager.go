@@ -724,6 +724,10 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	if cur, err := proc.Stat(info.PID); err != nil || cur.StartTime != info.StartTime {
 		return api.Result{}, api.Errorf(api.CodeNotFound, "pid %d exited while it was checked", req.PID)
 	}
+	if caller.UID < 0 || caller.GID < 0 || len(caller.Groups) > wire.MaxCallerGroups {
+		// Its identity travels with the migration (wireCaller).
+		return api.Result{}, api.Errorf(api.CodePermission, "uid %d (gid %d, %d groups) cannot be named to the destination (at most %d groups)", caller.UID, caller.GID, len(caller.Groups), wire.MaxCallerGroups)
+	}
 	mode := req.Mode
 	if mode == "" {
 		mode = api.ModeAuto
@@ -794,7 +798,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		Container: ctr, Shared: shared,
 		ID: id, ListenPort: m.listenPort(), Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
 		PeerTimeout: m.cfg.PeerTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource, DetachTerminal: req.DetachTerminal,
-		RunName: req.Name,
+		RunName: req.Name, Caller: wireCaller(caller),
 		Progress: func(ev api.Event) {
 			select {
 			case events <- ev:
@@ -828,6 +832,15 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		return end.Result, nil // what failed after is in the journal
 	}
 	return end.Result, end.Err
+}
+
+// wireCaller is the caller as the destination is told it.
+func wireCaller(c api.Caller) *wire.Caller {
+	w := &wire.Caller{UID: uint32(c.UID), GID: uint32(c.GID)}
+	for _, g := range c.Groups {
+		w.Groups = append(w.Groups, uint32(g))
+	}
+	return w
 }
 
 // awaitResolver waits a while for the outcome of a session in doubt: until
