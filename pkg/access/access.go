@@ -98,7 +98,7 @@ func walk(path string, typ uint32, need Need, c *Cred, parentsOnly bool) error {
 	}
 	for i, p := range parts {
 		// dir is a directory, and the next component is looked up in it.
-		if !may(&st, Search, c) {
+		if !May(&st, Search, c) {
 			return fmt.Errorf("directory %s is not searchable by uid %d", at, c.UID)
 		}
 		next := strings.TrimSuffix(at, "/") + "/" + p
@@ -138,7 +138,7 @@ func walk(path string, typ uint32, need Need, c *Cred, parentsOnly bool) error {
 		need Need
 		what string
 	}{{Read, "readable"}, {Write, "writable"}, {Search, "searchable"}} {
-		if need&n.need != 0 && !may(&st, n.need, c) {
+		if need&n.need != 0 && !May(&st, n.need, c) {
 			return fmt.Errorf("not %s by uid %d on this host (owner %d, group %d, mode %04o)", n.what, c.UID, st.Uid, st.Gid, st.Mode&0o7777)
 		}
 	}
@@ -153,10 +153,10 @@ type SymlinkError struct {
 
 func (e *SymlinkError) Error() string { return "a symlink on this host (" + e.Path + ")" }
 
-// may reports whether c may do what need says to a file of st, by its
+// May reports whether c may do what need says to a file of st, by its
 // mode bits, as the kernel picks them: the owner's if c owns it, else the
 // group's if c is in its group, else the others'.
-func may(st *unix.Stat_t, need Need, c *Cred) bool {
+func May(st *unix.Stat_t, need Need, c *Cred) bool {
 	if c == nil || need == 0 {
 		return true
 	}

@@ -24,7 +24,7 @@ func TestMayClasses(t *testing.T) {
 		{&Cred{UID: 1001, GID: 5}, Search, false},
 		{nil, Read | Write | Search, true}, // root
 	} {
-		if got := may(st, c.need, c.cred); got != c.want {
+		if got := May(st, c.need, c.cred); got != c.want {
 			t.Errorf("%+v, need %b: %v, want %v", c.cred, c.need, got, c.want)
 		}
 	}

@@ -186,6 +186,8 @@ type dest struct {
 	// the tree's pids as its images record them.
 	caller  *wire.Caller
 	taskIDs []int
+	// ttyDevs are the terminals given to the tree here, by device.
+	ttyDevs map[uint64]bool
 
 	// Lazy migrations: the lazy-pages daemon, and whether it brought
 	// every page in (and how many).
@@ -786,6 +788,14 @@ func (m *dest) startRestore() error {
 			return api.Errorf(api.CodeAborted, "give the process a new terminal: %v", err)
 		}
 		opts.InheritFds = append(opts.InheritFds, criu.InheritFd{Key: key, File: slave})
+		if fi, err := slave.Stat(); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+				if m.ttyDevs == nil {
+					m.ttyDevs = map[uint64]bool{}
+				}
+				m.ttyDevs[st.Rdev] = true
+			}
+		}
 	}
 	// The tree's journal streams: new ones, to this host's journald.
 	for _, ino := range m.journal {
@@ -1040,6 +1050,18 @@ func (m *dest) restored(pid int) error {
 		if err != nil {
 			m.restoreW.op.Reply(false)
 			return api.Errorf(api.CodeAborted, "cannot hold the restored tree: %v", err)
+		}
+	}
+	if credOf(m.caller) != nil && m.container == nil {
+		// What CRIU opened, by the inodes: the paths were checked
+		// before it ran (paths.go).
+		pids, err := proc.Tree(pid)
+		if err == nil {
+			err = checkHeld(pids, m.caller, m.ttyDevs)
+		}
+		if err != nil {
+			m.restoreW.op.Reply(false)
+			return err
 		}
 	}
 	stopped, err := m.p.CRIU.Stopped(m.p.Dir)

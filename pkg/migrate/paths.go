@@ -8,9 +8,12 @@ import (
 	"strconv"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/phaul/phaul/pkg/access"
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
+	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -141,4 +144,60 @@ func pathRefusal(bad []string, caller *wire.Caller) error {
 	}
 	return api.Errorf(api.CodePrecondition, "%s; refused: CRIU, reopening each file by its path, would give the process other files than it had. Make the paths the same on the destination as on the source",
 		list)
+}
+
+// checkHeld checks, for a caller other than root, what the restored tree
+// (pids, stopped: it has not run) holds, by the inodes themselves: each
+// regular file, directory and device it has open, maps, runs or is in
+// must be one the caller may open so (a deleted file, made from the
+// images, and the terminals given it here, ttys by their device number,
+// aside). checkImagePaths checked the paths before CRIU opened them;
+// this closes the window between the two, in which a user able to
+// change a directory on the way (its own) could have put a symlink
+// there.
+func checkHeld(pids []int, caller *wire.Caller, ttys map[uint64]bool) error {
+	cred := credOf(caller)
+	if cred == nil {
+		return nil
+	}
+	var bad []string
+	for _, pid := range pids {
+		held, err := proc.HeldFiles(pid)
+		if err != nil {
+			return api.Errorf(api.CodeAborted, "what restored pid %d holds: %v", pid, err)
+		}
+		for _, h := range held {
+			st := &h.Stat
+			switch st.Mode & unix.S_IFMT {
+			case unix.S_IFREG:
+				if st.Nlink == 0 {
+					continue
+				}
+			case unix.S_IFCHR:
+				if ttys[st.Rdev] {
+					continue
+				}
+			case unix.S_IFDIR, unix.S_IFBLK:
+			default:
+				continue // pipes, sockets, anonymous inodes: made by CRIU
+			}
+			need := access.NeedOf(h.Flags)
+			if h.Exec {
+				need = access.Search
+			}
+			if !access.May(st, need, cred) {
+				bad = append(bad, fmt.Sprintf("pid %d's %s, %s (owner %d, group %d, mode %04o)", pid, h.What, h.Path, st.Uid, st.Gid, st.Mode&0o7777))
+			}
+		}
+	}
+	if len(bad) == 0 {
+		return nil
+	}
+	more := ""
+	if len(bad) > 10 {
+		more = fmt.Sprintf("; and %d more", len(bad)-10)
+		bad = bad[:10]
+	}
+	return api.Errorf(api.CodePermission, "the restored process holds files uid %d may not open so on the destination, though their paths passed the check before the restore (did a path change meanwhile?): %s%s; refused, and the copy killed before it ran",
+		cred.UID, strings.Join(bad, "; "), more)
 }

@@ -4,6 +4,7 @@ package migrate
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -205,5 +206,61 @@ func TestPreparePathsRefused(t *testing.T) {
 	}
 	if err := checkPreparePaths([]wire.FileCheck{{Path: filepath.Join(host, "t", "f"), Mode: regular, Size: 7}}, member); err != nil {
 		t.Errorf("the file itself: %v", err)
+	}
+}
+
+// startHolder starts a process that holds files (fd 3 on) in dir, and
+// kills it at the end.
+func startHolder(t *testing.T, dir string, files ...*os.File) int {
+	t.Helper()
+	cmd := exec.Command("sleep", "60")
+	cmd.Dir, cmd.ExtraFiles = dir, files
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for _, f := range files {
+		f.Close()
+	}
+	return cmd.Process.Pid
+}
+
+func openFile(t *testing.T, path string, flags int) *os.File {
+	t.Helper()
+	f, err := os.OpenFile(path, flags, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// After the restore, before the tree runs, what it holds is checked by
+// the inodes themselves: a file the caller may not read or write as it
+// is open is refused, whatever path led CRIU to it; the rest (a file it
+// may read, a deleted file, its program, libraries, working directory)
+// passes. Root is not checked.
+func TestHeldFiles(t *testing.T) {
+	host := pathsHost(t)
+	mkfile(t, filepath.Join(host, "pub"), 0o644)
+	mkfile(t, filepath.Join(host, "private"), 0o600)
+	mkfile(t, filepath.Join(host, "gone"), 0o600)
+	gone := openFile(t, filepath.Join(host, "gone"), os.O_RDONLY)
+	os.Remove(filepath.Join(host, "gone"))
+	ok := startHolder(t, host, openFile(t, filepath.Join(host, "pub"), os.O_RDONLY), gone)
+	if err := checkHeld([]int{ok}, member, nil); err != nil {
+		t.Errorf("a holder of what uid 4242 may open: %v", err)
+	}
+	bad := startHolder(t, host, openFile(t, filepath.Join(host, "private"), os.O_RDONLY), openFile(t, filepath.Join(host, "pub"), os.O_RDWR))
+	err := checkHeld([]int{ok, bad}, member, nil)
+	for _, w := range []string{"fd 3, " + filepath.Join(host, "private") + " (owner", "fd 4, " + filepath.Join(host, "pub"), "uid 4242 may not open"} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("a holder of root's files: %v; want it refused, saying %q", err, w)
+		}
+	}
+	if api.CodeOf(err) != api.CodePermission {
+		t.Errorf("code %s, want %s", api.CodeOf(err), api.CodePermission)
+	}
+	if err := checkHeld([]int{bad}, &wire.Caller{}, nil); err != nil {
+		t.Errorf("root: %v", err)
 	}
 }
