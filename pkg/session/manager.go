@@ -737,8 +737,8 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	case !wire.ValidDetachFile(d):
 		return api.Result{}, api.Errorf(api.CodeInvalid, "--detach-terminal %q: want journal, null, or an absolute path of the file to append the output to on the destination", d)
 	case caller.UID != 0:
-		// The caller's identity does not travel with the migration yet:
-		// the destination would open the file as root.
+		// The destination opens the file as root, and checks only the
+		// tree's files against the caller's identity.
 		return api.Result{}, api.Errorf(api.CodePermission, "--detach-terminal FILE is root's only (the destination opens the file as root): use journal or null")
 	}
 	// This side first, before anything is touched: a mode the source
