@@ -3,6 +3,7 @@
 package criu
 
 import (
+	"bufio"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -23,7 +24,6 @@ import (
 const (
 	maxFileEntry   = 64 << 10
 	maxFileEntries = 1 << 20
-	maxFileImage   = 256 << 20
 )
 
 // PathFile is a file CRIU's restore opens by its path: a descriptor, a
@@ -110,42 +110,42 @@ func PathFiles(dir string) ([]PathFile, error) {
 }
 
 // readEntries decodes every entry of a CRIU image, as readEntry does the
-// first: each length is checked before it is used, and the image and its
-// entries are bounded.
+// first, a bounded entry at a time: each length is checked before it is
+// used, and the entries are bounded in size and number.
 func readEntries(path string, primary, secondary uint32, newEntry func() proto.Message, each func(proto.Message)) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxFileImage+1))
-	if err != nil {
-		return err
-	}
-	if len(b) > maxFileImage {
-		return fmt.Errorf("%s: image over %d bytes", path, maxFileImage)
-	}
-	if len(b) < 8 || binary.LittleEndian.Uint32(b[0:]) != primary || binary.LittleEndian.Uint32(b[4:]) != secondary {
+	r := bufio.NewReader(f)
+	var head [8]byte
+	if _, err := io.ReadFull(r, head[:]); err != nil || binary.LittleEndian.Uint32(head[0:]) != primary || binary.LittleEndian.Uint32(head[4:]) != secondary {
 		return fmt.Errorf("%s: not the CRIU image expected", path)
 	}
-	b = b[8:]
-	for n := 0; len(b) > 0; n++ {
+	buf := make([]byte, maxFileEntry)
+	for n := 0; ; n++ {
+		var size [4]byte
+		switch _, err := io.ReadFull(r, size[:]); {
+		case err == io.EOF:
+			return nil
+		case err != nil:
+			return fmt.Errorf("%s: truncated entry", path)
+		}
 		if n == maxFileEntries {
 			return fmt.Errorf("%s: over %d entries", path, maxFileEntries)
 		}
-		if len(b) < 4 {
-			return fmt.Errorf("%s: truncated entry", path)
+		sz := binary.LittleEndian.Uint32(size[:])
+		if sz > maxFileEntry {
+			return fmt.Errorf("%s: entry of %d bytes, over the %d-byte limit", path, sz, maxFileEntry)
 		}
-		size := binary.LittleEndian.Uint32(b)
-		if size > maxFileEntry || uint64(size) > uint64(len(b)-4) {
-			return fmt.Errorf("%s: entry of %d bytes exceeds the image or the limit", path, size)
+		if _, err := io.ReadFull(r, buf[:sz]); err != nil {
+			return fmt.Errorf("%s: entry of %d bytes exceeds the image", path, sz)
 		}
 		e := newEntry()
-		if err := proto.Unmarshal(b[4:4+int(size)], e); err != nil {
+		if err := proto.Unmarshal(buf[:sz], e); err != nil {
 			return fmt.Errorf("%s: %w", path, err)
 		}
 		each(e)
-		b = b[4+int(size):]
 	}
-	return nil
 }
