@@ -434,7 +434,9 @@ const (
 	SecurityDisabled = "disabled"
 )
 
-// Caller is who asked, from the control socket's SO_PEERCRED.
+// Caller is who asked, from the control socket's SO_PEERCRED (and
+// SO_PEERGROUPS: its supplementary groups when it connected).
 type Caller struct {
 	UID, GID, PID int
+	Groups        []int
 }

@@ -7,6 +7,8 @@
 package control
 
 import (
+	"unsafe"
+
 	"context"
 	"encoding/json"
 	"errors"
@@ -94,10 +96,35 @@ func peerCred(c net.Conn) api.Caller {
 	raw.Control(func(fd uintptr) {
 		cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 		if err == nil {
-			caller = api.Caller{UID: int(cred.Uid), GID: int(cred.Gid), PID: int(cred.Pid)}
+			caller = api.Caller{UID: int(cred.Uid), GID: int(cred.Gid), PID: int(cred.Pid), Groups: peerGroups(int(fd))}
 		}
 	})
 	return caller
+}
+
+// peerGroups are the supplementary groups the peer of the Unix socket fd
+// had when it connected (SO_PEERGROUPS), or none if they cannot be read:
+// unlike the caller's /proc, they cannot belong to a process that reused
+// its pid.
+func peerGroups(fd int) []int {
+	buf := make([]uint32, 64)
+	for {
+		n := uint32(len(buf) * 4)
+		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERGROUPS,
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
+		switch {
+		case errno == unix.ERANGE && int(n/4) > len(buf) && n/4 <= 1<<16:
+			buf = make([]uint32, n/4)
+			continue
+		case errno != 0:
+			return nil
+		}
+		out := make([]int, n/4)
+		for i := range out {
+			out[i] = int(buf[i])
+		}
+		return out
+	}
 }
 
 // CallerFrom returns the caller of a request.

@@ -5,6 +5,7 @@ package control
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -14,6 +15,7 @@ import (
 	"testing"
 
 	"go.uber.org/zap/zaptest"
+	"golang.org/x/sys/unix"
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/client"
@@ -242,5 +244,24 @@ func TestResolveIsRootOnly(t *testing.T) {
 		if asked != (c.status == http.StatusOK) {
 			t.Errorf("uid %d: the service was asked: %v", c.caller.UID, asked)
 		}
+	}
+}
+
+// The caller's supplementary groups come from the socket
+// (SO_PEERGROUPS): here, this process's own.
+func TestPeerGroups(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[0])
+	defer unix.Close(fds[1])
+	want, err := unix.Getgroups()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := peerGroups(fds[0])
+	if fmt.Sprint(got) != fmt.Sprint(want) && !(len(got) == 0 && len(want) == 0) {
+		t.Errorf("peer groups %v, want this process's %v", got, want)
 	}
 }

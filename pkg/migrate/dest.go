@@ -182,6 +182,13 @@ type dest struct {
 
 	mode string // the migration's mode, as chosen in prepare
 
+	// caller is who asked for the migration on the source; taskIDs are
+	// the tree's pids as its images record them.
+	caller  *wire.Caller
+	taskIDs []int
+	// ttyDevs are the terminals given to the tree here, by device.
+	ttyDevs map[uint64]bool
+
 	// Lazy migrations: the lazy-pages daemon, and whether it brought
 	// every page in (and how many).
 	lazy      LazyPages
@@ -310,6 +317,17 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	m.name, m.journal = p.Name, p.JournalStreams
 	m.ttys, m.detach = p.Terminals, p.Detach
 	m.runName = p.RunName
+	if p.Caller == nil {
+		return api.Errorf(api.CodePrecondition, "the source's phauld does not say who asked for the migration, which this destination needs to restore the process's files safely: upgrade phauld on the source")
+	}
+	m.caller, m.taskIDs = p.Caller, p.TaskIDs
+	m.log = m.log.With(zap.Uint32("caller_uid", p.Caller.UID))
+	m.ph.log = m.log
+	if p.Container != nil && p.Caller.UID != 0 {
+		// Its rootfs and bundle are made here as root, from what the
+		// source sends (setuid files, devices).
+		return api.Errorf(api.CodePermission, "a container's migration is root's only on the destination, and uid %d asked for it", p.Caller.UID)
+	}
 	if m.runName != "" && m.p.NameFree != nil {
 		if err := m.p.NameFree(m.runName); err != nil {
 			return api.Errorf(api.CodeConflict, "the process is named %q, and a process here has that name: %v", m.runName, err)
@@ -373,6 +391,11 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	}
 	if err := checkFiles(p.Files); err != nil {
 		return err
+	}
+	if p.Container == nil {
+		if err := checkPreparePaths(p.Files, p.Caller); err != nil {
+			return err
+		}
 	}
 	for _, path := range p.UnixPeers {
 		if st, err := os.Stat(path); err != nil || st.Mode()&os.ModeSocket == 0 {
@@ -554,6 +577,17 @@ func (m *dest) maybeRestore() error {
 	}
 	if m.recv.cur != nil || m.recv.files != m.want {
 		return protocolErr("restore asked with %d of %d image files received", m.recv.files, m.want)
+	}
+	if m.container == nil {
+		// What CRIU will open by path, as the images say: checked
+		// before it runs (paths.go). A container's are in its rootfs.
+		files, err := criu.PathFiles(m.p.Dir)
+		if err != nil {
+			return api.Errorf(api.CodeAborted, "read the images' file list: %v", err)
+		}
+		if err := checkImagePaths(files, m.caller, m.taskIDs); err != nil {
+			return err
+		}
 	}
 	m.ph.enter("restore")
 	m.tRestore = time.Now()
@@ -754,6 +788,14 @@ func (m *dest) startRestore() error {
 			return api.Errorf(api.CodeAborted, "give the process a new terminal: %v", err)
 		}
 		opts.InheritFds = append(opts.InheritFds, criu.InheritFd{Key: key, File: slave})
+		if fi, err := slave.Stat(); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+				if m.ttyDevs == nil {
+					m.ttyDevs = map[uint64]bool{}
+				}
+				m.ttyDevs[st.Rdev] = true
+			}
+		}
 	}
 	// The tree's journal streams: new ones, to this host's journald.
 	for _, ino := range m.journal {
@@ -1008,6 +1050,18 @@ func (m *dest) restored(pid int) error {
 		if err != nil {
 			m.restoreW.op.Reply(false)
 			return api.Errorf(api.CodeAborted, "cannot hold the restored tree: %v", err)
+		}
+	}
+	if credOf(m.caller) != nil && m.container == nil {
+		// What CRIU opened, by the inodes: the paths were checked
+		// before it ran (paths.go).
+		pids, err := proc.Tree(pid)
+		if err == nil {
+			err = checkHeld(pids, m.caller, m.ttyDevs)
+		}
+		if err != nil {
+			m.restoreW.op.Reply(false)
+			return err
 		}
 	}
 	stopped, err := m.p.CRIU.Stopped(m.p.Dir)

@@ -111,6 +111,9 @@ type SourceConfig struct {
 	// Shared is the container's storage check: the marker file and its
 	// token (see wire.Container); the source removes it when done.
 	Shared *wire.Container
+	// Caller is who asked for the migration: the destination gives the
+	// restored tree no access that this user does not have there.
+	Caller *wire.Caller
 }
 
 // source is the state machine of the daemon a process leaves.
@@ -348,6 +351,7 @@ func (m *source) begin() error {
 		RunName:        m.p.RunName,
 		UnixPeers:      m.unixPeers,
 		ShellJob:       m.shellJob,
+		Caller:         m.p.Caller,
 		Files:          files,
 		TaskIDs:        tasks,
 		OwnPidNS:       rootNS == 1,

@@ -777,6 +777,10 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	if cur, err := proc.Stat(info.PID); err != nil || cur.StartTime != info.StartTime {
 		return api.Result{}, api.Errorf(api.CodeNotFound, "pid %d exited while it was checked", req.PID)
 	}
+	if caller.UID < 0 || caller.GID < 0 || len(caller.Groups) > wire.MaxCallerGroups {
+		// Its identity travels with the migration (wireCaller).
+		return api.Result{}, api.Errorf(api.CodePermission, "uid %d (gid %d, %d groups) cannot be named to the destination (at most %d groups)", caller.UID, caller.GID, len(caller.Groups), wire.MaxCallerGroups)
+	}
 	mode := req.Mode
 	if mode == "" {
 		mode = api.ModeAuto
@@ -786,8 +790,8 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	case !wire.ValidDetachFile(d):
 		return api.Result{}, api.Errorf(api.CodeInvalid, "--detach-terminal %q: want journal, null, or an absolute path of the file to append the output to on the destination", d)
 	case caller.UID != 0:
-		// The caller's identity does not travel with the migration yet:
-		// the destination would open the file as root.
+		// The destination opens the file as root, and checks only the
+		// tree's files against the caller's identity.
 		return api.Result{}, api.Errorf(api.CodePermission, "--detach-terminal FILE is root's only (the destination opens the file as root): use journal or null")
 	}
 	// This side first, before anything is touched: a mode the source
@@ -847,7 +851,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		Container: ctr, Shared: shared,
 		ID: id, ListenPort: m.listenPort(), Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
 		PeerTimeout: m.cfg.PeerTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource, DetachTerminal: req.DetachTerminal,
-		RunName: req.Name,
+		RunName: req.Name, Caller: wireCaller(caller),
 		Progress: func(ev api.Event) {
 			select {
 			case events <- ev:
@@ -881,6 +885,15 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		return end.Result, nil // what failed after is in the journal
 	}
 	return end.Result, end.Err
+}
+
+// wireCaller is the caller as the destination is told it.
+func wireCaller(c api.Caller) *wire.Caller {
+	w := &wire.Caller{UID: uint32(c.UID), GID: uint32(c.GID)}
+	for _, g := range c.Groups {
+		w.Groups = append(w.Groups, uint32(g))
+	}
+	return w
 }
 
 // awaitResolver waits a while for the outcome of a session in doubt: until

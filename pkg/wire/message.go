@@ -352,7 +352,23 @@ type Prepare struct {
 	// is outside it, a shell's job; it is restored into the restoring
 	// CRIU's session and group.
 	ShellJob bool `json:"shell_job,omitempty"`
+	// Caller is who asked for the migration on the source (the control
+	// socket's peer): a destination restores, as root, files by the
+	// paths the images name, and gives a caller other than root no
+	// access it would not have here. Nil from a source that predates it.
+	Caller *Caller `json:"caller,omitempty"`
 }
+
+// Caller is a user's identity: uid, primary gid, supplementary groups.
+type Caller struct {
+	UID    uint32   `json:"uid"`
+	GID    uint32   `json:"gid"`
+	Groups []uint32 `json:"groups,omitempty"`
+}
+
+// MaxCallerGroups bounds Caller.Groups (the kernel allows 65536; a
+// Prepare must stay under its size limit with its other lists).
+const MaxCallerGroups = 4096
 
 // MaxUnixPeers bounds the UnixPeers of a Prepare.
 const MaxUnixPeers = 64
@@ -862,6 +878,17 @@ func (m *Prepare) validate() error {
 	for _, ino := range m.JournalStreams {
 		if ino == 0 {
 			return fmt.Errorf("journal stream inode 0")
+		}
+	}
+	if c := m.Caller; c != nil {
+		// (uid_t)-1 is no one: setuid(-1) means "unchanged".
+		if c.UID == 1<<32-1 || c.GID == 1<<32-1 || len(c.Groups) > MaxCallerGroups {
+			return fmt.Errorf("caller uid %d gid %d with %d groups", c.UID, c.GID, len(c.Groups))
+		}
+		for _, g := range c.Groups {
+			if g == 1<<32-1 {
+				return fmt.Errorf("caller group %d", g)
+			}
 		}
 	}
 	if m.Network != nil {

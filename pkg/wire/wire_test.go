@@ -17,7 +17,7 @@ func sampleMessages() []Message {
 	return []Message{
 		&Hello{Proto: 1, Role: RoleRPC, Session: id, Daemon: "phauld/test"},
 		&HelloReply{OK: false, Error: "no"},
-		&Prepare{PID: 42, CRIUVersion: 40201, CPUInfo: []byte{1, 2, 3}, Name: "workload", JournalStreams: []uint64{1234, 1235}, Mode: "auto", SourceModes: []string{"copy", "lazy"}},
+		&Prepare{PID: 42, Caller: &Caller{UID: 1000, GID: 100, Groups: []uint32{27}}, CRIUVersion: 40201, CPUInfo: []byte{1, 2, 3}, Name: "workload", JournalStreams: []uint64{1234, 1235}, Mode: "auto", SourceModes: []string{"copy", "lazy"}},
 		&Ready{CRIUVersion: 40201, CPUCheck: "ok", Mode: "lazy"},
 		&Resumed{PID: 7},
 		&Resume{},
@@ -236,6 +236,10 @@ func TestPrepareValidate(t *testing.T) {
 		{PID: 1, Network: &Network{Routes: []NetRoute{{Dev: "a b"}}}},
 		{PID: 1, Container: &Container{ID: "c", Config: []byte("{}"), Rootfs: "/r", Marker: "/m", Token: ""}},
 		{PID: 1, Container: &Container{ID: "c", Config: []byte("{}"), Rootfs: "r"}},
+		{PID: 1, Caller: &Caller{UID: 1<<32 - 1, GID: 1000}},
+		{PID: 1, Caller: &Caller{UID: 1000, GID: 1<<32 - 1}},
+		{PID: 1, Caller: &Caller{UID: 1000, GID: 1000, Groups: []uint32{27, 1<<32 - 1}}},
+		{PID: 1, Caller: &Caller{UID: 1000, GID: 1000, Groups: make([]uint32, MaxCallerGroups+1)}},
 	} {
 		b, err := Marshal(bad)
 		if err != nil {
@@ -245,7 +249,7 @@ func TestPrepareValidate(t *testing.T) {
 			t.Errorf("%+v accepted", bad)
 		}
 	}
-	ok := &Prepare{PID: 1, Name: strings.Repeat("x", 64), JournalStreams: []uint64{1, 2},
+	ok := &Prepare{PID: 1, Name: strings.Repeat("x", 64), JournalStreams: []uint64{1, 2}, Caller: &Caller{UID: 1000, GID: 1000, Groups: []uint32{27, 999}},
 		Network: &Network{Veths: []Veth{{Inner: "eth0", Outer: "veth-svc.1", Bridge: "br0"}}, Macvlans: []Macvlan{{Inner: "mv0", Lower: "eno1"}}, Interfaces: []string{"eth0", "mv0"},
 			Addresses: []string{"10.0.0.1/24", "fd00::1/64"}, Connections: 3}}
 	if err := ok.validate(); err != nil {
