@@ -327,18 +327,19 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 				stopSignals()
 			}
 		},
-		Place:         scopes(placer, log),
-		PlaceRun:      runScopes(placer),
-		Guard:         guards(log),
-		Runc:          rc,
-		ContainersDir: containersDir,
-		SharedPaths:   o.sharedPaths,
-		HookExe:       self,
-		Authorize:     policy.CanMigrateTree,
-		ServerTLS:     sec.Server,
-		ClientTLS:     sec.Client,
-		Insecure:      o.insecure,
-		Disabled:      sec.Disabled,
+		Place:           scopes(placer, log),
+		PlaceRun:        runScopes(placer),
+		Guard:           guards(log),
+		Runc:            rc,
+		ContainersDir:   containersDir,
+		SharedPaths:     o.sharedPaths,
+		HookExe:         self,
+		Authorize:       policy.CanMigrateTree,
+		AuthorizeFrozen: policy.CanMigrateFrozen,
+		ServerTLS:       sec.Server,
+		ClientTLS:       sec.Client,
+		Insecure:        o.insecure,
+		Disabled:        sec.Disabled,
 	})
 	if err != nil {
 		closeAll(migLs)
