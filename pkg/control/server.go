@@ -234,7 +234,10 @@ func (s *Server) resolve(w http.ResponseWriter, r *http.Request) {
 }
 
 // canCancel lets root cancel anything, and a member of the control group
-// cancel the outgoing migrations of its own processes.
+// cancel the outgoing migrations it asked for: by who asked, not by who
+// owns the tree now, so that a migration stays its asker's to cancel
+// whatever its tree became (frozen, or running a setuid program), and
+// never becomes another member's.
 func (s *Server) canCancel(ctx context.Context, c api.Caller, id string) error {
 	if err := s.policy.CanUse(c); err != nil || c.UID == 0 {
 		return err
@@ -243,11 +246,14 @@ func (s *Server) canCancel(ctx context.Context, c api.Caller, id string) error {
 		if len(id) == 0 || !strings.HasPrefix(sess.ID, id) {
 			continue
 		}
-		if sess.Direction != "out" {
+		if sess.Direction != api.DirectionOut {
 			return api.Errorf(api.CodePermission, "only root may cancel an incoming migration")
 		}
-		if err := s.policy.CanMigrate(c, sess.PID); err != nil {
-			return err
+		switch {
+		case sess.CallerUID == nil:
+			return api.Errorf(api.CodePermission, "session %s does not say who asked for it (a migration in doubt): only root may act on it", sess.ID)
+		case *sess.CallerUID != c.UID:
+			return api.Errorf(api.CodePermission, "uid %d may cancel only the migrations it asked for, and %s was asked for by uid %d", c.UID, sess.ID, *sess.CallerUID)
 		}
 	}
 	return nil
