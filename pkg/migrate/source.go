@@ -730,7 +730,7 @@ func (m *source) startDump() error {
 		return api.Errorf(api.CodeAborted, "start criu dump: %v", err)
 	}
 	m.state = srcDump
-	m.dump, err = watchCRIU(m.s.l, op, 1, m.onDump, m.abort)
+	m.dump, err = watchCRIU(m.s.l, op, m.p.Dir, m.log, 1, m.onDump, m.abort)
 	if err != nil {
 		op.Close()
 		return err

@@ -601,6 +601,9 @@ func (m *Manager) finished(r *running, end migrate.End, log *zap.Logger, dir str
 	if end.Crashed {
 		return // as if the daemon had died: the next start recovers
 	}
+	// What stays of it (a failure's images and logs, kept a while) is
+	// root's alone, whatever CRIU made it.
+	private(log, dir)
 	m.record(s, end, log)
 	if end.Outcome == api.OutcomeInDoubt && s.Direction == api.DirectionOut {
 		log.Error("migration in doubt", zap.Error(end.Err), zap.String("images", dir))
