@@ -14,8 +14,8 @@ import (
 // process's state, and CRIU writes them 0644 (phauld's umask is left
 // alone: the programs phaulctl run starts, and the bundles and runc state
 // that containers' users traverse, inherit or need it). Images become
-// 0600, directories 0700, and an action script phauld wrote 0700 keeps
-// its owner's execute bit. Symbolic links are neither followed nor
+// 0600, directories and sockets 0700 and 0600, and an action script
+// phauld wrote 0700 keeps its owner's execute bit. Symbolic links are neither followed nor
 // changed. What vanishes meanwhile is skipped; the first other failure is
 // returned, after the rest was done.
 func Private(dir string) error {
@@ -35,10 +35,14 @@ func Private(dir string) error {
 			return nil // gone
 		}
 		perm := info.Mode().Perm()
-		if perm&0o077 == 0 {
+		want := perm &^ 0o077
+		if !d.IsDir() && !d.Type().IsRegular() {
+			want &= 0o600 // a socket's execute bit means nothing
+		}
+		if want == perm {
 			return nil
 		}
-		if err := os.Chmod(path, perm&^0o077); err != nil && !errors.Is(err, fs.ErrNotExist) && first == nil {
+		if err := os.Chmod(path, want); err != nil && !errors.Is(err, fs.ErrNotExist) && first == nil {
 			first = err
 		}
 		return nil

@@ -3,6 +3,7 @@
 package store
 
 import (
+	"net"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -24,10 +25,16 @@ func TestPrivate(t *testing.T) {
 		}
 	}
 	os.Symlink(outside, filepath.Join(dir, "link"))
+	l, err := net.Listen("unix", filepath.Join(dir, "lazy-pages.socket"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	os.Chmod(filepath.Join(dir, "lazy-pages.socket"), 0o777)
 	if err := Private(dir); err != nil {
 		t.Fatal(err)
 	}
-	for name, want := range map[string]os.FileMode{".": 0o700, "cpuinfo": 0o700, "core-1.img": 0o600, "dump.log": 0o600, "cpuinfo/cpuinfo.img": 0o600, "hook.sh": 0o700, "rec.json": 0o600, "ro.img": 0o400} {
+	for name, want := range map[string]os.FileMode{".": 0o700, "cpuinfo": 0o700, "core-1.img": 0o600, "dump.log": 0o600, "cpuinfo/cpuinfo.img": 0o600, "hook.sh": 0o700, "rec.json": 0o600, "ro.img": 0o400, "lazy-pages.socket": 0o600} {
 		fi, err := os.Stat(filepath.Join(dir, name))
 		if err != nil || fi.Mode().Perm() != want {
 			t.Errorf("%s: %v, %v; want %v", name, fi.Mode().Perm(), err, want)

@@ -233,34 +233,56 @@ func TestSessionFilesPrivateOnDisk(t *testing.T) {
 	}
 	waitRunning(t, w.pid)
 	for _, d := range []*daemon{a, b} {
-		dirs, _ := filepath.Glob(filepath.Join(d.state, "sessions", "*"))
-		if len(dirs) != 1 {
-			t.Fatalf("phauld %s keeps %d session directories, want the failed one", d.name, len(dirs))
-		}
-		images := 0
-		filepath.WalkDir(dirs[0], func(path string, e fs.DirEntry, err error) error {
-			if err != nil {
-				t.Error(err)
-				return nil
-			}
-			info, err := e.Info()
-			if err != nil {
-				return nil
-			}
-			want := fs.FileMode(0o600)
-			if e.IsDir() {
-				want = 0o700
-			}
-			if info.Mode().Perm() != want {
-				t.Errorf("phauld %s: %s is %v, want %v", d.name, path, info.Mode().Perm(), want)
-			}
-			if strings.HasSuffix(path, ".img") {
-				images++
-			}
+		checkSessionPrivate(t, d)
+	}
+}
+
+// TestKeptImagesPrivateOnDisk: with --keep-images a successful
+// migration's session directories stay, on both sides, root's alone.
+func TestKeptImagesPrivateOnDisk(t *testing.T) {
+	integration(t)
+	keep := daemonOpts{flags: []string{"--keep-images"}}
+	a := startDaemon(t, "A", "127.0.0.1:19121", keep)
+	b := startDaemon(t, "B", "127.0.0.2:19122", keep)
+	w := startWorkload(t, workloadOpts{memMiB: 16})
+	res := a.migrate(t, w.pid, b)
+	w.track(res.DestPID)
+	for _, d := range []*daemon{a, b} {
+		checkSessionPrivate(t, d)
+	}
+}
+
+// checkSessionPrivate checks d's one session directory: images in it,
+// every file 0600, every directory 0700.
+func checkSessionPrivate(t *testing.T, d *daemon) {
+	t.Helper()
+	dirs, _ := filepath.Glob(filepath.Join(d.state, "sessions", "*"))
+	if len(dirs) != 1 {
+		t.Fatalf("phauld %s keeps %d session directories, want one", d.name, len(dirs))
+	}
+	images := 0
+	filepath.WalkDir(dirs[0], func(path string, e fs.DirEntry, err error) error {
+		if err != nil {
+			t.Error(err)
 			return nil
-		})
-		if images == 0 {
-			t.Errorf("phauld %s: no images in %s", d.name, dirs[0])
 		}
+		info, err := e.Info()
+		if err != nil {
+			return nil
+		}
+		want := fs.FileMode(0o600)
+		if e.IsDir() {
+			want = 0o700
+		}
+		if info.Mode().Perm() != want {
+			t.Errorf("phauld %s: %s is %v, want %v", d.name, path, info.Mode().Perm(), want)
+		}
+		if strings.HasSuffix(path, ".img") {
+			images++
+		}
+		return nil
+	})
+	if images == 0 {
+		t.Errorf("phauld %s: no images in %s", d.name, dirs[0])
 	}
 }
