@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -69,7 +70,7 @@ func New(svc Service, policy Policy, log *zap.Logger) *Server {
 		writeError(w, http.StatusNotFound, api.Errorf(api.CodeNotFound, "no endpoint %s %s", r.Method, r.URL.Path))
 	})
 	s.http = &http.Server{
-		Handler:           mux,
+		Handler:           canonical(mux),
 		ReadHeaderTimeout: 10 * time.Second,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, callerKey{}, peerCred(c))
@@ -77,6 +78,19 @@ func New(svc Service, policy Policy, log *zap.Logger) *Server {
 		ErrorLog: zap.NewStdLog(log),
 	}
 	return s
+}
+
+// canonical answers a request for a path that is not in its clean form
+// (an empty session id: /v1/sessions//cancel) with a JSON 404, where the
+// mux would redirect to the clean one, with no JSON, to another endpoint.
+func canonical(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p := r.URL.Path; p == "" || path.Clean(p) != p {
+			writeError(w, http.StatusNotFound, api.Errorf(api.CodeNotFound, "no endpoint %s %q", r.Method, p))
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
 
 // peerCred reads the caller's credentials from the socket. A caller whose
