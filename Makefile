@@ -75,6 +75,7 @@ unit: deps $(FAILSUM)
 fuzz-short:
 	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime $(FUZZTIME) ./pkg/wire
 	$(GO) test -run '^$$' -fuzz FuzzPathFiles -fuzztime $(FUZZTIME) ./pkg/criu
+	$(GO) test -run '^$$' -fuzz FuzzControlRequest -fuzztime $(FUZZTIME) ./pkg/control
 
 fuzz:
 	$(MAKE) fuzz-short FUZZTIME=5m

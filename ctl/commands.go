@@ -394,7 +394,8 @@ func newCancel(c *cli) *cobra.Command {
 hex digits; see phaulctl list), on either daemon. Before the commit, the
 process resumes on the source, as it was. Once the source has asked the
 destination to commit, cancel is refused: the migration ends as the
-destination decides.`,
+destination decides. Root may cancel any migration; a member of group
+phaul only the outgoing migrations it asked for.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			s, err := c.client().Cancel(cmd.Context(), args[0])

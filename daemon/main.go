@@ -357,19 +357,20 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 				stopSignals()
 			}
 		},
-		Place:         scopes(placer, log),
-		PlaceRun:      runScopes(placer),
-		Guard:         guards(log),
-		Runc:          rc,
-		ContainersDir: containersDir,
-		SharedPaths:   o.sharedPaths,
-		HookExe:       self,
-		Authorize:     policy.CanMigrateTree,
-		ServerTLS:     sec.Server,
-		ClientTLS:     sec.Client,
-		Insecure:      o.insecure,
-		Disabled:      sec.Disabled,
-		Admission:     session.Admission{AllowPeers: o.allowPeers},
+		Place:           scopes(placer, log),
+		PlaceRun:        runScopes(placer),
+		Guard:           guards(log),
+		Runc:            rc,
+		ContainersDir:   containersDir,
+		SharedPaths:     o.sharedPaths,
+		HookExe:         self,
+		Authorize:       policy.CanMigrateTree,
+		AuthorizeFrozen: policy.CanMigrateFrozen,
+		ServerTLS:       sec.Server,
+		ClientTLS:       sec.Client,
+		Insecure:        o.insecure,
+		Disabled:        sec.Disabled,
+		Admission:       session.Admission{AllowPeers: o.allowPeers},
 	})
 	if err != nil {
 		closeAll(migLs)

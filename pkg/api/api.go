@@ -337,6 +337,10 @@ type Session struct {
 	// Note says what the session waits for, when that is not plain from
 	// its phase (a session in doubt: what an operator may do).
 	Note string `json:"note,omitempty"`
+	// CallerUID is the uid that asked for an outgoing migration (absent
+	// for incoming ones, and for one in doubt after a restart): a member
+	// of the control group may cancel the migrations it asked for.
+	CallerUID *int `json:"caller_uid,omitempty"`
 }
 
 // ResolveRequest settles a migration in doubt that neither daemon can

@@ -3,6 +3,8 @@
 package control
 
 import (
+	"fmt"
+
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/proc"
 )
@@ -101,4 +103,69 @@ func (p Policy) CanMigrateTree(c api.Caller, root proc.Info, pids []int) error {
 		}
 	}
 	return nil
+}
+
+// CanMigrateFrozen is the check made again at the freeze, before anything
+// of the tree leaves this host (see migrate.SourceConfig.CheckFrozen):
+// root may migrate anything; for anyone else every task of the frozen
+// tree rooted at root, threads included, must run as the caller, by its
+// real, effective, saved and filesystem uids, and not be held undumpable
+// by the kernel. A tree that ran a setuid program since the request is
+// refused here, naming the task and its owner.
+func (p Policy) CanMigrateFrozen(c api.Caller, root proc.Info) error {
+	if c.UID == 0 {
+		return nil
+	}
+	if cur, err := proc.Stat(root.PID); err != nil || cur.StartTime != root.StartTime {
+		return api.Errorf(api.CodeNotFound, "pid %d exited before the freeze", root.PID)
+	}
+	pids, err := proc.Tree(root.PID)
+	if err != nil {
+		return api.Errorf(api.CodeNotFound, "pid %d exited before the freeze", root.PID)
+	}
+	tasks, err := proc.TaskCreds(pids)
+	if err != nil {
+		return api.Errorf(api.CodePermission, "cannot tell who the frozen tree's tasks belong to: %v", err)
+	}
+	return ownedBy(c.UID, tasks)
+}
+
+// ownedBy refuses tasks unless every one runs as uid.
+func ownedBy(uid int, tasks []proc.TaskCred) error {
+	if len(tasks) == 0 {
+		return api.Errorf(api.CodeNotFound, "the frozen tree has no tasks")
+	}
+	for _, t := range tasks {
+		who := ""
+		for i, id := range t.UIDs {
+			if id != uid {
+				who = fmt.Sprintf("its %s uid is %d", [...]string{"real", "effective", "saved", "filesystem"}[i], id)
+				break
+			}
+		}
+		if who == "" && t.Owner != uid {
+			who = fmt.Sprintf("the kernel gives it to uid %d (it ran a setuid program)", t.Owner)
+		}
+		if who == "" {
+			continue
+		}
+		task := fmt.Sprintf("pid %d", t.PID)
+		if t.TID != t.PID {
+			task = fmt.Sprintf("thread %d of pid %d", t.TID, t.PID)
+		}
+		return api.Errorf(api.CodePermission,
+			"at the freeze, %s is owned by uid %d, not by uid %d who asked (%s): uid %d may migrate only its own processes, and the tree changed since the request (a setuid program?)",
+			task, ownerOf(t, uid), uid, who, uid)
+	}
+	return nil
+}
+
+// ownerOf is the first id of t that is not uid: who else the task is.
+func ownerOf(t proc.TaskCred, uid int) int {
+	for _, id := range t.UIDs {
+		if id != uid {
+			return id
+		}
+	}
+	return t.Owner
 }

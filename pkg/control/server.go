@@ -15,6 +15,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -71,7 +72,7 @@ func New(svc Service, policy Policy, log *zap.Logger) *Server {
 		writeError(w, http.StatusNotFound, api.Errorf(api.CodeNotFound, "no endpoint %s %s", r.Method, r.URL.Path))
 	})
 	s.http = &http.Server{
-		Handler:           mux,
+		Handler:           canonical(mux),
 		ReadHeaderTimeout: 10 * time.Second,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, callerKey{}, peerCred(c))
@@ -79,6 +80,19 @@ func New(svc Service, policy Policy, log *zap.Logger) *Server {
 		ErrorLog: zap.NewStdLog(log),
 	}
 	return s
+}
+
+// canonical answers a request for a path that is not in its clean form
+// (an empty session id: /v1/sessions//cancel) with a JSON 404, where the
+// mux would redirect to the clean one, with no JSON, to another endpoint.
+func canonical(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p := r.URL.Path; p == "" || path.Clean(p) != p {
+			writeError(w, http.StatusNotFound, api.Errorf(api.CodeNotFound, "no endpoint %s %q", r.Method, p))
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
 
 // peerCred reads the caller's credentials from the socket. A caller whose
@@ -261,7 +275,10 @@ func (s *Server) resolve(w http.ResponseWriter, r *http.Request) {
 }
 
 // canCancel lets root cancel anything, and a member of the control group
-// cancel the outgoing migrations of its own processes.
+// cancel the outgoing migrations it asked for: by who asked, not by who
+// owns the tree now, so that a migration stays its asker's to cancel
+// whatever its tree became (frozen, or running a setuid program), and
+// never becomes another member's.
 func (s *Server) canCancel(ctx context.Context, c api.Caller, id string) error {
 	if err := s.policy.CanUse(c); err != nil || c.UID == 0 {
 		return err
@@ -270,11 +287,14 @@ func (s *Server) canCancel(ctx context.Context, c api.Caller, id string) error {
 		if len(id) == 0 || !strings.HasPrefix(sess.ID, id) {
 			continue
 		}
-		if sess.Direction != "out" {
+		if sess.Direction != api.DirectionOut {
 			return api.Errorf(api.CodePermission, "only root may cancel an incoming migration")
 		}
-		if err := s.policy.CanMigrate(c, sess.PID); err != nil {
-			return err
+		switch {
+		case sess.CallerUID == nil:
+			return api.Errorf(api.CodePermission, "session %s does not say who asked for it (a migration in doubt): only root may act on it", sess.ID)
+		case *sess.CallerUID != c.UID:
+			return api.Errorf(api.CodePermission, "uid %d may cancel only the migrations it asked for, and %s was asked for by uid %d", c.UID, sess.ID, *sess.CallerUID)
 		}
 	}
 	return nil

@@ -26,6 +26,9 @@ type fakeService struct {
 	caller api.Caller
 	req    api.MigrateRequest
 	err    error
+	// sessions, if set, is what Sessions lists.
+	sessions []api.Session
+	canceled string
 }
 
 func (f *fakeService) Run(_ context.Context, caller api.Caller, req api.RunRequest) (api.RunResult, error) {
@@ -39,10 +42,17 @@ func (f *fakeService) Status(context.Context) api.Status {
 }
 
 func (f *fakeService) Sessions(context.Context) []api.Session {
+	if f.sessions != nil {
+		return f.sessions
+	}
 	return []api.Session{{ID: "abcd1234", Direction: "in", PID: 7}}
 }
 
 func (f *fakeService) Cancel(_ context.Context, _ api.Caller, id string) (api.Session, error) {
+	f.canceled = id
+	if f.sessions != nil {
+		return api.Session{ID: id}, nil
+	}
 	if id != "abcd" {
 		return api.Session{}, api.Errorf(api.CodeConflict, "too late to cancel")
 	}

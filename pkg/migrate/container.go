@@ -156,6 +156,15 @@ func (c *containerCRIU) StartDump(o criu.Options) (Op, error) {
 	if ln != nil {
 		go func() {
 			defer close(bridged)
+			// Paused, the container is frozen and nothing of it has
+			// left: the source checks it there, as CRIU's own dump
+			// lets it. A no gives CRIU no page server: runc fails, and
+			// the container resumes.
+			if !op.notify(FrozenNotify, o.PID) {
+				ln.Close()
+				ps.Close()
+				return
+			}
 			up, down, err := bridge(ln, ps)
 			c.log.Debug("page stream bridged", zap.Int64("to_relay", up), zap.Int64("from_relay", down), zap.Error(err))
 		}()

@@ -458,7 +458,7 @@ func (m *dest) prepare(p *wire.Prepare) error {
 		return err
 	}
 	m.state = dstChecks
-	m.check, err = watchCRIU(m.s.l, op, 1, m.onCheck, m.abort)
+	m.check, err = watchCRIU(m.s.l, op, m.p.Dir, m.log, 1, m.onCheck, m.abort)
 	return err
 }
 
@@ -532,7 +532,7 @@ func (m *dest) startPageServer(cpuCheck string) error {
 	}
 	m.state = dstPageServer
 	m.ph.enter("page-server")
-	m.ps, err = watchCRIU(m.s.l, op, 2, func(ev criu.Event) error { return m.onPageServer(ev, cpuCheck) }, m.abort)
+	m.ps, err = watchCRIU(m.s.l, op, m.p.Dir, m.log, 2, func(ev criu.Event) error { return m.onPageServer(ev, cpuCheck) }, m.abort)
 	return err
 }
 
@@ -821,7 +821,7 @@ func (m *dest) startRestore() error {
 		return err
 	}
 	m.state = dstRestore
-	m.restoreW, err = watchCRIU(m.s.l, op, 1, m.onRestore, m.abort)
+	m.restoreW, err = watchCRIU(m.s.l, op, m.p.Dir, m.log, 1, m.onRestore, m.abort)
 	return err
 }
 

@@ -114,7 +114,21 @@ type SourceConfig struct {
 	// Caller is who asked for the migration: the destination gives the
 	// restored tree no access that this user does not have there.
 	Caller *wire.Caller
+	// CheckFrozen, if set, is the caller's permission asked again on the
+	// frozen tree rooted at Proc, before any page or image of it leaves
+	// (see FrozenNotify): an error aborts the migration, and CRIU
+	// resumes the tree. The check at request time cannot see what the
+	// tree does after it (exec a setuid program).
+	CheckFrozen func(root proc.Info) error
 }
+
+// FrozenNotify is CRIU's notification, during a dump, that comes once the
+// whole tree is frozen (seized) and before any page is written (CRIU
+// 3.19 and later send it when notifications are on; it asks for more
+// external resources, and a "no" fails the dump, which resumes the
+// tree). The source checks the frozen tree there; a container's dump
+// sends it too (see ContainerCRIU).
+const FrozenNotify = "query-ext-files"
 
 // source is the state machine of the daemon a process leaves.
 type source struct {
@@ -150,7 +164,9 @@ type source struct {
 	destVeths []wire.Veth
 	// postDumpAnswered: CRIU's post-dump notification has its answer.
 	postDumpAnswered bool
-	tree             []*proc.Process
+	// frozenChecked: CheckFrozen passed on the frozen tree.
+	frozenChecked bool
+	tree          []*proc.Process
 
 	destPID int
 	// enterNS, if set, is the init of the pid namespace an earlier
@@ -718,7 +734,7 @@ func (m *source) startDump() error {
 		return api.Errorf(api.CodeAborted, "start criu dump: %v", err)
 	}
 	m.state = srcDump
-	m.dump, err = watchCRIU(m.s.l, op, 1, m.onDump, m.abort)
+	m.dump, err = watchCRIU(m.s.l, op, m.p.Dir, m.log, 1, m.onDump, m.abort)
 	if err != nil {
 		op.Close()
 		return err
@@ -745,9 +761,22 @@ func (m *source) onDump(ev criu.Event) error {
 			return m.answerPostDump(false)
 		case m.state == srcAbort:
 			return m.dump.op.Reply(false)
+		case ev.Notify == FrozenNotify && m.state == srcDump:
+			// Frozen, nothing written to the page stream yet.
+			if err := m.checkFrozen(); err != nil {
+				m.abort(err)
+				return m.dump.op.Reply(false)
+			}
+			return m.dump.op.Reply(true)
 		case ev.Notify == "post-dump" && m.state == srcDump:
 			// Frozen and dumped (but for the lazy memory, in lazy mode);
 			// CRIU now waits for our word. The images go first.
+			if err := m.checkFrozen(); err != nil {
+				// No FrozenNotify came (a CRIU older than 3.19): in
+				// copy mode pages went already, but no image has.
+				m.abort(err)
+				return m.answerPostDump(false)
+			}
 			if err := m.frozen(); err != nil {
 				return err
 			}
@@ -807,6 +836,21 @@ func (m *source) onDump(ev criu.Event) error {
 		m.end()
 		return nil
 	}
+}
+
+// checkFrozen asks CheckFrozen, once, about the frozen tree.
+func (m *source) checkFrozen() error {
+	if m.frozenChecked || m.p.CheckFrozen == nil {
+		return nil
+	}
+	if err := m.p.CheckFrozen(m.p.Proc); err != nil {
+		e := api.AsError(err)
+		m.log.Warn("the frozen tree is refused", zap.Error(err))
+		return api.Errorf(e.Code, "%s; nothing of the tree was sent to the destination", e.Message)
+	}
+	m.frozenChecked = true
+	m.log.Info("the frozen tree is still the caller's")
+	return nil
 }
 
 // frozen takes what the frozen, dumped tree tells: that it is still the

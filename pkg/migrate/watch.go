@@ -11,6 +11,7 @@ import (
 	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/epoll"
 	"github.com/phaul/phaul/pkg/loop"
+	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
 )
@@ -43,10 +44,14 @@ func (p *phaseTimer) enter(name string) {
 
 // criuWatch drives a CRIU request from the loop: each event goes to fn.
 // It stops watching once CRIU has sent the number of responses the request
-// makes (notifications do not count), or failed.
+// makes (notifications do not count), or failed. It then takes group and
+// others' access to what CRIU left in dir (store.Private): CRIU writes
+// its images and logs 0644.
 type criuWatch struct {
 	op        Op
 	l         *loop.Loop
+	dir       string
+	log       *zap.Logger
 	fn        func(criu.Event) error
 	fail      func(error)
 	responses int
@@ -55,8 +60,8 @@ type criuWatch struct {
 
 // watchCRIU watches op, which will send responses responses (2 for a page
 // server: its start, then WaitPID's answer).
-func watchCRIU(l *loop.Loop, op Op, responses int, fn func(criu.Event) error, fail func(error)) (*criuWatch, error) {
-	w := &criuWatch{op: op, l: l, fn: fn, fail: fail, responses: responses}
+func watchCRIU(l *loop.Loop, op Op, dir string, log *zap.Logger, responses int, fn func(criu.Event) error, fail func(error)) (*criuWatch, error) {
+	w := &criuWatch{op: op, l: l, dir: dir, log: log, fn: fn, fail: fail, responses: responses}
 	if err := l.Watch(op.Fd(), epoll.In, w.handle); err != nil {
 		return nil, err
 	}
@@ -78,6 +83,9 @@ func (w *criuWatch) handle(uint32) {
 			w.responses--
 			if w.responses <= 0 || ev.Err != nil {
 				w.stop()
+				if err := store.Private(w.dir); err != nil {
+					w.log.Warn("cannot make the session's files private", zap.String("dir", w.dir), zap.Error(err))
+				}
 			}
 		}
 		if err := w.fn(ev); err != nil {

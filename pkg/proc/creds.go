@@ -3,6 +3,7 @@
 package proc
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -174,4 +175,98 @@ func Unsupported(pids []int) (pid, fd int, what string) {
 		}
 	}
 	return 0, 0, ""
+}
+
+// TaskCred is who one task (a process or one of its threads) runs as.
+type TaskCred struct {
+	// PID is the process, TID the task (PID itself for its main thread).
+	PID, TID int
+	// UIDs are its real, effective, saved and filesystem user ids (the
+	// Uid line of its status).
+	UIDs [4]int
+	// Owner is the owner of /proc/PID/task/TID: its effective uid, or
+	// root's when the kernel holds it undumpable (it ran a setuid
+	// program, even one that gave its privileges back: its memory may
+	// hold what it read as root).
+	Owner int
+}
+
+// TaskCreds lists every task of every process of pids, threads included,
+// with who each runs as. Run it on a frozen tree for an answer that
+// holds. A process that has exited since pids was listed is left out; a
+// task that is there but cannot be read is an error.
+func TaskCreds(pids []int) ([]TaskCred, error) {
+	var out []TaskCred
+	for _, pid := range pids {
+		dir := "/proc/" + strconv.Itoa(pid) + "/task"
+		tasks, err := os.ReadDir(dir)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			return nil, fmt.Errorf("pid %d: %w", pid, err)
+		}
+		for _, t := range tasks {
+			tid, err := strconv.Atoi(t.Name())
+			if err != nil {
+				continue
+			}
+			c, err := taskCred(dir+"/"+t.Name(), pid, tid)
+			if errors.Is(err, os.ErrNotExist) {
+				continue // the thread ended
+			}
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, c)
+		}
+	}
+	return out, nil
+}
+
+func taskCred(dir string, pid, tid int) (TaskCred, error) {
+	c := TaskCred{PID: pid, TID: tid}
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		if err == unix.ENOENT || err == unix.ESRCH {
+			return c, os.ErrNotExist
+		}
+		return c, fmt.Errorf("task %d of pid %d: %w", tid, pid, err)
+	}
+	c.Owner = int(st.Uid)
+	b, err := os.ReadFile(dir + "/status")
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH) {
+			return c, os.ErrNotExist
+		}
+		return c, fmt.Errorf("task %d of pid %d: %w", tid, pid, err)
+	}
+	if c.UIDs, err = parseUIDs(b); err != nil {
+		return c, fmt.Errorf("task %d of pid %d: %w", tid, pid, err)
+	}
+	return c, nil
+}
+
+// parseUIDs reads the four ids of the Uid line of a status file.
+func parseUIDs(status []byte) ([4]int, error) {
+	var ids [4]int
+	for _, line := range strings.Split(string(status), "\n") {
+		v, ok := strings.CutPrefix(line, "Uid:")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(v)
+		if len(f) != 4 {
+			return ids, fmt.Errorf("Uid line %q", v)
+		}
+		for i := range f {
+			n, err := strconv.Atoi(f[i])
+			if err != nil || n < 0 {
+				return ids, fmt.Errorf("Uid line %q", v)
+			}
+			ids[i] = n
+		}
+		return ids, nil
+	}
+	return ids, errors.New("no Uid line in its status")
 }

@@ -29,3 +29,28 @@ func TestIsTerminal(t *testing.T) {
 		}
 	}
 }
+
+func TestTaskCreds(t *testing.T) {
+	tasks, err := TaskCreds([]int{os.Getpid(), 1 << 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A Go test binary runs several threads: every one is listed.
+	if len(tasks) < 2 {
+		t.Fatalf("TaskCreds(self) = %d tasks, want every thread", len(tasks))
+	}
+	for _, c := range tasks {
+		if c.PID != os.Getpid() || c.UIDs != [4]int{os.Getuid(), os.Geteuid(), os.Geteuid(), os.Geteuid()} || c.Owner != os.Geteuid() {
+			t.Errorf("task %+v; want pid %d, uids of uid %d", c, os.Getpid(), os.Getuid())
+		}
+	}
+	ids, err := parseUIDs([]byte("Name:\tx\nUid:\t1000\t0\t0\t1000\nGid:\t5\t5\t5\t5\n"))
+	if err != nil || ids != [4]int{1000, 0, 0, 1000} {
+		t.Errorf("parseUIDs = %v, %v", ids, err)
+	}
+	for _, bad := range []string{"Name:\tx\n", "Uid:\t1\t2\t3\n", "Uid:\t1\t2\tx\t4\n"} {
+		if _, err := parseUIDs([]byte(bad)); err == nil {
+			t.Errorf("parseUIDs(%q) accepted", bad)
+		}
+	}
+}

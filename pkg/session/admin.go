@@ -27,7 +27,7 @@ func (m *Manager) Cancel(prefix string) (api.Session, error) {
 			"session %s has asked the destination to commit and is waiting for its answer: too late to cancel", res.id)
 	}
 	err = found.s.Cancel()
-	return found.s.Info(), err
+	return found.info(), err
 }
 
 // find is the session, or the resolver, whose id starts with prefix (at

@@ -83,6 +83,11 @@ type Config struct {
 	// migration records (pid and start time), after the tree's pids are
 	// reserved, so a pid reused since an earlier check cannot slip by.
 	Authorize func(caller api.Caller, root proc.Info, pids []int) error
+	// AuthorizeFrozen, if set, decides again, on the frozen tree rooted
+	// at root and before anything of it leaves, whether caller may
+	// migrate it (see migrate.SourceConfig.CheckFrozen). It is not asked
+	// for root.
+	AuthorizeFrozen func(caller api.Caller, root proc.Info) error
 	// DumpLockDir holds the lock files that keep dumps of processes in
 	// one working directory apart (default dumplock.DefaultDir).
 	DumpLockDir string
@@ -526,13 +531,25 @@ func (m *Manager) sessionDir(id wire.SessionID) string {
 // running is a session the manager supervises.
 type running struct {
 	s *migrate.Session
-	// out is set for outgoing sessions.
-	out bool
+	// out is set for outgoing sessions; caller is then the uid that
+	// asked for it.
+	out    bool
+	caller int
 	// done is closed once the manager has finished with the session
 	// (logged it, recorded it, handed it to a resolver if in doubt);
 	// resolver is set before.
 	done     chan struct{}
 	resolver *resolver
+}
+
+// info describes the session; an outgoing one says who asked for it.
+func (r *running) info() api.Session {
+	s := r.s.Info()
+	if r.out {
+		uid := r.caller
+		s.CallerUID = &uid
+	}
+	return s
 }
 
 // listenPort is the port of this daemon's first TCP migration listener (0:
@@ -637,6 +654,9 @@ func (m *Manager) finished(r *running, end migrate.End, log *zap.Logger, dir str
 	if end.Crashed {
 		return // as if the daemon had died: the next start recovers
 	}
+	// What stays of it (a failure's images and logs, kept a while) is
+	// root's alone, whatever CRIU made it.
+	private(log, dir)
 	m.record(s, end, log)
 	if end.Outcome == api.OutcomeInDoubt && s.Direction == api.DirectionOut {
 		log.Error("migration in doubt", zap.Error(end.Err), zap.String("images", dir))
@@ -851,7 +871,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		Container: ctr, Shared: shared,
 		ID: id, ListenPort: m.listenPort(), Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
 		PeerTimeout: m.cfg.PeerTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource, DetachTerminal: req.DetachTerminal,
-		RunName: req.Name, Caller: wireCaller(caller),
+		RunName: req.Name, Caller: wireCaller(caller), CheckFrozen: m.checkFrozen(caller),
 		Progress: func(ev api.Event) {
 			select {
 			case events <- ev:
@@ -864,7 +884,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		close(events)
 		return api.Result{}, err
 	}
-	r := m.spawn(&running{s: s, out: true}, log, dir)
+	r := m.spawn(&running{s: s, out: true, caller: caller.UID}, log, dir)
 	spawned = r != nil
 	if r == nil {
 		s.Close()
@@ -894,6 +914,15 @@ func wireCaller(c api.Caller) *wire.Caller {
 		w.Groups = append(w.Groups, uint32(g))
 	}
 	return w
+}
+
+// checkFrozen is the check a source makes on the frozen tree for caller
+// (nil for root, whom it does not concern).
+func (m *Manager) checkFrozen(caller api.Caller) func(proc.Info) error {
+	if m.cfg.AuthorizeFrozen == nil || caller.UID == 0 {
+		return nil
+	}
+	return func(root proc.Info) error { return m.cfg.AuthorizeFrozen(caller, root) }
 }
 
 // awaitResolver waits a while for the outcome of a session in doubt: until
@@ -1129,7 +1158,7 @@ func (m *Manager) Sessions() []api.Session {
 	list := make([]api.Session, 0, len(m.sessions)+len(m.resolvers))
 	for id, r := range m.sessions {
 		if _, handed := m.resolvers[id]; !handed {
-			list = append(list, r.s.Info())
+			list = append(list, r.info())
 		}
 	}
 	for _, r := range m.resolvers {

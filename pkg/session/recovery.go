@@ -33,6 +33,8 @@ func (m *Manager) Recover() error {
 	if err != nil {
 		return err
 	}
+	// A daemon that died mid-session left CRIU's files as CRIU made them.
+	private(m.log, root)
 	known, _ := m.history.List(0)
 	recorded := map[string]bool{}
 	for _, e := range known {

@@ -54,10 +54,10 @@ type ruleDaemon struct {
 
 // newRuleDaemon starts a manager on state (recovering what is there) and
 // serves it on a loopback port of its own.
-func newRuleDaemon(t *testing.T, name, state string, fake *migratetest.CRIU) *ruleDaemon {
+func newRuleDaemon(t *testing.T, name, state string, fake *migratetest.CRIU, tweak ...func(*Config)) *ruleDaemon {
 	t.Helper()
 	asSource, asDest := migrate.HostCapabilities(false, true, "")
-	m, err := NewManager(Config{
+	cfg := Config{
 		Log:              zaptest.NewLogger(t).Named(name),
 		CRIU:             fake,
 		Info:             criu.Info{Version: criu.Version{Major: 4, Minor: 2}, CPUInfo: []byte("fake cpuinfo")},
@@ -72,7 +72,11 @@ func newRuleDaemon(t *testing.T, name, state string, fake *migratetest.CRIU) *ru
 		Guard: func(dir string, pid int, start uint64) (migrate.Guard, error) {
 			return guard.InProcess(dir, pid, start)
 		},
-	})
+	}
+	for _, f := range tweak {
+		f(&cfg)
+	}
+	m, err := NewManager(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

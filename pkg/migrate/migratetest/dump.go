@@ -18,7 +18,8 @@ import (
 )
 
 // StartDump starts a fake dump of the tree rooted at o.PID (see the
-// package documentation). Copy mode writes the memory to o.PageServer (or,
+// package documentation). With o.Notify it says migrate.FrozenNotify once
+// the tree is stopped, before anything is written. Copy mode writes the memory to o.PageServer (or,
 // without one, to pages-1.img in o.ImagesDir), waits for the page server's
 // acknowledgement and end of stream, then stops at post-dump. Lazy mode
 // stops at post-dump first, then serves the memory on o.PageServer until
@@ -53,6 +54,13 @@ func (r *request) dump() error {
 	undo := func() {
 		r.logf("resuming the tree")
 		f.resume()
+	}
+	if o.Notify {
+		// As CRIU (>= 3.19) asks for external files once the tree is
+		// seized, before anything is written.
+		if err := r.notify(migrate.FrozenNotify, 0); err != nil {
+			return r.fail(err, undo)
+		}
 	}
 	lazy := o.LazyPages
 	_, mem, err := r.c.writeImages(o.ImagesDir, f.tree, f.stopped, lazy)

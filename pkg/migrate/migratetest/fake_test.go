@@ -174,6 +174,16 @@ func wantNotify(t *testing.T, ev criu.Event, name string) {
 	}
 }
 
+// passFrozen answers yes to the notification a dump sends once the tree
+// is frozen, before anything is written.
+func passFrozen(t *testing.T, op migrate.Op) {
+	t.Helper()
+	wantNotify(t, next(t, op), migrate.FrozenNotify)
+	if err := op.Reply(true); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func wantSuccess(t *testing.T, ev criu.Event) {
 	t.Helper()
 	if ev.Notify != "" || ev.Err != nil {
@@ -196,6 +206,7 @@ func dumpLocal(t *testing.T, c *migratetest.CRIU, pid int, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	passFrozen(t, op)
 	defer op.Close()
 	wantNotify(t, next(t, op), "post-dump")
 	if err := op.Reply(true); err != nil {
@@ -240,6 +251,7 @@ func TestCopyMigration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	passFrozen(t, dump)
 	defer dump.Close()
 	wantNotify(t, next(t, dump), "post-dump")
 	if !stopped(pid) {
@@ -299,6 +311,7 @@ func TestDumpClosedAtPostDumpResumes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	passFrozen(t, op)
 	wantNotify(t, next(t, op), "post-dump")
 	if !stopped(pid) {
 		t.Fatal("tree not stopped at post-dump")
@@ -319,6 +332,7 @@ func TestDumpKeepsJobControlStop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	passFrozen(t, op)
 	defer op.Close()
 	wantNotify(t, next(t, op), "post-dump")
 	if st, err := c.Stopped(dir); err != nil || !st[pid] || len(st) != 1 {
@@ -343,6 +357,7 @@ func TestDumpPageSocketBroken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	passFrozen(t, op)
 	defer op.Close()
 	wantFailure(t, next(t, op), "page transfer failed")
 	if !migratetest.Running(pid) {
@@ -358,6 +373,7 @@ func TestHookFailsStep(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	passFrozen(t, op)
 	defer op.Close()
 	wantNotify(t, next(t, op), "post-dump")
 	op.Reply(true)
@@ -471,6 +487,7 @@ func startLazyDump(t *testing.T, c *migratetest.CRIU, pid int, dir string) (migr
 	if err != nil {
 		t.Fatal(err)
 	}
+	passFrozen(t, op)
 	t.Cleanup(func() { op.Close() })
 	wantNotify(t, next(t, op), "post-dump")
 	if !stopped(pid) {

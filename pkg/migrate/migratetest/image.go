@@ -239,7 +239,7 @@ func killTree(tree []*proc.Process) {
 
 // writeFile writes an image file.
 func writeFile(path string, b []byte) error {
-	return os.WriteFile(path, b, 0o600)
+	return os.WriteFile(path, b, 0o644) // as CRIU writes its images
 }
 
 // Taken is none: the fake restore keeps the tree it was given, on the

@@ -398,7 +398,7 @@ func (r *request) logf(format string, args ...any) {
 }
 
 func appendLog(path, line string) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644) // as CRIU its logs
 	if err != nil {
 		return
 	}
