@@ -77,6 +77,10 @@ type DestConfig struct {
 	// Dir is the session's directory: its record, images and CRIU logs.
 	Dir         string
 	PeerTimeout time.Duration
+	// PhaseTimeout is each phase's progress deadline (0: none): a phase
+	// that neither advances nor moves a byte for that long aborts the
+	// migration by the commit rule.
+	PhaseTimeout time.Duration
 	// KeepImages keeps the images after the commit.
 	KeepImages bool
 	// Place, if set, moves the restored tree (its pids) out of the
@@ -221,6 +225,7 @@ func (m *dest) begin() error {
 		return err
 	}
 	m.hb = startHeartbeat(m.s.l, m.rpc, []*transport.Conn{m.rpc, m.mem}, m.p.PeerTimeout, m.onSilent)
+	m.hb.deadline(m.ph, m.p.PhaseTimeout, m.onStalled)
 	return nil
 }
 
@@ -1141,7 +1146,14 @@ func (m *dest) onSilent(quiet time.Duration) {
 		m.finish(false)
 		return
 	}
-	m.abort(api.Errorf(api.CodeAborted, "the source stopped answering: nothing received for %v", quiet.Round(time.Second)))
+	m.abort(api.Errorf(api.CodeAborted, "the source stopped answering: no answer to its pings and no data for %v", quiet.Round(time.Second)))
+}
+
+// onStalled takes a phase that made no progress within its deadline:
+// before the commit this copy is discarded; after it, the session ends.
+func (m *dest) onStalled(phase string, waited time.Duration) {
+	m.log.Warn("phase made no progress within its deadline", zap.String("phase", phase), zap.Duration("waited", waited))
+	m.abort(stalledError(phase, waited, "source"))
 }
 
 // abort discards this side's copy: before the commit the process belongs
