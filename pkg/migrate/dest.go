@@ -81,6 +81,12 @@ type DestConfig struct {
 	// that neither advances nor moves a byte for that long aborts the
 	// migration by the commit rule.
 	PhaseTimeout time.Duration
+	// Limits are the daemon's limits its destination sessions share
+	// (nil: none).
+	Limits *Limits
+	// Refuse, if set, refuses the migration at its Prepare with this
+	// error (a daemon at its limit of sessions): the source hears it.
+	Refuse error
 	// KeepImages keeps the images after the commit.
 	KeepImages bool
 	// Place, if set, moves the restored tree (its pids) out of the
@@ -197,6 +203,10 @@ type dest struct {
 	tResumed, tPagesIn time.Time
 
 	failure error
+	// disk counts what the session writes under its directory; releasePS
+	// gives back its page server's slot.
+	disk      disk
+	releasePS func()
 }
 
 // NewDest returns the session that receives a migration on the
@@ -208,12 +218,25 @@ func NewDest(c DestConfig, rpc, mem *transport.Link) (*Session, error) {
 }
 
 func newDest(s *Session, p DestConfig, rpcLink, memLink *transport.Link) (*dest, error) {
-	m := &dest{s: s, p: p, log: p.Log, want: -1, treeNS: -1}
+	m := &dest{s: s, p: p, log: p.Log, want: -1, treeNS: -1, releasePS: func() {}}
+	m.disk = disk{l: p.Limits, dir: p.Dir}
 	m.recv.dir = p.Dir
 	m.ph = newPhaseTimer(s, p.Log)
 	m.rec = &store.Record{ID: s.ID.String(), Role: store.RoleDest, Peer: s.Peer}
 	if err := m.open(s.l, rpcLink, memLink, m.onRPC, m.abort, m.onConnClose); err != nil {
 		return nil, err
+	}
+	// A copy migration's pages land in the session's directory: they
+	// count against its disk limits as they arrive.
+	toRelay := m.mem.OnMessage
+	m.mem.OnMessage = func(msg wire.Message) error {
+		if pd, ok := msg.(*wire.PageData); ok && m.mode != api.ModeLazy {
+			if err := m.disk.add(int64(len(pd.Data))); err != nil {
+				m.abort(err)
+				return nil
+			}
+		}
+		return toRelay(msg)
 	}
 	return m, nil
 }
@@ -266,6 +289,9 @@ func (m *dest) onRPC(msg wire.Message) error {
 		if m.state != dstReceive {
 			break
 		}
+		if err := m.disk.add(msg.Size); err != nil {
+			return err
+		}
 		return m.recv.begin(msg)
 	case *wire.FileData:
 		if m.state != dstReceive {
@@ -305,6 +331,12 @@ func (m *dest) onRPC(msg wire.Message) error {
 }
 
 func (m *dest) prepare(p *wire.Prepare) error {
+	if m.p.Refuse != nil {
+		return m.p.Refuse
+	}
+	if err := m.disk.checkFree(0); err != nil {
+		return err
+	}
 	m.srcPID = p.PID
 	m.s.pid.Store(int64(p.PID))
 	// "pid" is the migrating process's pid on the source, as in the
@@ -502,6 +534,11 @@ func (m *dest) checked(cpuCheck string) error {
 }
 
 func (m *dest) startPageServer(cpuCheck string) error {
+	release, err := m.p.Limits.takePageServer()
+	if err != nil {
+		return err
+	}
+	m.releasePS = release
 	relay, theirs, err := transport.OpenRelay(m.s.l, m.mem, false, m.abort)
 	if err != nil {
 		return err
@@ -535,6 +572,7 @@ func (m *dest) onPageServer(ev criu.Event, cpuCheck string) error {
 		return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != ""})
 	}
 	// WAIT_PID answered: the page server has exited.
+	m.releasePS()
 	if !ev.Status.Exited() || ev.Status.ExitStatus() != 0 {
 		return api.Errorf(api.CodeAborted, "page server ended with %s (log: %s)", waitStatus(ev.Status), m.ps.op.LogPath())
 	}
@@ -572,6 +610,11 @@ func (m *dest) maybeRestore() error {
 // memory from the source, over the mem connection; the restore starts
 // once it listens.
 func (m *dest) startLazyPages() error {
+	release, err := m.p.Limits.takePageServer()
+	if err != nil {
+		return err
+	}
+	m.releasePS = release
 	relay, theirs, err := transport.OpenRelay(m.s.l, m.mem, false, m.abort)
 	if err != nil {
 		return err
@@ -622,6 +665,7 @@ func (m *dest) onLazyPagesExit() {
 	if m.state == dstEnd {
 		return
 	}
+	m.releasePS()
 	if err := m.lazy.Result(); err != nil {
 		m.abort(api.Errorf(api.CodeAborted, "lazy pages: %v", err))
 		return
@@ -1346,6 +1390,8 @@ func (m *dest) cleanup() {
 		m.s.l.Unwatch(m.lazy.ExitFd())
 		m.lazy.Close()
 	}
+	m.releasePS()
+	m.disk.release()
 	m.close()
 	proc.CloseAll(m.tree)
 	proc.CloseAll(m.discarded)
@@ -1401,6 +1447,8 @@ func (m *dest) crash() {
 	}
 	m.endGuard(false) // its end of the guard's socket closes
 	m.recv.close()
+	m.releasePS() // a daemon's counts die with it
+	m.disk.release()
 	for _, w := range []*criuWatch{m.check, m.ps, m.restoreW} {
 		if w != nil {
 			w.stop()
