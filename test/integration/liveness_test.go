@@ -4,12 +4,15 @@ package integration
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/wire"
 	"github.com/phaul/phaul/test/faultproxy"
 )
@@ -89,11 +92,13 @@ func TestTricklingPeerEnded(t *testing.T) {
 // never advances while the source's tree is frozen. The source's phase
 // deadline (--phase-timeout 2s) must end the migration, naming the
 // phase, and resume the tree intact; before, it stayed frozen for as long
-// as the destination kept answering.
+// as the destination kept answering. Both daemons run with --keep-failed
+// 0: once the sessions have ended, their directories hold only their
+// records.
 func TestStalledDestinationPhaseDeadline(t *testing.T) {
 	integration(t)
-	a := startDaemon(t, "A", "127.0.0.1:19211", daemonOpts{insecure: true, flags: []string{"--peer-timeout", "3s", "--phase-timeout", "2s"}})
-	b := startDaemon(t, "B", "127.0.0.2:19212", daemonOpts{insecure: true, flags: []string{"--peer-timeout", "3s"}})
+	a := startDaemon(t, "A", "127.0.0.1:19211", daemonOpts{insecure: true, flags: []string{"--peer-timeout", "3s", "--phase-timeout", "2s", "--keep-failed", "0"}})
+	b := startDaemon(t, "B", "127.0.0.2:19212", daemonOpts{insecure: true, flags: []string{"--peer-timeout", "3s", "--keep-failed", "0"}})
 	px := newFaultProxy(t, "127.0.0.3:19213", b.addr)
 	w := startWorkload(t, workloadOpts{memMiB: 16})
 	r := &faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypeRestore, Nth: 1, Action: faultproxy.Swallow}
@@ -106,6 +111,20 @@ func TestStalledDestinationPhaseDeadline(t *testing.T) {
 	waitFor(t, "the sessions to end", 20*time.Second, func() bool {
 		return len(a.sessions(t)) == 0 && len(b.sessions(t)) == 0
 	})
+	for _, d := range []*daemon{a, b} {
+		dirs, _ := filepath.Glob(filepath.Join(d.state, "sessions", "*"))
+		if len(dirs) != 1 {
+			t.Errorf("%s: %d session directories, want the failed one's", d.name, len(dirs))
+		}
+		for _, dir := range dirs {
+			ents, _ := os.ReadDir(dir)
+			for _, e := range ents {
+				if e.Name() != store.RecordName {
+					t.Errorf("%s: %s is still in the failed session's directory (--keep-failed 0)", d.name, e.Name())
+				}
+			}
+		}
+	}
 }
 
 // TestDiskLimits: a destination whose per-migration disk limit is below
@@ -138,4 +157,49 @@ func TestDiskLimits(t *testing.T) {
 			})
 		})
 	}
+}
+
+// TestSessionLimitRefused: a destination with --max-incoming 1 that holds
+// one migration (stalled before its restore) refuses a second at once,
+// saying which limit and which flag; both processes run on at the source,
+// intact, once the first has ended by the source's phase deadline.
+func TestSessionLimitRefused(t *testing.T) {
+	integration(t)
+	a := startDaemon(t, "A", "127.0.0.1:19231", daemonOpts{insecure: true, flags: []string{"--phase-timeout", "4s"}})
+	b := startDaemon(t, "B", "127.0.0.2:19232", daemonOpts{insecure: true, flags: []string{"--max-incoming", "1"}})
+	px := newFaultProxy(t, "127.0.0.3:19233", b.addr)
+	w1 := startWorkload(t, workloadOpts{memMiB: 16})
+	w2 := startWorkload(t, workloadOpts{memMiB: 16})
+	before1 := w1.report(w1.pid, w1.status)
+	r := &faultproxy.Rule{Dir: faultproxy.ToDest, Type: wire.TypeRestore, Nth: 1, Action: faultproxy.Swallow}
+	px.Arm(r)
+	first := make(chan string, 1)
+	go func() {
+		res, err := a.CtlContext(context.Background(), "migrate", "--pid", strconv.Itoa(w1.pid), "--to", px.Addr())
+		if err != nil || res.Code == 0 {
+			first <- "the first migration did not fail"
+			return
+		}
+		first <- ""
+	}()
+	select {
+	case <-r.Done():
+	case <-time.After(15 * time.Second):
+		t.Fatal("the first migration never reached its restore")
+	}
+	stderr, _ := migrateFails(t, a, w2, b.addr, 10*time.Second)
+	if !strings.Contains(stderr, "--max-incoming") {
+		t.Errorf("phaulctl says %q, want it to name --max-incoming", stderr)
+	}
+	if why := <-first; why != "" {
+		t.Error(why)
+	}
+	waitRunning(t, w1.pid)
+	checkIntact(t, "the first process", w1.report(w1.pid, w1.status), before1, w1.memMiB, w1.seed)
+	if n := len(w1.Processes()); n != 1 {
+		t.Errorf("%d copies of the first process, want 1", n)
+	}
+	waitFor(t, "the sessions to end", 20*time.Second, func() bool {
+		return len(a.sessions(t)) == 0 && len(b.sessions(t)) == 0
+	})
 }
