@@ -1171,6 +1171,11 @@ func (m *dest) finish(acked bool) {
 }
 
 func (m *dest) onConnClose(err error) {
+	// What the source said last (a Fail, a Done) may wait on rpc while
+	// the mem connection's end is seen first: read it before.
+	if m.state != dstEnd && !m.rpc.Closed() {
+		m.rpc.Read()
+	}
 	if m.state == dstEnd {
 		return
 	}

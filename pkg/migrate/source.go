@@ -990,10 +990,24 @@ func (m *source) onConnClose(err error) {
 	if m.state == srcEnd {
 		return
 	}
+	// A destination that aborts sends Fail on rpc, then closes both
+	// connections; closing mem with pages unread resets it, which may be
+	// seen first. Its Fail says why: read it before taking the loss.
+	m.readRPC()
+	if m.state == srcEnd {
+		return
+	}
 	if errors.Is(err, io.EOF) {
 		err = errors.New("destination closed the connection")
 	}
 	m.abort(api.Errorf(api.CodeAborted, "connection to destination lost: %v", err))
+}
+
+// readRPC reads what has arrived on the rpc connection, if it is open.
+func (m *source) readRPC() {
+	if !m.rpc.Closed() {
+		m.rpc.Read()
+	}
 }
 
 func (m *source) onSilent(quiet time.Duration) {
