@@ -101,6 +101,15 @@ type options struct {
 	containers  string
 	sharedPaths sharedPaths
 	allowPeers  allowPeers
+
+	// Liveness and limits (docs/operations.md).
+	phaseTimeout   time.Duration
+	maxIncoming    int
+	maxOutgoing    int
+	maxPageServers int
+	maxSessionDisk size
+	maxDisk        size
+	minFreeDisk    freeSpace
 }
 
 // allowPeers is --allow-peer CIDR, repeatable.
@@ -129,6 +138,73 @@ func (a *allowPeers) Set(v string) error {
 	*a = append(*a, p.Masked())
 	return nil
 }
+
+// size is a flag's amount of bytes: a number with an optional unit (K, M,
+// G, T, with or without iB: powers of 1024); 0 is no limit.
+type size int64
+
+func (s *size) String() string {
+	if *s == 0 {
+		return "0"
+	}
+	return migrate.FormatSize(int64(*s))
+}
+
+func (s *size) Set(v string) error {
+	n, err := parseSize(v)
+	if err != nil {
+		return err
+	}
+	*s = size(n)
+	return nil
+}
+
+func parseSize(v string) (int64, error) {
+	t := strings.TrimSpace(v)
+	num := strings.TrimRightFunc(t, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
+	unit := strings.ToUpper(strings.TrimSpace(t[len(num):]))
+	unit = strings.TrimSuffix(strings.TrimSuffix(unit, "B"), "I")
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("%q: want a size such as 512M, 20G or 1T", v)
+	}
+	mult := map[string]float64{"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+	if mult == 0 {
+		return 0, fmt.Errorf("%q: unknown unit %q (want K, M, G or T)", v, unit)
+	}
+	return int64(f * mult), nil
+}
+
+// freeSpace is --min-free-disk: a percentage of the filesystem (5%) or a
+// size (20G).
+type freeSpace migrate.FreeSpace
+
+func (f *freeSpace) String() string { return migrate.FreeSpace(*f).String() }
+
+func (f *freeSpace) Set(v string) error {
+	if p, ok := strings.CutSuffix(strings.TrimSpace(v), "%"); ok {
+		n, err := strconv.ParseFloat(p, 64)
+		if err != nil || n < 0 || n >= 100 {
+			return fmt.Errorf("%q: want a percentage from 0 to 99", v)
+		}
+		*f = freeSpace{Percent: n}
+		return nil
+	}
+	n, err := parseSize(v)
+	if err != nil {
+		return fmt.Errorf("%w, or a percentage such as 5%%", err)
+	}
+	*f = freeSpace{Bytes: n}
+	return nil
+}
+
+// Defaults of the liveness and limit flags; docs/operations.md says why.
+const (
+	defaultPhaseTimeout   = time.Minute
+	defaultMaxPageServers = 8
+	// Root writes past the filesystem's reserve: phauld keeps its own.
+	defaultMinFreePercent = 5
+)
 
 // sharedPaths is --shared-path DIR, repeatable.
 type sharedPaths []string
@@ -171,7 +247,7 @@ func (b *bridgeMap) Set(v string) error {
 }
 
 func parseFlags(args []string, out io.Writer) (options, error) {
-	o := options{logLevel: zapcore.InfoLevel}
+	o := options{logLevel: zapcore.InfoLevel, minFreeDisk: freeSpace{Percent: defaultMinFreePercent}}
 	fs := newFlagSet(&o, out)
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -186,6 +262,17 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	}
 	if o.peerTimeout < time.Second {
 		return o, fmt.Errorf("--peer-timeout %v is too short (at least 1s)", o.peerTimeout)
+	}
+	if o.phaseTimeout != 0 && o.phaseTimeout < time.Second {
+		return o, fmt.Errorf("--phase-timeout %v is too short (at least 1s, or 0 for none)", o.phaseTimeout)
+	}
+	if o.keepFailed < 0 {
+		return o, fmt.Errorf("--keep-failed %v: want 0 (remove at once) or more", o.keepFailed)
+	}
+	for name, n := range map[string]int{"max-incoming": o.maxIncoming, "max-outgoing": o.maxOutgoing, "max-page-servers": o.maxPageServers} {
+		if n < 0 {
+			return o, fmt.Errorf("--%s %d: want 0 (no limit) or more", name, n)
+		}
 	}
 	return o, nil
 }
@@ -216,8 +303,15 @@ Flags:
 	fs.Var(&o.logLevel, "log-level", "log `LEVEL`: debug, info, warn, error")
 	fs.DurationVar(&o.stopTimeout, "stop-timeout", 60*time.Second, "on SIGTERM, how long to wait for migrations to end")
 	fs.DurationVar(&o.pairTimeout, "pair-timeout", 30*time.Second, "how long one connection of a migration waits for its pair")
-	fs.DurationVar(&o.peerTimeout, "peer-timeout", 15*time.Second, "how long a migration waits without a word from the other daemon before treating it as lost")
-	fs.DurationVar(&o.keepFailed, "keep-failed", 7*24*time.Hour, "how long to keep the directories of failed migrations for inspection")
+	fs.DurationVar(&o.peerTimeout, "peer-timeout", 15*time.Second, "how long a migration waits without a word from the other daemon (an answer to its pings, or data) before treating it as lost")
+	fs.DurationVar(&o.keepFailed, "keep-failed", 7*24*time.Hour, "how long to keep the images and logs of failed migrations for inspection (0: remove them as soon as the migration ends; their small records stay an hour)")
+	fs.DurationVar(&o.phaseTimeout, "phase-timeout", defaultPhaseTimeout, "abort a migration whose phase neither advances nor moves a byte for this long, though the other daemon answers pings (0: never)")
+	fs.IntVar(&o.maxIncoming, "max-incoming", session.DefaultMaxIncoming, "migrations arriving at once; more are refused, saying so (0: no limit)")
+	fs.IntVar(&o.maxOutgoing, "max-outgoing", session.DefaultMaxOutgoing, "migrations leaving at once; more are refused, saying so (0: no limit)")
+	fs.IntVar(&o.maxPageServers, "max-page-servers", defaultMaxPageServers, "CRIU page servers (and lazy-pages daemons) running at once for arriving migrations (0: no limit)")
+	fs.Var(&o.maxSessionDisk, "max-session-disk", "the most one arriving migration may write under --state-dir, its images and pages (`SIZE`, e.g. 20G; 0: no limit)")
+	fs.Var(&o.maxDisk, "max-disk", "the most the arriving migrations in flight may write under --state-dir together (`SIZE`; 0: no limit)")
+	fs.Var(&o.minFreeDisk, "min-free-disk", "refuse or abort an arriving migration that would leave less than this free on --state-dir's filesystem (`SIZE` or PERCENT%)")
 	fs.BoolVar(&o.keepImages, "keep-images", false, "keep the images of successful migrations under --state-dir")
 	fs.StringVar(&o.tlsDir, "tls-dir", "/etc/phauld/tls", "`DIR` with ca.pem, cert.pem and key.pem for mutual TLS between daemons")
 	fs.BoolVar(&o.insecure, "insecure", false, "migrate over plain TCP, unauthenticated and unencrypted: anyone who can connect to the listen address can run programs as root on this host (both daemons need it; only where nobody else can reach the port)")
@@ -350,6 +444,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		PairTimeout: o.pairTimeout,
 		PeerTimeout: o.peerTimeout,
 		KeepImages:  o.keepImages,
+		// Liveness and limits.
+		PhaseTimeout: o.phaseTimeout,
+		MaxIncoming:  o.maxIncoming,
+		MaxOutgoing:  o.maxOutgoing,
+		Limits: &migrate.Limits{PageServers: o.maxPageServers, SessionDisk: int64(o.maxSessionDisk),
+			TotalDisk: int64(o.maxDisk), MinFree: migrate.FreeSpace(o.minFreeDisk)},
+		RemoveFailedAtOnce: o.keepFailed == 0,
 		AfterSession: func() {
 			tidy()
 			if o.oneShot {
@@ -399,7 +500,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	janitorDone := make(chan struct{})
 	go func() {
 		defer close(janitorDone)
-		mgr.Janitor(ctx, time.Hour, o.keepFailed, tidy)
+		mgr.Janitor(ctx, session.JanitorEvery(o.keepFailed), o.keepFailed, tidy)
 	}()
 
 	systemd.Notify("READY=1\nSTATUS=" + systemd.StatusLine(svc.listen, nil))

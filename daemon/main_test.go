@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/phaul/phaul/pkg/journal"
 )
@@ -80,5 +81,36 @@ func TestInsecureSaysWhatItGivesAway(t *testing.T) {
 	parseFlags([]string{"--help"}, &help)
 	if !strings.Contains(help.String(), "can run programs as root on this host") {
 		t.Errorf("phauld --help does not say what --insecure gives away:\n%s", help.String())
+	}
+}
+
+// TestLimitFlags: the liveness and limit flags take sizes, percentages
+// and durations as documented, refuse nonsense, and default as
+// docs/operations.md says.
+func TestLimitFlags(t *testing.T) {
+	o, err := parseFlags(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.phaseTimeout != time.Minute || o.maxIncoming != 16 || o.maxOutgoing != 16 || o.maxPageServers != 8 ||
+		o.maxSessionDisk != 0 || o.maxDisk != 0 || o.minFreeDisk.Percent != 5 || o.keepFailed != 7*24*time.Hour {
+		t.Errorf("defaults %+v", o)
+	}
+	o, err = parseFlags([]string{"--max-session-disk", "20G", "--max-disk", "1.5TiB", "--min-free-disk", "2g",
+		"--phase-timeout", "0", "--keep-failed", "0", "--max-page-servers", "0"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.maxSessionDisk != 20<<30 || o.maxDisk != 3<<39 || o.minFreeDisk.Bytes != 2<<30 || o.minFreeDisk.Percent != 0 ||
+		o.phaseTimeout != 0 || o.keepFailed != 0 || o.maxPageServers != 0 {
+		t.Errorf("parsed %+v", o)
+	}
+	for _, bad := range [][]string{
+		{"--max-session-disk", "lots"}, {"--max-disk", "5Q"}, {"--min-free-disk", "120%"},
+		{"--phase-timeout", "10ms"}, {"--keep-failed", "-1h"}, {"--max-incoming", "-1"},
+	} {
+		if _, err := parseFlags(bad, io.Discard); err == nil {
+			t.Errorf("%v accepted", bad)
+		}
 	}
 }

@@ -77,6 +77,16 @@ type DestConfig struct {
 	// Dir is the session's directory: its record, images and CRIU logs.
 	Dir         string
 	PeerTimeout time.Duration
+	// PhaseTimeout is each phase's progress deadline (0: none): a phase
+	// that neither advances nor moves a byte for that long aborts the
+	// migration by the commit rule.
+	PhaseTimeout time.Duration
+	// Limits are the daemon's limits its destination sessions share
+	// (nil: none).
+	Limits *Limits
+	// Refuse, if set, refuses the migration at its Prepare with this
+	// error (a daemon at its limit of sessions): the source hears it.
+	Refuse error
 	// KeepImages keeps the images after the commit.
 	KeepImages bool
 	// Place, if set, moves the restored tree (its pids) out of the
@@ -200,6 +210,10 @@ type dest struct {
 	tResumed, tPagesIn time.Time
 
 	failure error
+	// disk counts what the session writes under its directory; releasePS
+	// gives back its page server's slot.
+	disk      disk
+	releasePS func()
 }
 
 // NewDest returns the session that receives a migration on the
@@ -211,12 +225,25 @@ func NewDest(c DestConfig, rpc, mem *transport.Link) (*Session, error) {
 }
 
 func newDest(s *Session, p DestConfig, rpcLink, memLink *transport.Link) (*dest, error) {
-	m := &dest{s: s, p: p, log: p.Log, want: -1, treeNS: -1}
+	m := &dest{s: s, p: p, log: p.Log, want: -1, treeNS: -1, releasePS: func() {}}
+	m.disk = disk{l: p.Limits, dir: p.Dir}
 	m.recv.dir = p.Dir
 	m.ph = newPhaseTimer(s, p.Log)
 	m.rec = &store.Record{ID: s.ID.String(), Role: store.RoleDest, Peer: s.Peer}
 	if err := m.open(s.l, rpcLink, memLink, m.onRPC, m.abort, m.onConnClose); err != nil {
 		return nil, err
+	}
+	// A copy migration's pages land in the session's directory: they
+	// count against its disk limits as they arrive.
+	toRelay := m.mem.OnMessage
+	m.mem.OnMessage = func(msg wire.Message) error {
+		if pd, ok := msg.(*wire.PageData); ok && m.mode != api.ModeLazy {
+			if err := m.disk.add(int64(len(pd.Data))); err != nil {
+				m.abort(err)
+				return nil
+			}
+		}
+		return toRelay(msg)
 	}
 	return m, nil
 }
@@ -228,6 +255,7 @@ func (m *dest) begin() error {
 		return err
 	}
 	m.hb = startHeartbeat(m.s.l, m.rpc, []*transport.Conn{m.rpc, m.mem}, m.p.PeerTimeout, m.onSilent)
+	m.hb.deadline(m.ph, m.p.PhaseTimeout, m.onStalled)
 	return nil
 }
 
@@ -268,6 +296,9 @@ func (m *dest) onRPC(msg wire.Message) error {
 		if m.state != dstReceive {
 			break
 		}
+		if err := m.disk.add(msg.Size); err != nil {
+			return err
+		}
 		return m.recv.begin(msg)
 	case *wire.FileData:
 		if m.state != dstReceive {
@@ -307,6 +338,12 @@ func (m *dest) onRPC(msg wire.Message) error {
 }
 
 func (m *dest) prepare(p *wire.Prepare) error {
+	if m.p.Refuse != nil {
+		return m.p.Refuse
+	}
+	if err := m.disk.checkFree(0); err != nil {
+		return err
+	}
 	m.srcPID = p.PID
 	m.s.pid.Store(int64(p.PID))
 	// "pid" is the migrating process's pid on the source, as in the
@@ -520,6 +557,11 @@ func (m *dest) checked(cpuCheck string) error {
 }
 
 func (m *dest) startPageServer(cpuCheck string) error {
+	release, err := m.p.Limits.takePageServer()
+	if err != nil {
+		return err
+	}
+	m.releasePS = release
 	relay, theirs, err := transport.OpenRelay(m.s.l, m.mem, false, m.abort)
 	if err != nil {
 		return err
@@ -553,6 +595,7 @@ func (m *dest) onPageServer(ev criu.Event, cpuCheck string) error {
 		return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != ""})
 	}
 	// WAIT_PID answered: the page server has exited.
+	m.releasePS()
 	if !ev.Status.Exited() || ev.Status.ExitStatus() != 0 {
 		return api.Errorf(api.CodeAborted, "page server ended with %s (log: %s)", waitStatus(ev.Status), m.ps.op.LogPath())
 	}
@@ -601,6 +644,11 @@ func (m *dest) maybeRestore() error {
 // memory from the source, over the mem connection; the restore starts
 // once it listens.
 func (m *dest) startLazyPages() error {
+	release, err := m.p.Limits.takePageServer()
+	if err != nil {
+		return err
+	}
+	m.releasePS = release
 	relay, theirs, err := transport.OpenRelay(m.s.l, m.mem, false, m.abort)
 	if err != nil {
 		return err
@@ -651,6 +699,7 @@ func (m *dest) onLazyPagesExit() {
 	if m.state == dstEnd {
 		return
 	}
+	m.releasePS()
 	if err := m.lazy.Result(); err != nil {
 		m.abort(api.Errorf(api.CodeAborted, "lazy pages: %v", err))
 		return
@@ -1176,6 +1225,11 @@ func (m *dest) finish(acked bool) {
 }
 
 func (m *dest) onConnClose(err error) {
+	// What the source said last (a Fail, a Done) may wait on rpc while
+	// the mem connection's end is seen first: read it before.
+	if m.state != dstEnd && !m.rpc.Closed() {
+		m.rpc.Read()
+	}
 	if m.state == dstEnd {
 		return
 	}
@@ -1195,7 +1249,14 @@ func (m *dest) onSilent(quiet time.Duration) {
 		m.finish(false)
 		return
 	}
-	m.abort(api.Errorf(api.CodeAborted, "the source stopped answering: nothing received for %v", quiet.Round(time.Second)))
+	m.abort(api.Errorf(api.CodeAborted, "the source stopped answering: no answer to its pings and no data for %v", quiet.Round(time.Second)))
+}
+
+// onStalled takes a phase that made no progress within its deadline:
+// before the commit this copy is discarded; after it, the session ends.
+func (m *dest) onStalled(phase string, waited time.Duration) {
+	m.log.Warn("phase made no progress within its deadline", zap.String("phase", phase), zap.Duration("waited", waited))
+	m.abort(stalledError(phase, waited, "source"))
 }
 
 // abort discards this side's copy: before the commit the process belongs
@@ -1388,6 +1449,8 @@ func (m *dest) cleanup() {
 		m.s.l.Unwatch(m.lazy.ExitFd())
 		m.lazy.Close()
 	}
+	m.releasePS()
+	m.disk.release()
 	m.close()
 	proc.CloseAll(m.tree)
 	proc.CloseAll(m.discarded)
@@ -1443,6 +1506,8 @@ func (m *dest) crash() {
 	}
 	m.endGuard(false) // its end of the guard's socket closes
 	m.recv.close()
+	m.releasePS() // a daemon's counts die with it
+	m.disk.release()
 	for _, w := range []*criuWatch{m.check, m.ps, m.restoreW} {
 		if w != nil {
 			w.stop()

@@ -90,7 +90,11 @@ type SourceConfig struct {
 	// Dest is the destination's address.
 	Dest        string
 	PeerTimeout time.Duration
-	Gate        *dumplock.Gate
+	// PhaseTimeout is each phase's progress deadline (0: none): a phase
+	// that neither advances nor moves a byte for that long aborts the
+	// migration by the commit rule.
+	PhaseTimeout time.Duration
+	Gate         *dumplock.Gate
 	// Progress receives progress events; it is called on the session's
 	// loop and must not block.
 	Progress func(api.Event)
@@ -247,6 +251,7 @@ func (m *source) begin() error {
 	m.ph.enter("prepare")
 	m.emit()
 	m.hb = startHeartbeat(m.s.l, m.rpc, []*transport.Conn{m.rpc, m.mem}, m.p.PeerTimeout, m.onSilent)
+	m.hb.deadline(m.ph, m.p.PhaseTimeout, m.onStalled)
 	m.journal = journalStreams(m.p.Proc.PID, m.log)
 	pids, err := proc.Tree(m.p.Proc.PID)
 	if err != nil {
@@ -1033,14 +1038,37 @@ func (m *source) onConnClose(err error) {
 	if m.state == srcEnd {
 		return
 	}
+	// A destination that aborts sends Fail on rpc, then closes both
+	// connections; closing mem with pages unread resets it, which may be
+	// seen first. Its Fail says why: read it before taking the loss.
+	m.readRPC()
+	if m.state == srcEnd {
+		return
+	}
 	if errors.Is(err, io.EOF) {
 		err = errors.New("destination closed the connection")
 	}
 	m.abort(api.Errorf(api.CodeAborted, "connection to destination lost: %v", err))
 }
 
+// readRPC reads what has arrived on the rpc connection, if it is open.
+func (m *source) readRPC() {
+	if !m.rpc.Closed() {
+		m.rpc.Read()
+	}
+}
+
 func (m *source) onSilent(quiet time.Duration) {
-	m.abort(api.Errorf(api.CodeAborted, "the destination stopped answering: nothing received for %v", quiet.Round(time.Second)))
+	m.abort(api.Errorf(api.CodeAborted, "the destination stopped answering: no answer to its pings and no data for %v", quiet.Round(time.Second)))
+}
+
+// onStalled takes a phase that made no progress within its deadline:
+// the migration is aborted by the commit rule (a frozen tree resumes;
+// after the commit was asked, it stays stopped until the destination
+// says).
+func (m *source) onStalled(phase string, waited time.Duration) {
+	m.log.Warn("phase made no progress within its deadline", zap.String("phase", phase), zap.Duration("waited", waited))
+	m.abort(stalledError(phase, waited, "destination"))
 }
 
 // abort rolls the migration back as the commit rule says for the current

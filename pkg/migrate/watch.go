@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/epoll"
 	"github.com/phaul/phaul/pkg/loop"
@@ -111,9 +112,18 @@ func (w *criuWatch) stop() {
 // before it is killed (see Op.Abandon).
 const abandonGrace = 3 * time.Second
 
-// heartbeat keeps a session's peer honest: it pings the peer on the rpc
-// connection every third of timeout, and calls silent once nothing at all
-// has arrived on any of the session's connections for timeout.
+// heartbeat keeps a session's peer honest. It pings the peer on the rpc
+// connection every third of timeout, and calls silent once the peer has
+// said nothing for timeout: no Pong to our Pings and no data, on any of
+// the session's connections. Bytes that never complete a frame are not a
+// word, nor are the peer's own Pings: a peer that only trickles, or only
+// pings, is lost all the same.
+//
+// It also keeps each phase's progress deadline: if phaseTimeout is set,
+// and for that long the phase has not changed and no byte of the
+// migration has moved (Conn.Moved: data in or out, heartbeats left out),
+// it calls stalled once for that phase. A peer that answers every Ping
+// but never advances so cannot hold a session, nor a frozen tree.
 type heartbeat struct {
 	l        *loop.Loop
 	rpc      *transport.Conn
@@ -123,31 +133,48 @@ type heartbeat struct {
 	seq      uint64
 	lastPing time.Time
 	t        *loop.Timer
+
+	ph           *phaseTimer
+	phaseTimeout time.Duration
+	stalled      func(phase string, waited time.Duration)
+	moved        int64     // Moved, summed, when last looked at
+	progress     time.Time // when the phase last advanced or bytes moved
+	stalledAt    time.Time // the phase start stalled was called for
 }
 
 func startHeartbeat(l *loop.Loop, rpc *transport.Conn, conns []*transport.Conn, timeout time.Duration, silent func(time.Duration)) *heartbeat {
-	h := &heartbeat{l: l, rpc: rpc, conns: conns, timeout: timeout, silent: silent, lastPing: time.Now()}
+	h := &heartbeat{l: l, rpc: rpc, conns: conns, timeout: timeout, silent: silent, lastPing: time.Now(), progress: time.Now()}
 	h.t = l.After(h.tick(), h.beat)
 	return h
+}
+
+// deadline sets the phases' progress deadline (0: none); ph is the
+// machine's phase timer, stalled what to do when a phase stalls.
+func (h *heartbeat) deadline(ph *phaseTimer, timeout time.Duration, stalled func(string, time.Duration)) {
+	h.ph, h.phaseTimeout, h.stalled = ph, timeout, stalled
 }
 
 // tick is how often the heartbeat looks: often enough that silence is
 // noticed within a few percent of timeout.
 func (h *heartbeat) tick() time.Duration {
-	return min(time.Second, max(h.timeout/10, 10*time.Millisecond))
+	t := min(time.Second, max(h.timeout/10, 10*time.Millisecond))
+	if h.phaseTimeout > 0 {
+		t = min(t, max(h.phaseTimeout/10, 10*time.Millisecond))
+	}
+	return t
 }
 
 func (h *heartbeat) beat() {
 	var last time.Time
 	for _, c := range h.conns {
-		if c.LastRecv().After(last) {
-			last = c.LastRecv()
+		if c.LastWord().After(last) {
+			last = c.LastWord()
 		}
 	}
 	if quiet := time.Since(last); quiet >= h.timeout {
-		// Bytes may be waiting that this loop has not read yet (it was
+		// Frames may be waiting that this loop has not read yet (it was
 		// descheduled, or the whole daemon stopped and resumed): they
-		// are a word from the peer. Read them first.
+		// may hold a word from the peer. Read them first.
 		for _, c := range h.conns {
 			if c.Pending() {
 				h.t = h.l.After(time.Millisecond, h.beat)
@@ -157,6 +184,9 @@ func (h *heartbeat) beat() {
 		h.silent(quiet)
 		return
 	}
+	if h.phaseTimeout > 0 {
+		h.checkProgress()
+	}
 	if time.Since(h.lastPing) >= h.timeout/3 {
 		h.seq++
 		h.lastPing = time.Now()
@@ -165,9 +195,35 @@ func (h *heartbeat) beat() {
 	h.t = h.l.After(h.tick(), h.beat)
 }
 
+// checkProgress calls stalled once a phase has gone phaseTimeout without
+// advancing and without a byte of the migration moving.
+func (h *heartbeat) checkProgress() {
+	now := time.Now()
+	var moved int64
+	for _, c := range h.conns {
+		moved += c.Moved()
+	}
+	if moved != h.moved || h.ph.start.After(h.progress) {
+		h.moved, h.progress = moved, now
+		return
+	}
+	if waited := now.Sub(h.progress); waited >= h.phaseTimeout && !h.stalledAt.Equal(h.ph.start) {
+		h.stalledAt = h.ph.start
+		h.stalled(h.ph.name, waited)
+	}
+}
+
 // stop stops the heartbeat. A nil heartbeat is a no-op.
 func (h *heartbeat) stop() {
 	if h != nil {
 		h.t.Cancel()
 	}
+}
+
+// stalledError is the error of a phase that made no progress within its
+// deadline; peer names the other side ("destination", "source").
+func stalledError(phase string, waited time.Duration, peer string) error {
+	return api.Errorf(api.CodeAborted,
+		"no progress in phase %s for %v: nothing advanced and no byte of the migration moved, though the %s still answers pings (the limit is phauld --phase-timeout)",
+		phase, waited.Round(100*time.Millisecond), peer)
 }

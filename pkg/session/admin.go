@@ -64,11 +64,18 @@ func hasPrefix(id wire.SessionID, prefix string) bool {
 	return len(prefix) <= len(s) && s[:len(prefix)] == prefix
 }
 
-// CleanOld removes the directories of finished sessions last touched more
-// than age ago. Sessions still in flight, and records the commit rule
-// still needs, are kept; a destination's committed record whose source
-// never confirmed goes after age too (a source still in doubt then hears
-// "no record", and an operator settles it).
+// RecordKeep is the least time a finished session's record is kept, even
+// with a shorter keep: a source in doubt may still ask the destination
+// how the migration ended, and the record (a few KiB) answers it. Only
+// the images and logs go sooner.
+const RecordKeep = time.Hour
+
+// CleanOld removes what finished sessions left more than age ago: their
+// images and logs, and, once RecordKeep has passed too, the whole
+// directory. Sessions still in flight, and records the commit rule still
+// needs, are kept; a destination's committed record whose source never
+// confirmed goes after age too (a source still in doubt then hears "no
+// record", and an operator settles it).
 func (m *Manager) CleanOld(age time.Duration) {
 	root := filepath.Join(m.cfg.StateDir, "sessions")
 	ents, err := os.ReadDir(root)
@@ -93,17 +100,49 @@ func (m *Manager) CleanOld(age time.Duration) {
 			continue
 		}
 		when := info.ModTime()
-		if rec, err := store.Load(dir); err == nil {
+		rec, rerr := store.Load(dir)
+		if rerr == nil {
 			if !rec.Terminal() && !(rec.Role == store.RoleDest && rec.State == store.Committed) {
 				continue // the commit rule still needs it
 			}
 			when = rec.Updated
 		}
-		if time.Since(when) > age {
+		since := time.Since(when)
+		switch {
+		case since > max(age, RecordKeep) || (rerr != nil && since > age):
 			m.log.Info("removing an old session directory", zap.String("dir", dir), zap.Time("last_update", when))
 			removeAll(m.log, dir)
+		case since > age:
+			m.removeImages(dir)
 		}
 	}
+}
+
+// removeImages removes everything in a finished session's directory but
+// its record: the images and CRIU's logs, which may take gigabytes.
+func (m *Manager) removeImages(dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	removed := 0
+	for _, e := range ents {
+		if e.Name() == store.RecordName {
+			continue
+		}
+		removeAll(m.log, filepath.Join(dir, e.Name()))
+		removed++
+	}
+	if removed > 0 {
+		m.log.Info("removed the images of a failed session; its record stays a while", zap.String("dir", dir), zap.Duration("record_kept", RecordKeep))
+	}
+}
+
+// JanitorEvery is how often the janitor looks for directories to remove
+// when they are kept for keep: often enough that nothing stays much
+// longer than keep, and no more than once a minute.
+func JanitorEvery(keep time.Duration) time.Duration {
+	return min(time.Hour, max(time.Minute, keep/10))
 }
 
 // Janitor removes, at once and then every interval until ctx ends, the

@@ -60,6 +60,17 @@ type Config struct {
 	// PeerTimeout is how long a session waits without hearing anything
 	// from its peer before it treats the peer as lost.
 	PeerTimeout time.Duration
+	// PhaseTimeout is each phase's progress deadline (0: none; see
+	// migrate.SourceConfig).
+	PhaseTimeout time.Duration
+	// MaxIncoming and MaxOutgoing bound the migrations in flight at once
+	// in each direction (0: no limit); Limits are the page servers' and
+	// the disk's, shared by the destination sessions (nil: none).
+	MaxIncoming, MaxOutgoing int
+	Limits                   *migrate.Limits
+	// RemoveFailedAtOnce: remove a failed session's directory as soon
+	// as it ends (phauld --keep-failed 0).
+	RemoveFailedAtOnce bool
 	// InDoubtWait is how long Migrate waits for the outcome of a session
 	// that lost its destination after asking the commit, before it
 	// returns in_doubt and leaves the resolver working.
@@ -181,6 +192,9 @@ type Manager struct {
 	names  map[string]named
 	sessWG sync.WaitGroup
 	connWG sync.WaitGroup
+	// nIncoming and nOutgoing count the migrations admitted in each
+	// direction (limits.go).
+	nIncoming, nOutgoing int
 }
 
 // half is an incoming migration of which one connection (or both, before
@@ -540,6 +554,8 @@ type running struct {
 	// resolver is set before.
 	done     chan struct{}
 	resolver *resolver
+	// release gives back the session's slot (limits.go) once it ended.
+	release func()
 }
 
 // info describes the session; an outgoing one says who asked for it.
@@ -580,8 +596,9 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 		fail(err)
 		return
 	}
+	release, refuse := m.admitIn()
 	cfg := migrate.DestConfig{ID: id, Peer: peer, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir,
-		PeerTimeout: m.cfg.PeerTimeout, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks, BridgeMap: m.cfg.BridgeMap,
+		PeerTimeout: m.cfg.PeerTimeout, PhaseTimeout: m.cfg.PhaseTimeout, Limits: m.cfg.Limits, Refuse: refuse, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks, BridgeMap: m.cfg.BridgeMap,
 		Guard: m.cfg.Guard, Hold: func(pids []int) error { return m.claim(id, pids, "arriving") },
 		Runc: m.cfg.Runc, ContainersDir: m.cfg.ContainersDir, HookExe: m.cfg.HookExe, SharedPaths: m.cfg.SharedPaths,
 		NameFree: m.nameFree}
@@ -590,12 +607,14 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 	}
 	s, err := migrate.NewDest(cfg, h.conns[0], h.conns[1])
 	if err != nil {
+		release()
 		log.Error("cannot start session", zap.Error(err))
 		return
 	}
 	log.Info("incoming migration")
 	m.warnInsecure(log)
-	if m.spawn(&running{s: s}, log, dir) == nil {
+	if m.spawn(&running{s: s, release: release}, log, dir) == nil {
+		release()
 		s.Close()
 	}
 }
@@ -624,6 +643,9 @@ func (m *Manager) spawn(r *running, log *zap.Logger, dir string) *running {
 		defer m.sessWG.Done()
 		defer close(r.done)
 		r.s.Run()
+		if r.release != nil {
+			r.release()
+		}
 		end := r.s.End()
 		// Listed until finished hands it on: a session in doubt is
 		// its resolver's before it leaves the list (Sessions shows
@@ -684,6 +706,9 @@ func (m *Manager) finished(r *running, end migrate.End, log *zap.Logger, dir str
 			return
 		}
 		log.Error("migration failed", fields...)
+		if m.cfg.RemoveFailedAtOnce && end.Record.Terminal() {
+			m.removeImages(dir) // --keep-failed 0
+		}
 		return
 	}
 	log.Info("migration succeeded", resultFields(s.Direction, end.Result)...)
@@ -822,6 +847,11 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	if mode != api.ModeAuto && !m.cfg.AsSource.Can(mode) {
 		return api.Result{}, api.Errorf(api.CodePrecondition, "%s migration impossible: on this host (the source), %s. Use --mode auto (or copy)", mode, m.cfg.AsSource[mode])
 	}
+	release, err := m.admitOut()
+	if err != nil {
+		return api.Result{}, err
+	}
+	defer release()
 	log := m.log.With(zap.Stringer("session", id), zap.Int("pid", req.PID), zap.String("peer", addr), zap.String("direction", api.DirectionOut))
 	log.Info("outgoing migration", zap.Int("caller_uid", caller.UID))
 
@@ -870,7 +900,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	s, err := migrate.NewSource(migrate.SourceConfig{
 		Container: ctr, Shared: shared,
 		ID: id, ListenPort: m.listenPort(), Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
-		PeerTimeout: m.cfg.PeerTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource, DetachTerminal: req.DetachTerminal,
+		PeerTimeout: m.cfg.PeerTimeout, PhaseTimeout: m.cfg.PhaseTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource, DetachTerminal: req.DetachTerminal,
 		RunName: req.Name, Caller: wireCaller(caller), CheckFrozen: m.checkFrozen(caller),
 		Progress: func(ev api.Event) {
 			select {
@@ -884,7 +914,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		close(events)
 		return api.Result{}, err
 	}
-	r := m.spawn(&running{s: s, out: true, caller: caller.UID}, log, dir)
+	r := m.spawn(&running{s: s, out: true, caller: caller.UID, release: release}, log, dir)
 	spawned = r != nil
 	if r == nil {
 		s.Close()

@@ -43,8 +43,17 @@ type Conn struct {
 	again   *loop.Timer // a read cut short, to resume
 
 	lastRecv time.Time
+	// lastWord is when the last complete frame other than a Ping
+	// arrived: a Pong answering ours, or data. Bytes alone are no word
+	// (a peer trickling a frame a byte at a time says nothing).
+	lastWord time.Time
 	bytesIn  int64
 	bytesOut int64
+	// dataIn counts the bytes of complete frames other than Ping and
+	// Pong that arrived; beatOut the bytes of Pings and Pongs sent:
+	// what Moved leaves out.
+	dataIn  int64
+	beatOut int64
 
 	// OnMessage handles each decoded message; an error closes the conn.
 	// The message may alias the decoder's buffer: copy what must outlive
@@ -94,7 +103,7 @@ func detach(c net.Conn) (int, error) {
 // NewConn registers lk with the loop. ch says which messages may arrive.
 func NewConn(l *loop.Loop, name string, lk *Link, ch wire.Channel, bufSize int) (*Conn, error) {
 	lk.enterLoop()
-	c := &Conn{name: name, link: lk, l: l, dec: wire.NewDecoder(ch, bufSize), lastRecv: time.Now()}
+	c := &Conn{name: name, link: lk, l: l, dec: wire.NewDecoder(ch, bufSize), lastRecv: time.Now(), lastWord: time.Now()}
 	if err := l.Watch(lk.Fd(), epoll.In|epoll.RDHup, c.handle); err != nil {
 		return nil, err
 	}
@@ -156,6 +165,7 @@ func (c *Conn) Read() {
 // the conn is paused or closed.
 func (c *Conn) dispatch() {
 	for !c.closed && !c.paused {
+		before := c.dec.Buffered()
 		m, err := c.dec.Next()
 		if err != nil {
 			c.fail(fmt.Errorf("%s connection: %w", c.name, err))
@@ -163,6 +173,14 @@ func (c *Conn) dispatch() {
 		}
 		if m == nil {
 			return
+		}
+		switch m.Type() {
+		case wire.TypePing:
+		case wire.TypePong:
+			c.lastWord = time.Now()
+		default:
+			c.lastWord = time.Now()
+			c.dataIn += int64(before - c.dec.Buffered())
 		}
 		if err := c.OnMessage(m); err != nil {
 			c.fail(err)
@@ -176,6 +194,9 @@ func (c *Conn) Send(m wire.Message) error {
 	b, err := wire.Marshal(m)
 	if err != nil {
 		return err
+	}
+	if t := m.Type(); (t == wire.TypePing || t == wire.TypePong) && !c.closed {
+		c.beatOut += int64(len(b))
 	}
 	c.Queue(b)
 	return nil
@@ -287,6 +308,17 @@ func (c *Conn) Link() *Link { return c.link }
 
 // LastRecv is when bytes last arrived.
 func (c *Conn) LastRecv() time.Time { return c.lastRecv }
+
+// LastWord is when the peer last said something: a complete frame other
+// than a Ping arrived (a Pong, or data). Liveness goes by it, not by
+// bytes, so that a peer sending a frame a byte at a time, or only Pings,
+// does not count as alive.
+func (c *Conn) LastWord() time.Time { return c.lastWord }
+
+// Moved counts the bytes that carried the migration forward: complete
+// frames in and bytes queued out, heartbeats (Ping, Pong) left out. A
+// phase's progress deadline goes by it.
+func (c *Conn) Moved() int64 { return c.dataIn + c.bytesOut - c.beatOut }
 
 // BytesIn and BytesOut count what crossed the connection.
 func (c *Conn) BytesIn() int64  { return c.bytesIn }

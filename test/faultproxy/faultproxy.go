@@ -15,6 +15,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/phaul/phaul/pkg/wire"
 )
@@ -38,6 +39,11 @@ const (
 	// Inject sends bad bytes in place of the held frame: a peer that
 	// breaks the protocol mid-session.
 	Inject = "inject"
+	// Trickle sends, in place of the held frame and of everything after
+	// it in that direction, Bytes (a frame's header, say) and then one
+	// more byte every TrickleEvery, never completing a frame: a peer
+	// that keeps its connection busy and says nothing.
+	Trickle = "trickle"
 )
 
 // Rule fires at the Nth frame of type Type going Dir: it holds that
@@ -48,8 +54,11 @@ type Rule struct {
 	Nth    int
 	Hook   func()
 	Action string
-	// Bytes is what Inject sends instead of the held frame.
+	// Bytes is what Inject sends instead of the held frame, and what
+	// Trickle starts with.
 	Bytes []byte
+	// TrickleEvery is how often Trickle sends its next byte.
+	TrickleEvery time.Duration
 
 	seen  int
 	fired chan struct{}
@@ -216,6 +225,10 @@ func (p *Proxy) pump(from, to net.Conn, dir string) {
 				continue
 			case Inject:
 				frame = r.Bytes
+			case Trickle:
+				close(r.done)
+				p.trickle(to, r)
+				return
 			}
 			close(r.done)
 		}
@@ -223,6 +236,27 @@ func (p *Proxy) pump(from, to net.Conn, dir string) {
 			return
 		}
 		if _, err := to.Write(frame); err != nil && !errors.Is(err, net.ErrClosed) {
+			return
+		}
+	}
+}
+
+// trickle writes r.Bytes to to, then a zero byte every r.TrickleEvery,
+// until the connection or the proxy closes. Nothing more is read from the
+// other side: what it sends stays in its socket.
+func (p *Proxy) trickle(to net.Conn, r *Rule) {
+	if _, err := to.Write(r.Bytes); err != nil {
+		return
+	}
+	for {
+		time.Sleep(r.TrickleEvery)
+		p.mu.Lock()
+		closed := p.closed
+		p.mu.Unlock()
+		if closed {
+			return
+		}
+		if _, err := to.Write([]byte{0}); err != nil {
 			return
 		}
 	}
