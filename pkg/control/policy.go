@@ -127,19 +127,27 @@ func (p Policy) CanMigrateFrozen(c api.Caller, root proc.Info) error {
 	if err != nil {
 		return api.Errorf(api.CodePermission, "cannot tell who the frozen tree's tasks belong to: %v", err)
 	}
-	return ownedBy(c.UID, tasks)
+	return ownedBy(c, tasks)
 }
 
-// ownedBy refuses tasks unless every one runs as uid.
-func ownedBy(uid int, tasks []proc.TaskCred) error {
+// ownedBy refuses tasks unless every one runs as c's uid, and with
+// groups c has (its gid or a supplementary one): a task of a setgid
+// program holds what its group may read.
+func ownedBy(c api.Caller, tasks []proc.TaskCred) error {
+	uid := c.UID
 	if len(tasks) == 0 {
 		return api.Errorf(api.CodeNotFound, "the frozen tree has no tasks")
 	}
+	groups := map[int]bool{c.GID: true}
+	for _, g := range c.Groups {
+		groups[g] = true
+	}
+	kinds := [...]string{"real", "effective", "saved", "filesystem"}
 	for _, t := range tasks {
 		who := ""
 		for i, id := range t.UIDs {
 			if id != uid {
-				who = fmt.Sprintf("its %s uid is %d", [...]string{"real", "effective", "saved", "filesystem"}[i], id)
+				who = fmt.Sprintf("its %s uid is %d", kinds[i], id)
 				break
 			}
 		}
@@ -147,6 +155,17 @@ func ownedBy(uid int, tasks []proc.TaskCred) error {
 			who = fmt.Sprintf("the kernel gives it to uid %d (it ran a setuid program)", t.Owner)
 		}
 		if who == "" {
+			for i, id := range t.GIDs {
+				if !groups[id] {
+					task := fmt.Sprintf("pid %d", t.PID)
+					if t.TID != t.PID {
+						task = fmt.Sprintf("thread %d of pid %d", t.TID, t.PID)
+					}
+					return api.Errorf(api.CodePermission,
+						"at the freeze, %s runs with group %d (its %s gid), which uid %d who asked is not in: a member may migrate only processes of its own uid and groups, and the tree changed since the request (a setgid program?)",
+						task, id, kinds[i], uid)
+				}
+			}
 			continue
 		}
 		task := fmt.Sprintf("pid %d", t.PID)

@@ -38,8 +38,13 @@ func TestCanMigrateFrozen(t *testing.T) {
 	}
 
 	const m = 1000
+	const g, sup = 1000, 27
 	task := func(pid, tid int, real, eff, saved, fs, owner int) proc.TaskCred {
-		return proc.TaskCred{PID: pid, TID: tid, UIDs: [4]int{real, eff, saved, fs}, Owner: owner}
+		return proc.TaskCred{PID: pid, TID: tid, UIDs: [4]int{real, eff, saved, fs}, GIDs: [4]int{g, g, g, g}, Owner: owner}
+	}
+	withGIDs := func(c proc.TaskCred, gids ...int) proc.TaskCred {
+		copy(c.GIDs[:], gids)
+		return c
 	}
 	for _, c := range []struct {
 		tasks []proc.TaskCred
@@ -53,8 +58,11 @@ func TestCanMigrateFrozen(t *testing.T) {
 		{[]proc.TaskCred{task(10, 10, m, m, m, m, 0)}, "the kernel gives it to uid 0"},
 		{[]proc.TaskCred{task(10, 10, 2000, 2000, 2000, 2000, 2000)}, "owned by uid 2000"},
 		{nil, "no tasks"},
+		{[]proc.TaskCred{withGIDs(task(10, 10, m, m, m, m, m), sup, sup, sup, sup)}, ""},
+		{[]proc.TaskCred{withGIDs(task(10, 10, m, m, m, m, m), g, 42, 42, 42)}, "pid 10 runs with group 42 (its effective gid)"},
+		{[]proc.TaskCred{task(10, 10, m, m, m, m, m), withGIDs(task(10, 11, m, m, m, m, m), g, g, 0)}, "thread 11 of pid 10 runs with group 0 (its saved gid)"},
 	} {
-		err := ownedBy(m, c.tasks)
+		err := ownedBy(api.Caller{UID: m, GID: g, Groups: []int{sup}}, c.tasks)
 		if c.says == "" && err != nil || c.says != "" && (err == nil || !strings.Contains(err.Error(), c.says)) {
 			t.Errorf("ownedBy(%v) = %v; want %q", c.tasks, err, c.says)
 		}

@@ -184,6 +184,9 @@ type TaskCred struct {
 	// UIDs are its real, effective, saved and filesystem user ids (the
 	// Uid line of its status).
 	UIDs [4]int
+	// GIDs are its real, effective, saved and filesystem group ids (the
+	// Gid line).
+	GIDs [4]int
 	// Owner is the owner of /proc/PID/task/TID: its effective uid, or
 	// root's when the kernel holds it undumpable (it ran a setuid
 	// program, even one that gave its privileges back: its memory may
@@ -241,32 +244,36 @@ func taskCred(dir string, pid, tid int) (TaskCred, error) {
 		}
 		return c, fmt.Errorf("task %d of pid %d: %w", tid, pid, err)
 	}
-	if c.UIDs, err = parseUIDs(b); err != nil {
+	if c.UIDs, err = parseIDs(b, "Uid:"); err != nil {
+		return c, fmt.Errorf("task %d of pid %d: %w", tid, pid, err)
+	}
+	if c.GIDs, err = parseIDs(b, "Gid:"); err != nil {
 		return c, fmt.Errorf("task %d of pid %d: %w", tid, pid, err)
 	}
 	return c, nil
 }
 
-// parseUIDs reads the four ids of the Uid line of a status file.
-func parseUIDs(status []byte) ([4]int, error) {
+// parseIDs reads the four ids of a status file's line that starts with
+// key (Uid: or Gid:).
+func parseIDs(status []byte, key string) ([4]int, error) {
 	var ids [4]int
 	for _, line := range strings.Split(string(status), "\n") {
-		v, ok := strings.CutPrefix(line, "Uid:")
+		v, ok := strings.CutPrefix(line, key)
 		if !ok {
 			continue
 		}
 		f := strings.Fields(v)
 		if len(f) != 4 {
-			return ids, fmt.Errorf("Uid line %q", v)
+			return ids, fmt.Errorf("%s line %q", key, v)
 		}
 		for i := range f {
 			n, err := strconv.Atoi(f[i])
 			if err != nil || n < 0 {
-				return ids, fmt.Errorf("Uid line %q", v)
+				return ids, fmt.Errorf("%s line %q", key, v)
 			}
 			ids[i] = n
 		}
 		return ids, nil
 	}
-	return ids, errors.New("no Uid line in its status")
+	return ids, fmt.Errorf("no %s line in its status", key)
 }

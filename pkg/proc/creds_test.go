@@ -40,17 +40,22 @@ func TestTaskCreds(t *testing.T) {
 		t.Fatalf("TaskCreds(self) = %d tasks, want every thread", len(tasks))
 	}
 	for _, c := range tasks {
-		if c.PID != os.Getpid() || c.UIDs != [4]int{os.Getuid(), os.Geteuid(), os.Geteuid(), os.Geteuid()} || c.Owner != os.Geteuid() {
+		if c.PID != os.Getpid() || c.UIDs != [4]int{os.Getuid(), os.Geteuid(), os.Geteuid(), os.Geteuid()} || c.Owner != os.Geteuid() ||
+			c.GIDs != [4]int{os.Getgid(), os.Getegid(), os.Getegid(), os.Getegid()} {
 			t.Errorf("task %+v; want pid %d, uids of uid %d", c, os.Getpid(), os.Getuid())
 		}
 	}
-	ids, err := parseUIDs([]byte("Name:\tx\nUid:\t1000\t0\t0\t1000\nGid:\t5\t5\t5\t5\n"))
+	status := []byte("Name:\tx\nUid:\t1000\t0\t0\t1000\nGid:\t5\t42\t5\t5\n")
+	ids, err := parseIDs(status, "Uid:")
 	if err != nil || ids != [4]int{1000, 0, 0, 1000} {
-		t.Errorf("parseUIDs = %v, %v", ids, err)
+		t.Errorf("parseIDs(Uid:) = %v, %v", ids, err)
+	}
+	if ids, err := parseIDs(status, "Gid:"); err != nil || ids != [4]int{5, 42, 5, 5} {
+		t.Errorf("parseIDs(Gid:) = %v, %v", ids, err)
 	}
 	for _, bad := range []string{"Name:\tx\n", "Uid:\t1\t2\t3\n", "Uid:\t1\t2\tx\t4\n"} {
-		if _, err := parseUIDs([]byte(bad)); err == nil {
-			t.Errorf("parseUIDs(%q) accepted", bad)
+		if _, err := parseIDs([]byte(bad), "Uid:"); err == nil {
+			t.Errorf("parseIDs(%q) accepted", bad)
 		}
 	}
 }
