@@ -76,6 +76,7 @@ fuzz-short:
 	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime $(FUZZTIME) ./pkg/wire
 	$(GO) test -run '^$$' -fuzz FuzzPathFiles -fuzztime $(FUZZTIME) ./pkg/criu
 	$(GO) test -run '^$$' -fuzz FuzzControlRequest -fuzztime $(FUZZTIME) ./pkg/control
+	$(GO) test -run '^$$' -fuzz FuzzClean -fuzztime $(FUZZTIME) ./pkg/api
 
 fuzz:
 	$(MAKE) fuzz-short FUZZTIME=5m

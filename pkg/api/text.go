@@ -37,31 +37,31 @@ func Clean(s string) string {
 	if clean && len(s) <= MaxPeerText {
 		return s
 	}
+	// What Clean returns is clean and at most MaxPeerText bytes, so
+	// that cleaning it again changes nothing (a message decoded, stored
+	// and decoded again stays the same).
+	const cut = "…(cut)"
 	var b strings.Builder
 	for i := 0; i < len(s); {
-		if b.Len() >= MaxPeerText {
-			b.WriteString("…(cut)")
-			break
-		}
 		r, n := utf8.DecodeRuneInString(s[i:])
+		var piece string
 		switch {
 		case r == utf8.RuneError && n <= 1:
-			b.WriteString(`\x`)
-			b.WriteString(hex2(s[i]))
+			piece = `\x` + hex2(s[i])
 		case r == '\t' || r == '\n' || r == '\r':
-			b.WriteByte(' ')
+			piece = " "
+		case unsafeRune(r) && r < 0x100:
+			piece = `\x` + hex2(byte(r))
 		case unsafeRune(r):
-			if r < 0x100 {
-				b.WriteString(`\x`)
-				b.WriteString(hex2(byte(r)))
-			} else {
-				b.WriteString(`\u`)
-				b.WriteString(hex2(byte(r >> 8)))
-				b.WriteString(hex2(byte(r)))
-			}
+			piece = `\u` + hex2(byte(r>>8)) + hex2(byte(r))
 		default:
-			b.WriteString(s[i : i+n])
+			piece = s[i : i+n]
 		}
+		if b.Len()+len(piece) > MaxPeerText-len(cut) && (len(s)-i > len(piece) || b.Len()+len(piece) > MaxPeerText) {
+			b.WriteString(cut)
+			break
+		}
+		b.WriteString(piece)
 		i += n
 	}
 	return b.String()

@@ -327,3 +327,16 @@ func TestPeerTextIsCleaned(t *testing.T) {
 }
 
 func fmtMessage(m Message) string { return fmt.Sprintf("%+v", m) }
+
+// TestPeerTextCutIsStable: a long message cut where an escape falls
+// decodes, encodes and decodes again to the same message (FuzzDecoder
+// found one that did not).
+func TestPeerTextCutIsStable(t *testing.T) {
+	m := &Fail{Code: "aborted", Message: strings.Repeat("a", api.MaxPeerText-3) + "\x1b\x1b\x1b"}
+	b, _ := Marshal(m)
+	got, err := ReadMessage(bytes.NewReader(b), RPC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkReencode(t, got, RPC)
+}
