@@ -106,6 +106,10 @@ type MigrateRequest struct {
 	// Name, instead of PID, names a process phaulctl run started (or
 	// that arrived with a name); the name goes with it.
 	Name string `json:"name,omitempty"`
+	// BWLimit, in bytes a second, is the most the migration sends to
+	// the destination (0: no limit; at least 1 MiB/s, see
+	// transport.MinRate).
+	BWLimit int64 `json:"bwlimit,omitempty"`
 }
 
 // RunRequest asks the daemon to start a program so that it can migrate
@@ -210,6 +214,9 @@ type Result struct {
 	// Rootfs is how a container's root filesystem was synced (nil: the
 	// hosts share its storage, or no container moved).
 	Rootfs *RootfsSync `json:"rootfs,omitempty"`
+	// BWLimit is the limit the source kept to, in bytes a second (0:
+	// none).
+	BWLimit int64 `json:"bwlimit,omitempty"`
 }
 
 // RootfsSync is a container root filesystem's sync with rsync: the pass

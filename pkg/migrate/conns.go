@@ -54,11 +54,13 @@ func (c *conns) bytes() int64 {
 }
 
 // close closes the relay and both connections, after flushing what the
-// rpc connection can take now (a final Done or Fail) without blocking.
+// rpc connection can take now (a final Done or Fail) without blocking,
+// and without its pacer.
 func (c *conns) close() {
 	if c.relay != nil {
 		c.relay.Close()
 	}
+	c.rpc.SetPacer(nil) // a last word is never held back
 	c.rpc.Flush()
 	c.rpc.Close()
 	c.mem.Close()

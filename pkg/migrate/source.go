@@ -124,6 +124,9 @@ type SourceConfig struct {
 	// resumes the tree. The check at request time cannot see what the
 	// tree does after it (exec a setuid program).
 	CheckFrozen func(root proc.Info) error
+	// BWLimit, if set, is the most this side sends, in bytes a second,
+	// over both connections together (see transport.Pacer).
+	BWLimit int64
 }
 
 // FrozenNotify is CRIU's notification, during a dump, that comes once the
@@ -239,6 +242,15 @@ func newSource(s *Session, p SourceConfig, rpcLink, memLink *transport.Link) (*s
 	m.rec = &store.Record{ID: s.ID.String(), Role: store.RoleSource, Peer: p.Dest, PID: p.Proc.PID, StartTime: p.Proc.StartTime}
 	if err := m.open(s.l, rpcLink, memLink, m.onRPC, m.abort, m.onConnClose); err != nil {
 		return nil, err
+	}
+	if p.BWLimit > 0 {
+		pacer, err := transport.NewPacer(p.BWLimit)
+		if err != nil {
+			m.conns.close()
+			return nil, err
+		}
+		m.rpc.SetPacer(pacer)
+		m.mem.SetPacer(pacer)
 	}
 	return m, nil
 }
@@ -1413,6 +1425,7 @@ func (m *source) result() api.Result {
 		PhasesMS:   m.ph.took,
 		Mode:       m.mode,
 		NotRunning: m.destNotRunning,
+		BWLimit:    m.p.BWLimit,
 	}
 	if !m.tCommitted.IsZero() {
 		r.FrozenMS = m.tCommitted.Sub(m.tDump).Milliseconds()

@@ -21,6 +21,7 @@ import (
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/criu"
 	"github.com/phaul/phaul/pkg/migrate"
+	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -364,4 +365,17 @@ func TestLoneHalvesAndShutdown(t *testing.T) {
 		t.Fatal(err)
 	}
 	wg.Wait()
+}
+
+// TestBWLimitRefused: a rate the pacer cannot keep to is refused before
+// the process is even looked at.
+func TestBWLimitRefused(t *testing.T) {
+	m, addr := newTestManager(t, time.Second)
+	for _, rate := range []int64{-1, 1, transport.MinRate - 1} {
+		_, err := m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: os.Getpid(), To: addr, BWLimit: rate}, nil)
+		var ae *api.Error
+		if !errors.As(err, &ae) || ae.Code != api.CodeInvalid || !strings.Contains(err.Error(), "--bwlimit") {
+			t.Errorf("--bwlimit %d B/s: %v, want an invalid --bwlimit", rate, err)
+		}
+	}
 }

@@ -42,6 +42,11 @@ type Conn struct {
 	failure error
 	again   *loop.Timer // a read cut short, to resume
 
+	// pacer, if set, limits what Flush writes; held is the wake-up of a
+	// flush it holds back (no epoll.Out meanwhile).
+	pacer *Pacer
+	held  *loop.Timer
+
 	lastRecv time.Time
 	// lastWord is when the last complete frame other than a Ping
 	// arrived: a Pong answering ours, or data. Bytes alone are no word
@@ -216,14 +221,43 @@ func (c *Conn) Queue(b []byte) {
 	c.Flush()
 }
 
-// Flush writes what is queued, as much as the socket takes now.
+// SetPacer makes the conn's writes keep to p's rate (nil: no limit, and
+// what was held back may go at once). Conns on one loop may share a
+// Pacer.
+func (c *Conn) SetPacer(p *Pacer) {
+	c.pacer = p
+	if p == nil && c.held != nil {
+		c.held.Cancel()
+		c.held = nil
+		c.update()
+	}
+}
+
+// Flush writes what is queued, as much as the socket (and the pacer, if
+// any) takes now.
 func (c *Conn) Flush() {
-	if c.closed {
+	if c.closed || c.held != nil {
 		return
 	}
-	if err := c.link.flush(); err != nil {
+	limit := -1
+	if c.pacer != nil {
+		limit = c.pacer.Budget()
+	}
+	n, err := c.link.flush(limit)
+	if c.pacer != nil {
+		c.pacer.Spend(n)
+	}
+	if err != nil {
 		c.fail(fmt.Errorf("%s connection: %w", c.name, err))
 		return
+	}
+	if c.pacer != nil && c.link.queued() > 0 {
+		if wait := c.pacer.Wait(); wait > 0 {
+			c.held = c.l.After(wait, func() {
+				c.held = nil
+				c.Flush()
+			})
+		}
 	}
 	c.update()
 	if c.link.queued() < LowWater && c.OnDrain != nil && !c.closed {
@@ -264,7 +298,7 @@ func (c *Conn) update() {
 	if !c.paused && !c.eof {
 		ev |= epoll.In | epoll.RDHup
 	}
-	if c.link.queued() > 0 {
+	if c.link.queued() > 0 && c.held == nil {
 		ev |= epoll.Out
 	}
 	if err := c.l.SetEvents(c.link.Fd(), ev); err != nil {
@@ -296,6 +330,7 @@ func (c *Conn) Close() {
 	}
 	c.closed = true
 	c.again.Cancel()
+	c.held.Cancel()
 	c.l.Unwatch(c.link.Fd())
 	c.link.Close()
 }

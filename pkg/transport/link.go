@@ -207,8 +207,10 @@ func (l *Link) send(b []byte) error {
 // link keeps the buffer until the socket has taken it.
 func (l *Link) Copies() bool { return l.tls != nil }
 
-// flush writes what is queued, as much as the socket takes now.
-func (l *Link) flush() error { return l.fc.flush() }
+// flush writes what is queued, as much as the socket takes now but no
+// more than limit bytes (limit < 0: no limit), and returns how much it
+// wrote.
+func (l *Link) flush(limit int) (int, error) { return l.fc.flush(limit) }
 
 // queued is how many bytes wait to be written to the socket.
 func (l *Link) queued() int { return l.fc.outLen }
@@ -380,11 +382,12 @@ func (c *fdConn) queue(b []byte) {
 	c.outLen += len(b)
 }
 
-// flush writes queued bytes until the socket would block.
-func (c *fdConn) flush() error {
-	n, err := c.out.writeTo(c.fd)
+// flush writes queued bytes until the socket would block or limit bytes
+// are written (limit < 0: no limit).
+func (c *fdConn) flush(limit int) (int, error) {
+	n, err := c.out.writeTo(c.fd, limit)
 	c.outLen -= n
-	return err
+	return n, err
 }
 
 func (c *fdConn) Close() error {

@@ -296,7 +296,7 @@ func (r *Relay) writeLocal(b []byte) {
 }
 
 func (r *Relay) flushLocal() {
-	if _, err := r.localOut.writeTo(r.local); err != nil {
+	if _, err := r.localOut.writeTo(r.local, -1); err != nil {
 		r.fail(fmt.Errorf("write page stream to criu: %w", err))
 		return
 	}

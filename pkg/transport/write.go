@@ -30,8 +30,9 @@ func write(fd int, b []byte) (int, error) {
 // queue is bytes waiting for a non-blocking socket, as the buffers they
 // were handed over in (never copied into one).
 type queue struct {
-	bufs [][]byte
-	n    int
+	bufs    [][]byte
+	n       int
+	scratch [][]byte // the iovecs of a write cut short by a limit
 }
 
 func (q *queue) push(b []byte) {
@@ -59,13 +60,20 @@ func (q *queue) pushCopy(b []byte) {
 
 func (q *queue) len() int { return q.n }
 
-// writeTo writes what is queued to fd, with writev, until all is written or
-// the socket would block, and returns how much it wrote.
-func (q *queue) writeTo(fd int) (int, error) {
+// writeTo writes what is queued to fd, with writev, until all is written,
+// limit bytes are (limit < 0: no limit), or the socket would block, and
+// returns how much it wrote.
+func (q *queue) writeTo(fd int, limit int) (int, error) {
 	total := 0
-	for q.n > 0 {
+	for q.n > 0 && (limit < 0 || total < limit) {
 		iov := q.bufs[:min(len(q.bufs), maxIovecs)]
+		if limit >= 0 {
+			iov = q.cut(iov, limit-total)
+		}
 		n, err := unix.Writev(fd, iov)
+		if limit >= 0 {
+			clear(q.scratch) // hold no buffer past its write
+		}
 		switch {
 		case err == unix.EINTR:
 			continue
@@ -88,4 +96,21 @@ func (q *queue) writeTo(fd int) (int, error) {
 		}
 	}
 	return total, nil
+}
+
+// cut returns the leading buffers of iov that hold at most limit (> 0)
+// bytes, the last one cut short if need be, in q's scratch space.
+func (q *queue) cut(iov [][]byte, limit int) [][]byte {
+	q.scratch = q.scratch[:0]
+	for _, b := range iov {
+		if limit <= 0 {
+			break
+		}
+		if len(b) > limit {
+			b = b[:limit]
+		}
+		q.scratch = append(q.scratch, b)
+		limit -= len(b)
+	}
+	return q.scratch
 }
