@@ -162,6 +162,7 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 	cmd.Flags().StringVar(&req.To, "to", "", "destination phauld, HOST or HOST:PORT")
 	cmd.Flags().StringVar(&req.Mode, "mode", api.ModeAuto, "how memory moves: copy, lazy, precopy or auto")
 	cmd.Flags().StringVar(&req.DetachTerminal, "detach-terminal", "", "for a process on a terminal (which stays here): give it a new one on the destination, its output to the `journal`, to null, or appended to a FILE there (an absolute path; root only) (without it, such a process is refused)")
+	cmd.Flags().StringVar(&req.Compress, "compress", api.CompressNone, "compress the page stream and the images on the way: zstd (for a slow link; costs CPU on both hosts) or none")
 	cmd.Flags().Var((*rateFlag)(&req.BWLimit), "bwlimit", "send at most RATE to the destination, to leave room for the service's own traffic: bytes a second with K, M or G (8M is 8 MiB/s), or bits with kbit, mbit or gbit (100mbit); at least 1M (default: no limit)")
 	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress display")
 	cmd.Flags().BoolVar(&c.json, "json", false, "print the result (or the error) as one JSON object")
@@ -172,6 +173,10 @@ rate and an estimate; otherwise plain lines go to stderr.`,
 func (c *cli) printFigures(res api.Result) {
 	fmt.Fprintf(c.stdout, "mode %s: frozen %s, total %s, %s moved (session %s)\n",
 		res.Mode, ms(res.FrozenMS), ms(res.TotalMS), bytesHuman(res.Bytes), res.ID)
+	if res.Compress != "" {
+		fmt.Fprintf(c.stdout, "  compressed with %s: pages %s as %s, images %s as %s\n", res.Compress,
+			bytesHuman(res.PageBytes), bytesHuman(res.PageWireBytes), bytesHuman(res.FileBytes), bytesHuman(res.FileWireBytes))
+	}
 	if res.BWLimit > 0 {
 		fmt.Fprintf(c.stdout, "  sent at most %s (--bwlimit)\n", rateHuman(res.BWLimit))
 	}

@@ -50,3 +50,18 @@ func TestBWLimitFlag(t *testing.T) {
 		t.Fatalf("figures show a limit that was not set:\n%s", out.String())
 	}
 }
+
+func TestCompressFigures(t *testing.T) {
+	var out bytes.Buffer
+	c := &cli{stdout: &out}
+	c.printFigures(api.Result{ID: "abc", Mode: api.ModeCopy, Compress: api.CompressZstd,
+		PageBytes: 512 << 20, PageWireBytes: 300 << 20, FileBytes: 2 << 20, FileWireBytes: 1 << 20})
+	if !strings.Contains(out.String(), "compressed with zstd: pages 512.0 MiB as 300.0 MiB, images 2.0 MiB as 1.0 MiB") {
+		t.Fatalf("figures do not show the compression:\n%s", out.String())
+	}
+	out.Reset()
+	c.printFigures(api.Result{ID: "abc", Mode: api.ModeCopy})
+	if strings.Contains(out.String(), "compressed") {
+		t.Fatalf("figures show a compression that was not used:\n%s", out.String())
+	}
+}

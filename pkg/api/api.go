@@ -106,6 +106,9 @@ type MigrateRequest struct {
 	// Name, instead of PID, names a process phaulctl run started (or
 	// that arrived with a name); the name goes with it.
 	Name string `json:"name,omitempty"`
+	// Compress is how the page stream and images are compressed on the
+	// way: CompressZstd or CompressNone ("" is none).
+	Compress string `json:"compress,omitempty"`
 	// BWLimit, in bytes a second, is the most the migration sends to
 	// the destination (0: no limit; at least 1 MiB/s, see
 	// transport.MinRate).
@@ -164,6 +167,14 @@ const (
 	ModeAuto = "auto"
 )
 
+// Compressions a migration request may name (--compress).
+const (
+	CompressNone = "none"
+	// CompressZstd compresses the page stream and the images with zstd,
+	// chunk by chunk.
+	CompressZstd = "zstd"
+)
+
 // Modes lists the modes a request may name.
 var Modes = []string{ModeAuto, ModeCopy, ModeLazy, ModePrecopy}
 
@@ -217,6 +228,13 @@ type Result struct {
 	// BWLimit is the limit the source kept to, in bytes a second (0:
 	// none).
 	BWLimit int64 `json:"bwlimit,omitempty"`
+	// Compress is how the page stream and images were compressed
+	// (CompressZstd; empty: not). PageWireBytes and FileWireBytes are
+	// what PageBytes and FileBytes (the images) came to on the wire.
+	Compress      string `json:"compress,omitempty"`
+	PageWireBytes int64  `json:"page_wire_bytes,omitempty"`
+	FileBytes     int64  `json:"file_bytes,omitempty"`
+	FileWireBytes int64  `json:"file_wire_bytes,omitempty"`
 }
 
 // RootfsSync is a container root filesystem's sync with rsync: the pass

@@ -3,6 +3,8 @@
 package migrate
 
 import (
+	"os"
+
 	"github.com/phaul/phaul/pkg/loop"
 	"github.com/phaul/phaul/pkg/transport"
 	"github.com/phaul/phaul/pkg/wire"
@@ -13,6 +15,9 @@ import (
 type conns struct {
 	rpc, mem *transport.Conn
 	relay    *transport.Relay
+	// codec compresses the page stream and images, when the two sides
+	// agreed to (--compress); nil otherwise.
+	codec *transport.Codec
 }
 
 // open puts rpcLink and memLink on l. Messages on rpc go to onRPC, and an
@@ -48,6 +53,37 @@ func (c *conns) open(l *loop.Loop, rpcLink, memLink *transport.Link, onRPC func(
 	return nil
 }
 
+// openRelay opens the relay of the page stream (see transport.OpenRelay),
+// compressing if the sides agreed to.
+func (c *conns) openRelay(l *loop.Loop, tcp bool, onError func(error)) (*os.File, error) {
+	relay, theirs, err := transport.OpenRelay(l, c.mem, tcp, onError)
+	if err != nil {
+		return nil, err
+	}
+	relay.Codec = c.codec
+	c.relay = relay
+	return theirs, nil
+}
+
+// fileData decodes an image chunk: FileData as is, FileDataZ
+// decompressed (only if compression was agreed).
+func (c *conns) fileData(msg wire.Message) ([]byte, error) {
+	switch msg := msg.(type) {
+	case *wire.FileData:
+		return msg.Data, nil
+	case *wire.FileDataZ:
+		if c.codec == nil {
+			return nil, protocolErr("compressed image data, but no compression was agreed")
+		}
+		b, err := c.codec.Decompress(msg.Data)
+		if err != nil {
+			return nil, protocolErr("image data: %v", err)
+		}
+		return b, nil
+	}
+	return nil, protocolErr("%s is not image data", msg.Type())
+}
+
 // bytes is what crossed both connections.
 func (c *conns) bytes() int64 {
 	return c.rpc.BytesOut() + c.rpc.BytesIn() + c.mem.BytesOut() + c.mem.BytesIn()
@@ -64,4 +100,5 @@ func (c *conns) close() {
 	c.rpc.Flush()
 	c.rpc.Close()
 	c.mem.Close()
+	c.codec.Close()
 }

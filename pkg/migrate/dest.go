@@ -300,11 +300,15 @@ func (m *dest) onRPC(msg wire.Message) error {
 			return err
 		}
 		return m.recv.begin(msg)
-	case *wire.FileData:
+	case *wire.FileData, *wire.FileDataZ:
 		if m.state != dstReceive {
 			break
 		}
-		return m.recv.data(msg.Data)
+		b, err := m.fileData(msg)
+		if err != nil {
+			return err
+		}
+		return m.recv.data(b)
 	case *wire.FileEnd:
 		if m.state != dstReceive {
 			break
@@ -358,6 +362,17 @@ func (m *dest) prepare(p *wire.Prepare) error {
 		return api.Errorf(api.CodePrecondition, "the source's phauld does not say who asked for the migration, which this destination needs to restore the process's files safely: upgrade phauld on the source")
 	}
 	m.caller, m.taskIDs = p.Caller, p.TaskIDs
+	switch p.Compress {
+	case "", api.CompressNone:
+	case api.CompressZstd:
+		codec, err := transport.NewCodec()
+		if err != nil {
+			return err
+		}
+		m.codec = codec
+	default:
+		return api.Errorf(api.CodeInvalid, "the source asks to compress with %q, which this phauld does not know (it knows zstd): use --compress zstd or none", p.Compress)
+	}
 	m.log = m.log.With(zap.Uint32("caller_uid", p.Caller.UID))
 	m.ph.log = m.log
 	if p.Container != nil && p.Caller.UID != 0 {
@@ -553,7 +568,17 @@ func (m *dest) checked(cpuCheck string) error {
 	m.state = dstReceive
 	m.ph.enter("receive")
 	m.psDone = true // no page server before the restore
-	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != ""})
+	return m.sendReady(cpuCheck)
+}
+
+// sendReady tells the source the checks passed and how the migration
+// goes: mode, veths, rootfs sync, compression.
+func (m *dest) sendReady(cpuCheck string) error {
+	compress := ""
+	if m.codec != nil {
+		compress = api.CompressZstd
+	}
+	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != "", Compress: compress})
 }
 
 func (m *dest) startPageServer(cpuCheck string) error {
@@ -562,12 +587,11 @@ func (m *dest) startPageServer(cpuCheck string) error {
 		return err
 	}
 	m.releasePS = release
-	relay, theirs, err := transport.OpenRelay(m.s.l, m.mem, false, m.abort)
+	theirs, err := m.openRelay(m.s.l, false, m.abort)
 	if err != nil {
 		return err
 	}
 	defer theirs.Close()
-	m.relay = relay
 	op, err := m.p.CRIU.StartPageServer(criu.Options{ImagesDir: m.p.Dir, LogFile: "page-server.log", PageServer: theirs})
 	if err != nil {
 		return err
@@ -592,7 +616,7 @@ func (m *dest) onPageServer(ev criu.Event, cpuCheck string) error {
 		}
 		m.state = dstReceive
 		m.ph.enter("receive")
-		return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != ""})
+		return m.sendReady(cpuCheck)
 	}
 	// WAIT_PID answered: the page server has exited.
 	m.releasePS()
@@ -649,12 +673,11 @@ func (m *dest) startLazyPages() error {
 		return err
 	}
 	m.releasePS = release
-	relay, theirs, err := transport.OpenRelay(m.s.l, m.mem, false, m.abort)
+	theirs, err := m.openRelay(m.s.l, false, m.abort)
 	if err != nil {
 		return err
 	}
 	defer theirs.Close()
-	m.relay = relay
 	lp, err := m.p.CRIU.StartLazyPages(m.p.Dir, theirs)
 	if err != nil {
 		return err

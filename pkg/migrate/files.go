@@ -69,9 +69,14 @@ type sender struct {
 	next  int // index of the next file to open
 	f     *os.File
 	sum   hash.Hash
-	// sent is the file data queued so far, all files.
-	sent int64
-	buf  []byte
+	// sent is the file data queued so far, all files; wire what it came
+	// to on the wire (less, compressed).
+	sent, wire int64
+	buf        []byte
+	// codec, if set, compresses chunks (FileDataZ) that shrink; zbuf is
+	// reused for them when the conn copies what it sends.
+	codec *transport.Codec
+	zbuf  []byte
 	// done runs once, when every file is queued (err nil) or sending
 	// failed.
 	done func(err error)
@@ -140,10 +145,17 @@ func (s *sender) step() error {
 	}
 	n, err := io.ReadFull(s.f, s.buf[wire.HeaderLen:])
 	if n > 0 {
-		s.sum.Write(s.buf[wire.HeaderLen : wire.HeaderLen+n])
-		wire.PutHeader(s.buf, wire.TypeFileData, n)
-		s.c.Queue(s.buf[:wire.HeaderLen+n])
+		chunk := s.buf[wire.HeaderLen : wire.HeaderLen+n]
+		s.sum.Write(chunk)
 		s.sent += int64(n)
+		if z := s.compress(chunk); z != nil {
+			s.wire += int64(len(z) - wire.HeaderLen)
+			s.c.Queue(z)
+		} else {
+			s.wire += int64(n)
+			wire.PutHeader(s.buf, wire.TypeFileData, n)
+			s.c.Queue(s.buf[:wire.HeaderLen+n])
+		}
 	}
 	switch {
 	case err == nil:
@@ -155,6 +167,28 @@ func (s *sender) step() error {
 	default:
 		return err
 	}
+}
+
+// compress returns chunk as a whole FileDataZ frame, or nil (no codec, or
+// it does not shrink).
+func (s *sender) compress(chunk []byte) []byte {
+	if s.codec == nil {
+		return nil
+	}
+	var dst []byte
+	if s.c.Link().Copies() {
+		dst = s.zbuf[:0]
+	}
+	dst = append(dst, make([]byte, wire.HeaderLen)...)
+	z := s.codec.Compress(dst, chunk)
+	if z == nil {
+		return nil
+	}
+	if s.c.Link().Copies() {
+		s.zbuf = z
+	}
+	wire.PutHeader(z, wire.TypeFileDataZ, len(z)-wire.HeaderLen)
+	return z
 }
 
 func (s *sender) finish(err error) {

@@ -127,6 +127,17 @@ type SourceConfig struct {
 	// BWLimit, if set, is the most this side sends, in bytes a second,
 	// over both connections together (see transport.Pacer).
 	BWLimit int64
+	// Compress is how the page stream and images are compressed:
+	// api.CompressZstd, or "" / CompressNone.
+	Compress string
+}
+
+// compress is the compression asked for, "" for none.
+func (m *source) compress() string {
+	if m.p.Compress == api.CompressNone {
+		return ""
+	}
+	return m.p.Compress
 }
 
 // FrozenNotify is CRIU's notification, during a dump, that comes once the
@@ -195,6 +206,7 @@ type source struct {
 	restore        *api.RestoreStats
 	dumpStats      *api.DumpStats
 	fileBytes      int64
+	fileWire       int64 // what fileBytes came to on the wire
 
 	t0, tDump, tCommitted time.Time
 	progressTimer         *loop.Timer
@@ -400,6 +412,7 @@ func (m *source) begin() error {
 		Mode:           m.p.Mode,
 		SourceModes:    modes,
 		Network:        netw,
+		Compress:       m.compress(),
 	})
 }
 
@@ -584,6 +597,17 @@ func (m *source) onRPC(msg wire.Message) error {
 			return nil
 		}
 		m.destVeths = msg.Veths
+		if want := m.compress(); want != "" {
+			if msg.Compress != want {
+				m.abort(api.Errorf(api.CodePrecondition, "the destination's phauld cannot decompress %s (it predates --compress): upgrade it, or migrate with --compress none", want))
+				return nil
+			}
+			codec, err := transport.NewCodec()
+			if err != nil {
+				return err
+			}
+			m.codec = codec
+		}
 		m.log = m.log.With(zap.String("mode", m.mode))
 		m.ph.log = m.log
 		m.log.Info("destination ready", zap.Int("dest_criu", msg.CRIUVersion), zap.String("cpu_check", msg.CPUCheck), zap.Bool("rootfs_sync", msg.Sync))
@@ -704,13 +728,12 @@ func (m *source) startDump() error {
 	}
 	lazy := m.mode == api.ModeLazy
 	// A lazy dump's socket is TCP, so that a failure can reset it.
-	relay, theirs, err := transport.OpenRelay(m.s.l, m.mem, lazy, m.abort)
+	theirs, err := m.openRelay(m.s.l, lazy, m.abort)
 	if err != nil {
 		return err
 	}
 	// CRIU gets its own copy of the socket at exec; ours closes now.
 	defer theirs.Close()
-	m.relay = relay
 	// A container's lazy dump listens itself (runc gives CRIU a port,
 	// not a socket), and then waits, after lazy-pages' close command,
 	// for the end of the stream: it must get it. (A stream cut short
@@ -977,7 +1000,7 @@ func (m *source) shipImages() error {
 	}
 	m.state = srcImages
 	m.images = newSender(m.rpc, m.p.Dir, names, func(err error) {
-		m.fileBytes = m.images.sent
+		m.fileBytes, m.fileWire = m.images.sent, m.images.wire
 		if err != nil {
 			m.abort(api.Errorf(api.CodeAborted, "send images: %v", err))
 			return
@@ -1019,6 +1042,7 @@ func (m *source) shipImages() error {
 			m.abort(api.Errorf(api.CodeAborted, "sync the root filesystem (frozen): %v", err))
 		}
 	})
+	m.images.codec = m.codec
 	m.images.start()
 	return nil
 }
@@ -1426,6 +1450,7 @@ func (m *source) result() api.Result {
 		Mode:       m.mode,
 		NotRunning: m.destNotRunning,
 		BWLimit:    m.p.BWLimit,
+		Compress:   m.compress(),
 	}
 	if !m.tCommitted.IsZero() {
 		r.FrozenMS = m.tCommitted.Sub(m.tDump).Milliseconds()
@@ -1447,6 +1472,12 @@ func (m *source) result() api.Result {
 	}
 	if m.relay != nil {
 		r.PageBytes = m.relay.Sent()
+		if m.codec != nil {
+			r.PageWireBytes = m.relay.SentWire()
+		}
+	}
+	if m.codec != nil {
+		r.FileBytes, r.FileWireBytes = m.fileBytes, m.fileWire
 	}
 	if m.dumpStats != nil {
 		r.Dump = m.dumpStats

@@ -780,6 +780,11 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	if req.BWLimit < 0 || (req.BWLimit > 0 && req.BWLimit < transport.MinRate) {
 		return api.Result{}, api.Errorf(api.CodeInvalid, "--bwlimit %d B/s: give at least 1M (1 MiB/s), or none for no limit", req.BWLimit)
 	}
+	switch req.Compress {
+	case "", api.CompressNone, api.CompressZstd:
+	default:
+		return api.Result{}, api.Errorf(api.CodeInvalid, "--compress %q: want zstd or none", req.Compress)
+	}
 	if req.Name != "" {
 		if req.PID != 0 || req.Container != "" {
 			return api.Result{}, api.Errorf(api.CodeInvalid, "--name names the process: give no --pid or --container with it")
@@ -904,7 +909,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		Container: ctr, Shared: shared,
 		ID: id, ListenPort: m.listenPort(), Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
 		PeerTimeout: m.cfg.PeerTimeout, PhaseTimeout: m.cfg.PhaseTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource, DetachTerminal: req.DetachTerminal,
-		RunName: req.Name, Caller: wireCaller(caller), CheckFrozen: m.checkFrozen(caller), BWLimit: req.BWLimit,
+		RunName: req.Name, Caller: wireCaller(caller), CheckFrozen: m.checkFrozen(caller), BWLimit: req.BWLimit, Compress: req.Compress,
 		Progress: func(ev api.Event) {
 			select {
 			case events <- ev:

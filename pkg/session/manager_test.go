@@ -379,3 +379,14 @@ func TestBWLimitRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestCompressRefused: an unknown compression is refused before the
+// process is looked at.
+func TestCompressRefused(t *testing.T) {
+	m, addr := newTestManager(t, time.Second)
+	_, err := m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: os.Getpid(), To: addr, Compress: "gzip"}, nil)
+	var ae *api.Error
+	if !errors.As(err, &ae) || ae.Code != api.CodeInvalid || !strings.Contains(err.Error(), "want zstd or none") {
+		t.Errorf("--compress gzip: %v, want an invalid --compress", err)
+	}
+}

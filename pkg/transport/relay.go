@@ -31,8 +31,11 @@ type Relay struct {
 	shutdown    bool // we shut down writing to CRIU
 	closed      bool
 
-	// sent and received count page-stream bytes (payload, not framing).
-	sent, received int64
+	// sent and received count page-stream bytes (payload, not framing);
+	// sentWire what sent became on the wire (compressed or not).
+	sent, received, sentWire int64
+	// zbuf is reused for compressed frames when the mem link copies.
+	zbuf []byte
 	// buf is reused for reads from CRIU when the mem link copies what it
 	// sends (TLS); a plain link sends the buffer itself.
 	buf []byte
@@ -42,6 +45,11 @@ type Relay struct {
 	// transfer. It ends well by lazy-pages' own close command, inside the
 	// stream, or as a failure by close (a reset).
 	HoldEOF bool
+
+	// Codec, if set, compresses what CRIU writes (frames that come out
+	// smaller go as PageDataZ) and decompresses the peer's PageDataZ.
+	// Without it PageDataZ is a protocol error.
+	Codec *Codec
 
 	// OnError reports a failure of the local side. Failures of the mem
 	// side go to the mem conn's onClose.
@@ -219,8 +227,17 @@ func (r *Relay) readLocal() {
 			r.checkEnd()
 			return
 		}
-		wire.PutHeader(buf, wire.TypePageData, n)
 		r.sent += int64(n)
+		if z := r.compress(buf[wire.HeaderLen : wire.HeaderLen+n]); z != nil {
+			r.sentWire += int64(len(z) - wire.HeaderLen)
+			r.mem.Queue(z)
+			if r.mem.OutLen() >= HighWater {
+				r.localPaused = true
+			}
+			continue
+		}
+		r.sentWire += int64(n)
+		wire.PutHeader(buf, wire.TypePageData, n)
 		frame := buf[:wire.HeaderLen+n]
 		if !r.mem.link.Copies() {
 			// A plain link keeps the frame until the socket takes it,
@@ -243,6 +260,29 @@ func (r *Relay) readLocal() {
 	r.update()
 }
 
+// compress returns b as a whole PageDataZ frame, or nil if there is no
+// codec or b does not shrink. A plain link keeps the frame until written,
+// so it gets a buffer of its own; a copying one reuses zbuf.
+func (r *Relay) compress(b []byte) []byte {
+	if r.Codec == nil {
+		return nil
+	}
+	var dst []byte
+	if r.mem.link.Copies() {
+		dst = r.zbuf[:0]
+	}
+	dst = append(dst, make([]byte, wire.HeaderLen)...)
+	z := r.Codec.Compress(dst, b)
+	if z == nil {
+		return nil
+	}
+	if r.mem.link.Copies() {
+		r.zbuf = z
+	}
+	wire.PutHeader(z, wire.TypePageDataZ, len(z)-wire.HeaderLen)
+	return z
+}
+
 // memDrained restarts reading CRIU's side once the mem queue has room.
 func (r *Relay) memDrained() {
 	if r.localPaused && !r.closed {
@@ -260,6 +300,19 @@ func (r *Relay) FromPeer(m wire.Message) error {
 		}
 		r.received += int64(len(m.Data))
 		r.writeLocal(m.Data)
+	case *wire.PageDataZ:
+		if r.remoteEOF {
+			return fmt.Errorf("page data after end of page stream")
+		}
+		if r.Codec == nil {
+			return fmt.Errorf("compressed page data, but no compression was agreed")
+		}
+		b, err := r.Codec.Decompress(m.Data)
+		if err != nil {
+			return fmt.Errorf("page stream: %w", err)
+		}
+		r.received += int64(len(b))
+		r.writeLocal(b)
 	case *wire.PageEOF:
 		if r.remoteEOF {
 			return fmt.Errorf("second end of page stream")
@@ -372,6 +425,8 @@ func (r *Relay) Close() {
 }
 
 // Sent and Received count the page-stream bytes that crossed the relay
-// (payload, not framing).
+// (payload, not framing), as CRIU wrote and read them; SentWire is what
+// Sent came to on the wire (less, compressed).
 func (r *Relay) Sent() int64     { return r.sent }
+func (r *Relay) SentWire() int64 { return r.sentWire }
 func (r *Relay) Received() int64 { return r.received }

@@ -46,9 +46,14 @@ const (
 	TypeSyncData Type = 0x23
 	TypeSyncEOF  Type = 0x24
 	TypeSyncDone Type = 0x25
+	// TypeFileDataZ is FileData compressed (zstd, one frame per chunk),
+	// when the two sides agreed to compress (Prepare's Compress).
+	TypeFileDataZ Type = 0x26
 
 	TypePageData Type = 0x30
 	TypePageEOF  Type = 0x31
+	// TypePageDataZ is PageData compressed, as TypeFileDataZ.
+	TypePageDataZ Type = 0x32
 
 	TypeResolve Type = 0x40
 	TypeOutcome Type = 0x41
@@ -133,10 +138,12 @@ var specs = [256]*spec{
 	TypeResume:     {name: "resume", max: smallMax, channels: RPC, new: func() Message { return new(Resume) }},
 	TypeSyncOpen:   {name: "sync-open", max: smallMax, channels: RPC, new: func() Message { return new(SyncOpen) }},
 	TypeSyncData:   {name: "sync-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(SyncData) }},
+	TypeFileDataZ:  {name: "file-data-z", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileDataZ) }},
 	TypeSyncEOF:    {name: "sync-eof", max: 0, channels: RPC, raw: true, new: func() Message { return new(SyncEOF) }},
 	TypeSyncDone:   {name: "sync-done", max: controlMax, channels: RPC, new: func() Message { return new(SyncDone) }},
 	TypePageData:   {name: "page-data", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageData) }},
 	TypePageEOF:    {name: "page-eof", max: 0, channels: Mem, raw: true, new: func() Message { return new(PageEOF) }},
+	TypePageDataZ:  {name: "page-data-z", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageDataZ) }},
 	TypeResolve:    {name: "resolve", max: smallMax, channels: Query, new: func() Message { return new(Resolve) }},
 	TypeOutcome:    {name: "outcome", max: smallMax, channels: Query, new: func() Message { return new(Outcome) }},
 }
@@ -312,6 +319,10 @@ type Prepare struct {
 	// Mode is the mode the user asked for: copy, lazy, precopy or auto
 	// ("" is copy, from a source that predates modes).
 	Mode string `json:"mode,omitempty"`
+	// Compress asks for the page stream and images to be compressed
+	// ("zstd"; "" or "none": not). A destination that takes it says so
+	// in Ready's Compress; the frames are PageDataZ and FileDataZ.
+	Compress string `json:"compress,omitempty"`
 	// SourceModes are the modes the source can run as a source; the
 	// destination picks the mode (auto: the best both can run).
 	SourceModes []string `json:"source_modes,omitempty"`
@@ -556,6 +567,9 @@ type Ready struct {
 	// Sync: the destination does not share the container's storage and
 	// asks for its root filesystem (SyncOpen).
 	Sync bool `json:"sync,omitempty"`
+	// Compress is the compression the destination takes (Prepare's
+	// Compress, echoed), "" if none.
+	Compress string `json:"compress,omitempty"`
 }
 
 // SyncOpen starts a pass of rsync over a container's root filesystem
@@ -708,6 +722,13 @@ type PageData struct{ Data []byte }
 // PageEOF says the sender's side of the page-server stream has ended.
 type PageEOF struct{}
 
+// PageDataZ is a chunk of the page stream, compressed (one zstd frame that
+// decodes to at most DataChunk bytes).
+type PageDataZ struct{ Data []byte }
+
+// FileDataZ is a chunk of an image file, compressed as PageDataZ.
+type FileDataZ struct{ Data []byte }
+
 // Resolve asks the destination how the session of the query connection's
 // handshake ended.
 type Resolve struct{}
@@ -758,19 +779,25 @@ func (*SyncDone) Type() Type   { return TypeSyncDone }
 func (*PagesIn) Type() Type    { return TypePagesIn }
 func (*PageData) Type() Type   { return TypePageData }
 func (*PageEOF) Type() Type    { return TypePageEOF }
+func (*PageDataZ) Type() Type  { return TypePageDataZ }
+func (*FileDataZ) Type() Type  { return TypeFileDataZ }
 func (*Resolve) Type() Type    { return TypeResolve }
 func (*Outcome) Type() Type    { return TypeOutcome }
 
-func (m *FileData) bytes() []byte     { return m.Data }
-func (m *FileData) setBytes(b []byte) { m.Data = b }
-func (m *PageData) bytes() []byte     { return m.Data }
-func (m *PageData) setBytes(b []byte) { m.Data = b }
-func (m *SyncData) bytes() []byte     { return m.Data }
-func (m *SyncData) setBytes(b []byte) { m.Data = b }
-func (m *SyncEOF) bytes() []byte      { return nil }
-func (m *SyncEOF) setBytes([]byte)    {}
-func (m *PageEOF) bytes() []byte      { return nil }
-func (m *PageEOF) setBytes([]byte)    {}
+func (m *FileData) bytes() []byte      { return m.Data }
+func (m *FileData) setBytes(b []byte)  { m.Data = b }
+func (m *PageData) bytes() []byte      { return m.Data }
+func (m *PageData) setBytes(b []byte)  { m.Data = b }
+func (m *PageDataZ) bytes() []byte     { return m.Data }
+func (m *PageDataZ) setBytes(b []byte) { m.Data = b }
+func (m *FileDataZ) bytes() []byte     { return m.Data }
+func (m *FileDataZ) setBytes(b []byte) { m.Data = b }
+func (m *SyncData) bytes() []byte      { return m.Data }
+func (m *SyncData) setBytes(b []byte)  { m.Data = b }
+func (m *SyncEOF) bytes() []byte       { return nil }
+func (m *SyncEOF) setBytes([]byte)     {}
+func (m *PageEOF) bytes() []byte       { return nil }
+func (m *PageEOF) setBytes([]byte)     {}
 
 var fileName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
 

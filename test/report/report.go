@@ -39,6 +39,10 @@ type Report struct {
 	// made with.
 	GhostSum    string `json:"ghost_sum,omitempty"`
 	GhostExpect string `json:"ghost_expect,omitempty"`
+	// TextSum is the checksum of the compressible memory the workload
+	// holds besides (--text), TextExpect what it was made with.
+	TextSum    string `json:"text_sum,omitempty"`
+	TextExpect string `json:"text_expect,omitempty"`
 }
 
 // Read reads the report in path.
@@ -103,6 +107,9 @@ func Intact(r, before Report, memMiB int, seed uint64) string {
 	}
 	if r.GhostSum != r.GhostExpect {
 		return fmt.Sprintf("the deleted file it holds has checksum %s, want %s", r.GhostSum, r.GhostExpect)
+	}
+	if r.TextSum != r.TextExpect || r.TextExpect != before.TextExpect {
+		return fmt.Sprintf("its compressible memory has checksum %s, want %s (before: %s)", r.TextSum, r.TextExpect, before.TextExpect)
 	}
 	return ""
 }

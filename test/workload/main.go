@@ -68,6 +68,7 @@ func run(args []string) error {
 	dgram := fs.String("unix-dgram", "", "a Unix datagram socket to connect to and send a number to every 50 ms")
 	unixPeer := fs.String("unix-connect", "", "a Unix stream socket to connect to and hold for the whole run")
 	ghost := fs.String("ghost", "", "MIB:DIR: a file of MIB MiB of pseudo-random bytes in DIR (a tmpfs), kept open and deleted: its contents live only in the process")
+	textMiB := fs.Int("text", 0, "MiB of compressible memory to hold besides: every other page zeros, the rest lines of text")
 	becomeRoot := fs.Bool("become-root", false, "set every uid to root's first (a setuid-root copy run by another user: a tree that turns root's after phauld checked it)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -113,6 +114,10 @@ func run(args []string) error {
 			return err
 		}
 		defer f.Close()
+	}
+	if *textMiB > 0 {
+		w.text = textMemory(*textMiB<<20, *seed)
+		w.st.TextExpect = strconv.FormatUint(pattern.Sum(w.text), 16)
 	}
 	if *ghost != "" {
 		f, err := ghostFile(*ghost, *seed)
@@ -228,7 +233,9 @@ func run(args []string) error {
 
 type worker struct {
 	// ghost is the deleted file it holds (--ghost), if any.
-	ghost      *os.File
+	ghost *os.File
+	// text is the compressible memory (--text), if any.
+	text       []byte
 	mu         sync.Mutex
 	mem        []byte
 	status     string
@@ -254,6 +261,9 @@ func (w *worker) report() error {
 	w.mu.Lock()
 	w.st.Seq++
 	w.st.Sum = strconv.FormatUint(pattern.Sum(w.mem), 16)
+	if w.text != nil {
+		w.st.TextSum = strconv.FormatUint(pattern.Sum(w.text), 16)
+	}
 	w.st.HostPID, w.st.NSPID = pids()
 	if w.ghost != nil {
 		if err := w.sumGhost(); err != nil {
@@ -304,6 +314,21 @@ func pids() (host, ns int) {
 		return host, ns
 	}
 	return 0, 0
+}
+
+// textMemory is size bytes as a process's memory often is: every other
+// page zeros, the rest numbered lines of text (the seed in each).
+func textMemory(size int, seed uint64) []byte {
+	b := make([]byte, size)
+	line := 0
+	for page := 0; page+4096 <= size; page += 8192 {
+		for off := page; off < page+4096; {
+			s := fmt.Sprintf("line %d of the workload's text, seed %d: the quick brown fox\n", line, seed)
+			off += copy(b[off:page+4096], s)
+			line++
+		}
+	}
+	return b
 }
 
 // ghostSeed makes the ghost file's contents differ from the memory's.

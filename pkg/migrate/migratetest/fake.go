@@ -107,6 +107,9 @@ type Config struct {
 	// ImageSize is the size of the image file a dump writes besides its
 	// core image, so that image transfer moves some bytes: 64 KiB if 0.
 	ImageSize int
+	// Compressible makes every other page of the memory, and half of
+	// the image file, zeros (otherwise they are pseudo-random).
+	Compressible bool
 	// Chunk is how much memory a lazy-pages daemon asks for at a time:
 	// 64 KiB if 0.
 	Chunk int

@@ -60,7 +60,16 @@ func pattern(seed uint64, size int) []byte {
 }
 
 // memory is the fake memory of the tree rooted at pid.
-func memory(pid, size int) []byte { return pattern(uint64(pid), size) }
+func memory(pid, size int, compressible bool) []byte {
+	b := pattern(uint64(pid), size)
+	if compressible {
+		// Every other page zero, as a process's memory often is.
+		for off := 4096; off < size; off += 8192 {
+			clear(b[off:min(off+4096, size)])
+		}
+	}
+	return b
+}
 
 func checksum(b []byte) string {
 	s := sha256.Sum256(b)
@@ -94,7 +103,7 @@ func (c *CRIU) writeImages(dir string, tree []*proc.Process, stopped map[int]boo
 	if err != nil {
 		return core{}, nil, err
 	}
-	mem := memory(root, c.cfg.Memory)
+	mem := memory(root, c.cfg.Memory, c.cfg.Compressible)
 	co := core{PID: root, Exe: exe, Argv: argv, Memory: len(mem), SHA256: checksum(mem), Lazy: lazy,
 		RootStopped: stopped[root], Images: map[string]string{}}
 	for _, p := range tree {
@@ -108,6 +117,9 @@ func (c *CRIU) writeImages(dir string, tree []*proc.Process, stopped map[int]boo
 		}
 	}
 	mm := pattern(uint64(root)<<1|1<<63, c.cfg.ImageSize)
+	if c.cfg.Compressible {
+		clear(mm[len(mm)/2:])
+	}
 	mmName := "mm-" + strconv.Itoa(root) + ".img"
 	co.Images[mmName] = checksum(mm)
 	if err := writeFile(filepath.Join(dir, mmName), mm); err != nil {
