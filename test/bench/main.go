@@ -71,6 +71,8 @@ type config struct {
 	bin  string
 	runs int
 	work string
+	// shapedOnly limits the shaped-link modes (-shaped-modes).
+	shapedOnly string
 }
 
 // load is one workload: MiB of memory, MiB of it rewritten every tick.
@@ -115,6 +117,8 @@ func run() error {
 	flag.StringVar(&c.bin, "bin", "bin", "directory with phauld and phaulctl")
 	clientsFlag := flag.String("clients", "0,1,100", "client counts of the connected service, the first the baseline (\"\": skip it)")
 	containers := flag.Bool("container", true, "measure a container's root filesystem synced with rsync, against shared storage")
+	shaped := flag.Bool("shaped", true, "measure --compress zstd over a link shaped to 1 Gbit/s, against no compression")
+	flag.StringVar(&c.shapedOnly, "shaped-modes", "", "run only these modes of the shaped link (comma-separated: copy, lazy, \"copy zstd\", ...)")
 	flag.Parse()
 	var counts []int
 	if *clientsFlag != "" {
@@ -123,6 +127,7 @@ func run() error {
 			return err
 		}
 	}
+	var workload string // built below, before connected runs
 	connected := func() error {
 		if len(counts) > 0 {
 			fmt.Println("\nA service with connected clients:")
@@ -132,7 +137,13 @@ func run() error {
 		}
 		if *containers {
 			fmt.Println("\nA container whose root filesystem is synced:")
-			return runContainers(c)
+			if err := runContainers(c); err != nil {
+				return err
+			}
+		}
+		if *shaped {
+			fmt.Println("\nA slow link (1 Gbit/s), compressible memory, --compress zstd:")
+			return runShaped(c, workload)
 		}
 		return nil
 	}
@@ -152,7 +163,7 @@ func run() error {
 		return err
 	}
 	defer os.RemoveAll(c.work)
-	workload := filepath.Join(c.work, "workload")
+	workload = filepath.Join(c.work, "workload")
 	if out, err := exec.Command("go", "build", "-o", workload, "./test/workload").CombinedOutput(); err != nil {
 		return fmt.Errorf("build workload: %v\n%s", err, out)
 	}

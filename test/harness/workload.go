@@ -39,6 +39,10 @@ type WorkloadConfig struct {
 	// this host's pid namespace, in a session of its own (setsid), not
 	// the init of a namespace.
 	HostPidNS bool
+	// NetNS, if set, is the named network namespace (/run/netns) it
+	// starts in: a "host" made of a namespace (nsenter --net, which
+	// keeps the mount namespace, as CRIU needs).
+	NetNS string
 }
 
 // Workload is a test process tree: the init of its own pid namespace
@@ -88,6 +92,11 @@ func StartWorkload(c WorkloadConfig) (*Workload, error) {
 	w.unshare = exec.Command("unshare", args...)
 	if c.HostPidNS {
 		w.unshare = exec.Command(args[4], args[5:]...)
+	}
+	if c.NetNS != "" {
+		// nsenter execs the command (it forks only to enter a pid
+		// namespace): the pid stays the same.
+		w.unshare = exec.Command("nsenter", append([]string{"--net=/run/netns/" + c.NetNS, "--", w.unshare.Path}, w.unshare.Args[1:]...)...)
 	}
 	if c.OwnCwd {
 		w.unshare.Dir = c.Dir
