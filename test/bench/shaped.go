@@ -167,7 +167,8 @@ func runShaped(c config, workload string) error {
 	fmt.Printf("medians of %d runs each, in rotating order, over a veth shaped to %s each way (tbf), mutual TLS;\n"+
 		"the process holds %d MiB of text and zero pages and 1 MiB of pseudo-random memory.\n"+
 		"wire MB: what crossed both connections. phauld CPU: both daemons, user and system.\n", c.runs, shapedRate, shapedTextMiB)
-	return nil
+	fmt.Println("\nRoom for the service's own traffic on the same link (--bwlimit):")
+	return runRoom(c, workload, nsA, nsB, pair)
 }
 
 func runShapedOnce(c config, bin, ns string, pair [2]*harness.Daemon, m shapedMode) (pause, total, wire, cpu float64, err error) {
