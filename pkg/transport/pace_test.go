@@ -165,3 +165,68 @@ func TestPacedConnKeepsToTheRate(t *testing.T) {
 		t.Fatalf("unpaced, 3 MiB took %v", free)
 	}
 }
+
+// TestQueueReusesItsCopies: buffers pushCopy made are used again once
+// written, and what crosses is still every byte, in order.
+func TestQueueReusesItsCopies(t *testing.T) {
+	lk, far := socketpair(t)
+	defer lk.Close()
+	defer far.Close()
+	var q queue
+	src := make([]byte, 96<<10)
+	got := make([]byte, len(src))
+	round := 0
+	send := func() {
+		for i := range src {
+			src[i] = byte(i*13 + round)
+		}
+		round++
+		for off := 0; off < len(src); off += 16 << 10 {
+			q.pushCopy(src[off : off+16<<10]) // as TLS hands over records
+		}
+		for q.len() > 0 {
+			if _, err := q.writeTo(lk.Fd(), -1); err != nil {
+				t.Fatal(err)
+			}
+			if q.len() > 0 {
+				t.Fatal("the socket pair took less than 96 KiB")
+			}
+		}
+		if _, err := io.ReadFull(far, got); err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != string(src) {
+			t.Fatalf("round %d: bytes changed on the way", round)
+		}
+	}
+	send() // makes the first buffer
+	if allocs := testing.AllocsPerRun(50, send); allocs > 0.5 {
+		t.Fatalf("%.1f allocations per 96 KiB sent: the written buffers are not used again", allocs)
+	}
+	if len(q.spare) > maxSpare {
+		t.Fatalf("%d spare buffers kept, at most %d", len(q.spare), maxSpare)
+	}
+}
+
+// TestQueueNeverEmptyStaysSmall: a queue that is written from while it
+// always holds something does not grow its arrays without end.
+func TestQueueNeverEmptyStaysSmall(t *testing.T) {
+	lk, far := socketpair(t)
+	defer lk.Close()
+	defer far.Close()
+	var q queue
+	buf := make([]byte, 4096)
+	q.push(make([]byte, 1))
+	for i := 0; i < 10000; i++ {
+		q.push(make([]byte, 100))
+		if _, err := q.writeTo(lk.Fd(), 100); err != nil { // leaves the last behind
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(far, buf[:100]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if q.len() != 1 || cap(q.bufs) > 256 {
+		t.Fatalf("after 10000 pushes and writes: %d bytes queued, arrays of %d", q.len(), cap(q.bufs))
+	}
+}
