@@ -14,7 +14,8 @@ import (
 // TestBWLimit moves a 32 MiB tree in copy mode at --bwlimit 8M: what
 // crosses takes at least as long as the limit allows, the tree arrives
 // intact, and the result says the limit. The same tree moved back with
-// no limit is much quicker (figures: docs/operations.md).
+// no limit is much quicker; moved again lazily at 8M, its pause stays
+// short and its pages follow at the rate (figures: docs/operations.md).
 func TestBWLimit(t *testing.T) {
 	integration(t)
 	a := startDaemon(t, "A", "127.0.0.1:17451", daemonOpts{})
@@ -82,4 +83,33 @@ func TestBWLimit(t *testing.T) {
 	}
 	waitRunning(t, free.DestPID)
 	checkIntact(t, "init", w.report(free.DestPID, w.status), before, w.memMiB, w.seed)
+
+	// Lazy, at the limit again: the pause does not grow, the pages that
+	// follow keep to the rate.
+	lz := a.phaulctl(t, "migrate", "--pid", strconv.Itoa(free.DestPID), "--to", b.addr, "--mode", "lazy", "--bwlimit", "8M", "--json")
+	if lz.code != 0 {
+		t.Fatalf("lazy migration at --bwlimit 8M exited %d: %s %s", lz.code, lz.stdout, lz.stderr)
+	}
+	var lres api.Result
+	if err := json.Unmarshal([]byte(lz.stdout), &lres); err != nil {
+		t.Fatal(err)
+	}
+	w.track(lres.DestPID)
+	if ks, _ := proc.Children(lres.DestPID); len(ks) == 1 {
+		w.track(ks[0])
+	}
+	lleast := (lres.Bytes - limit/20) * 1000 / limit
+	t.Logf("lazy at 8M: %d bytes, frozen %d ms, last page %d ms after the resume, total %d ms; the limit allows no less than %d ms in all",
+		lres.Bytes, lres.FrozenMS, lres.LazyMS, lres.TotalMS, lleast)
+	if lres.Mode != api.ModeLazy || lres.BWLimit != limit {
+		t.Errorf("lazy result: mode %q, bwlimit %d", lres.Mode, lres.BWLimit)
+	}
+	if lres.TotalMS < lleast {
+		t.Errorf("lazy: %d bytes crossed in %d ms: faster than 8 MiB/s allows (%d ms)", lres.Bytes, lres.TotalMS, lleast)
+	}
+	if lres.FrozenMS*2 > res.FrozenMS {
+		t.Errorf("lazy at 8M froze it %d ms, copy at 8M %d ms: want the lazy pause well under", lres.FrozenMS, res.FrozenMS)
+	}
+	waitRunning(t, lres.DestPID)
+	checkIntact(t, "lazy", w.report(lres.DestPID, w.status), before, w.memMiB, w.seed)
 }
