@@ -301,9 +301,17 @@ func TestCommitRule(t *testing.T) {
 	}
 }
 
-func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string) {
+// ruleCompress runs a cell with --compress zstd on memory that
+// compresses: the page stream then goes as page-data-z frames.
+type ruleCompress bool
+
+func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string, compress ...ruleCompress) {
 	root := t.TempDir()
-	fake := migratetest.New(t, migratetest.Config{Memory: 2 << 20, Chunk: 256 << 10})
+	zstd := len(compress) > 0 && bool(compress[0])
+	fake := migratetest.New(t, migratetest.Config{Memory: 2 << 20, Chunk: 256 << 10, Compressible: zstd})
+	if zstd && p.typ == wire.TypePageData {
+		p.typ = wire.TypePageDataZ
+	}
 	a := newRuleDaemon(t, "A", filepath.Join(root, "a"), fake)
 	b := newRuleDaemon(t, "B", filepath.Join(root, "b"), fake)
 	px, err := faultproxy.New("127.0.0.1:0", b.addr())
@@ -365,6 +373,14 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string) {
 			r.Action, r.Hook = faultproxy.Drop, nil
 		case "crash-source":
 			r.Action = faultproxy.Swallow // lost with the daemon that stopped
+		case "corrupt":
+			// A compressed chunk that does not decode, in place of the
+			// held one: never restored as memory.
+			bad, err := wire.Marshal(&wire.PageDataZ{Data: []byte("\x28\xb5\x2f\xfd not the rest of a zstd frame")})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.Action, r.Hook, r.Bytes = faultproxy.Inject, nil, bad
 		}
 		px.Arm(r)
 		go func() {
@@ -383,7 +399,11 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string) {
 	done := make(chan outcome, 1)
 	am := a.m
 	go func() {
-		res, err := am.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: pid, To: px.Addr(), Mode: mode}, nil)
+		req := api.MigrateRequest{PID: pid, To: px.Addr(), Mode: mode}
+		if zstd {
+			req.Compress = api.CompressZstd
+		}
+		res, err := am.Migrate(context.Background(), api.Caller{}, req, nil)
 		src, _ := c.running()
 		done <- outcome{res, err, src}
 	}()
@@ -498,6 +518,35 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string) {
 		}
 		if (cancelErr != nil) != refused {
 			t.Errorf("cancel at %s: %v; want refused=%v", p.key, cancelErr, refused)
+		}
+	}
+}
+
+// TestCommitRuleCompressed runs cells of the rule with --compress zstd:
+// lost, crashed and corrupt compressed streams end as the rule says, and
+// a copy restored from them has all its memory.
+func TestCommitRuleCompressed(t *testing.T) {
+	for _, mode := range []string{api.ModeCopy, api.ModeLazy} {
+		for _, p := range rulePoints {
+			switch p.key {
+			case "pages", "images", "restore", "commit-sent":
+			default:
+				continue
+			}
+			faults := []string{"drop", "crash-dest", "crash-source"}
+			if p.key == "pages" {
+				faults = append(faults, "corrupt")
+			}
+			for _, f := range faults {
+				t.Run(mode+"/"+p.key+"/"+f, func(t *testing.T) {
+					t.Parallel()
+					want := ruleExpected(p.key, f)
+					if f == "corrupt" {
+						want = sideSource
+					}
+					runRuleCell(t, mode, p, f, want, true)
+				})
+			}
 		}
 	}
 }
