@@ -23,8 +23,8 @@ type conns struct {
 // open puts rpcLink and memLink on l. Messages on rpc go to onRPC, and an
 // error there aborts the migration by the commit rule (telling the peer
 // why) rather than just dropping the connection; page data on mem goes to
-// the relay, once there is one; a failure of either connection goes to
-// onClose. On error both links are closed.
+// the relay, once there is one, and bad page data aborts likewise; a
+// failure of either connection goes to onClose. On error both links are closed.
 func (c *conns) open(l *loop.Loop, rpcLink, memLink *transport.Link, onRPC func(wire.Message) error, abort, onClose func(error)) error {
 	var err error
 	if c.rpc, err = transport.NewConn(l, "rpc", rpcLink, wire.RPC, 64<<10); err != nil {
@@ -45,10 +45,16 @@ func (c *conns) open(l *loop.Loop, rpcLink, memLink *transport.Link, onRPC func(
 	}
 	c.rpc.OnClose, c.mem.OnClose = onClose, onClose
 	c.mem.OnMessage = func(msg wire.Message) error {
+		// Bad page data is the peer breaking the protocol, not a lost
+		// connection: abort by the rule, telling the peer why.
 		if c.relay == nil {
-			return protocolErr("page data before the page stream began")
+			abort(protocolErr("page data before the page stream began"))
+			return nil
 		}
-		return c.relay.FromPeer(msg)
+		if err := c.relay.FromPeer(msg); err != nil {
+			abort(protocolErr("%v", err))
+		}
+		return nil
 	}
 	return nil
 }
