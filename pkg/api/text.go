@@ -57,7 +57,10 @@ func Clean(s string) string {
 		default:
 			piece = s[i : i+n]
 		}
-		if b.Len()+len(piece) > MaxPeerText-len(cut) && (len(s)-i > len(piece) || b.Len()+len(piece) > MaxPeerText) {
+		// Room is kept for the cut mark unless this is the input's
+		// last piece and it fits.
+		last := i+n == len(s)
+		if b.Len()+len(piece) > MaxPeerText-len(cut) && (!last || b.Len()+len(piece) > MaxPeerText) {
 			b.WriteString(cut)
 			break
 		}
