@@ -68,10 +68,11 @@ Exit status:
            and the destination's is discarded. Needs userfaultfd on the
            destination (CRIU's lazy_pages check) and fs.pipe-max-size of
            at least 4 MiB on the source (phauld raises it at start).
-  precopy  memory is copied in rounds while the process runs, then what
-           changed moves while it is frozen. Needs soft-dirty memory
-           tracking (CONFIG_MEM_SOFT_DIRTY) on the source; this version
-           does not run the rounds yet and refuses it.
+  precopy  memory is sent ahead in rounds while the process runs, then
+           only the pages that changed since move while it is frozen
+           (phauld compares them by content: no kernel dirty tracking
+           needed). For a slow link; the destination keeps what was sent
+           ahead (phauld --precopy-cap). Not for containers yet.
   auto     the best both hosts support: lazy, else precopy, else copy.
 'phaulctl status' shows which modes this host supports.
 
@@ -179,6 +180,14 @@ func (c *cli) printFigures(res api.Result) {
 	}
 	if res.BWLimit > 0 {
 		fmt.Fprintf(c.stdout, "  sent at most %s (--bwlimit)\n", rateHuman(res.BWLimit))
+	}
+	if p := res.Precopy; p != nil {
+		var sent uint64
+		for _, r := range p.Rounds {
+			sent += r.Sent
+		}
+		fmt.Fprintf(c.stdout, "  pre-copy (by %s): %d rounds sent %s ahead while it ran (%s); at the freeze %d of %d pages unchanged, %s crossed\n",
+			p.Method, len(p.Rounds), bytesHuman(int64(sent)*4096), p.Stop, p.ReusedPages, p.FreezePages, bytesHuman(res.PageWireBytes))
 	}
 	if res.LazyMS > 0 {
 		fmt.Fprintf(c.stdout, "  last page arrived %s after the process resumed\n", ms(res.LazyMS))

@@ -109,6 +109,7 @@ type options struct {
 	maxPageServers int
 	maxSessionDisk size
 	maxDisk        size
+	precopyCap     size
 	minFreeDisk    freeSpace
 }
 
@@ -204,6 +205,8 @@ const (
 	defaultMaxPageServers = 8
 	// Root writes past the filesystem's reserve: phauld keeps its own.
 	defaultMinFreePercent = 5
+	// A pre-copy destination holds at most this of the pages sent ahead.
+	defaultPrecopyCap = 8 << 30
 )
 
 // sharedPaths is --shared-path DIR, repeatable.
@@ -247,7 +250,7 @@ func (b *bridgeMap) Set(v string) error {
 }
 
 func parseFlags(args []string, out io.Writer) (options, error) {
-	o := options{logLevel: zapcore.InfoLevel, minFreeDisk: freeSpace{Percent: defaultMinFreePercent}}
+	o := options{logLevel: zapcore.InfoLevel, minFreeDisk: freeSpace{Percent: defaultMinFreePercent}, precopyCap: defaultPrecopyCap}
 	fs := newFlagSet(&o, out)
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -310,6 +313,7 @@ Flags:
 	fs.IntVar(&o.maxOutgoing, "max-outgoing", session.DefaultMaxOutgoing, "migrations leaving at once; more are refused, saying so (0: no limit)")
 	fs.IntVar(&o.maxPageServers, "max-page-servers", defaultMaxPageServers, "CRIU page servers (and lazy-pages daemons) running at once for arriving migrations (0: no limit)")
 	fs.Var(&o.maxSessionDisk, "max-session-disk", "the most one arriving migration may write under --state-dir, its images and pages (`SIZE`, e.g. 20G; 0: no limit)")
+	fs.Var(&o.precopyCap, "precopy-cap", "the most an arriving pre-copy migration may send ahead while the process runs, kept under --state-dir until the freeze (`SIZE`; 0: only the disk limits; what does not fit moves at the freeze)")
 	fs.Var(&o.maxDisk, "max-disk", "the most the arriving migrations in flight may write under --state-dir together (`SIZE`; 0: no limit)")
 	fs.Var(&o.minFreeDisk, "min-free-disk", "refuse or abort an arriving migration that would leave less than this free on --state-dir's filesystem (`SIZE` or PERCENT%)")
 	fs.BoolVar(&o.keepImages, "keep-images", false, "keep the images of successful migrations under --state-dir")
@@ -446,6 +450,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		KeepImages:  o.keepImages,
 		// Liveness and limits.
 		PhaseTimeout: o.phaseTimeout,
+		PrecopyCap:   int64(o.precopyCap),
 		MaxIncoming:  o.maxIncoming,
 		MaxOutgoing:  o.maxOutgoing,
 		Limits: &migrate.Limits{PageServers: o.maxPageServers, SessionDisk: int64(o.maxSessionDisk),

@@ -159,8 +159,8 @@ const (
 	// source keeps its frozen copy until every page is across.
 	ModeLazy = "lazy"
 	// ModePrecopy copies memory in rounds while the process runs, then
-	// moves what changed while it is frozen. It needs soft-dirty memory
-	// tracking on the source.
+	// moves what changed while it is frozen. phauld finds what changed by
+	// content (a hash per page), so it needs no kernel dirty tracking.
 	ModePrecopy = "precopy"
 	// ModeAuto picks the best mode both hosts support: lazy, else
 	// precopy, else copy.
@@ -230,12 +230,46 @@ type Result struct {
 	BWLimit int64 `json:"bwlimit,omitempty"`
 	// Compress is how the page stream and images were compressed
 	// (CompressZstd; empty: not). PageWireBytes and FileWireBytes are
-	// what PageBytes and FileBytes (the images) came to on the wire.
+	// what PageBytes and FileBytes (the images) came to on the wire
+	// (PageWireBytes also in mode precopy: pages unchanged since they
+	// were sent ahead cross as references).
 	Compress      string `json:"compress,omitempty"`
 	PageWireBytes int64  `json:"page_wire_bytes,omitempty"`
 	FileBytes     int64  `json:"file_bytes,omitempty"`
 	FileWireBytes int64  `json:"file_wire_bytes,omitempty"`
+	// Precopy is what a pre-copy migration's rounds did (nil: another
+	// mode).
+	Precopy *Precopy `json:"precopy,omitempty"`
 }
+
+// Precopy is a pre-copy migration's rounds and what they saved at the
+// freeze.
+type Precopy struct {
+	// Method is how changed pages were found: "content" (phaul
+	// compares each page's hash with what it sent; no kernel dirty
+	// tracking needed).
+	Method string         `json:"method"`
+	Rounds []PrecopyRound `json:"rounds"`
+	// Stop is why the rounds stopped.
+	Stop string `json:"stop"`
+	// HeldBytes is what the destination held of the pages sent ahead.
+	HeldBytes int64 `json:"held_bytes"`
+	// FreezePages are the pages CRIU's final dump moved, ReusedPages
+	// those of them that crossed as references (unchanged since sent).
+	FreezePages uint64 `json:"freeze_pages"`
+	ReusedPages uint64 `json:"reused_pages"`
+}
+
+// PrecopyRound is one round: pages read, pages sent, and how long it
+// took (reading and sending), while the process ran.
+type PrecopyRound struct {
+	Scanned uint64 `json:"scanned"`
+	Sent    uint64 `json:"sent"`
+	MS      int64  `json:"ms"`
+}
+
+// PrecopyContent is Precopy.Method for phaul's content comparison.
+const PrecopyContent = "content"
 
 // RootfsSync is a container root filesystem's sync with rsync: the pass
 // while it ran, and the pass while it was frozen (part of FrozenMS), in

@@ -26,6 +26,7 @@ import (
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/network"
 	"github.com/phaul/phaul/pkg/pidns"
+	"github.com/phaul/phaul/pkg/precopy"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/pty"
 	"github.com/phaul/phaul/pkg/runc"
@@ -77,6 +78,9 @@ type DestConfig struct {
 	// Dir is the session's directory: its record, images and CRIU logs.
 	Dir         string
 	PeerTimeout time.Duration
+	// PrecopyCap bounds what a pre-copy migration sends ahead (0: only
+	// the disk limits do).
+	PrecopyCap int64
 	// PhaseTimeout is each phase's progress deadline (0: none): a phase
 	// that neither advances nor moves a byte for that long aborts the
 	// migration by the commit rule.
@@ -129,8 +133,12 @@ type dest struct {
 	rec *store.Record
 
 	conns
-	ph    *phaseTimer
-	state dstState
+	// store holds a pre-copy migration's pages sent ahead, seeded by
+	// precopySeed, until its page server has written them.
+	store       *precopy.Store
+	precopySeed uint64
+	ph          *phaseTimer
+	state       dstState
 	// netw is the tree's network namespace as the source found it (nil:
 	// it stays in its host's); veths are its veths as made here.
 	netw      *wire.Network
@@ -345,6 +353,7 @@ func (m *dest) prepare(p *wire.Prepare) error {
 	if m.p.Refuse != nil {
 		return m.p.Refuse
 	}
+	m.precopySeed = p.PrecopySeed
 	if err := m.disk.checkFree(0); err != nil {
 		return err
 	}
@@ -578,7 +587,7 @@ func (m *dest) sendReady(cpuCheck string) error {
 	if m.codec != nil {
 		compress = api.CompressZstd
 	}
-	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != "", Compress: compress})
+	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != "", Compress: compress, PrecopyCap: m.p.PrecopyCap})
 }
 
 func (m *dest) startPageServer(cpuCheck string) error {
@@ -592,6 +601,11 @@ func (m *dest) startPageServer(cpuCheck string) error {
 		return err
 	}
 	defer theirs.Close()
+	if m.mode == api.ModePrecopy {
+		if err := m.openPrecopyStore(m.precopySeed); err != nil {
+			return err
+		}
+	}
 	op, err := m.p.CRIU.StartPageServer(criu.Options{ImagesDir: m.p.Dir, LogFile: "page-server.log", PageServer: theirs})
 	if err != nil {
 		return err
@@ -624,6 +638,7 @@ func (m *dest) onPageServer(ev criu.Event, cpuCheck string) error {
 		return api.Errorf(api.CodeAborted, "page server ended with %s (log: %s)", waitStatus(ev.Status), m.ps.op.LogPath())
 	}
 	m.psDone = true
+	m.dropPrecopyStore() // its pages are in the images now
 	return m.maybeRestore()
 }
 
@@ -1473,6 +1488,7 @@ func (m *dest) cleanup() {
 		m.lazy.Close()
 	}
 	m.releasePS()
+	m.dropPrecopyStore()
 	m.disk.release()
 	m.close()
 	proc.CloseAll(m.tree)

@@ -25,27 +25,19 @@ func (c Capabilities) Can(mode string) bool {
 // as a source (asSource) and as a destination (asDest). A lazy source
 // serves pages from pipes (fs.pipe-max-size: pipeBlock, if not "", says
 // why it cannot); a lazy destination needs userfaultfd (CRIU's lazy_pages
-// check). Pre-copy needs soft-dirty tracking where the pre-dumps run: the
-// source; and this phauld does not run pre-copy rounds yet (see
-// precopyMissing).
+// check). Pre-copy needs nothing of the kernel: phauld finds the pages
+// that changed by their content (pkg/precopy), with or without soft-dirty
+// tracking (memTrack, which CRIU's own pre-dumps would need; phauld does
+// not use them).
 func HostCapabilities(memTrack, lazyPages bool, pipeBlock string) (asSource, asDest Capabilities) {
-	asSource = Capabilities{api.ModeCopy: "", api.ModeLazy: pipeBlock, api.ModePrecopy: precopyMissing}
+	_ = memTrack
+	asSource = Capabilities{api.ModeCopy: "", api.ModeLazy: pipeBlock, api.ModePrecopy: ""}
 	asDest = Capabilities{api.ModeCopy: "", api.ModeLazy: "", api.ModePrecopy: ""}
 	if !lazyPages {
 		asDest[api.ModeLazy] = "CRIU finds no usable userfaultfd on this host (its lazy_pages feature check failed)"
 	}
-	if !memTrack {
-		asSource[api.ModePrecopy] = "this kernel has no soft-dirty memory tracking (CONFIG_MEM_SOFT_DIRTY), so pre-dumps cannot tell which pages changed"
-	}
 	return asSource, asDest
 }
-
-// precopyMissing is why a host with soft-dirty tracking still cannot be a
-// pre-copy source: the rounds (pre-dumps streamed to a page server per
-// round, each the parent of the next) are not built yet, because no
-// machine phaul is tested on has soft-dirty tracking to run them for real.
-// The stop rule they will follow is (stopRule, tested on recorded rounds).
-const precopyMissing = "this phauld does not run pre-copy rounds yet (only their stop rule is built; no test machine has soft-dirty tracking)"
 
 // chooseMode resolves requested (a mode or auto) against what the source
 // and the destination can do, as the destination decides it: auto is the

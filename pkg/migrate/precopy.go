@@ -5,8 +5,8 @@ import (
 	"time"
 )
 
-// round is what one pre-copy round did, from CRIU's stats-dump of its
-// pre-dump.
+// round is what one pre-copy round did: pages read, pages sent (new or
+// changed since sent), and how long reading and sending took.
 type round struct {
 	scanned, written uint64 // pages
 	took             time.Duration
@@ -14,7 +14,7 @@ type round struct {
 
 // stopRule decides after each pre-copy round whether another one is worth
 // it, or the final dump should follow. A round copies what the process
-// dirtied during the one before; it is worth another round while that
+// changed during the one before; it is worth another round while that
 // shrinks and is still more than the final dump can move within the pause
 // goal at the rate the rounds showed.
 type stopRule struct {
@@ -25,14 +25,20 @@ type stopRule struct {
 	// MinPages is the floor of the goal: below it a round saves nothing
 	// worth its cost.
 	MinPages uint64
-	// Growth is how much larger than the round before a round may be
-	// before the process counts as dirtying memory faster than rounds
-	// copy it (1.1: 10 % larger).
-	Growth float64
+	// Shrink is how much of the round before's pages a round may copy
+	// for another round to be worth it (0.9: the rounds go on while each
+	// copies at least a tenth fewer pages than the one before; a process
+	// that changes as much between rounds as before gains nothing from
+	// another).
+	Shrink float64
+	// Churn is the share of round 1's pages a later round may copy
+	// again before the process counts as rewriting all its memory
+	// between rounds (another round would copy it all again).
+	Churn float64
 }
 
 // defaultStopRule is phauld's rule.
-var defaultStopRule = stopRule{MaxRounds: 8, PauseGoal: 100 * time.Millisecond, MinPages: 64, Growth: 1.1}
+var defaultStopRule = stopRule{MaxRounds: 8, PauseGoal: 100 * time.Millisecond, MinPages: 64, Shrink: 0.9, Churn: 0.9}
 
 // next says whether to run another round after rounds, and why not.
 func (r stopRule) next(rounds []round) (bool, string) {
@@ -44,8 +50,11 @@ func (r stopRule) next(rounds []round) (bool, string) {
 	switch {
 	case last.written <= goal:
 		return false, fmt.Sprintf("round %d copied %d pages, within the goal of %d: the final dump moves about as many", len(rounds), last.written, goal)
-	case len(rounds) >= 2 && float64(last.written) > r.Growth*float64(rounds[len(rounds)-2].written):
-		return false, fmt.Sprintf("round %d copied %d pages, more than round %d's %d: the process dirties memory faster than rounds copy it",
+	case len(rounds) >= 2 && float64(last.written) >= r.Churn*float64(rounds[0].written):
+		return false, fmt.Sprintf("round %d copied %d pages, nearly the %d of round 1: the process rewrites its memory as fast as rounds copy it",
+			len(rounds), last.written, rounds[0].written)
+	case len(rounds) >= 2 && float64(last.written) > r.Shrink*float64(rounds[len(rounds)-2].written):
+		return false, fmt.Sprintf("round %d copied %d pages, not a tenth fewer than round %d's %d: another round would not leave the final dump less",
 			len(rounds), last.written, len(rounds)-1, rounds[len(rounds)-2].written)
 	case len(rounds) >= r.MaxRounds:
 		return false, fmt.Sprintf("%d rounds, the limit", len(rounds))

@@ -6,10 +6,9 @@ import (
 	"time"
 )
 
-// TestStopRule runs the rule on recorded rounds: pages written and times
-// as CRIU's stats-dump reports them for pre-dumps of a 1 GiB process
+// TestStopRule runs the rule on recorded rounds of a 1 GiB process
 // (262144 pages) at about 250000 pages/s, so a 100 ms goal is ~25000
-// pages.
+// pages, and on a slow link.
 func TestStopRule(t *testing.T) {
 	ms := func(n int) time.Duration { return time.Duration(n) * time.Millisecond }
 	for _, tc := range []struct {
@@ -23,11 +22,17 @@ func TestStopRule(t *testing.T) {
 		}, 4, "within the goal"},
 		{"grows: the process dirties faster than rounds copy", []round{
 			{262144, 262144, ms(1050)}, {262144, 120000, ms(480)}, {262144, 140000, ms(560)}, {262144, 100000, ms(400)},
-		}, 3, "faster than rounds copy"},
-		{"steady: stops at the round limit", []round{
+		}, 3, "not a tenth fewer"},
+		{"steady: a round as large as the one before ends them", []round{
 			{262144, 262144, ms(1050)}, {262144, 60000, ms(240)}, {262144, 59000, ms(236)}, {262144, 58000, ms(232)},
-			{262144, 57000, ms(228)}, {262144, 56000, ms(224)}, {262144, 55000, ms(220)}, {262144, 54000, ms(216)}, {262144, 53000, ms(212)},
+		}, 3, "not a tenth fewer"},
+		{"shrinking slowly: stops at the round limit", []round{
+			{262144, 262144, ms(1050)}, {262144, 200000, ms(800)}, {262144, 170000, ms(680)}, {262144, 150000, ms(600)},
+			{262144, 130000, ms(520)}, {262144, 110000, ms(440)}, {262144, 95000, ms(380)}, {262144, 82000, ms(328)}, {262144, 70000, ms(280)},
 		}, 8, "the limit"},
+		{"churns: every page changes between rounds", []round{
+			{262144, 262144, ms(10500)}, {262144, 250000, ms(10000)},
+		}, 2, "as fast as rounds copy it"},
 		{"idle: one round is enough", []round{{262144, 3000, ms(20)}}, 1, "within the goal"},
 		{"slow link: the goal follows the rate", []round{
 			// ~25000 pages/s: the goal is 2500 pages.

@@ -230,6 +230,12 @@ type source struct {
 	served, pagesIn    bool
 	lazyPages          uint64
 	tResumed, tPagesIn time.Time
+
+	// Pre-copy: the page-hash seed, the most the destination holds, and
+	// the rounds once they started.
+	seed       uint64
+	precopyCap int64
+	rounds     *rounds
 }
 
 // pageSize is the unit of CRIU's page transfers; pages moved are counted
@@ -249,7 +255,7 @@ func NewSource(c SourceConfig, rpc, mem *transport.Link) (*Session, error) {
 }
 
 func newSource(s *Session, p SourceConfig, rpcLink, memLink *transport.Link) (*source, error) {
-	m := &source{s: s, p: p, log: p.Log, t0: s.Started}
+	m := &source{s: s, p: p, log: p.Log, t0: s.Started, seed: newSeed()}
 	m.ph = newPhaseTimer(s, p.Log)
 	m.rec = &store.Record{ID: s.ID.String(), Role: store.RoleSource, Peer: p.Dest, PID: p.Proc.PID, StartTime: p.Proc.StartTime}
 	if err := m.open(s.l, rpcLink, memLink, m.onRPC, m.abort, m.onConnClose); err != nil {
@@ -363,9 +369,12 @@ func (m *source) begin() error {
 	}
 	var modes []string
 	for _, x := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
-		if m.p.AsSource.Can(x) {
+		if m.p.AsSource.Can(x) && (x != api.ModePrecopy || precopyNotFor(m.p.Container) == "") {
 			modes = append(modes, x)
 		}
+	}
+	if why := precopyNotFor(m.p.Container); m.p.Mode == api.ModePrecopy && why != "" {
+		return api.Errorf(api.CodePrecondition, "%s: use --mode copy or lazy", why)
 	}
 	detach := ""
 	if len(m.ttys) > 0 {
@@ -393,6 +402,7 @@ func (m *source) begin() error {
 		}
 	}
 	return m.rpc.Send(&wire.Prepare{
+		PrecopySeed:    m.seed,
 		RunName:        m.p.RunName,
 		UnixPeers:      m.unixPeers,
 		ShellJob:       m.shellJob,
@@ -610,6 +620,7 @@ func (m *source) onRPC(msg wire.Message) error {
 		}
 		m.log = m.log.With(zap.String("mode", m.mode))
 		m.ph.log = m.log
+		m.precopyCap = msg.PrecopyCap
 		m.log.Info("destination ready", zap.Int("dest_criu", msg.CRIUVersion), zap.String("cpu_check", msg.CPUCheck), zap.Bool("rootfs_sync", msg.Sync))
 		if msg.Sync && m.p.Container != nil {
 			// Its storage is not shared: the rootfs goes first, while
@@ -629,6 +640,9 @@ func (m *source) onRPC(msg wire.Message) error {
 					}
 				}
 			})
+		}
+		if m.mode == api.ModePrecopy {
+			return m.startPrecopy()
 		}
 		return m.startDumpWhenFree()
 	case *wire.Restored:
@@ -739,6 +753,10 @@ func (m *source) startDump() error {
 	// for the end of the stream: it must get it. (A stream cut short
 	// still fails there: the close command never came.)
 	m.relay.HoldEOF = lazy && m.p.Container == nil
+	if m.rounds != nil {
+		// Only what changed since it was sent ahead crosses now.
+		m.relay.DiffAgainst(m.rounds.sent)
+	}
 	m.ph.enter("dump")
 	m.tDump = time.Now()
 	opts := criu.Options{
@@ -1118,6 +1136,9 @@ func (m *source) abort(err error) {
 		m.failure = err
 	}
 	m.stopSync()
+	if m.rounds != nil {
+		m.rounds.stop()
+	}
 	switch m.state {
 	case srcEnd, srcAbort, srcResume, srcKill:
 		return
@@ -1397,6 +1418,9 @@ func (m *source) cleanup() {
 		m.images.stop()
 	}
 	m.stopSync()
+	if m.rounds != nil {
+		m.rounds.stop()
+	}
 	if m.p.Shared != nil {
 		os.Remove(m.p.Shared.Marker)
 	}
@@ -1472,7 +1496,7 @@ func (m *source) result() api.Result {
 	}
 	if m.relay != nil {
 		r.PageBytes = m.relay.Sent()
-		if m.codec != nil {
+		if m.codec != nil || m.relay.Diff != nil {
 			r.PageWireBytes = m.relay.SentWire()
 		}
 	}
@@ -1483,6 +1507,7 @@ func (m *source) result() api.Result {
 		r.Dump = m.dumpStats
 	}
 	r.Restore = m.restore
+	r.Precopy = m.precopyResult()
 	r.Network = m.network(r.FrozenMS)
 	if m.needSync {
 		r.Rootfs = &api.RootfsSync{Bytes: m.syncStats[0].Bytes, MS: m.syncStats[0].Took.Milliseconds(),

@@ -22,6 +22,7 @@ import (
 	"github.com/phaul/phaul/pkg/guard"
 	"github.com/phaul/phaul/pkg/migrate"
 	"github.com/phaul/phaul/pkg/migrate/migratetest"
+	"github.com/phaul/phaul/pkg/precopy"
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/wire"
@@ -308,7 +309,7 @@ type ruleCompress bool
 func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string, compress ...ruleCompress) {
 	root := t.TempDir()
 	zstd := len(compress) > 0 && bool(compress[0])
-	fake := migratetest.New(t, migratetest.Config{Memory: 2 << 20, Chunk: 256 << 10, Compressible: zstd})
+	fake := migratetest.New(t, migratetest.Config{Memory: 2 << 20, Chunk: 256 << 10, Compressible: zstd, Framed: mode == api.ModePrecopy})
 	if zstd && p.typ == wire.TypePageData {
 		p.typ = wire.TypePageDataZ
 	}
@@ -322,7 +323,7 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string, compres
 	pid := migratetest.StartTree(t)
 	info, _ := proc.Stat(pid)
 	c := copies{src: pid, start: info.StartTime, fake: fake}
-	seen, stop := watchCell(t, c, b.state, mode == api.ModeCopy)
+	seen, stop := watchCell(t, c, b.state, mode != api.ModeLazy)
 
 	var cancelErr error
 	var cancelled atomic.Bool
@@ -376,7 +377,15 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string, compres
 		case "corrupt":
 			// A compressed chunk that does not decode, in place of the
 			// held one: never restored as memory.
-			bad, err := wire.Marshal(&wire.PageDataZ{Data: []byte("\x28\xb5\x2f\xfd not the rest of a zstd frame")})
+			var bad []byte
+			var err error
+			if mode == api.ModePrecopy {
+				// A reference to a page never sent ahead.
+				var h [precopy.HashSize]byte
+				bad, err = wire.Marshal(&wire.PageRefs{Data: precopy.AppendRefs(nil, precopy.TaskID(1), 0x1000, h[:])})
+			} else {
+				bad, err = wire.Marshal(&wire.PageDataZ{Data: []byte("\x28\xb5\x2f\xfd not the rest of a zstd frame")})
+			}
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -518,6 +527,37 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string, compres
 		}
 		if (cancelErr != nil) != refused {
 			t.Errorf("cancel at %s: %v; want refused=%v", p.key, cancelErr, refused)
+		}
+	}
+}
+
+// TestCommitRulePrecopy runs cells of the rule in mode precopy: a fault
+// while the rounds send the running tree's memory ahead, at the freeze
+// (the page stream, with a reference to a page never sent in place of
+// its first chunk), during the restore and at the commit: everything
+// sent ahead is discarded, and the process ends where the rule says.
+func TestCommitRulePrecopy(t *testing.T) {
+	points := []rulePoint{{key: "round", dir: faultproxy.ToDest, typ: wire.TypePrecopyPages}}
+	for _, p := range rulePoints {
+		switch p.key {
+		case "pages", "restore", "commit-sent":
+			points = append(points, p)
+		}
+	}
+	for _, p := range points {
+		faults := []string{"drop", "cancel", "crash-dest", "crash-source"}
+		if p.key == "pages" {
+			faults = append(faults, "corrupt")
+		}
+		for _, f := range faults {
+			t.Run(p.key+"/"+f, func(t *testing.T) {
+				t.Parallel()
+				want := ruleExpected(p.key, f)
+				if f == "corrupt" {
+					want = sideSource
+				}
+				runRuleCell(t, api.ModePrecopy, p, f, want)
+			})
 		}
 	}
 }

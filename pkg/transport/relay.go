@@ -10,6 +10,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/epoll"
 	"github.com/phaul/phaul/pkg/loop"
+	"github.com/phaul/phaul/pkg/precopy"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -50,6 +51,16 @@ type Relay struct {
 	// smaller go as PageDataZ) and decompresses the peer's PageDataZ.
 	// Without it PageDataZ is a protocol error.
 	Codec *Codec
+
+	// Diff, if set (a pre-copy source), rewrites what CRIU writes
+	// against the pages sent ahead: unchanged pages go as PageRefs.
+	Diff *precopy.Diff
+	// Ahead and Fill, if set (a pre-copy destination), keep the pages
+	// sent ahead (PrecopyPages) and fill a PageRefs in from them, as
+	// precopy.Store does. Without them both are protocol errors.
+	Ahead func(frame []byte) error
+	Fill  func(dst, frame []byte) ([]byte, error)
+	fill  []byte
 
 	// OnError reports a failure of the local side. Failures of the mem
 	// side go to the mem conn's onClose.
@@ -228,6 +239,16 @@ func (r *Relay) readLocal() {
 			return
 		}
 		r.sent += int64(n)
+		if r.Diff != nil {
+			if err := r.Diff.Write(buf[wire.HeaderLen : wire.HeaderLen+n]); err != nil {
+				r.fail(err)
+				return
+			}
+			if r.mem.OutLen() >= HighWater {
+				r.localPaused = true
+			}
+			continue
+		}
 		if z := r.compress(buf[wire.HeaderLen : wire.HeaderLen+n]); z != nil {
 			r.sentWire += int64(len(z) - wire.HeaderLen)
 			r.mem.Queue(z)
@@ -283,6 +304,36 @@ func (r *Relay) compress(b []byte) []byte {
 	return z
 }
 
+// diffOut queues what the Diff makes of CRIU's stream.
+type diffOut Relay
+
+func (o *diffOut) Literal(b []byte) {
+	r := (*Relay)(o)
+	if z := r.compress(b); z != nil {
+		r.sentWire += int64(len(z) - wire.HeaderLen)
+		if r.mem.link.Copies() {
+			z = append([]byte(nil), z...) // zbuf is reused
+		}
+		r.mem.Queue(z)
+		return
+	}
+	r.sentWire += int64(len(b))
+	r.mem.Send(&wire.PageData{Data: b})
+}
+
+func (o *diffOut) Refs(id, addr uint64, hashes []byte) {
+	r := (*Relay)(o)
+	m := &wire.PageRefs{Data: precopy.AppendRefs(nil, id, addr, hashes)}
+	r.sentWire += int64(len(m.Data))
+	r.mem.Send(m)
+}
+
+// DiffAgainst makes the relay rewrite CRIU's stream against sent (see
+// Diff).
+func (r *Relay) DiffAgainst(sent *precopy.Sent) {
+	r.Diff = precopy.NewDiff(sent, (*diffOut)(r))
+}
+
 // memDrained restarts reading CRIU's side once the mem queue has room.
 func (r *Relay) memDrained() {
 	if r.localPaused && !r.closed {
@@ -311,6 +362,25 @@ func (r *Relay) FromPeer(m wire.Message) error {
 		if err != nil {
 			return fmt.Errorf("page stream: %w", err)
 		}
+		r.received += int64(len(b))
+		r.writeLocal(b)
+	case *wire.PrecopyPages:
+		if r.Ahead == nil {
+			return fmt.Errorf("pages sent ahead, but this is not a pre-copy migration")
+		}
+		return r.Ahead(m.Data)
+	case *wire.PageRefs:
+		if r.remoteEOF {
+			return fmt.Errorf("page data after end of page stream")
+		}
+		if r.Fill == nil {
+			return fmt.Errorf("page references, but this is not a pre-copy migration")
+		}
+		b, err := r.Fill(r.fill[:0], m.Data)
+		if err != nil {
+			return fmt.Errorf("page stream: %w", err)
+		}
+		r.fill = b
 		r.received += int64(len(b))
 		r.writeLocal(b)
 	case *wire.PageEOF:

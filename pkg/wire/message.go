@@ -54,6 +54,10 @@ const (
 	TypePageEOF  Type = 0x31
 	// TypePageDataZ is PageData compressed, as TypeFileDataZ.
 	TypePageDataZ Type = 0x32
+	// Pre-copy (see pkg/precopy): pages sent ahead while the tree runs,
+	// and, in the page stream at the freeze, references to them.
+	TypePrecopyPages Type = 0x33
+	TypePageRefs     Type = 0x34
 
 	TypeResolve Type = 0x40
 	TypeOutcome Type = 0x41
@@ -118,34 +122,36 @@ const (
 // specs is the table of every message type: the only way bytes from the
 // wire choose what gets decoded.
 var specs = [256]*spec{
-	TypeHello:      {name: "hello", max: smallMax, channels: Handshake, new: func() Message { return new(Hello) }},
-	TypeHelloReply: {name: "hello-reply", max: smallMax, channels: Handshake, new: func() Message { return new(HelloReply) }},
-	TypePrepare:    {name: "prepare", max: prepareMax, channels: RPC, new: func() Message { return new(Prepare) }},
-	TypeReady:      {name: "ready", max: controlMax, channels: RPC, new: func() Message { return new(Ready) }},
-	TypeFileBegin:  {name: "file-begin", max: smallMax, channels: RPC, new: func() Message { return new(FileBegin) }},
-	TypeFileData:   {name: "file-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileData) }},
-	TypeFileEnd:    {name: "file-end", max: smallMax, channels: RPC, new: func() Message { return new(FileEnd) }},
-	TypeRestore:    {name: "restore", max: smallMax, channels: RPC, new: func() Message { return new(Restore) }},
-	TypeRestored:   {name: "restored", max: controlMax, channels: RPC, new: func() Message { return new(Restored) }},
-	TypeCommit:     {name: "commit", max: smallMax, channels: RPC, new: func() Message { return new(Commit) }},
-	TypeCommitted:  {name: "committed", max: smallMax, channels: RPC, new: func() Message { return new(Committed) }},
-	TypeDone:       {name: "done", max: smallMax, channels: RPC | Query, new: func() Message { return new(Done) }},
-	TypeFail:       {name: "fail", max: controlMax, channels: RPC, new: func() Message { return new(Fail) }},
-	TypePing:       {name: "ping", max: smallMax, channels: RPC, new: func() Message { return new(Ping) }},
-	TypePong:       {name: "pong", max: smallMax, channels: RPC, new: func() Message { return new(Pong) }},
-	TypeResumed:    {name: "resumed", max: smallMax, channels: RPC, new: func() Message { return new(Resumed) }},
-	TypePagesIn:    {name: "pages-in", max: smallMax, channels: RPC, new: func() Message { return new(PagesIn) }},
-	TypeResume:     {name: "resume", max: smallMax, channels: RPC, new: func() Message { return new(Resume) }},
-	TypeSyncOpen:   {name: "sync-open", max: smallMax, channels: RPC, new: func() Message { return new(SyncOpen) }},
-	TypeSyncData:   {name: "sync-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(SyncData) }},
-	TypeFileDataZ:  {name: "file-data-z", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileDataZ) }},
-	TypeSyncEOF:    {name: "sync-eof", max: 0, channels: RPC, raw: true, new: func() Message { return new(SyncEOF) }},
-	TypeSyncDone:   {name: "sync-done", max: controlMax, channels: RPC, new: func() Message { return new(SyncDone) }},
-	TypePageData:   {name: "page-data", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageData) }},
-	TypePageEOF:    {name: "page-eof", max: 0, channels: Mem, raw: true, new: func() Message { return new(PageEOF) }},
-	TypePageDataZ:  {name: "page-data-z", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageDataZ) }},
-	TypeResolve:    {name: "resolve", max: smallMax, channels: Query, new: func() Message { return new(Resolve) }},
-	TypeOutcome:    {name: "outcome", max: smallMax, channels: Query, new: func() Message { return new(Outcome) }},
+	TypeHello:        {name: "hello", max: smallMax, channels: Handshake, new: func() Message { return new(Hello) }},
+	TypeHelloReply:   {name: "hello-reply", max: smallMax, channels: Handshake, new: func() Message { return new(HelloReply) }},
+	TypePrepare:      {name: "prepare", max: prepareMax, channels: RPC, new: func() Message { return new(Prepare) }},
+	TypeReady:        {name: "ready", max: controlMax, channels: RPC, new: func() Message { return new(Ready) }},
+	TypeFileBegin:    {name: "file-begin", max: smallMax, channels: RPC, new: func() Message { return new(FileBegin) }},
+	TypeFileData:     {name: "file-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileData) }},
+	TypeFileEnd:      {name: "file-end", max: smallMax, channels: RPC, new: func() Message { return new(FileEnd) }},
+	TypeRestore:      {name: "restore", max: smallMax, channels: RPC, new: func() Message { return new(Restore) }},
+	TypeRestored:     {name: "restored", max: controlMax, channels: RPC, new: func() Message { return new(Restored) }},
+	TypeCommit:       {name: "commit", max: smallMax, channels: RPC, new: func() Message { return new(Commit) }},
+	TypeCommitted:    {name: "committed", max: smallMax, channels: RPC, new: func() Message { return new(Committed) }},
+	TypeDone:         {name: "done", max: smallMax, channels: RPC | Query, new: func() Message { return new(Done) }},
+	TypeFail:         {name: "fail", max: controlMax, channels: RPC, new: func() Message { return new(Fail) }},
+	TypePing:         {name: "ping", max: smallMax, channels: RPC, new: func() Message { return new(Ping) }},
+	TypePong:         {name: "pong", max: smallMax, channels: RPC, new: func() Message { return new(Pong) }},
+	TypeResumed:      {name: "resumed", max: smallMax, channels: RPC, new: func() Message { return new(Resumed) }},
+	TypePagesIn:      {name: "pages-in", max: smallMax, channels: RPC, new: func() Message { return new(PagesIn) }},
+	TypeResume:       {name: "resume", max: smallMax, channels: RPC, new: func() Message { return new(Resume) }},
+	TypeSyncOpen:     {name: "sync-open", max: smallMax, channels: RPC, new: func() Message { return new(SyncOpen) }},
+	TypeSyncData:     {name: "sync-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(SyncData) }},
+	TypeFileDataZ:    {name: "file-data-z", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileDataZ) }},
+	TypeSyncEOF:      {name: "sync-eof", max: 0, channels: RPC, raw: true, new: func() Message { return new(SyncEOF) }},
+	TypeSyncDone:     {name: "sync-done", max: controlMax, channels: RPC, new: func() Message { return new(SyncDone) }},
+	TypePageData:     {name: "page-data", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageData) }},
+	TypePageEOF:      {name: "page-eof", max: 0, channels: Mem, raw: true, new: func() Message { return new(PageEOF) }},
+	TypePageDataZ:    {name: "page-data-z", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageDataZ) }},
+	TypePrecopyPages: {name: "precopy-pages", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PrecopyPages) }},
+	TypePageRefs:     {name: "page-refs", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageRefs) }},
+	TypeResolve:      {name: "resolve", max: smallMax, channels: Query, new: func() Message { return new(Resolve) }},
+	TypeOutcome:      {name: "outcome", max: smallMax, channels: Query, new: func() Message { return new(Outcome) }},
 }
 
 func (t Type) String() string {
@@ -323,6 +329,9 @@ type Prepare struct {
 	// ("zstd"; "" or "none": not). A destination that takes it says so
 	// in Ready's Compress; the frames are PageDataZ and FileDataZ.
 	Compress string `json:"compress,omitempty"`
+	// PrecopySeed seeds the hash of pages sent ahead (mode precopy): the
+	// destination checks each page a reference names by it.
+	PrecopySeed uint64 `json:"precopy_seed,omitempty"`
 	// SourceModes are the modes the source can run as a source; the
 	// destination picks the mode (auto: the best both can run).
 	SourceModes []string `json:"source_modes,omitempty"`
@@ -570,6 +579,9 @@ type Ready struct {
 	// Compress is the compression the destination takes (Prepare's
 	// Compress, echoed), "" if none.
 	Compress string `json:"compress,omitempty"`
+	// PrecopyCap is the most the destination holds of pages sent ahead
+	// (mode precopy; 0: no cap of its own).
+	PrecopyCap int64 `json:"precopy_cap,omitempty"`
 }
 
 // SyncOpen starts a pass of rsync over a container's root filesystem
@@ -729,6 +741,17 @@ type PageDataZ struct{ Data []byte }
 // FileDataZ is a chunk of an image file, compressed as PageDataZ.
 type FileDataZ struct{ Data []byte }
 
+// PrecopyPages are pages of the running tree sent ahead (mode precopy):
+// the key of the first (CRIU's destination id and the address, 8 bytes
+// each, little-endian), then whole pages. The destination keeps them
+// until the freeze (pkg/precopy.Store).
+type PrecopyPages struct{ Data []byte }
+
+// PageRefs stands, in the page stream at the freeze, for pages the
+// destination holds as they were sent ahead: the first's key as in
+// PrecopyPages, then a 16-byte hash of each page's content.
+type PageRefs struct{ Data []byte }
+
 // Resolve asks the destination how the session of the query connection's
 // handshake ended.
 type Resolve struct{}
@@ -755,49 +778,55 @@ type Outcome struct {
 
 // Type methods tie each struct to its number.
 
-func (*Hello) Type() Type      { return TypeHello }
-func (*HelloReply) Type() Type { return TypeHelloReply }
-func (*Prepare) Type() Type    { return TypePrepare }
-func (*Ready) Type() Type      { return TypeReady }
-func (*FileBegin) Type() Type  { return TypeFileBegin }
-func (*FileData) Type() Type   { return TypeFileData }
-func (*FileEnd) Type() Type    { return TypeFileEnd }
-func (*Restore) Type() Type    { return TypeRestore }
-func (*Restored) Type() Type   { return TypeRestored }
-func (*Commit) Type() Type     { return TypeCommit }
-func (*Committed) Type() Type  { return TypeCommitted }
-func (*Done) Type() Type       { return TypeDone }
-func (*Fail) Type() Type       { return TypeFail }
-func (*Ping) Type() Type       { return TypePing }
-func (*Pong) Type() Type       { return TypePong }
-func (*Resumed) Type() Type    { return TypeResumed }
-func (*Resume) Type() Type     { return TypeResume }
-func (*SyncOpen) Type() Type   { return TypeSyncOpen }
-func (*SyncData) Type() Type   { return TypeSyncData }
-func (*SyncEOF) Type() Type    { return TypeSyncEOF }
-func (*SyncDone) Type() Type   { return TypeSyncDone }
-func (*PagesIn) Type() Type    { return TypePagesIn }
-func (*PageData) Type() Type   { return TypePageData }
-func (*PageEOF) Type() Type    { return TypePageEOF }
-func (*PageDataZ) Type() Type  { return TypePageDataZ }
-func (*FileDataZ) Type() Type  { return TypeFileDataZ }
-func (*Resolve) Type() Type    { return TypeResolve }
-func (*Outcome) Type() Type    { return TypeOutcome }
+func (*Hello) Type() Type        { return TypeHello }
+func (*HelloReply) Type() Type   { return TypeHelloReply }
+func (*Prepare) Type() Type      { return TypePrepare }
+func (*Ready) Type() Type        { return TypeReady }
+func (*FileBegin) Type() Type    { return TypeFileBegin }
+func (*FileData) Type() Type     { return TypeFileData }
+func (*FileEnd) Type() Type      { return TypeFileEnd }
+func (*Restore) Type() Type      { return TypeRestore }
+func (*Restored) Type() Type     { return TypeRestored }
+func (*Commit) Type() Type       { return TypeCommit }
+func (*Committed) Type() Type    { return TypeCommitted }
+func (*Done) Type() Type         { return TypeDone }
+func (*Fail) Type() Type         { return TypeFail }
+func (*Ping) Type() Type         { return TypePing }
+func (*Pong) Type() Type         { return TypePong }
+func (*Resumed) Type() Type      { return TypeResumed }
+func (*Resume) Type() Type       { return TypeResume }
+func (*SyncOpen) Type() Type     { return TypeSyncOpen }
+func (*SyncData) Type() Type     { return TypeSyncData }
+func (*SyncEOF) Type() Type      { return TypeSyncEOF }
+func (*SyncDone) Type() Type     { return TypeSyncDone }
+func (*PagesIn) Type() Type      { return TypePagesIn }
+func (*PageData) Type() Type     { return TypePageData }
+func (*PageEOF) Type() Type      { return TypePageEOF }
+func (*PageDataZ) Type() Type    { return TypePageDataZ }
+func (*FileDataZ) Type() Type    { return TypeFileDataZ }
+func (*PrecopyPages) Type() Type { return TypePrecopyPages }
+func (*PageRefs) Type() Type     { return TypePageRefs }
+func (*Resolve) Type() Type      { return TypeResolve }
+func (*Outcome) Type() Type      { return TypeOutcome }
 
-func (m *FileData) bytes() []byte      { return m.Data }
-func (m *FileData) setBytes(b []byte)  { m.Data = b }
-func (m *PageData) bytes() []byte      { return m.Data }
-func (m *PageData) setBytes(b []byte)  { m.Data = b }
-func (m *PageDataZ) bytes() []byte     { return m.Data }
-func (m *PageDataZ) setBytes(b []byte) { m.Data = b }
-func (m *FileDataZ) bytes() []byte     { return m.Data }
-func (m *FileDataZ) setBytes(b []byte) { m.Data = b }
-func (m *SyncData) bytes() []byte      { return m.Data }
-func (m *SyncData) setBytes(b []byte)  { m.Data = b }
-func (m *SyncEOF) bytes() []byte       { return nil }
-func (m *SyncEOF) setBytes([]byte)     {}
-func (m *PageEOF) bytes() []byte       { return nil }
-func (m *PageEOF) setBytes([]byte)     {}
+func (m *FileData) bytes() []byte         { return m.Data }
+func (m *FileData) setBytes(b []byte)     { m.Data = b }
+func (m *PageData) bytes() []byte         { return m.Data }
+func (m *PageData) setBytes(b []byte)     { m.Data = b }
+func (m *PageDataZ) bytes() []byte        { return m.Data }
+func (m *PageDataZ) setBytes(b []byte)    { m.Data = b }
+func (m *FileDataZ) bytes() []byte        { return m.Data }
+func (m *FileDataZ) setBytes(b []byte)    { m.Data = b }
+func (m *PrecopyPages) bytes() []byte     { return m.Data }
+func (m *PrecopyPages) setBytes(b []byte) { m.Data = b }
+func (m *PageRefs) bytes() []byte         { return m.Data }
+func (m *PageRefs) setBytes(b []byte)     { m.Data = b }
+func (m *SyncData) bytes() []byte         { return m.Data }
+func (m *SyncData) setBytes(b []byte)     { m.Data = b }
+func (m *SyncEOF) bytes() []byte          { return nil }
+func (m *SyncEOF) setBytes([]byte)        {}
+func (m *PageEOF) bytes() []byte          { return nil }
+func (m *PageEOF) setBytes([]byte)        {}
 
 var fileName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
 
@@ -991,6 +1020,9 @@ func (n *Network) validate() error {
 func (m *Ready) validate() error {
 	if !modeNames[m.Mode] || m.Mode == "auto" {
 		return fmt.Errorf("mode %q", m.Mode)
+	}
+	if m.PrecopyCap < 0 {
+		return fmt.Errorf("precopy_cap %d", m.PrecopyCap)
 	}
 	return (&Network{Veths: m.Veths}).validate()
 }

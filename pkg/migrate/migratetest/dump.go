@@ -111,7 +111,12 @@ func (r *request) writePages(mem []byte) error {
 	if r.ps == nil {
 		return writeFile(filepath.Join(r.opts.ImagesDir, PagesImage), mem)
 	}
-	if _, err := r.ps.Write(mem); err != nil {
+	stream := mem
+	if r.c.cfg.Framed {
+		// As CRIU does: an add of present pages, then the pages.
+		stream = append(pageAdd(len(mem)), mem...)
+	}
+	if _, err := r.ps.Write(stream); err != nil {
 		return r.pageErr(err)
 	}
 	if err := r.ps.CloseWrite(); err != nil {

@@ -110,6 +110,11 @@ type Config struct {
 	// Compressible makes every other page of the memory, and half of
 	// the image file, zeros (otherwise they are pseudo-random).
 	Compressible bool
+	// Framed frames a copy dump's page stream as CRIU's page-server
+	// protocol does (one add of present pages, then the pages), as a
+	// pre-copy source's relay reads it; otherwise the stream is the
+	// memory as it is.
+	Framed bool
 	// Chunk is how much memory a lazy-pages daemon asks for at a time:
 	// 64 KiB if 0.
 	Chunk int

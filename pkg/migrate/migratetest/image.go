@@ -257,3 +257,33 @@ func writeFile(path string, b []byte) error {
 // Taken is none: the fake restore keeps the tree it was given, on the
 // pids it has.
 func (c *CRIU) Taken(ids []int) []int { return nil }
+
+// With Config.Framed the fake's page stream is framed as CRIU's page
+// server protocol frames it (criu/page-xfer.c): one add of present pages
+// (PS_IOV_ADD_F with PE_PRESENT, a 32-byte header), then the pages, so
+// that a relay that reads the protocol (a pre-copy source's) reads it as
+// it reads CRIU's.
+const (
+	psHeaderLen = 32
+	psAddF      = 6
+	pePresent   = 1 << 2
+	fakeVaddr   = 0x7f0000000000
+	fakeID      = 1<<8 | 1 // pid 1, a task's memory
+)
+
+// pageAdd is the header of an add of n bytes of pages.
+func pageAdd(n int) []byte {
+	b := binary.LittleEndian.AppendUint32(nil, pePresent<<16|psAddF)
+	b = append(b, 0, 0, 0, 0)
+	b = binary.LittleEndian.AppendUint64(b, uint64(n/4096))
+	b = binary.LittleEndian.AppendUint64(b, fakeVaddr)
+	return binary.LittleEndian.AppendUint64(b, fakeID)
+}
+
+// pagesOfAdd are the pages of a stream that pageAdd began.
+func pagesOfAdd(b []byte) ([]byte, error) {
+	if len(b) < psHeaderLen || !bytes.Equal(b[:psHeaderLen], pageAdd(len(b)-psHeaderLen)) {
+		return nil, fmt.Errorf("a page stream of %d bytes that is not one add of its pages", len(b))
+	}
+	return b[psHeaderLen:], nil
+}

@@ -142,6 +142,9 @@ func (r *request) pageServer() error {
 // receive is the page server process: it returns its exit code.
 func (r *request) receive() int {
 	data, err := io.ReadAll(r.ps)
+	if err == nil && r.c.cfg.Framed {
+		data, err = pagesOfAdd(data)
+	}
 	if err != nil {
 		r.logf("Error (fake-criu/page-server): read pages: %v", err)
 		return 1
