@@ -113,6 +113,7 @@ demo: criu build
 bench: criu build
 	$(GO) test -run '^$$' -bench PageStream -benchtime 6x ./pkg/transport
 	PHAUL_BENCH_MIB=1024 $(GO) test -run '^$$' -bench PageStream -benchtime 4x ./pkg/transport
+	$(GO) test -run '^$$' -bench DiffAtFreeze -benchtime 10x ./pkg/precopy
 	$(GO) run ./test/bench
 
 # Not part of make test: N workloads (default 8) migrated back and forth M

@@ -73,6 +73,10 @@ type config struct {
 	work string
 	// shapedOnly limits the shaped-link modes (-shaped-modes).
 	shapedOnly string
+	// precopy runs the pre-copy cases after the shaped link's (-precopy).
+	precopy bool
+	// precopyOnly runs only them (-precopy-only).
+	precopyOnly bool
 }
 
 // load is one workload: MiB of memory, MiB of it rewritten every tick.
@@ -118,6 +122,8 @@ func run() error {
 	clientsFlag := flag.String("clients", "0,1,100", "client counts of the connected service, the first the baseline (\"\": skip it)")
 	containers := flag.Bool("container", true, "measure a container's root filesystem synced with rsync, against shared storage")
 	shaped := flag.Bool("shaped", true, "measure --compress zstd over a link shaped to 1 Gbit/s, against no compression")
+	flag.BoolVar(&c.precopy, "precopy", true, "measure --mode precopy against copy and bare CRIU, on the shaped link and on loopback (with -shaped)")
+	flag.BoolVar(&c.precopyOnly, "precopy-only", false, "of the shaped link's measurements, run only pre-copy's")
 	flag.StringVar(&c.shapedOnly, "shaped-modes", "", "run only these modes of the shaped link (comma-separated: copy, lazy, \"copy zstd\", ...)")
 	flag.Parse()
 	var counts []int

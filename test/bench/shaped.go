@@ -126,6 +126,10 @@ func runShaped(c config, workload string) error {
 		defer d.Stop(time.Minute)
 		pair[i] = d
 	}
+	if c.precopyOnly {
+		fmt.Println("\nPre-copy (memory sent ahead while the process runs) against copy mode and bare CRIU:")
+		return runPrecopy(c, workload, nsA, nsB, pair)
+	}
 	if c.shapedOnly != "" {
 		var keep []shapedMode
 		for _, m := range shapedModes {
@@ -168,7 +172,14 @@ func runShaped(c config, workload string) error {
 		"the process holds %d MiB of text and zero pages and 1 MiB of pseudo-random memory.\n"+
 		"wire MB: what crossed both connections. phauld CPU: both daemons, user and system.\n", c.runs, shapedRate, shapedTextMiB)
 	fmt.Println("\nRoom for the service's own traffic on the same link (--bwlimit):")
-	return runRoom(c, workload, nsA, nsB, pair)
+	if err := runRoom(c, workload, nsA, nsB, pair); err != nil {
+		return err
+	}
+	if !c.precopy {
+		return nil
+	}
+	fmt.Println("\nPre-copy (memory sent ahead while the process runs) against copy mode and bare CRIU:")
+	return runPrecopy(c, workload, nsA, nsB, pair)
 }
 
 func runShapedOnce(c config, bin, ns string, pair [2]*harness.Daemon, m shapedMode) (pause, total, wire, cpu float64, err error) {

@@ -43,6 +43,11 @@ type Report struct {
 	// holds besides (--text), TextExpect what it was made with.
 	TextSum    string `json:"text_sum,omitempty"`
 	TextExpect string `json:"text_expect,omitempty"`
+	// ChurnPages are the pages the workload rewrites with new contents
+	// (--churn), ChurnBad those that hold another generation than it
+	// recorded for them.
+	ChurnPages int `json:"churn_pages,omitempty"`
+	ChurnBad   int `json:"churn_bad,omitempty"`
 }
 
 // Read reads the report in path.
@@ -110,6 +115,9 @@ func Intact(r, before Report, memMiB int, seed uint64) string {
 	}
 	if r.TextSum != r.TextExpect || r.TextExpect != before.TextExpect {
 		return fmt.Sprintf("its compressible memory has checksum %s, want %s (before: %s)", r.TextSum, r.TextExpect, before.TextExpect)
+	}
+	if r.ChurnBad != 0 || r.ChurnPages != before.ChurnPages {
+		return fmt.Sprintf("%d of the %d pages it rewrites hold another generation than it recorded (before: %d pages)", r.ChurnBad, r.ChurnPages, before.ChurnPages)
 	}
 	return ""
 }

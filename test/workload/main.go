@@ -26,6 +26,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -69,6 +70,8 @@ func run(args []string) error {
 	unixPeer := fs.String("unix-connect", "", "a Unix stream socket to connect to and hold for the whole run")
 	ghost := fs.String("ghost", "", "MIB:DIR: a file of MIB MiB of pseudo-random bytes in DIR (a tmpfs), kept open and deleted: its contents live only in the process")
 	textMiB := fs.Int("text", 0, "MiB of compressible memory to hold besides: every other page zeros, the rest lines of text")
+	churn := fs.Int("churn", 0, "MiB of memory to rewrite with new contents every tick, round the --churn-span region (pages that change between a pre-copy round and the freeze)")
+	churnSpan := fs.Int("churn-span", 0, "MiB of the region --churn rewrites (default: 4 times --churn)")
 	becomeRoot := fs.Bool("become-root", false, "set every uid to root's first (a setuid-root copy run by another user: a tree that turns root's after phauld checked it)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -114,6 +117,18 @@ func run(args []string) error {
 			return err
 		}
 		defer f.Close()
+	}
+	if *churn > 0 {
+		span := *churnSpan
+		if span == 0 {
+			span = 4 * *churn
+		}
+		w.churn = make([]byte, span<<20)
+		w.churnGen = make([]uint64, len(w.churn)/4096)
+		w.churnBytes = *churn << 20
+		for i := range w.churnGen {
+			w.writeChurn(i)
+		}
 	}
 	if *textMiB > 0 {
 		w.text = textMemory(*textMiB<<20, *seed)
@@ -217,6 +232,7 @@ func run(args []string) error {
 			}
 			w.st.Counter++
 			w.dirty()
+			w.rewriteChurn()
 			w.mu.Unlock()
 			last = now
 		case <-sigs:
@@ -242,6 +258,45 @@ type worker struct {
 	st         report.Report
 	dirtyBytes int
 	dirtyOff   int
+	// churn is rewritten churnBytes a tick, page by page: page i holds
+	// its generation churnGen[i] (kept apart) all over.
+	churn      []byte
+	churnGen   []uint64
+	churnBytes int
+	churnNext  int
+}
+
+// writeChurn gives churn page i its next generation.
+func (w *worker) writeChurn(i int) {
+	w.churnGen[i]++
+	p := w.churn[i*4096 : (i+1)*4096]
+	for off := 0; off < len(p); off += 16 {
+		binary.LittleEndian.PutUint64(p[off:], w.churnGen[i])
+		binary.LittleEndian.PutUint64(p[off+8:], uint64(i))
+	}
+}
+
+func (w *worker) rewriteChurn() {
+	for n := 0; n < w.churnBytes && len(w.churnGen) > 0; n += 4096 {
+		w.writeChurn(w.churnNext)
+		w.churnNext = (w.churnNext + 1) % len(w.churnGen)
+	}
+}
+
+// churnBad counts the churn pages that do not hold what their generation
+// says: a page restored older (or newer) than the rest of the memory.
+func (w *worker) churnBad() int {
+	bad := 0
+	for i, g := range w.churnGen {
+		p := w.churn[i*4096 : (i+1)*4096]
+		for off := 0; off < len(p); off += 16 {
+			if binary.LittleEndian.Uint64(p[off:]) != g || binary.LittleEndian.Uint64(p[off+8:]) != uint64(i) {
+				bad++
+				break
+			}
+		}
+	}
+	return bad
 }
 
 // dirty rewrites dirtyBytes of memory with the same values, so the pages
@@ -265,6 +320,9 @@ func (w *worker) report() error {
 		w.st.TextSum = strconv.FormatUint(pattern.Sum(w.text), 16)
 	}
 	w.st.HostPID, w.st.NSPID = pids()
+	if w.churn != nil {
+		w.st.ChurnPages, w.st.ChurnBad = len(w.churnGen), w.churnBad()
+	}
 	if w.ghost != nil {
 		if err := w.sumGhost(); err != nil {
 			w.mu.Unlock()
