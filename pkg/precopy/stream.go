@@ -65,9 +65,10 @@ const (
 	pePresent = 1 << 2
 )
 
-// maxRun bounds the pages of one reference frame (its hashes fill at most
-// a wire chunk).
-const maxRun = (256<<10 - 16) / HashSize
+// maxRun bounds the pages of one reference frame to a chunk's worth
+// (256 KiB): what the destination fills in for one frame is no more than
+// a page-data frame brings, so its queue to CRIU stays as bounded.
+const maxRun = 256 << 10 / PageSize
 
 // Out receives what Diff makes of the stream, in order: literal bytes to
 // relay as they are (Diff reuses the slice after the call), and runs of

@@ -77,6 +77,8 @@ type config struct {
 	precopy bool
 	// precopyOnly runs only them (-precopy-only).
 	precopyOnly bool
+	// precopyCase runs only the pre-copy cases whose names contain it.
+	precopyCase string
 }
 
 // load is one workload: MiB of memory, MiB of it rewritten every tick.
@@ -123,6 +125,7 @@ func run() error {
 	containers := flag.Bool("container", true, "measure a container's root filesystem synced with rsync, against shared storage")
 	shaped := flag.Bool("shaped", true, "measure --compress zstd over a link shaped to 1 Gbit/s, against no compression")
 	flag.BoolVar(&c.precopy, "precopy", true, "measure --mode precopy against copy and bare CRIU, on the shaped link and on loopback (with -shaped)")
+	flag.StringVar(&c.precopyCase, "precopy-case", "", "run only the pre-copy cases whose names contain this (e.g. loopback)")
 	flag.BoolVar(&c.precopyOnly, "precopy-only", false, "of the shaped link's measurements, run only pre-copy's")
 	flag.StringVar(&c.shapedOnly, "shaped-modes", "", "run only these modes of the shaped link (comma-separated: copy, lazy, \"copy zstd\", ...)")
 	flag.Parse()

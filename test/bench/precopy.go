@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -64,6 +65,9 @@ func runPrecopy(c config, workload, nsA, nsB string, shaped [2]*harness.Daemon) 
 		local[i] = d
 	}
 	for _, pc := range precopyCases {
+		if c.precopyCase != "" && !strings.Contains(pc.name, c.precopyCase) {
+			continue
+		}
 		rows := map[string]*precopyRow{}
 		for _, m := range pc.modes {
 			rows[m] = &precopyRow{}
