@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -45,6 +46,7 @@ var precopyCases = []precopyCase{
 type precopyRow struct {
 	pause, total, wire     []float64
 	rounds, sentMB, reused []float64
+	roundGap               []float64
 }
 
 func runPrecopy(c config, workload, nsA, nsB string, shaped [2]*harness.Daemon) error {
@@ -89,16 +91,17 @@ func runPrecopy(c config, workload, nsA, nsB string, shaped [2]*harness.Daemon) 
 				if err != nil {
 					return fmt.Errorf("%s, %s: %w", pc.name, mode, err)
 				}
-				fmt.Fprintf(os.Stderr, "  %s, %-9s run %d: pause %7.1f ms, total %7.1f ms, %7.1f MB on the wire, rounds %.0f (%.0f MB ahead), %.0f pages reused\n",
-					pc.name, mode, i+1, x.pause, x.total, x.wire/1e6, x.rounds, x.sentMB, x.reused)
+				fmt.Fprintf(os.Stderr, "  %s, %-9s run %d: pause %7.1f ms, total %7.1f ms, %7.1f MB on the wire, rounds %.0f (%.0f MB ahead), %.0f pages reused, gap in rounds %.0f ms\n",
+					pc.name, mode, i+1, x.pause, x.total, x.wire/1e6, x.rounds, x.sentMB, x.reused, x.roundGap)
 				r := rows[mode]
 				r.pause, r.total, r.wire = append(r.pause, x.pause), append(r.total, x.total), append(r.wire, x.wire)
 				r.rounds, r.sentMB, r.reused = append(r.rounds, x.rounds), append(r.sentMB, x.sentMB), append(r.reused, x.reused)
+				r.roundGap = append(r.roundGap, x.roundGap)
 			}
 		}
 		fmt.Printf("\n%s:\n", pc.name)
 		tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "mode\tpause ms\ttotal ms\twire MB\trounds\tMB ahead\tpages reused\tpause / copy\ttotal / copy\tpause / bare\t")
+		fmt.Fprintln(tw, "mode\tpause ms\ttotal ms\twire MB\trounds\tMB ahead\tpages reused\tgap in rounds ms\tpause / copy\ttotal / copy\tpause / bare\t")
 		cp := rows[api.ModeCopy]
 		bare := rows[modeBareShaped]
 		for _, m := range pc.modes {
@@ -113,19 +116,22 @@ func runPrecopy(c config, workload, nsA, nsB string, shaped [2]*harness.Daemon) 
 			if bare != nil {
 				vsBare = ratio(bare, r.pause, bare.pause)
 			}
-			fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.1f\t%.0f\t%.0f\t%.0f\t%s\t%s\t%s\t\n", m, median(r.pause), median(r.total), median(r.wire)/1e6,
-				median(r.rounds), median(r.sentMB), median(r.reused), ratio(cp, r.pause, cp.pause), ratio(cp, r.total, cp.total), vsBare)
+			fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.1f\t%.0f\t%.0f\t%.0f\t%.0f\t%s\t%s\t%s\t\n", m, median(r.pause), median(r.total), median(r.wire)/1e6,
+				median(r.rounds), median(r.sentMB), median(r.reused), median(r.roundGap), ratio(cp, r.pause, cp.pause), ratio(cp, r.total, cp.total), vsBare)
 		}
 		tw.Flush()
 	}
 	fmt.Printf("medians of %d runs each, in rotating order; pause: the longest gap the process saw in its 10 ms ticks;\n"+
-		"wire MB: what crossed both connections (bare copy: the pages only); mutual TLS.\n", c.runs)
+		"gap in rounds: the longest it saw while the rounds read its memory; wire MB: what crossed both\n"+
+		"connections (bare copy: the pages only); mutual TLS.\n", c.runs)
 	return nil
 }
 
 type precopyMeasure struct {
 	pause, total, wire     float64
 	rounds, sentMB, reused float64
+	// roundGap is the longest tick gap the process saw during the rounds.
+	roundGap float64
 }
 
 func startChurn(c config, bin string, pc precopyCase, ns string) (*harness.Workload, error) {
@@ -166,7 +172,33 @@ func runPrecopyOnce(c config, bin string, pc precopyCase, ns string, pair [2]*ha
 	}
 	defer w.Kill()
 	a, b := pair[0], pair[1]
-	res, err := client.New(a.Socket).Migrate(context.Background(), api.MigrateRequest{PID: w.PID, To: b.Addr, Mode: mode}, nil)
+	// While the rounds read its memory the process runs: the longest
+	// tick gap it reports meanwhile is what reading it cost it.
+	var inRounds atomic.Bool
+	stopSampling := make(chan struct{})
+	sampled := make(chan float64, 1)
+	go func() {
+		var worst float64
+		defer func() { sampled <- worst }()
+		for {
+			select {
+			case <-stopSampling:
+				return
+			case <-time.After(300 * time.Millisecond):
+			}
+			if !inRounds.Load() {
+				continue
+			}
+			if r, err := w.Report(w.PID); err == nil && inRounds.Load() {
+				worst = max(worst, float64(r.GapNS)/1e6)
+			}
+		}
+	}()
+	onEvent := func(e api.Event) { inRounds.Store(e.Phase == "precopy") }
+	res, err := client.New(a.Socket).Migrate(context.Background(), api.MigrateRequest{PID: w.PID, To: b.Addr, Mode: mode}, onEvent)
+	inRounds.Store(false)
+	close(stopSampling)
+	roundGap := <-sampled
 	if err != nil {
 		return precopyMeasure{}, err
 	}
@@ -176,7 +208,7 @@ func runPrecopyOnce(c config, bin string, pc precopyCase, ns string, pair [2]*ha
 	if err != nil {
 		return precopyMeasure{}, err
 	}
-	x := precopyMeasure{pause: pause, total: float64(res.TotalMS), wire: float64(res.Bytes)}
+	x := precopyMeasure{pause: pause, total: float64(res.TotalMS), wire: float64(res.Bytes), roundGap: roundGap}
 	if p := res.Precopy; p != nil {
 		x.rounds, x.reused = float64(len(p.Rounds)), float64(p.ReusedPages)
 		for _, r := range p.Rounds {

@@ -334,6 +334,8 @@ type workloadOpts struct {
 	stdout *os.File
 	// hostPidNS: in this host's pid namespace (setsid workload ...).
 	hostPidNS bool
+	// netns, if set, is the named network namespace it runs in.
+	netns string
 }
 
 // readOnlyWrap runs a destination phauld where dir is what the source
@@ -351,7 +353,7 @@ func readOnlyWrap(dir string) []string {
 func startWorkload(t *testing.T, o workloadOpts) *workload {
 	t.Helper()
 	hw, err := harness.StartWorkload(harness.WorkloadConfig{Bin: bins.workload, Dir: t.TempDir(),
-		MemMiB: o.memMiB, Children: o.children, Seed: o.seed, Extra: o.extra, Output: o.stdout, HostPidNS: o.hostPidNS})
+		MemMiB: o.memMiB, Children: o.children, Seed: o.seed, Extra: o.extra, Output: o.stdout, HostPidNS: o.hostPidNS, NetNS: o.netns})
 	if err != nil {
 		t.Fatal(err)
 	}

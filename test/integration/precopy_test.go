@@ -1,7 +1,10 @@
 package integration
 
 import (
+	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/phaul/phaul/pkg/api"
@@ -58,5 +61,71 @@ func TestPrecopy(t *testing.T) {
 			t.Errorf("leg %d: the pages held ahead are left on the destination: %v", leg, held)
 		}
 		pid, from, to = res.DestPID, to, from
+	}
+}
+
+// TestPrecopyShaped runs pre-copy and copy mode for real over a slow
+// link: two network namespaces standing for two hosts, a veth between
+// them shaped to 200 Mbit/s each way, a phauld in each, the process in
+// A's. In copy mode all its memory crosses while it is frozen; in
+// pre-copy only what changed since the rounds: the process arrives
+// intact either way, and pre-copy's frozen page stream is a small part
+// of copy's, and so is its pause.
+func TestPrecopyShaped(t *testing.T) {
+	integration(t)
+	suffix := strconv.Itoa(os.Getpid())
+	nsA, nsB := "phaul-pcs-a-"+suffix, "phaul-pcs-b-"+suffix
+	vA, vB := "phpca"+suffix, "phpcb"+suffix
+	if len(vA) > 15 {
+		vA, vB = vA[:15], vB[:15]
+	}
+	t.Cleanup(func() {
+		exec.Command("ip", "netns", "del", nsA).Run()
+		exec.Command("ip", "netns", "del", nsB).Run()
+	})
+	steps := [][]string{
+		{"ip", "netns", "add", nsA},
+		{"ip", "netns", "add", nsB},
+		{"ip", "link", "add", vA, "netns", nsA, "type", "veth", "peer", "name", vB, "netns", nsB},
+		{"ip", "-n", nsA, "addr", "add", "10.215.0.1/24", "dev", vA},
+		{"ip", "-n", nsB, "addr", "add", "10.215.0.2/24", "dev", vB},
+	}
+	for _, x := range []struct{ ns, dev string }{{nsA, vA}, {nsB, vB}} {
+		steps = append(steps,
+			[]string{"ip", "-n", x.ns, "link", "set", x.dev, "up"},
+			[]string{"ip", "-n", x.ns, "link", "set", "lo", "up"},
+			[]string{"tc", "-n", x.ns, "qdisc", "add", "dev", x.dev, "root", "tbf", "rate", "200mbit", "burst", "64kb", "latency", "50ms"})
+	}
+	for _, s := range steps {
+		if out, err := exec.Command(s[0], s[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v: %s", s, err, out)
+		}
+	}
+	a := startDaemon(t, "A", "10.215.0.1:17481", daemonOpts{wrap: []string{"nsenter", "--net=/run/netns/" + nsA, "--"}})
+	b := startDaemon(t, "B", "10.215.0.2:17482", daemonOpts{wrap: []string{"nsenter", "--net=/run/netns/" + nsB, "--"}})
+	frozen := map[string]api.Result{}
+	for _, mode := range []string{api.ModeCopy, api.ModePrecopy} {
+		w := startWorkload(t, workloadOpts{memMiB: 48, netns: nsA, extra: []string{"--churn", "1", "--churn-span", "2"}})
+		before := w.report(w.pid, w.status)
+		srcInfo, _ := proc.Stat(w.pid)
+		res := a.migrateTo(t, w.pid, b.addr, "--mode", mode)
+		w.track(res.DestPID)
+		after := w.report(res.DestPID, w.status)
+		checkIntact(t, mode, after, before, w.memMiB, w.seed)
+		if !gone(w.pid, srcInfo.StartTime) {
+			t.Errorf("%s: the source copy still exists", mode)
+		}
+		frozen[mode] = res
+		t.Logf("%s: frozen %d ms (the process saw %.0f ms), total %d ms, %d bytes; pages at the freeze %d, on the wire %d; pre-copy %+v",
+			mode, res.FrozenMS, float64(after.GapNS)/1e6, res.TotalMS, res.Bytes, res.PageBytes, res.PageWireBytes, res.Precopy)
+	}
+	cp, pc := frozen[api.ModeCopy], frozen[api.ModePrecopy]
+	if pc.Precopy == nil || pc.PageWireBytes <= 0 || pc.PageWireBytes > cp.PageBytes/5 {
+		t.Errorf("pre-copy's frozen page stream came to %d bytes on the wire, copy's %d: want under a fifth", pc.PageWireBytes, cp.PageBytes)
+	}
+	// At 200 Mbit/s copy's 48 MiB take about 2 s frozen; what pre-copy
+	// moves frozen takes a small part of that.
+	if pc.FrozenMS*2 > cp.FrozenMS {
+		t.Errorf("pre-copy froze the process %d ms, copy %d ms: want under half", pc.FrozenMS, cp.FrozenMS)
 	}
 }
