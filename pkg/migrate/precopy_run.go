@@ -51,6 +51,8 @@ type rounds struct {
 	stats []api.PrecopyRound
 	why   string
 	done  bool
+	// bytes is what was sent ahead so far (on the loop).
+	bytes int64
 }
 
 // startPrecopy starts the rounds; the dump follows when they end.
@@ -60,6 +62,7 @@ func (m *source) startPrecopy() error {
 	m.ph.enter("precopy")
 	m.log.Info("pre-copy: sending memory ahead while the tree runs", zap.Int64("dest_cap", m.precopyCap))
 	go r.run(m.p.Proc.PID, m.precopyCap)
+	m.tickProgress()
 	return nil
 }
 
@@ -119,6 +122,7 @@ func (r *rounds) send(id, addr uint64, pages []byte) error {
 				return
 			}
 			c.Send(&wire.PrecopyPages{Data: frame})
+			r.bytes += int64(len(frame) - 16)
 			if c.OutLen() < transport.HighWater {
 				r.give()
 			} else {
@@ -153,6 +157,7 @@ func (r *rounds) stop() { r.once.Do(func() { close(r.stopped) }) }
 func (m *source) precopyDone(err error) {
 	r := m.rounds
 	r.done = true
+	m.progressTimer.Cancel() // the dump starts its own
 	if m.state != srcPrepare {
 		return // aborted meanwhile
 	}

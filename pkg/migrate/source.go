@@ -553,6 +553,9 @@ func (m *source) emit() {
 		files = m.images.sent
 	}
 	b := pages + files
+	if m.rounds != nil {
+		b += m.rounds.bytes // sent ahead while it ran
+	}
 	m.s.bytes.Store(b)
 	var locked int64
 	if !m.tDump.IsZero() {
@@ -803,7 +806,8 @@ func (m *source) startDump() error {
 
 func (m *source) tickProgress() {
 	m.emit()
-	if m.state == srcDump || m.state == srcImages || m.state == srcRestore || m.state == srcLazy {
+	if m.state == srcDump || m.state == srcImages || m.state == srcRestore || m.state == srcLazy ||
+		(m.state == srcPrepare && m.rounds != nil && !m.rounds.done) {
 		m.progressTimer = m.s.l.After(250*time.Millisecond, m.tickProgress)
 	}
 }
