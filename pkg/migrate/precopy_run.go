@@ -26,8 +26,9 @@ import (
 // ahead sits in the destination's session directory, and goes with it
 // on any failure; the tree here is not touched until the freeze.
 
-// precopyStore is the destination's file of pages sent ahead.
-const precopyStore = "precopy.pages"
+// PrecopyStore is the destination's file of pages sent ahead, in the
+// session's directory.
+const PrecopyStore = "precopy.pages"
 
 // newSeed is a migration's page-hash seed.
 func newSeed() uint64 {
@@ -193,7 +194,7 @@ func (m *source) precopyResult() *api.Precopy {
 // its two ends: pages sent ahead are kept (counted against the disk
 // limits), references filled in.
 func (m *dest) openPrecopyStore(seed uint64) error {
-	st, err := precopy.CreateStore(filepath.Join(m.p.Dir, precopyStore), precopy.Hasher{Seed: seed}, m.p.PrecopyCap)
+	st, err := precopy.CreateStore(filepath.Join(m.p.Dir, PrecopyStore), precopy.Hasher{Seed: seed}, m.p.PrecopyCap)
 	if err != nil {
 		return err
 	}

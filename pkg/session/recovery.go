@@ -67,6 +67,13 @@ func (m *Manager) Recover() error {
 			continue
 		}
 		dir := filepath.Join(root, e.Name())
+		// Pages a pre-copy sent ahead are of no use to a session that
+		// did not end before the restart (it is settled without them),
+		// and as large as the process: they go now, not with the
+		// failed session's images days later.
+		if err := os.Remove(filepath.Join(dir, migrate.PrecopyStore)); err == nil {
+			m.log.Info("recovering: removed the pages a pre-copy had sent ahead", zap.String("dir", dir))
+		}
 		rec, err := store.Load(dir)
 		if err != nil {
 			if !errors.Is(err, os.ErrNotExist) {

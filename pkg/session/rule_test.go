@@ -505,6 +505,11 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string, compres
 	if got == sideDest && !fake.Intact(dst[0]) {
 		t.Errorf("the destination's copy (pid %d) runs without all its memory", dst[0])
 	}
+	// Nothing sent ahead outlives the session, a destination's restart
+	// included.
+	if held, _ := filepath.Glob(filepath.Join(b.state, "sessions", "*", migrate.PrecopyStore)); len(held) > 0 {
+		t.Errorf("pages sent ahead are left on the destination: %v", held)
+	}
 	if f == "crash-source" {
 		return // the caller went with the daemon
 	}
