@@ -73,7 +73,11 @@ Exit status:
            (phauld compares them by content: no kernel dirty tracking
            needed). For a slow link; the destination keeps what was sent
            ahead (phauld --precopy-cap). Not for containers yet.
-  auto     the best both hosts support: lazy, else precopy, else copy.
+  auto     the best both hosts support: lazy, else precopy, else copy;
+           but precopy where the link is slow for the memory: the
+           source measures the link first (4 MiB), and auto takes
+           precopy when it carries under 256 MiB/s and the memory would
+           take over 2 s to cross it.
 'phaulctl status' shows which modes this host supports.
 
 A process on a terminal is refused before anything is frozen (the
@@ -180,6 +184,9 @@ func (c *cli) printFigures(res api.Result) {
 	}
 	if res.BWLimit > 0 {
 		fmt.Fprintf(c.stdout, "  sent at most %s (--bwlimit)\n", rateHuman(res.BWLimit))
+	}
+	if res.LinkRate > 0 {
+		fmt.Fprintf(c.stdout, "  the link measured %s/s before auto chose %s\n", bytesHuman(res.LinkRate), res.Mode)
 	}
 	if p := res.Precopy; p != nil {
 		var sent uint64
@@ -355,6 +362,7 @@ func newStatus(c *cli) *cobra.Command {
 						fmt.Fprintf(c.stdout, "  %-12s no: %s\n", m+":", why)
 					}
 				}
+				fmt.Fprintln(c.stdout, "  auto:        lazy where both hosts can, but precopy where the link measures under 256 MiB/s and the memory would take over 2 s to cross it")
 			}
 			if k := st.Containers; k != nil {
 				if k.Refused != "" {

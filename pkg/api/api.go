@@ -240,6 +240,9 @@ type Result struct {
 	// Precopy is what a pre-copy migration's rounds did (nil: another
 	// mode).
 	Precopy *Precopy `json:"precopy,omitempty"`
+	// LinkRate is the link's rate in bytes a second, as the source's
+	// probe measured it before --mode auto chose (0: not measured).
+	LinkRate int64 `json:"link_rate,omitempty"`
 }
 
 // Precopy is a pre-copy migration's rounds and what they saved at the

@@ -137,8 +137,10 @@ type dest struct {
 	// precopySeed, until its page server has written them.
 	store       *precopy.Store
 	precopySeed uint64
-	ph          *phaseTimer
-	state       dstState
+	// probeBytes counts a link probe before Prepare (see onProbe).
+	probeBytes int64
+	ph         *phaseTimer
+	state      dstState
 	// netw is the tree's network namespace as the source found it (nil:
 	// it stays in its host's); veths are its veths as made here.
 	netw      *wire.Network
@@ -245,6 +247,12 @@ func newDest(s *Session, p DestConfig, rpcLink, memLink *transport.Link) (*dest,
 	// count against its disk limits as they arrive.
 	toRelay := m.mem.OnMessage
 	m.mem.OnMessage = func(msg wire.Message) error {
+		if handled, err := m.onProbe(msg); handled {
+			if err != nil {
+				m.abort(err)
+			}
+			return nil
+		}
 		if pd, ok := msg.(*wire.PageData); ok && m.mode != api.ModeLazy {
 			if err := m.disk.add(int64(len(pd.Data))); err != nil {
 				m.abort(err)
@@ -427,13 +435,16 @@ func (m *dest) prepare(p *wire.Prepare) error {
 		// A source from before modes: copy is all it does.
 		requested, src = api.ModeCopy, Capabilities{api.ModeCopy: ""}
 	}
-	mode, err := chooseMode(requested, src, m.p.AsDest)
+	mode, why, err := chooseModeOn(requested, src, m.p.AsDest, p.LinkRate, p.MemBytes)
 	if err != nil {
 		return err
 	}
 	m.mode = mode
 	m.log = m.log.With(zap.String("mode", mode))
 	m.ph.log = m.log
+	if requested == api.ModeAuto {
+		m.log.Info("auto chose the mode", zap.String("why", why), zap.Int64("link_rate", p.LinkRate), zap.Int64("mem_bytes", p.MemBytes))
+	}
 	mine := m.p.Info.Version.Code()
 	if p.CRIUVersion > mine {
 		return api.Errorf(api.CodePrecondition,

@@ -44,20 +44,26 @@ func HostCapabilities(memTrack, lazyPages bool, pipeBlock string) (asSource, asD
 // best both support (lazy, else precopy, else copy). A named mode one side
 // cannot run is refused with that side's reason and what to do.
 func chooseMode(requested string, src, dst Capabilities) (string, error) {
+	mode, _, err := chooseModeOn(requested, src, dst, 0, 0)
+	return mode, err
+}
+
+// chooseModeOn is chooseMode knowing the link's measured rate and the
+// tree's memory (0: unknown), which auto weighs (autoMode); why says why
+// auto chose as it did.
+func chooseModeOn(requested string, src, dst Capabilities, rate, mem int64) (mode, why string, err error) {
 	if requested == "" {
 		requested = api.ModeAuto
 	}
 	if requested == api.ModeAuto {
-		for _, m := range []string{api.ModeLazy, api.ModePrecopy, api.ModeCopy} {
-			if src.Can(m) && dst.Can(m) {
-				return m, nil
-			}
+		if m, why := autoMode(src, dst, rate, mem); m != "" {
+			return m, why, nil
 		}
-		return "", api.Errorf(api.CodePrecondition, "the two hosts share no migration mode (source: %v; destination: %v)", src, dst)
+		return "", "", api.Errorf(api.CodePrecondition, "the two hosts share no migration mode (source: %v; destination: %v)", src, dst)
 	}
 	if _, known := dst[requested]; !known {
 		if _, known := src[requested]; !known {
-			return "", api.Errorf(api.CodeInvalid, "unknown mode %q: want copy, lazy, precopy or auto", requested)
+			return "", "", api.Errorf(api.CodeInvalid, "unknown mode %q: want copy, lazy, precopy or auto", requested)
 		}
 	}
 	for _, side := range []struct {
@@ -69,10 +75,10 @@ func chooseMode(requested string, src, dst Capabilities) (string, error) {
 			if why == "" {
 				why = "its phauld does not know this mode (upgrade it)"
 			}
-			return "", api.Errorf(api.CodePrecondition, "%s migration impossible: on the %s, %s. Use --mode auto (or copy)", requested, side.name, why)
+			return "", "", api.Errorf(api.CodePrecondition, "%s migration impossible: on the %s, %s. Use --mode auto (or copy)", requested, side.name, why)
 		}
 	}
-	return requested, nil
+	return requested, "asked for", nil
 }
 
 // String lists the modes a host can run, for logs.

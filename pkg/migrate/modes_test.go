@@ -51,3 +51,33 @@ func TestChooseMode(t *testing.T) {
 		t.Errorf("precopy from an old source: %v", err)
 	}
 }
+
+// TestAutoWeighsTheLink: auto takes pre-copy where the measured link is
+// slow for the memory, lazy otherwise (fast, small, or not measured),
+// and never a mode one side cannot run.
+func TestAutoWeighsTheLink(t *testing.T) {
+	hereS, hereD := HostCapabilities(false, true, "")
+	oldD := Capabilities{api.ModeCopy: "", api.ModeLazy: "", api.ModePrecopy: "its phauld does not know this mode"}
+	const MB = 1 << 20
+	for _, tc := range []struct {
+		name      string
+		dst       Capabilities
+		rate, mem int64
+		want      string
+	}{
+		{"1 Gbit/s, 512 MiB", hereD, 118 * MB, 512 * MB, api.ModePrecopy},
+		{"1 Gbit/s, 64 MiB: half a second", hereD, 118 * MB, 64 * MB, api.ModeLazy},
+		{"loopback, 4 GiB", hereD, 600 * MB, 4096 * MB, api.ModeLazy},
+		{"not measured", hereD, 0, 4096 * MB, api.ModeLazy},
+		{"slow, but the destination cannot pre-copy", oldD, 20 * MB, 512 * MB, api.ModeLazy},
+	} {
+		got, why, err := chooseModeOn(api.ModeAuto, hereS, tc.dst, tc.rate, tc.mem)
+		if err != nil || got != tc.want || why == "" {
+			t.Errorf("%s: %q (%s), %v; want %q", tc.name, got, why, err, tc.want)
+		}
+	}
+	// A named mode is not weighed.
+	if got, _, _ := chooseModeOn(api.ModeCopy, hereS, hereD, 1*MB, 4096*MB); got != api.ModeCopy {
+		t.Errorf("copy on a slow link: %q", got)
+	}
+}

@@ -130,6 +130,9 @@ type SourceConfig struct {
 	// Compress is how the page stream and images are compressed:
 	// api.CompressZstd, or "" / CompressNone.
 	Compress string
+	// PeerProbes: the destination answers link probes (its HelloReply
+	// said so): with --mode auto the source measures the link first.
+	PeerProbes bool
 }
 
 // compress is the compression asked for, "" for none.
@@ -236,6 +239,11 @@ type source struct {
 	seed       uint64
 	precopyCap int64
 	rounds     *rounds
+	// auto: the Prepare held back while the link is probed, when the
+	// probe began, and the rate it measured (bytes a second).
+	prepare  *wire.Prepare
+	tProbe   time.Time
+	linkRate int64
 }
 
 // pageSize is the unit of CRIU's page transfers; pages moved are counted
@@ -401,8 +409,9 @@ func (m *source) begin() error {
 			files = append(files, wire.FileCheck(f))
 		}
 	}
-	return m.rpc.Send(&wire.Prepare{
+	prep := &wire.Prepare{
 		PrecopySeed:    m.seed,
+		MemBytes:       m.memBytes,
 		RunName:        m.p.RunName,
 		UnixPeers:      m.unixPeers,
 		ShellJob:       m.shellJob,
@@ -423,7 +432,13 @@ func (m *source) begin() error {
 		SourceModes:    modes,
 		Network:        netw,
 		Compress:       m.compress(),
-	})
+	}
+	if m.probeFirst() {
+		// auto: the link's rate first, for the destination's choice.
+		m.prepare = prep
+		return m.startProbe()
+	}
+	return m.rpc.Send(prep)
 }
 
 // checkPlain refuses, before the freeze, a process tree (not a container)
@@ -593,8 +608,13 @@ func (m *source) onRPC(msg wire.Message) error {
 		}
 		m.abort(err)
 		return nil
+	case *wire.ProbeAck:
+		if m.state != srcPrepare || m.prepare == nil {
+			break
+		}
+		return m.probed(msg.Bytes)
 	case *wire.Ready:
-		if m.state != srcPrepare {
+		if m.state != srcPrepare || m.prepare != nil {
 			break
 		}
 		m.mode = msg.Mode
@@ -1479,6 +1499,7 @@ func (m *source) result() api.Result {
 		NotRunning: m.destNotRunning,
 		BWLimit:    m.p.BWLimit,
 		Compress:   m.compress(),
+		LinkRate:   m.linkRate,
 	}
 	if !m.tCommitted.IsZero() {
 		r.FrozenMS = m.tCommitted.Sub(m.tDump).Milliseconds()

@@ -398,7 +398,7 @@ func (m *Manager) handshake(c net.Conn) {
 	role := roleIndex(hello.Role)
 
 	h, err := m.reserve(hello, lk, addr)
-	reply := &wire.HelloReply{OK: err == nil, Daemon: version.Daemon()}
+	reply := &wire.HelloReply{OK: err == nil, Daemon: version.Daemon(), Probe: err == nil}
 	if err != nil {
 		reply.Code, reply.Error = refusalCode(err), err.Error()
 	}
@@ -867,11 +867,11 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 	log.Info("outgoing migration", zap.Int("caller_uid", caller.UID))
 
 	m.warnInsecure(log)
-	rpcLink, err := m.dial(ctx, addr, id, wire.RoleRPC)
+	rpcLink, rpcProbe, err := m.dialProbe(ctx, addr, id, wire.RoleRPC)
 	if err != nil {
 		return api.Result{}, err
 	}
-	memLink, err := m.dial(ctx, addr, id, wire.RoleMem)
+	memLink, memProbe, err := m.dialProbe(ctx, addr, id, wire.RoleMem)
 	if err != nil {
 		rpcLink.Close()
 		return api.Result{}, err
@@ -913,6 +913,7 @@ func (m *Manager) Migrate(ctx context.Context, caller api.Caller, req api.Migrat
 		ID: id, ListenPort: m.listenPort(), Log: log, CRIU: criuOf, Info: m.cfg.Info, Dir: dir, Proc: info, Dest: addr,
 		PeerTimeout: m.cfg.PeerTimeout, PhaseTimeout: m.cfg.PhaseTimeout, Gate: m.gate, Mode: mode, AsSource: m.cfg.AsSource, DetachTerminal: req.DetachTerminal,
 		RunName: req.Name, Caller: wireCaller(caller), CheckFrozen: m.checkFrozen(caller), BWLimit: req.BWLimit, Compress: req.Compress,
+		PeerProbes: rpcProbe && memProbe,
 		Progress: func(ev api.Event) {
 			select {
 			case events <- ev:
@@ -1136,6 +1137,13 @@ func (m *Manager) unclaim(id wire.SessionID) {
 // dial opens one connection of a migration (or a query), authenticates
 // the destination (mutual TLS, unless insecure), and does the handshake.
 func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role wire.Role) (*transport.Link, error) {
+	lk, _, err := m.dialProbe(ctx, addr, id, role)
+	return lk, err
+}
+
+// dialProbe is dial, and says whether the destination answers link
+// probes (its HelloReply's Probe).
+func (m *Manager) dialProbe(ctx context.Context, addr string, id wire.SessionID, role wire.Role) (*transport.Link, bool, error) {
 	unreachable := func(err error) error {
 		return api.Errorf(api.CodeUnavailable,
 			"cannot reach the destination phauld at %s: %v (is phauld running there? try 'systemctl status phauld.socket' on that host)", addr, err)
@@ -1143,11 +1151,11 @@ func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role
 	d := net.Dialer{Timeout: m.cfg.DialTimeout}
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return nil, unreachable(err)
+		return nil, false, unreachable(err)
 	}
 	lk, err := transport.NewLink(c)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.HandshakeTimeout)
 	defer cancel()
@@ -1157,9 +1165,9 @@ func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role
 		if err := lk.ClientTLS(ctx, m.cfg.ClientTLS(host)); err != nil {
 			lk.Close()
 			if r := refusalOf(lk.Preface()); r != nil {
-				return nil, refusedError(addr, role, r)
+				return nil, false, refusedError(addr, role, r)
 			}
-			return nil, api.Errorf(api.CodeUnavailable,
+			return nil, false, api.Errorf(api.CodeUnavailable,
 				"cannot open a trusted connection to the destination at %s: %v (both daemons need certificates from the same CA, and the destination's must be valid for %q; see 'phaulctl pki --help')",
 				addr, transport.TLSError(err), host)
 		}
@@ -1167,28 +1175,28 @@ func (m *Manager) dial(ctx context.Context, addr string, id wire.SessionID, role
 	lk.SetDeadline(deadline)
 	if err := wire.WriteMessage(lk.Stream(), &wire.Hello{Proto: wire.Version, Role: role, Session: id, Daemon: version.Daemon()}); err != nil {
 		lk.Close()
-		return nil, unreachable(err)
+		return nil, false, unreachable(err)
 	}
 	msg, err := wire.ReadMessage(lk.Stream(), wire.Handshake)
 	if err != nil {
 		lk.Close()
 		if m.cfg.ClientTLS == nil && (errors.Is(err, wire.ErrMagic) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
-			return nil, api.Errorf(api.CodeUnavailable,
+			return nil, false, api.Errorf(api.CodeUnavailable,
 				"the destination phauld at %s did not answer in plain TCP (%v): it probably requires TLS; run both daemons with certificates, or both with --insecure", addr, err)
 		}
-		return nil, unreachable(fmt.Errorf("handshake: %w", err))
+		return nil, false, unreachable(fmt.Errorf("handshake: %w", err))
 	}
 	reply, ok := msg.(*wire.HelloReply)
 	if !ok {
 		lk.Close()
-		return nil, unreachable(fmt.Errorf("handshake: got %s", msg.Type()))
+		return nil, false, unreachable(fmt.Errorf("handshake: got %s", msg.Type()))
 	}
 	if !reply.OK {
 		lk.Close()
-		return nil, refusedError(addr, role, reply)
+		return nil, false, refusedError(addr, role, reply)
 	}
 	lk.SetDeadline(time.Time{})
-	return lk, nil
+	return lk, reply.Probe, nil
 }
 
 // Sessions lists the sessions in progress, and those waiting to learn

@@ -49,6 +49,8 @@ const (
 	// TypeFileDataZ is FileData compressed (zstd, one frame per chunk),
 	// when the two sides agreed to compress (Prepare's Compress).
 	TypeFileDataZ Type = 0x26
+	// TypeProbeAck answers a link probe (TypeProbe, TypeProbeEnd).
+	TypeProbeAck Type = 0x27
 
 	TypePageData Type = 0x30
 	TypePageEOF  Type = 0x31
@@ -58,6 +60,10 @@ const (
 	// and, in the page stream at the freeze, references to them.
 	TypePrecopyPages Type = 0x33
 	TypePageRefs     Type = 0x34
+	// A link probe: filler bytes the source sends before Prepare, so that
+	// --mode auto knows the link's rate (see ProbeAck).
+	TypeProbe    Type = 0x35
+	TypeProbeEnd Type = 0x36
 
 	TypeResolve Type = 0x40
 	TypeOutcome Type = 0x41
@@ -150,6 +156,9 @@ var specs = [256]*spec{
 	TypePageDataZ:    {name: "page-data-z", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageDataZ) }},
 	TypePrecopyPages: {name: "precopy-pages", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PrecopyPages) }},
 	TypePageRefs:     {name: "page-refs", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageRefs) }},
+	TypeProbe:        {name: "probe", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(Probe) }},
+	TypeProbeEnd:     {name: "probe-end", max: 0, channels: Mem, raw: true, new: func() Message { return new(ProbeEnd) }},
+	TypeProbeAck:     {name: "probe-ack", max: smallMax, channels: RPC, new: func() Message { return new(ProbeAck) }},
 	TypeResolve:      {name: "resolve", max: smallMax, channels: Query, new: func() Message { return new(Resolve) }},
 	TypeOutcome:      {name: "outcome", max: smallMax, channels: Query, new: func() Message { return new(Outcome) }},
 }
@@ -275,6 +284,9 @@ type HelloReply struct {
 	Code   string `json:"code,omitempty"`
 	Error  string `json:"error,omitempty"`
 	Daemon string `json:"daemon,omitempty"`
+	// Probe: this daemon answers link probes (see Probe); a source
+	// probes only a destination that says so.
+	Probe bool `json:"probe,omitempty"`
 }
 
 // Why a destination refuses a connection (HelloReply.Code).
@@ -332,6 +344,11 @@ type Prepare struct {
 	// PrecopySeed seeds the hash of pages sent ahead (mode precopy): the
 	// destination checks each page a reference names by it.
 	PrecopySeed uint64 `json:"precopy_seed,omitempty"`
+	// LinkRate is the link's rate as the source's probe measured it, in
+	// bytes a second (0: not measured), and MemBytes the tree's resident
+	// memory: with both, auto weighs pre-copy against lazy.
+	LinkRate int64 `json:"link_rate,omitempty"`
+	MemBytes int64 `json:"mem_bytes,omitempty"`
 	// SourceModes are the modes the source can run as a source; the
 	// destination picks the mode (auto: the best both can run).
 	SourceModes []string `json:"source_modes,omitempty"`
@@ -752,6 +769,21 @@ type PrecopyPages struct{ Data []byte }
 // PrecopyPages, then a 16-byte hash of each page's content.
 type PageRefs struct{ Data []byte }
 
+// Probe is filler the source sends on the mem connection before Prepare
+// when it asks for --mode auto and the destination said in its
+// HelloReply that it answers probes: ProbeEnd follows the last, and the
+// destination answers with ProbeAck on rpc. The time from the first to
+// the answer is the link's rate, for the choice of mode.
+type Probe struct{ Data []byte }
+
+// ProbeEnd ends a link probe.
+type ProbeEnd struct{}
+
+// ProbeAck answers ProbeEnd: how many probe bytes arrived.
+type ProbeAck struct {
+	Bytes int64 `json:"bytes"`
+}
+
 // Resolve asks the destination how the session of the query connection's
 // handshake ended.
 type Resolve struct{}
@@ -806,6 +838,9 @@ func (*PageDataZ) Type() Type    { return TypePageDataZ }
 func (*FileDataZ) Type() Type    { return TypeFileDataZ }
 func (*PrecopyPages) Type() Type { return TypePrecopyPages }
 func (*PageRefs) Type() Type     { return TypePageRefs }
+func (*Probe) Type() Type        { return TypeProbe }
+func (*ProbeEnd) Type() Type     { return TypeProbeEnd }
+func (*ProbeAck) Type() Type     { return TypeProbeAck }
 func (*Resolve) Type() Type      { return TypeResolve }
 func (*Outcome) Type() Type      { return TypeOutcome }
 
@@ -821,6 +856,10 @@ func (m *PrecopyPages) bytes() []byte     { return m.Data }
 func (m *PrecopyPages) setBytes(b []byte) { m.Data = b }
 func (m *PageRefs) bytes() []byte         { return m.Data }
 func (m *PageRefs) setBytes(b []byte)     { m.Data = b }
+func (m *Probe) bytes() []byte            { return m.Data }
+func (m *Probe) setBytes(b []byte)        { m.Data = b }
+func (m *ProbeEnd) bytes() []byte         { return nil }
+func (m *ProbeEnd) setBytes([]byte)       {}
 func (m *SyncData) bytes() []byte         { return m.Data }
 func (m *SyncData) setBytes(b []byte)     { m.Data = b }
 func (m *SyncEOF) bytes() []byte          { return nil }
@@ -859,6 +898,9 @@ func (m *Prepare) validate() error {
 	}
 	if m.SourcePort < 0 || m.SourcePort > 65535 {
 		return fmt.Errorf("source port %d", m.SourcePort)
+	}
+	if m.LinkRate < 0 || m.MemBytes < 0 {
+		return fmt.Errorf("link rate %d, memory %d", m.LinkRate, m.MemBytes)
 	}
 	if len(m.Terminals) > 8 || (len(m.Terminals) > 0) != (m.Detach == "journal" || m.Detach == "null" || ValidDetachFile(m.Detach)) || (m.Detach != "" && len(m.Terminals) == 0) {
 		return fmt.Errorf("%d terminals, detached to %q", len(m.Terminals), m.Detach)
@@ -1013,6 +1055,13 @@ func (n *Network) validate() error {
 		if r.Src != "" && net.ParseIP(r.Src) == nil || r.Metric < 0 || r.Scope < 0 || r.Scope > 255 {
 			return fmt.Errorf("network: route source %q, metric %d, scope %d", r.Src, r.Metric, r.Scope)
 		}
+	}
+	return nil
+}
+
+func (m *ProbeAck) validate() error {
+	if m.Bytes < 0 {
+		return fmt.Errorf("bytes %d", m.Bytes)
 	}
 	return nil
 }

@@ -184,6 +184,13 @@ func TestModeChoice(t *testing.T) {
 	if res.Mode != want {
 		t.Errorf("auto chose %q, want %q (modes %v)", res.Mode, want, modes)
 	}
+	// The link was measured first; 32 MiB cross loopback in well under
+	// 2 s (even between race-detector builds: 130 MB/s), so auto kept
+	// lazy.
+	if res.LinkRate <= 0 {
+		t.Errorf("auto did not measure the link: %+v", res)
+	}
+	t.Logf("auto: the link measured %d B/s", res.LinkRate)
 	checkIntact(t, "after auto", w.report(res.DestPID, w.status), before, w.memMiB, w.seed)
 
 	// And back, in copy mode, with human output and progress lines (not a

@@ -70,7 +70,8 @@ func TestPrecopy(t *testing.T) {
 // A's. In copy mode all its memory crosses while it is frozen; in
 // pre-copy only what changed since the rounds: the process arrives
 // intact either way, and pre-copy's frozen page stream is a small part
-// of copy's, and so is its pause.
+// of copy's, and so is its pause. Auto measures the link and, the memory
+// taking over 2 s to cross it, takes pre-copy.
 func TestPrecopyShaped(t *testing.T) {
 	integration(t)
 	suffix := strconv.Itoa(os.Getpid())
@@ -104,8 +105,8 @@ func TestPrecopyShaped(t *testing.T) {
 	a := startDaemon(t, "A", "10.215.0.1:17481", daemonOpts{wrap: []string{"nsenter", "--net=/run/netns/" + nsA, "--"}})
 	b := startDaemon(t, "B", "10.215.0.2:17482", daemonOpts{wrap: []string{"nsenter", "--net=/run/netns/" + nsB, "--"}})
 	frozen := map[string]api.Result{}
-	for _, mode := range []string{api.ModeCopy, api.ModePrecopy} {
-		w := startWorkload(t, workloadOpts{memMiB: 48, netns: nsA, extra: []string{"--churn", "1", "--churn-span", "2"}})
+	for _, mode := range []string{api.ModeCopy, api.ModePrecopy, api.ModeAuto} {
+		w := startWorkload(t, workloadOpts{memMiB: 64, netns: nsA, extra: []string{"--churn", "1", "--churn-span", "2"}})
 		before := w.report(w.pid, w.status)
 		srcInfo, _ := proc.Stat(w.pid)
 		res := a.migrateTo(t, w.pid, b.addr, "--mode", mode)
@@ -119,11 +120,16 @@ func TestPrecopyShaped(t *testing.T) {
 		t.Logf("%s: frozen %d ms (the process saw %.0f ms), total %d ms, %d bytes; pages at the freeze %d, on the wire %d; pre-copy %+v",
 			mode, res.FrozenMS, float64(after.GapNS)/1e6, res.TotalMS, res.Bytes, res.PageBytes, res.PageWireBytes, res.Precopy)
 	}
+	// auto measured the link (25 MB/s) and, 64 MiB taking over 2 s to
+	// cross it, chose pre-copy.
+	if au := frozen[api.ModeAuto]; au.Mode != api.ModePrecopy || au.LinkRate < 10e6 || au.LinkRate > 30e6 {
+		t.Errorf("auto over 200 Mbit/s chose %q, the link measured %d B/s; want precopy, about 25 MB/s", au.Mode, au.LinkRate)
+	}
 	cp, pc := frozen[api.ModeCopy], frozen[api.ModePrecopy]
 	if pc.Precopy == nil || pc.PageWireBytes <= 0 || pc.PageWireBytes > cp.PageBytes/5 {
 		t.Errorf("pre-copy's frozen page stream came to %d bytes on the wire, copy's %d: want under a fifth", pc.PageWireBytes, cp.PageBytes)
 	}
-	// At 200 Mbit/s copy's 48 MiB take about 2 s frozen; what pre-copy
+	// At 200 Mbit/s copy's 64 MiB take about 2.7 s frozen; what pre-copy
 	// moves frozen takes a small part of that.
 	if pc.FrozenMS*2 > cp.FrozenMS {
 		t.Errorf("pre-copy froze the process %d ms, copy %d ms: want under half", pc.FrozenMS, cp.FrozenMS)
