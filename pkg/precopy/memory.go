@@ -6,9 +6,11 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -107,10 +109,16 @@ const chunkPages = 64
 
 func (s *Sent) roundTask(t Task, capBytes int64, stop <-chan struct{}, send func(id, addr uint64, pages []byte) error, st *RoundStats) error {
 	regs, err := regions(t.PID)
+	if gone(err) {
+		return nil // it exited since the tree was listed: nothing to send
+	}
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", t.PID, err)
 	}
 	pm, err := os.Open("/proc/" + strconv.Itoa(t.PID) + "/pagemap")
+	if gone(err) {
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", t.PID, err)
 	}
@@ -211,6 +219,11 @@ func (s *Sent) sendChanged(id, start uint64, pages []byte, capBytes int64, send 
 		i = j
 	}
 	return nil
+}
+
+// gone reports whether err says the task has exited.
+func gone(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH)
 }
 
 // errStopped ends a round that was told to stop.

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -305,6 +306,11 @@ func TestRoundReadsRunningMemory(t *testing.T) {
 	if st.Scanned < n || st.Sent == 0 {
 		t.Errorf("round 2 stats: %+v", st)
 	}
+	// A task that exited since the tree was listed is skipped, not an
+	// error: a running tree's short-lived children come and go.
+	if _, err := NewSent(Hasher{}).Round([]Task{{PID: exitedPID(t), ID: TaskID(1)}}, 0, nil, send); err != nil {
+		t.Errorf("a round with an exited task: %v", err)
+	}
 	// A cap: what would grow the destination's copy past it waits for
 	// the dump.
 	capped := NewSent(Hasher{Seed: 9})
@@ -314,4 +320,13 @@ func TestRoundReadsRunningMemory(t *testing.T) {
 	if capped.Bytes != 10*PageSize || capped.Len() != 10 {
 		t.Errorf("capped round holds %d bytes in %d pages, want 10 pages", capped.Bytes, capped.Len())
 	}
+}
+
+// exitedPID is the pid of a process that has exited and been reaped.
+func exitedPID(t *testing.T) int {
+	cmd := exec.Command("true")
+	if err := cmd.Run(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd.Process.Pid
 }
