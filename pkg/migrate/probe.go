@@ -32,8 +32,8 @@ func (m *source) probeFirst() bool {
 		m.p.AsSource.Can(api.ModePrecopy) && precopyNotFor(m.p.Container) == ""
 }
 
+// startProbe sends the probe; it is part of the prepare phase.
 func (m *source) startProbe() error {
-	m.ph.enter("probe")
 	m.tProbe = time.Now()
 	filler := make([]byte, wire.DataChunk)
 	for sent := 0; sent < probeBytes; sent += len(filler) {
@@ -56,7 +56,6 @@ func (m *source) probed(got int64) error {
 	prep := m.prepare
 	m.prepare = nil
 	prep.LinkRate = m.linkRate
-	m.ph.enter("prepare")
 	return m.rpc.Send(prep)
 }
 
