@@ -450,34 +450,7 @@ func runBare(c config, bin string, ld load, i int) (measure, error) {
 	}
 	defer os.RemoveAll(src)
 	defer os.RemoveAll(dst)
-	port := strconv.Itoa(24100 + i%50)
-
-	start := time.Now()
-	// --daemon: criu returns once the page server listens.
-	if err := criu("page-server", "-D", dst, "--address", "127.0.0.2", "--port", port, "--daemon", "-o", "ps.log", "-v4"); err != nil {
-		kill(w.PID)
-		return measure{}, err
-	}
-	dumpStart := time.Now()
-	if err := criu(append([]string{"dump", "-t", strconv.Itoa(w.PID), "-D", src, "--page-server", "--address", "127.0.0.2",
-		"--port", port, "--leave-stopped", "-o", "dump.log"}, bareCommon...)...); err != nil {
-		kill(w.PID)
-		return measure{}, err
-	}
-	dump := time.Since(dumpStart)
-	if err := copyImages(src, dst); err != nil {
-		kill(w.PID)
-		return measure{}, err
-	}
-	pidfile := filepath.Join(dst, "restored.pid")
-	if err := criu(append([]string{"restore", "-D", dst, "--restore-detached", "--pidfile", pidfile, "-o", "restore.log"}, bareCommon...)...); err != nil {
-		syscall.Kill(w.PID, syscall.SIGCONT)
-		kill(w.PID)
-		return measure{}, err
-	}
-	kill(w.PID)
-	total := time.Since(start)
-	rpid, err := readPid(pidfile)
+	rpid, total, dump, err := bareCopy(w.PID, src, dst, strconv.Itoa(24100+i%50), bareHosts{addr: "127.0.0.2"})
 	if err != nil {
 		return measure{}, err
 	}
@@ -487,6 +460,46 @@ func runBare(c config, bin string, ld load, i int) (measure, error) {
 		return measure{}, err
 	}
 	return measure{pause: pause, total: ms(total), mbps: mbps(ld, ms(dump))}, nil
+}
+
+// bareHosts says where the bare copy pipeline's steps run: the page
+// server's address, and the network namespaces (by name; "": this one)
+// of the dump and of the page server and the restore.
+type bareHosts struct{ addr, srcNS, destNS string }
+
+// bareCopy is CRIU's stop-and-copy by hand of the tree of pid: a page
+// server in dst, the dump of the tree (left stopped) streaming its pages
+// to it, the images copied, the restore. The source tree is killed once
+// the copy is restored (on a failure it is resumed, then killed). It
+// returns the restored root's pid, the total and the dump's time.
+func bareCopy(pid int, src, dst, port string, h bareHosts) (rpid int, total, dump time.Duration, err error) {
+	start := time.Now()
+	// --daemon: criu returns once the page server listens.
+	if err := criuIn(h.destNS, "page-server", "-D", dst, "--address", h.addr, "--port", port, "--daemon", "-o", "ps.log", "-v4"); err != nil {
+		kill(pid)
+		return 0, 0, 0, err
+	}
+	dumpStart := time.Now()
+	if err := criuIn(h.srcNS, append([]string{"dump", "-t", strconv.Itoa(pid), "-D", src, "--page-server", "--address", h.addr,
+		"--port", port, "--leave-stopped", "-o", "dump.log"}, bareCommon...)...); err != nil {
+		kill(pid)
+		return 0, 0, 0, err
+	}
+	dump = time.Since(dumpStart)
+	if err := copyImages(src, dst); err != nil {
+		kill(pid)
+		return 0, 0, 0, err
+	}
+	pidfile := filepath.Join(dst, "restored.pid")
+	if err := criuIn(h.destNS, append([]string{"restore", "-D", dst, "--restore-detached", "--pidfile", pidfile, "-o", "restore.log"}, bareCommon...)...); err != nil {
+		syscall.Kill(pid, syscall.SIGCONT)
+		kill(pid)
+		return 0, 0, 0, err
+	}
+	kill(pid)
+	total = time.Since(start)
+	rpid, err = readPid(pidfile)
+	return rpid, total, dump, err
 }
 
 // runBareLazy is CRIU's post-copy by hand: the dump serves the pages over
@@ -644,8 +657,14 @@ func criuVersion() string {
 
 func ms(d time.Duration) float64 { return float64(d) / 1e6 }
 
-func criu(args ...string) error {
+func criu(args ...string) error { return criuIn("", args...) }
+
+// criuIn runs criu in the named network namespace ("": this one).
+func criuIn(ns string, args ...string) error {
 	cmd := exec.Command("criu", args...)
+	if ns != "" {
+		cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, "--", "criu"}, args...)...)
+	}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {

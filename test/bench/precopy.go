@@ -6,12 +6,10 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -259,33 +257,7 @@ func runBareShaped(c config, bin string, pc precopyCase, nsA, nsB string, i int)
 	}
 	defer os.RemoveAll(src)
 	defer os.RemoveAll(dst)
-	in := func(ns string, args ...string) error {
-		cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, "--", "criu"}, args...)...)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("criu %s in %s: %v\n%s", args[0], ns, err, out)
-		}
-		return nil
-	}
-	port := strconv.Itoa(24150 + i%50)
-	start := time.Now()
-	if err := in(nsB, "page-server", "-D", dst, "--address", "10.214.0.2", "--port", port, "--daemon", "-o", "ps.log", "-v4"); err != nil {
-		return precopyMeasure{}, err
-	}
-	if err := in(nsA, append([]string{"dump", "-t", strconv.Itoa(w.PID), "-D", src, "--page-server", "--address", "10.214.0.2",
-		"--port", port, "--leave-stopped", "-o", "dump.log"}, bareCommon...)...); err != nil {
-		return precopyMeasure{}, err
-	}
-	if err := copyImages(src, dst); err != nil {
-		return precopyMeasure{}, err
-	}
-	pidfile := filepath.Join(dst, "restored.pid")
-	if err := in(nsB, append([]string{"restore", "-D", dst, "--restore-detached", "--pidfile", pidfile, "-o", "restore.log"}, bareCommon...)...); err != nil {
-		syscall.Kill(w.PID, syscall.SIGCONT)
-		return precopyMeasure{}, err
-	}
-	kill(w.PID)
-	total := time.Since(start)
-	rpid, err := readPid(pidfile)
+	rpid, total, _, err := bareCopy(w.PID, src, dst, strconv.Itoa(24150+i%50), bareHosts{addr: "10.214.0.2", srcNS: nsA, destNS: nsB})
 	if err != nil {
 		return precopyMeasure{}, err
 	}

@@ -55,37 +55,6 @@ func sh(args ...string) error {
 	return nil
 }
 
-// shapedHosts makes the two namespaces and the shaped veth between them;
-// the returned function removes them (the veth and its qdiscs go with
-// the namespaces).
-func shapedHosts(nsA, nsB string) (func(), error) {
-	vA, vB := "phbsa"+strconv.Itoa(os.Getpid()%100000), "phbsb"+strconv.Itoa(os.Getpid()%100000)
-	cleanup := func() {
-		exec.Command("ip", "netns", "del", nsA).Run()
-		exec.Command("ip", "netns", "del", nsB).Run()
-	}
-	steps := [][]string{
-		{"ip", "netns", "add", nsA},
-		{"ip", "netns", "add", nsB},
-		{"ip", "link", "add", vA, "netns", nsA, "type", "veth", "peer", "name", vB, "netns", nsB},
-		{"ip", "-n", nsA, "addr", "add", "10.214.0.1/24", "dev", vA},
-		{"ip", "-n", nsB, "addr", "add", "10.214.0.2/24", "dev", vB},
-	}
-	for _, x := range []struct{ ns, dev string }{{nsA, vA}, {nsB, vB}} {
-		steps = append(steps,
-			[]string{"ip", "-n", x.ns, "link", "set", x.dev, "up"},
-			[]string{"ip", "-n", x.ns, "link", "set", "lo", "up"},
-			[]string{"tc", "-n", x.ns, "qdisc", "add", "dev", x.dev, "root", "tbf", "rate", shapedRate, "burst", "256kb", "latency", "50ms"})
-	}
-	for _, s := range steps {
-		if err := sh(s...); err != nil {
-			cleanup()
-			return nil, err
-		}
-	}
-	return cleanup, nil
-}
-
 // cpuMS is the CPU time (user and system) pid has used, in milliseconds.
 func cpuMS(pid int) float64 {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
@@ -104,7 +73,7 @@ func runShaped(c config, workload string) error {
 	}
 	suffix := strconv.Itoa(os.Getpid())
 	nsA, nsB := "phaul-bench-a-"+suffix, "phaul-bench-b-"+suffix
-	cleanup, err := shapedHosts(nsA, nsB)
+	cleanup, err := harness.ShapedLink(nsA, nsB, "10.214.0.1/24", "10.214.0.2/24", shapedRate, "256kb")
 	if err != nil {
 		return err
 	}

@@ -2,13 +2,13 @@ package integration
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"testing"
 
 	"github.com/phaul/phaul/pkg/api"
 	"github.com/phaul/phaul/pkg/proc"
+	"github.com/phaul/phaul/test/harness"
 )
 
 // TestPrecopy migrates a process for real in mode precopy, there and
@@ -76,32 +76,11 @@ func TestPrecopyShaped(t *testing.T) {
 	integration(t)
 	suffix := strconv.Itoa(os.Getpid())
 	nsA, nsB := "phaul-pcs-a-"+suffix, "phaul-pcs-b-"+suffix
-	vA, vB := "phpca"+suffix, "phpcb"+suffix
-	if len(vA) > 15 {
-		vA, vB = vA[:15], vB[:15]
+	remove, err := harness.ShapedLink(nsA, nsB, "10.215.0.1/24", "10.215.0.2/24", "200mbit", "64kb")
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		exec.Command("ip", "netns", "del", nsA).Run()
-		exec.Command("ip", "netns", "del", nsB).Run()
-	})
-	steps := [][]string{
-		{"ip", "netns", "add", nsA},
-		{"ip", "netns", "add", nsB},
-		{"ip", "link", "add", vA, "netns", nsA, "type", "veth", "peer", "name", vB, "netns", nsB},
-		{"ip", "-n", nsA, "addr", "add", "10.215.0.1/24", "dev", vA},
-		{"ip", "-n", nsB, "addr", "add", "10.215.0.2/24", "dev", vB},
-	}
-	for _, x := range []struct{ ns, dev string }{{nsA, vA}, {nsB, vB}} {
-		steps = append(steps,
-			[]string{"ip", "-n", x.ns, "link", "set", x.dev, "up"},
-			[]string{"ip", "-n", x.ns, "link", "set", "lo", "up"},
-			[]string{"tc", "-n", x.ns, "qdisc", "add", "dev", x.dev, "root", "tbf", "rate", "200mbit", "burst", "64kb", "latency", "50ms"})
-	}
-	for _, s := range steps {
-		if out, err := exec.Command(s[0], s[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%v: %v: %s", s, err, out)
-		}
-	}
+	t.Cleanup(remove)
 	a := startDaemon(t, "A", "10.215.0.1:17481", daemonOpts{wrap: []string{"nsenter", "--net=/run/netns/" + nsA, "--"}})
 	b := startDaemon(t, "B", "10.215.0.2:17482", daemonOpts{wrap: []string{"nsenter", "--net=/run/netns/" + nsB, "--"}})
 	frozen := map[string]api.Result{}
