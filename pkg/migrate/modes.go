@@ -26,11 +26,9 @@ func (c Capabilities) Can(mode string) bool {
 // serves pages from pipes (fs.pipe-max-size: pipeBlock, if not "", says
 // why it cannot); a lazy destination needs userfaultfd (CRIU's lazy_pages
 // check). Pre-copy needs nothing of the kernel: phauld finds the pages
-// that changed by their content (pkg/precopy), with or without soft-dirty
-// tracking (memTrack, which CRIU's own pre-dumps would need; phauld does
-// not use them).
-func HostCapabilities(memTrack, lazyPages bool, pipeBlock string) (asSource, asDest Capabilities) {
-	_ = memTrack
+// that changed by their content (pkg/precopy), so soft-dirty tracking
+// (which CRIU's own pre-dumps would need) does not matter.
+func HostCapabilities(lazyPages bool, pipeBlock string) (asSource, asDest Capabilities) {
 	asSource = Capabilities{api.ModeCopy: "", api.ModeLazy: pipeBlock, api.ModePrecopy: ""}
 	asDest = Capabilities{api.ModeCopy: "", api.ModeLazy: "", api.ModePrecopy: ""}
 	if !lazyPages {
@@ -127,7 +125,7 @@ func DetectModes(info criu.Info, log *zap.Logger) (asSource, asDest Capabilities
 	} else if was < criu.LazyPipeSize {
 		log.Info("raised fs.pipe-max-size for CRIU's lazy pages", zap.Int("was", was), zap.Int("now", criu.LazyPipeSize))
 	}
-	asSource, asDest = HostCapabilities(info.Features.MemTrack, info.Features.LazyPages, pipeBlock)
+	asSource, asDest = HostCapabilities(info.Features.LazyPages, pipeBlock)
 	log.Info("migration modes", zap.Stringer("as_source", asSource), zap.Stringer("as_destination", asDest))
 	return asSource, asDest
 }

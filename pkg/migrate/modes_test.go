@@ -9,10 +9,10 @@ import (
 
 func TestChooseMode(t *testing.T) {
 	allS := Capabilities{api.ModeCopy: "", api.ModeLazy: "", api.ModePrecopy: ""}
-	_, allD := HostCapabilities(true, true, "")
-	hereS, hereD := HostCapabilities(false, true, "") // these machines: no soft-dirty
-	_, noUffdD := HostCapabilities(true, false, "")
-	pipesS, _ := HostCapabilities(false, true, "fs.pipe-max-size is 1048576")
+	_, allD := HostCapabilities(true, "")
+	hereS, hereD := HostCapabilities(true, "")
+	_, noUffdD := HostCapabilities(false, "")
+	pipesS, _ := HostCapabilities(true, "fs.pipe-max-size is 1048576")
 	oldS := Capabilities{api.ModeCopy: "", api.ModeLazy: "", api.ModePrecopy: "its phauld says it cannot"}
 	for _, tc := range []struct {
 		req      string
@@ -40,10 +40,9 @@ func TestChooseMode(t *testing.T) {
 			t.Errorf("chooseMode(%q, %v, %v) = %q, want %q", tc.req, tc.src, tc.dst, got, tc.want)
 		}
 	}
-	// Soft-dirty tracking changes nothing: phauld compares by content.
-	sdS, _ := HostCapabilities(true, true, "")
-	if !sdS.Can(api.ModePrecopy) || !hereS.Can(api.ModePrecopy) {
-		t.Errorf("pre-copy as a source: with soft-dirty %q, without %q; want both", sdS[api.ModePrecopy], hereS[api.ModePrecopy])
+	// No kernel dirty tracking is needed: phauld compares by content.
+	if !hereS.Can(api.ModePrecopy) || !hereD.Can(api.ModePrecopy) {
+		t.Errorf("pre-copy here: as a source %q, as a destination %q; want both", hereS[api.ModePrecopy], hereD[api.ModePrecopy])
 	}
 	// A named mode the hosts cannot run says what to do.
 	_, err := chooseMode(api.ModePrecopy, oldS, hereD)
@@ -56,7 +55,7 @@ func TestChooseMode(t *testing.T) {
 // slow for the memory, lazy otherwise (fast, small, or not measured),
 // and never a mode one side cannot run.
 func TestAutoWeighsTheLink(t *testing.T) {
-	hereS, hereD := HostCapabilities(false, true, "")
+	hereS, hereD := HostCapabilities(true, "")
 	oldD := Capabilities{api.ModeCopy: "", api.ModeLazy: "", api.ModePrecopy: "its phauld does not know this mode"}
 	const MB = 1 << 20
 	for _, tc := range []struct {

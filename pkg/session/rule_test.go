@@ -57,7 +57,7 @@ type ruleDaemon struct {
 // serves it on a loopback port of its own.
 func newRuleDaemon(t *testing.T, name, state string, fake *migratetest.CRIU, tweak ...func(*Config)) *ruleDaemon {
 	t.Helper()
-	asSource, asDest := migrate.HostCapabilities(false, true, "")
+	asSource, asDest := migrate.HostCapabilities(true, "")
 	cfg := Config{
 		Log:              zaptest.NewLogger(t).Named(name),
 		CRIU:             fake,
@@ -516,6 +516,11 @@ func runRuleCell(t *testing.T, mode string, p rulePoint, f, want string, compres
 	// What the caller was told matches what happened, and was seen.
 	if (o.err == nil) != (want == sideDest) {
 		t.Errorf("Migrate returned %v, but the process runs on the %s", o.err, want)
+	}
+	if f == "corrupt" && mode == api.ModePrecopy && (o.err == nil || !strings.Contains(o.err.Error(), "never sent ahead")) {
+		// Refused by the destination's check of the reference, not by
+		// what the page server made of the stream after.
+		t.Errorf("Migrate returned %v; want the destination's refusal of a reference to a page never sent ahead", o.err)
 	}
 	if o.err != nil && strings.Contains(o.err.Error(), "resumed here") && !o.running {
 		t.Errorf("Migrate said %q while the source copy was not running", o.err)
