@@ -3,9 +3,8 @@
 package integration
 
 import (
+	"encoding/json"
 	"fmt"
-	"github.com/phaul/phaul/test/faultproxy"
-	"github.com/phaul/phaul/test/harness"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -20,6 +19,8 @@ import (
 	"github.com/phaul/phaul/pkg/proc"
 	"github.com/phaul/phaul/pkg/store"
 	"github.com/phaul/phaul/pkg/wire"
+	"github.com/phaul/phaul/test/faultproxy"
+	"github.com/phaul/phaul/test/harness"
 )
 
 // The fault-injection matrix: each cell migrates a real process and injects
@@ -401,6 +402,13 @@ func migrateThroughFault(t *testing.T, a *daemon, pid int, px *faultproxy.Proxy,
 		case <-r.Fired():
 			migrated <- res
 		default:
+			if noLazyPageCrossed(mode, r, res) {
+				// Seen once in many CI runs: CRIU's lazy dump put
+				// every page in the images, so the point (a page
+				// frame of the lazy phase) never came. The migration
+				// itself went well; the cell has nothing to test.
+				t.Skipf("CRIU moved no page lazily (pages_lazy 0), so no page frame crossed for the fault: %s", res.stdout)
+			}
 			t.Fatalf("migration ended without reaching the point: exit %d: %s %s", res.code, res.stdout, res.stderr)
 		}
 	case <-time.After(limit):
@@ -414,6 +422,20 @@ func migrateThroughFault(t *testing.T, a *daemon, pid int, px *faultproxy.Proxy,
 		t.Fatalf("the fault was not injected within %v", limit)
 	}
 	return migrated
+}
+
+// noLazyPageCrossed reports whether res is a lazy migration that went well
+// with every page in its images: one whose page frames a rule on page data
+// waits for in vain.
+func noLazyPageCrossed(mode string, r *faultproxy.Rule, res ctlResult) bool {
+	if mode != "lazy" || r.Type != wire.TypePageData || res.code != 0 {
+		return false
+	}
+	var out api.Result
+	if err := json.Unmarshal([]byte(res.stdout), &out); err != nil {
+		return false
+	}
+	return out.Dump != nil && out.Dump.PagesLazy == 0
 }
 
 // checkExitCode checks that what phaulctl told the user matches what
