@@ -16,10 +16,12 @@ import (
 	"fmt"
 
 	"github.com/zeebo/xxh3"
+
+	"github.com/phaul/phaul/pkg/pagestream"
 )
 
 // PageSize is the unit of CRIU's page transfers.
-const PageSize = 4096
+const PageSize = pagestream.PageSize
 
 // Key names a page as CRIU's page-server stream does: the stream's
 // destination id (the task's pid in its namespace, shifted, and a type)
@@ -44,25 +46,18 @@ func (h Hasher) Sum(b []byte) Hash {
 	return out
 }
 
-// TaskID is CRIU's page-stream destination id of a task's pagemap: its
-// pid in its (innermost) pid namespace, shifted over the type bits, and
-// the type of a task's private memory (criu/page-xfer.c encode_pm).
-func TaskID(nsPID int) uint64 { return uint64(nsPID)<<psTypeBits | psTypePID }
+// TaskID is CRIU's page-stream destination id of a task's pagemap (see
+// pagestream.TaskID).
+func TaskID(nsPID int) uint64 { return pagestream.TaskID(nsPID) }
 
-// CRIU's page-server protocol (criu/page-xfer.c), as far as the relay
-// reads it: every command is a fixed header; an add with present pages
-// is followed by the pages.
+// The commands of CRIU's page-server protocol the Diff reads.
 const (
-	psHeaderLen = 32 // u32 cmd, u32 padding, u64 nr_pages, u64 vaddr, u64 dst_id
-	psCmdBits   = 16
-	psTypeBits  = 8
-	psTypePID   = 1
-
-	psIovAdd  = 1
-	psIovAddF = 6
-	psIovGet  = 7
-
-	pePresent = 1 << 2
+	psHeaderLen = pagestream.HeaderLen
+	psCmdBits   = pagestream.CmdBits
+	psIovAdd    = pagestream.CmdAdd
+	psIovAddF   = pagestream.CmdAddF
+	psIovGet    = pagestream.CmdGet
+	pePresent   = pagestream.FlagPresent
 )
 
 // maxRun bounds the pages of one reference frame to a chunk's worth
@@ -145,12 +140,12 @@ func (d *Diff) Write(b []byte) error {
 
 // header reads a command: an add with present pages starts its pages.
 func (d *Diff) header() error {
-	cmd := binary.LittleEndian.Uint32(d.hdr[0:])
-	nr := binary.LittleEndian.Uint64(d.hdr[8:])
-	switch cmd & (1<<psCmdBits - 1) {
+	h := pagestream.ParseHeader(d.hdr[:])
+	nr := h.Pages
+	switch h.Command() {
 	case psIovAdd:
 	case psIovAddF:
-		if (cmd>>psCmdBits)&pePresent == 0 {
+		if h.Flags()&pePresent == 0 {
 			return nil
 		}
 	case psIovGet:
@@ -161,8 +156,7 @@ func (d *Diff) header() error {
 	if nr > 1<<40/PageSize {
 		return fmt.Errorf("page stream: an add of %d pages", nr)
 	}
-	d.id = binary.LittleEndian.Uint64(d.hdr[24:])
-	d.addr = binary.LittleEndian.Uint64(d.hdr[16:])
+	d.id, d.addr = h.ID, h.Addr
 	d.left = nr * PageSize
 	return nil
 }
