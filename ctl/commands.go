@@ -198,6 +198,9 @@ func (c *cli) printFigures(res api.Result) {
 	}
 	if res.LazyMS > 0 {
 		fmt.Fprintf(c.stdout, "  last page arrived %s after the process resumed\n", ms(res.LazyMS))
+		if res.FetchedAhead > 0 {
+			fmt.Fprintf(c.stdout, "  %d pages fetched ahead of lazy-pages\n", res.FetchedAhead)
+		}
 	}
 	if d := res.Dump; d != nil && res.Mode == api.ModeLazy {
 		// CRIU leaves its dump statistics at zero in lazy mode: show

@@ -110,6 +110,7 @@ type options struct {
 	maxSessionDisk size
 	maxDisk        size
 	precopyCap     size
+	fetchAhead     size
 	minFreeDisk    freeSpace
 }
 
@@ -207,6 +208,9 @@ const (
 	defaultMinFreePercent = 5
 	// A pre-copy destination holds at most this of the pages sent ahead.
 	defaultPrecopyCap = 8 << 30
+	// A lazy destination fetches at most this ahead of lazy-pages.
+	defaultFetchAhead = 64 << 20
+	minFetchAhead     = 1 << 20
 )
 
 // sharedPaths is --shared-path DIR, repeatable.
@@ -250,7 +254,7 @@ func (b *bridgeMap) Set(v string) error {
 }
 
 func parseFlags(args []string, out io.Writer) (options, error) {
-	o := options{logLevel: zapcore.InfoLevel, minFreeDisk: freeSpace{Percent: defaultMinFreePercent}, precopyCap: defaultPrecopyCap}
+	o := options{logLevel: zapcore.InfoLevel, minFreeDisk: freeSpace{Percent: defaultMinFreePercent}, precopyCap: defaultPrecopyCap, fetchAhead: defaultFetchAhead}
 	fs := newFlagSet(&o, out)
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -271,6 +275,9 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	}
 	if o.keepFailed < 0 {
 		return o, fmt.Errorf("--keep-failed %v: want 0 (remove at once) or more", o.keepFailed)
+	}
+	if o.fetchAhead != 0 && o.fetchAhead < minFetchAhead {
+		return o, fmt.Errorf("--fetch-ahead %d: want 0 (off) or at least 1M, a request's worth", int64(o.fetchAhead))
 	}
 	for name, n := range map[string]int{"max-incoming": o.maxIncoming, "max-outgoing": o.maxOutgoing, "max-page-servers": o.maxPageServers} {
 		if n < 0 {
@@ -314,6 +321,7 @@ Flags:
 	fs.IntVar(&o.maxPageServers, "max-page-servers", defaultMaxPageServers, "CRIU page servers (and lazy-pages daemons) running at once for arriving migrations (0: no limit)")
 	fs.Var(&o.maxSessionDisk, "max-session-disk", "the most one arriving migration may write under --state-dir, its images and pages (`SIZE`, e.g. 20G; 0: no limit)")
 	fs.Var(&o.precopyCap, "precopy-cap", "the most an arriving pre-copy migration may send ahead while the process runs, kept under --state-dir until the freeze (`SIZE`; 0: only the disk limits; what does not fit moves at the freeze)")
+	fs.Var(&o.fetchAhead, "fetch-ahead", "the most an arriving lazy migration fetches ahead of CRIU's lazy-pages once the process runs, held in phauld's memory (`SIZE`; 0: lazy-pages fetches every page itself)")
 	fs.Var(&o.maxDisk, "max-disk", "the most the arriving migrations in flight may write under --state-dir together (`SIZE`; 0: no limit)")
 	fs.Var(&o.minFreeDisk, "min-free-disk", "refuse or abort an arriving migration that would leave less than this free on --state-dir's filesystem (`SIZE` or PERCENT%)")
 	fs.BoolVar(&o.keepImages, "keep-images", false, "keep the images of successful migrations under --state-dir")
@@ -451,6 +459,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		// Liveness and limits.
 		PhaseTimeout: o.phaseTimeout,
 		PrecopyCap:   int64(o.precopyCap),
+		FetchAhead:   int64(o.fetchAhead),
 		MaxIncoming:  o.maxIncoming,
 		MaxOutgoing:  o.maxOutgoing,
 		Limits: &migrate.Limits{PageServers: o.maxPageServers, SessionDisk: int64(o.maxSessionDisk),

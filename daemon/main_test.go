@@ -93,20 +93,21 @@ func TestLimitFlags(t *testing.T) {
 		t.Fatal(err)
 	}
 	if o.phaseTimeout != time.Minute || o.maxIncoming != 16 || o.maxOutgoing != 16 || o.maxPageServers != 8 ||
-		o.maxSessionDisk != 0 || o.maxDisk != 0 || o.minFreeDisk.Percent != 5 || o.keepFailed != 7*24*time.Hour || o.precopyCap != 8<<30 {
+		o.maxSessionDisk != 0 || o.maxDisk != 0 || o.minFreeDisk.Percent != 5 || o.keepFailed != 7*24*time.Hour || o.precopyCap != 8<<30 ||
+		o.fetchAhead != 64<<20 {
 		t.Errorf("defaults %+v", o)
 	}
 	o, err = parseFlags([]string{"--max-session-disk", "20G", "--max-disk", "1.5TiB", "--min-free-disk", "2g",
-		"--phase-timeout", "0", "--keep-failed", "0", "--max-page-servers", "0", "--precopy-cap", "512M"}, io.Discard)
+		"--phase-timeout", "0", "--keep-failed", "0", "--max-page-servers", "0", "--precopy-cap", "512M", "--fetch-ahead", "0"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if o.maxSessionDisk != 20<<30 || o.maxDisk != 3<<39 || o.minFreeDisk.Bytes != 2<<30 || o.minFreeDisk.Percent != 0 ||
-		o.phaseTimeout != 0 || o.keepFailed != 0 || o.maxPageServers != 0 || o.precopyCap != 512<<20 {
+		o.phaseTimeout != 0 || o.keepFailed != 0 || o.maxPageServers != 0 || o.precopyCap != 512<<20 || o.fetchAhead != 0 {
 		t.Errorf("parsed %+v", o)
 	}
 	for _, bad := range [][]string{
-		{"--max-session-disk", "lots"}, {"--max-disk", "5Q"}, {"--min-free-disk", "120%"}, {"--precopy-cap", "-1G"},
+		{"--max-session-disk", "lots"}, {"--max-disk", "5Q"}, {"--min-free-disk", "120%"}, {"--precopy-cap", "-1G"}, {"--fetch-ahead", "4K"},
 		{"--phase-timeout", "10ms"}, {"--keep-failed", "-1h"}, {"--max-incoming", "-1"},
 	} {
 		if _, err := parseFlags(bad, io.Discard); err == nil {

@@ -213,6 +213,10 @@ type Result struct {
 	// resumed on the destination its last page arrived; the source kept
 	// its frozen copy until then.
 	LazyMS int64 `json:"lazy_ms,omitempty"`
+	// FetchedAhead, for a lazy migration, is how many of the pages that
+	// came lazily the destination fetched ahead of CRIU's lazy-pages
+	// (phauld --fetch-ahead).
+	FetchedAhead uint64 `json:"fetched_ahead,omitempty"`
 	// Dump and Restore are CRIU's own statistics.
 	Dump    *DumpStats    `json:"dump_stats,omitempty"`
 	Restore *RestoreStats `json:"restore_stats,omitempty"`

@@ -25,6 +25,7 @@ import (
 	"github.com/phaul/phaul/pkg/epoll"
 	"github.com/phaul/phaul/pkg/journal"
 	"github.com/phaul/phaul/pkg/network"
+	"github.com/phaul/phaul/pkg/pagestream"
 	"github.com/phaul/phaul/pkg/pidns"
 	"github.com/phaul/phaul/pkg/precopy"
 	"github.com/phaul/phaul/pkg/proc"
@@ -81,6 +82,9 @@ type DestConfig struct {
 	// PrecopyCap bounds what a pre-copy migration sends ahead (0: only
 	// the disk limits do).
 	PrecopyCap int64
+	// FetchAhead bounds what a lazy migration's relay fetches ahead of
+	// CRIU's lazy-pages (0: it does not; see pagestream.Fetcher).
+	FetchAhead int64
 	// PhaseTimeout is each phase's progress deadline (0: none): a phase
 	// that neither advances nor moves a byte for that long aborts the
 	// migration by the commit rule.
@@ -704,6 +708,27 @@ func (m *dest) startLazyPages() error {
 		return err
 	}
 	defer theirs.Close()
+	if m.p.FetchAhead > 0 {
+		plan, err := criu.LazyRanges(m.p.Dir)
+		var pages uint64
+		for _, r := range plan {
+			pages += r.Pages
+		}
+		switch {
+		case err != nil:
+			// lazy-pages reads the same images, and says what it finds.
+			m.log.Warn("cannot read the dump's page map; lazy-pages fetches every page itself", zap.Error(err))
+		case pages > hostPages():
+			// The fetcher keeps 4 bytes a page: never for a map no
+			// host could restore.
+			m.log.Warn("the dump's page map names more memory than this host has; lazy-pages fetches every page itself",
+				zap.Uint64("pages", pages))
+		default:
+			m.relay.FetchAhead(plan)
+			m.relay.Fetch.Window = uint64(m.p.FetchAhead)
+			m.log.Debug("lazy pages to fetch ahead once the tree runs", zap.Int("ranges", len(plan)), zap.Uint64("pages", pages))
+		}
+	}
 	lp, err := m.p.CRIU.StartLazyPages(m.p.Dir, theirs)
 	if err != nil {
 		return err
@@ -769,14 +794,35 @@ func (m *dest) onLazyPagesExit() {
 		return
 	}
 	m.pagesIn, m.lazyPages, m.tPagesIn = true, copied, time.Now()
-	m.log.Info("every page is in", zap.Uint64("lazy_pages", copied), zap.Uint64("of", total))
+	fields := []zap.Field{zap.Uint64("lazy_pages", copied), zap.Uint64("of", total)}
+	if f := m.relay.Fetch; f != nil {
+		fields = append(fields, zap.Uint64("fetched_ahead", f.Fetched), zap.Uint64("served_ahead", f.Served), zap.Uint64("passed_on", f.Passed))
+	}
+	m.log.Info("every page is in", fields...)
 	if m.state == dstResumed {
 		// Else resumeLazy says it, after Resumed: the source counts on
 		// that order.
-		if err := m.rpc.Send(&wire.PagesIn{Pages: copied}); err != nil {
+		if err := m.rpc.Send(&wire.PagesIn{Pages: copied, FetchedAhead: m.fetchedAhead()}); err != nil {
 			m.abort(err)
 		}
 	}
+}
+
+// hostPages is how many pages of memory and swap this host has.
+func hostPages() uint64 {
+	var si unix.Sysinfo_t
+	if unix.Sysinfo(&si) != nil {
+		return 0
+	}
+	return (uint64(si.Totalram) + uint64(si.Totalswap)) * uint64(si.Unit) / pagestream.PageSize
+}
+
+// fetchedAhead is how many pages the relay fetched ahead of lazy-pages.
+func (m *dest) fetchedAhead() uint64 {
+	if m.relay == nil || m.relay.Fetch == nil {
+		return 0
+	}
+	return m.relay.Fetch.Fetched
 }
 
 // treeAlive fails if the root of the restored tree has exited: a lazy copy
@@ -812,11 +858,14 @@ func (m *dest) resumeLazy() error {
 		m.state = dstResumed
 		m.tResumed = time.Now()
 		m.ph.enter("lazy")
+		// The tree runs: its memory may come ahead of what lazy-pages
+		// asks (not before, when it would slow the restore).
+		m.relay.StartFetching()
 		m.log.Info("the restored tree runs; its memory follows", zap.Int("dest_pid", m.pid))
 		m.rpc.Send(&wire.Resumed{PID: m.pid})
 		if m.pagesIn {
 			// Every page came in before the tree ran.
-			m.rpc.Send(&wire.PagesIn{Pages: m.lazyPages})
+			m.rpc.Send(&wire.PagesIn{Pages: m.lazyPages, FetchedAhead: m.fetchedAhead()})
 		}
 	})
 	return nil

@@ -229,9 +229,11 @@ type source struct {
 	mode string
 	// Lazy migrations: served is set when CRIU finished serving pages
 	// (the tree is then stopped here, by CRIU); pagesIn when the
-	// destination said every page is in, lazyPages how many came so.
+	// destination said every page is in, lazyPages how many came so and
+	// fetchedAhead how many of those its relay fetched ahead.
 	served, pagesIn    bool
 	lazyPages          uint64
+	fetchedAhead       uint64
 	tResumed, tPagesIn time.Time
 
 	// Pre-copy: the page-hash seed, the most the destination holds, and
@@ -700,8 +702,8 @@ func (m *source) onRPC(msg wire.Message) error {
 		if m.state != srcLazy || m.pagesIn {
 			break
 		}
-		m.pagesIn, m.lazyPages, m.tPagesIn = true, msg.Pages, time.Now()
-		m.log.Info("every page is in at the destination", zap.Uint64("lazy_pages", msg.Pages))
+		m.pagesIn, m.lazyPages, m.fetchedAhead, m.tPagesIn = true, msg.Pages, msg.FetchedAhead, time.Now()
+		m.log.Info("every page is in at the destination", zap.Uint64("lazy_pages", msg.Pages), zap.Uint64("fetched_ahead", msg.FetchedAhead))
 		return m.askLazyCommit()
 	case *wire.Committed:
 		if m.state != srcCommit {
@@ -1510,6 +1512,7 @@ func (m *source) result() api.Result {
 		r.FrozenMS = m.tResumed.Sub(m.tDump).Milliseconds()
 		if !m.tPagesIn.IsZero() {
 			r.LazyMS = max(0, m.tPagesIn.Sub(m.tResumed).Milliseconds())
+			r.FetchedAhead = m.fetchedAhead
 		}
 		// CRIU 4.2's stats-dump of a lazy dump is zeroed when its page
 		// server starts: the pages are counted from what is known, and

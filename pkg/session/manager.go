@@ -66,6 +66,9 @@ type Config struct {
 	// PrecopyCap bounds what an arriving pre-copy migration sends ahead
 	// (0: only Limits do).
 	PrecopyCap int64
+	// FetchAhead bounds what an arriving lazy migration fetches ahead of
+	// CRIU's lazy-pages (0: nothing).
+	FetchAhead int64
 	// MaxIncoming and MaxOutgoing bound the migrations in flight at once
 	// in each direction (0: no limit); Limits are the page servers' and
 	// the disk's, shared by the destination sessions (nil: none).
@@ -601,7 +604,7 @@ func (m *Manager) startDest(id wire.SessionID, h *half) {
 	}
 	release, refuse := m.admitIn()
 	cfg := migrate.DestConfig{ID: id, Peer: peer, Log: log, CRIU: m.cfg.CRIU, Info: m.cfg.Info, Dir: dir,
-		PeerTimeout: m.cfg.PeerTimeout, PhaseTimeout: m.cfg.PhaseTimeout, PrecopyCap: m.cfg.PrecopyCap, Limits: m.cfg.Limits, Refuse: refuse, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks, BridgeMap: m.cfg.BridgeMap,
+		PeerTimeout: m.cfg.PeerTimeout, PhaseTimeout: m.cfg.PhaseTimeout, PrecopyCap: m.cfg.PrecopyCap, FetchAhead: m.cfg.FetchAhead, Limits: m.cfg.Limits, Refuse: refuse, KeepImages: m.cfg.KeepImages, AsDest: m.cfg.AsDest, CPUChecks: m.cpuChecks, BridgeMap: m.cfg.BridgeMap,
 		Guard: m.cfg.Guard, Hold: func(pids []int) error { return m.claim(id, pids, "arriving") },
 		Runc: m.cfg.Runc, ContainersDir: m.cfg.ContainersDir, HookExe: m.cfg.HookExe, SharedPaths: m.cfg.SharedPaths,
 		NameFree: m.nameFree}

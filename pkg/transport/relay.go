@@ -10,6 +10,7 @@ import (
 
 	"github.com/phaul/phaul/pkg/epoll"
 	"github.com/phaul/phaul/pkg/loop"
+	"github.com/phaul/phaul/pkg/pagestream"
 	"github.com/phaul/phaul/pkg/precopy"
 	"github.com/phaul/phaul/pkg/wire"
 )
@@ -61,6 +62,10 @@ type Relay struct {
 	Ahead func(frame []byte) error
 	Fill  func(dst, frame []byte) ([]byte, error)
 	fill  []byte
+
+	// Fetch, if set (a lazy destination, see FetchAhead), stands between
+	// CRIU's lazy-pages and the peer's page server.
+	Fetch *pagestream.Fetcher
 
 	// OnError reports a failure of the local side. Failures of the mem
 	// side go to the mem conn's onClose.
@@ -239,6 +244,16 @@ func (r *Relay) readLocal() {
 			return
 		}
 		r.sent += int64(n)
+		if r.Fetch != nil {
+			if err := r.Fetch.Local(buf[wire.HeaderLen : wire.HeaderLen+n]); err != nil {
+				r.fail(err)
+				return
+			}
+			if r.mem.OutLen() >= HighWater {
+				r.localPaused = true
+			}
+			continue
+		}
 		if r.Diff != nil {
 			if err := r.Diff.Write(buf[wire.HeaderLen : wire.HeaderLen+n]); err != nil {
 				r.fail(err)
@@ -334,6 +349,34 @@ func (r *Relay) DiffAgainst(sent *precopy.Sent) {
 	r.Diff = precopy.NewDiff(sent, (*diffOut)(r))
 }
 
+// FetchAhead makes a lazy destination's relay fetch the lazy ranges of
+// plan ahead of CRIU's lazy-pages, once StartFetching is called (see
+// pagestream.Fetcher).
+func (r *Relay) FetchAhead(plan []pagestream.Range) {
+	r.Fetch = pagestream.NewFetcher(plan, func(b []byte) {
+		r.sentWire += int64(len(b))
+		r.mem.Send(&wire.PageData{Data: b})
+	}, r.writeLocal)
+}
+
+// StartFetching starts fetching ahead (if FetchAhead was called).
+func (r *Relay) StartFetching() {
+	if r.Fetch != nil && !r.closed {
+		r.Fetch.Start()
+	}
+}
+
+// fromPeer hands the peer's page stream to CRIU, through the fetcher if
+// there is one.
+func (r *Relay) fromPeer(b []byte) error {
+	r.received += int64(len(b))
+	if r.Fetch != nil {
+		return r.Fetch.Peer(b)
+	}
+	r.writeLocal(b)
+	return nil
+}
+
 // memDrained restarts reading CRIU's side once the mem queue has room.
 func (r *Relay) memDrained() {
 	if r.localPaused && !r.closed {
@@ -349,8 +392,7 @@ func (r *Relay) FromPeer(m wire.Message) error {
 		if r.remoteEOF {
 			return fmt.Errorf("page data after end of page stream")
 		}
-		r.received += int64(len(m.Data))
-		r.writeLocal(m.Data)
+		return r.fromPeer(m.Data)
 	case *wire.PageDataZ:
 		if r.remoteEOF {
 			return fmt.Errorf("page data after end of page stream")
@@ -362,8 +404,7 @@ func (r *Relay) FromPeer(m wire.Message) error {
 		if err != nil {
 			return fmt.Errorf("page stream: %w", err)
 		}
-		r.received += int64(len(b))
-		r.writeLocal(b)
+		return r.fromPeer(b)
 	case *wire.PrecopyPages:
 		if r.Ahead == nil {
 			return fmt.Errorf("pages sent ahead, but this is not a pre-copy migration")

@@ -669,8 +669,10 @@ type Resume struct{}
 // PagesIn says every page of a lazy migration is in at the destination
 // (its lazy-pages daemon finished): the source may ask the commit.
 type PagesIn struct {
-	// Pages is how many pages came lazily.
-	Pages uint64 `json:"pages"`
+	// Pages is how many pages came lazily; FetchedAhead how many of them
+	// the destination's relay fetched ahead of lazy-pages.
+	Pages        uint64 `json:"pages"`
+	FetchedAhead uint64 `json:"fetched_ahead,omitempty"`
 }
 
 // Resumed says the destination resumed the tree of a lazy migration

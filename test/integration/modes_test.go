@@ -78,6 +78,11 @@ func TestLazyMigration(t *testing.T) {
 	if res.Dump == nil || res.Dump.PagesLazy < 2*128*256 {
 		t.Errorf("dump stats %+v: want at least %d lazy pages", res.Dump, 2*128*256)
 	}
+	// The destination's relay fetched most of them ahead of lazy-pages
+	// (phauld --fetch-ahead, on by default).
+	if res.Dump != nil && res.FetchedAhead < res.Dump.PagesLazy/2 {
+		t.Errorf("%d of %d lazy pages fetched ahead: want most", res.FetchedAhead, res.Dump.PagesLazy)
+	}
 	waitRunning(t, res.DestPID)
 	checkIntact(t, "init", w.report(res.DestPID, w.status), before, w.memMiB, w.seed)
 	kids, err := proc.Children(res.DestPID)
