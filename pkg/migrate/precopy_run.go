@@ -198,6 +198,7 @@ func (m *dest) openPrecopyStore(seed uint64) error {
 	if err != nil {
 		return err
 	}
+	st.Once = true // the final dump names each page once
 	m.store = st
 	m.relay.Ahead = func(frame []byte) error {
 		grown, err := st.Put(frame)

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // psHeader is one command of CRIU's page-server stream, as a dump writes
@@ -329,4 +331,46 @@ func exitedPID(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return cmd.Process.Pid
+}
+
+// With Once, a filled page's room goes back at once (the file's blocks
+// shrink) and a second reference to it fails: the final dump names each
+// page once.
+func TestFillOnceGivesRoomBack(t *testing.T) {
+	h := Hasher{Seed: 3}
+	s, err := CreateStore(filepath.Join(t.TempDir(), "precopy.pages"), h, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Remove()
+	s.Once = true
+	id := TaskID(1)
+	var pages, hashes []byte
+	for i := int64(0); i < 64; i++ {
+		p := page(i)
+		pages = append(pages, p...)
+		sum := h.Sum(p)
+		hashes = append(hashes, sum[:]...)
+	}
+	if _, err := s.Put(AppendPages(nil, id, 0x10000, pages)); err != nil {
+		t.Fatal(err)
+	}
+	blocks := func() int64 {
+		var st unix.Stat_t
+		if err := unix.Fstat(int(s.f.Fd()), &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Blocks
+	}
+	before := blocks()
+	got, err := s.Fill(nil, AppendRefs(nil, id, 0x10000, hashes))
+	if err != nil || !bytes.Equal(got, pages) {
+		t.Fatalf("fill: %v (%d bytes)", err, len(got))
+	}
+	if after := blocks(); after >= before {
+		t.Errorf("the store holds %d blocks after the fill, %d before: want its room back", after, before)
+	}
+	if _, err := s.Fill(nil, AppendRefs(nil, id, 0x10000+PageSize, hashes[HashSize:2*HashSize])); err == nil {
+		t.Error("a page filled once was filled again")
+	}
 }

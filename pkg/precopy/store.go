@@ -52,6 +52,11 @@ type Store struct {
 	// Cap bounds the file (0: none): a frame that would grow it past is
 	// refused.
 	Cap int64
+	// Once gives a page's room back as soon as it is filled: the
+	// destination's final dump names each page once, and the memory the
+	// store's pages held in the page cache is then the first the page
+	// server's images get. A page filled once is not held any more.
+	Once bool
 }
 
 // CreateStore creates the store's file at path; it must not exist.
@@ -139,6 +144,13 @@ func (s *Store) Fill(dst, frame []byte) ([]byte, error) {
 			if s.h.Sum(p) != Hash(hashes[k*HashSize:(k+1)*HashSize]) {
 				return dst, fmt.Errorf("the page %#x of %#x held here differs from what the source has (a corrupt reference or store)", addr+uint64(k)*PageSize, id)
 			}
+		}
+		if s.Once {
+			for k := i; k < j; k++ {
+				delete(s.index, Key{id, addr + uint64(k)*PageSize})
+			}
+			// Not fatal: the room comes back with the file at the end.
+			unix.Fallocate(int(s.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, int64(j-i)*PageSize)
 		}
 		i = j
 	}
