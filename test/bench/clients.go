@@ -163,12 +163,12 @@ func runClients(c config, counts []int) error {
 
 // parseCounts reads -clients: a comma-separated list of client counts,
 // the first the baseline.
-func parseCounts(s string) ([]int, error) {
+func parseCounts(name, s string) ([]int, error) {
 	var counts []int
 	for _, f := range strings.Split(s, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 0 {
-			return nil, fmt.Errorf("-clients: %q is not a count of clients", f)
+			return nil, fmt.Errorf("-%s: %q is not a count", name, f)
 		}
 		counts = append(counts, n)
 	}

@@ -127,17 +127,34 @@ func run() error {
 	flag.BoolVar(&c.precopy, "precopy", true, "measure --mode precopy against copy and bare CRIU, on the shaped link and on loopback (with -shaped)")
 	flag.StringVar(&c.precopyCase, "precopy-case", "", "run only the pre-copy cases whose names contain this (e.g. loopback)")
 	flag.BoolVar(&c.precopyOnly, "precopy-only", false, "of the shaped link's measurements, run only pre-copy's")
+	lazySizes := flag.String("lazy-sizes", "1024,4096", "measure lazy mode at these sizes (MiB) against copy mode, with and without fetching ahead (\"\": skip it)")
+	lazyRuns := flag.Int("lazy-runs", 3, "runs of each mode per size, at scale")
 	flag.StringVar(&c.shapedOnly, "shaped-modes", "", "run only these modes of the shaped link (comma-separated: copy, lazy, \"copy zstd\", ...)")
 	flag.Parse()
 	var counts []int
 	if *clientsFlag != "" {
 		var err error
-		if counts, err = parseCounts(*clientsFlag); err != nil {
+		if counts, err = parseCounts("clients", *clientsFlag); err != nil {
+			return err
+		}
+	}
+	var sizes []int
+	if *lazySizes != "" {
+		var err error
+		if sizes, err = parseCounts("lazy-sizes", *lazySizes); err != nil {
 			return err
 		}
 	}
 	var workload string // built below, before connected runs
 	connected := func() error {
+		if len(sizes) > 0 {
+			fmt.Println("\nLazy mode at scale, fetching ahead of lazy-pages:")
+			lc := c
+			lc.runs = *lazyRuns
+			if err := runLazyScale(lc, workload, sizes); err != nil {
+				return err
+			}
+		}
 		if len(counts) > 0 {
 			fmt.Println("\nA service with connected clients:")
 			if err := runClients(c, counts); err != nil {

@@ -235,9 +235,12 @@ func runPrecopyOnce(c config, bin string, pc precopyCase, ns string, pair [2]*ha
 			x.sentMB += float64(r.Sent) * 4096 / 1e6
 		}
 		if os.Getenv("PHAUL_BENCH_VERBOSE") != "" {
-			fmt.Fprintf(os.Stderr, "    rounds %+v, stop: %s; freeze: %d pages, %d reused, %d bytes on the wire; phases %v\n",
-				p.Rounds, p.Stop, p.FreezePages, p.ReusedPages, res.PageWireBytes, res.PhasesMS)
+			fmt.Fprintf(os.Stderr, "    rounds %+v, stop: %s; freeze: %d pages, %d reused, %d bytes on the wire\n",
+				p.Rounds, p.Stop, p.FreezePages, p.ReusedPages, res.PageWireBytes)
 		}
+	}
+	if os.Getenv("PHAUL_BENCH_VERBOSE") != "" {
+		fmt.Fprintf(os.Stderr, "    %s: phases %v, frozen %d ms\n", mode, res.PhasesMS, res.FrozenMS)
 	}
 	return x, nil
 }
