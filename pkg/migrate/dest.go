@@ -602,7 +602,7 @@ func (m *dest) sendReady(cpuCheck string) error {
 	if m.codec != nil {
 		compress = api.CompressZstd
 	}
-	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != "", Compress: compress, PrecopyCap: m.p.PrecopyCap})
+	return m.rpc.Send(&wire.Ready{CRIUVersion: m.p.Info.Version.Code(), CPUCheck: cpuCheck, Mode: m.mode, Veths: m.veths, Sync: m.syncDir != "", Compress: compress, PrecopyCap: m.p.PrecopyCap, PrecopyCompress: m.codec != nil})
 }
 
 func (m *dest) startPageServer(cpuCheck string) error {

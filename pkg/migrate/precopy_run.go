@@ -54,11 +54,21 @@ type rounds struct {
 	done  bool
 	// bytes is what was sent ahead so far (on the loop).
 	bytes int64
+	// zc compresses the pages sent ahead, in the rounds' goroutine (nil:
+	// they go as they are).
+	zc *transport.Codec
 }
 
 // startPrecopy starts the rounds; the dump follows when they end.
 func (m *source) startPrecopy() error {
 	r := &rounds{m: m, sent: precopy.NewSent(precopy.Hasher{Seed: m.seed}), credit: make(chan struct{}, 1), stopped: make(chan struct{})}
+	if m.precopyZ {
+		zc, err := transport.NewCodec()
+		if err != nil {
+			return err
+		}
+		r.zc = zc
+	}
 	m.rounds = r
 	m.ph.enter("precopy")
 	m.log.Info("pre-copy: sending memory ahead while the tree runs", zap.Int64("dest_cap", m.precopyCap))
@@ -89,6 +99,7 @@ func (r *rounds) run(root int, capBytes int64) {
 		r.stats = append(r.stats, api.PrecopyRound{Scanned: st.Scanned, Sent: st.Sent, MS: st.Took.Milliseconds()})
 	}
 	r.why = why
+	r.zc.Close()
 	r.m.s.l.Post(func() { r.m.precopyDone(err) })
 }
 
@@ -114,7 +125,15 @@ func treeTasks(root int) ([]precopy.Task, error) {
 func (r *rounds) send(id, addr uint64, pages []byte) error {
 	for len(pages) > 0 {
 		n := min(len(pages), wire.DataChunk)
-		frame := precopy.AppendPages(make([]byte, 0, 16+n), id, addr, pages[:n])
+		var msg wire.Message
+		if r.zc != nil {
+			if z := r.zc.Compress(precopy.AppendPages(nil, id, addr, nil), pages[:n]); z != nil {
+				msg = &wire.PrecopyPagesZ{Data: z}
+			}
+		}
+		if msg == nil {
+			msg = &wire.PrecopyPages{Data: precopy.AppendPages(make([]byte, 0, 16+n), id, addr, pages[:n])}
+		}
 		addr += uint64(n)
 		pages = pages[n:]
 		c := r.m.mem
@@ -122,8 +141,8 @@ func (r *rounds) send(id, addr uint64, pages []byte) error {
 			if c.Closed() {
 				return
 			}
-			c.Send(&wire.PrecopyPages{Data: frame})
-			r.bytes += int64(len(frame) - 16)
+			c.Send(msg)
+			r.bytes += int64(n)
 			if c.OutLen() < transport.HighWater {
 				r.give()
 			} else {

@@ -231,9 +231,11 @@ type source struct {
 	// (the tree is then stopped here, by CRIU); pagesIn when the
 	// destination said every page is in, lazyPages how many came so and
 	// fetchedAhead how many of those its relay fetched ahead.
-	served, pagesIn    bool
-	lazyPages          uint64
-	fetchedAhead       uint64
+	served, pagesIn bool
+	lazyPages       uint64
+	fetchedAhead    uint64
+	// precopyZ: pages sent ahead go compressed (PrecopyPagesZ).
+	precopyZ           bool
 	tResumed, tPagesIn time.Time
 
 	// Pre-copy: the page-hash seed, the most the destination holds, and
@@ -646,6 +648,7 @@ func (m *source) onRPC(msg wire.Message) error {
 		m.log = m.log.With(zap.String("mode", m.mode))
 		m.ph.log = m.log
 		m.precopyCap = msg.PrecopyCap
+		m.precopyZ = m.codec != nil && msg.PrecopyCompress
 		m.log.Info("destination ready", zap.Int("dest_criu", msg.CRIUVersion), zap.String("cpu_check", msg.CPUCheck), zap.Bool("rootfs_sync", msg.Sync))
 		if msg.Sync && m.p.Container != nil {
 			// Its storage is not shared: the rootfs goes first, while

@@ -8,9 +8,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// A frame's head: the key of its first page (id, address), 16 bytes,
-// then pages (ahead) or hashes (references).
-const headLen = 16
+// HeadLen is a frame's head: the key of its first page (id, address), 16
+// bytes, then pages (ahead) or hashes (references).
+const HeadLen = 16
+
+const headLen = HeadLen
 
 // AppendPages appends the payload of an ahead frame: n pages from addr
 // of the task id.

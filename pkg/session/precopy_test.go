@@ -19,9 +19,10 @@ import (
 // is left on the destination.
 func TestPrecopyMigration(t *testing.T) {
 	for _, c := range []struct {
-		name string
-		cap  int64
-	}{{"no cap", 0}, {"cap of 4 pages", 4 * 4096}} {
+		name     string
+		cap      int64
+		compress string
+	}{{"no cap", 0, ""}, {"cap of 4 pages", 4 * 4096, ""}, {"zstd", 0, api.CompressZstd}} {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
 			root := t.TempDir()
@@ -31,7 +32,7 @@ func TestPrecopyMigration(t *testing.T) {
 			pid := migratetest.StartTree(t)
 			info, _ := proc.Stat(pid)
 			cp := copies{src: pid, start: info.StartTime, fake: fake}
-			res, err := a.m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: pid, To: b.addr(), Mode: api.ModePrecopy}, nil)
+			res, err := a.m.Migrate(context.Background(), api.Caller{}, api.MigrateRequest{PID: pid, To: b.addr(), Mode: api.ModePrecopy, Compress: c.compress}, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -39,7 +40,7 @@ func TestPrecopyMigration(t *testing.T) {
 			if res.Mode != api.ModePrecopy || p == nil || p.Method != api.PrecopyContent || len(p.Rounds) == 0 || p.Rounds[0].Sent == 0 {
 				t.Fatalf("mode %q, pre-copy %+v: want rounds that sent the tree's memory", res.Mode, p)
 			}
-			t.Logf("rounds %+v (%s), held %d bytes", p.Rounds, p.Stop, p.HeldBytes)
+			t.Logf("rounds %+v (%s), held %d bytes, %d bytes on the wire", p.Rounds, p.Stop, p.HeldBytes, res.Bytes)
 			if c.cap > 0 && (p.HeldBytes > c.cap || p.HeldBytes == 0) {
 				t.Errorf("held %d bytes ahead, the destination's cap is %d", p.HeldBytes, c.cap)
 			}

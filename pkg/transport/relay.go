@@ -62,6 +62,7 @@ type Relay struct {
 	Ahead func(frame []byte) error
 	Fill  func(dst, frame []byte) ([]byte, error)
 	fill  []byte
+	ahead []byte // a PrecopyPagesZ decoded
 
 	// Fetch, if set (a lazy destination, see FetchAhead), stands between
 	// CRIU's lazy-pages and the peer's page server.
@@ -410,6 +411,22 @@ func (r *Relay) FromPeer(m wire.Message) error {
 			return fmt.Errorf("pages sent ahead, but this is not a pre-copy migration")
 		}
 		return r.Ahead(m.Data)
+	case *wire.PrecopyPagesZ:
+		if r.Ahead == nil {
+			return fmt.Errorf("pages sent ahead, but this is not a pre-copy migration")
+		}
+		if r.Codec == nil {
+			return fmt.Errorf("compressed pages sent ahead, but no compression was agreed")
+		}
+		if len(m.Data) <= precopy.HeadLen {
+			return fmt.Errorf("compressed pages sent ahead: a frame of %d bytes", len(m.Data))
+		}
+		b, err := r.Codec.Decompress(m.Data[precopy.HeadLen:])
+		if err != nil {
+			return fmt.Errorf("pages sent ahead: %w", err)
+		}
+		r.ahead = append(append(r.ahead[:0], m.Data[:precopy.HeadLen]...), b...)
+		return r.Ahead(r.ahead)
 	case *wire.PageRefs:
 		if r.remoteEOF {
 			return fmt.Errorf("page data after end of page stream")

@@ -16,6 +16,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/phaul/phaul/pkg/loop"
+	"github.com/phaul/phaul/pkg/precopy"
 	"github.com/phaul/phaul/pkg/wire"
 )
 
@@ -182,6 +183,45 @@ func TestRelayRefusesUnagreedOrBadCompression(t *testing.T) {
 	defer r.Codec.Close()
 	if err := r.FromPeer(&wire.PageDataZ{Data: []byte("definitely not a zstd frame")}); err == nil {
 		t.Fatal("a corrupt compressed chunk was taken")
+	}
+}
+
+// TestRelayPagesAheadCompressed: a pre-copy destination's relay hands
+// compressed pages sent ahead to its store decoded, key first; without
+// an agreed codec, or with a frame that is only a key, it refuses them.
+func TestRelayPagesAheadCompressed(t *testing.T) {
+	r, _ := relayForTest(t, false)
+	var got []byte
+	r.Ahead = func(frame []byte) error {
+		got = append([]byte(nil), frame...)
+		return nil
+	}
+	pages := pageLike(64 << 10)
+	key := precopy.AppendPages(nil, 7, 0x400000, nil)
+	c, err := NewCodec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	z := c.Compress(append([]byte(nil), key...), pages)
+	if z == nil || len(z) >= len(key)+len(pages)/2 {
+		t.Fatalf("page-like memory compressed to %d bytes of %d", len(z), len(pages))
+	}
+	if err := r.FromPeer(&wire.PrecopyPagesZ{Data: z}); err == nil || !strings.Contains(err.Error(), "no compression was agreed") {
+		t.Fatalf("compressed pages ahead without a codec: %v", err)
+	}
+	if r.Codec, err = NewCodec(); err != nil {
+		t.Fatal(err)
+	}
+	defer r.Codec.Close()
+	if err := r.FromPeer(&wire.PrecopyPagesZ{Data: z}); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, append(key, pages...)) {
+		t.Fatalf("the store got %d bytes, not the key and the pages", len(got))
+	}
+	if err := r.FromPeer(&wire.PrecopyPagesZ{Data: key}); err == nil {
+		t.Fatal("a compressed frame of only a key was taken")
 	}
 }
 

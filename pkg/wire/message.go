@@ -64,6 +64,8 @@ const (
 	// --mode auto knows the link's rate (see ProbeAck).
 	TypeProbe    Type = 0x35
 	TypeProbeEnd Type = 0x36
+	// TypePrecopyPagesZ is PrecopyPages with its pages compressed.
+	TypePrecopyPagesZ Type = 0x37
 
 	TypeResolve Type = 0x40
 	TypeOutcome Type = 0x41
@@ -128,39 +130,40 @@ const (
 // specs is the table of every message type: the only way bytes from the
 // wire choose what gets decoded.
 var specs = [256]*spec{
-	TypeHello:        {name: "hello", max: smallMax, channels: Handshake, new: func() Message { return new(Hello) }},
-	TypeHelloReply:   {name: "hello-reply", max: smallMax, channels: Handshake, new: func() Message { return new(HelloReply) }},
-	TypePrepare:      {name: "prepare", max: prepareMax, channels: RPC, new: func() Message { return new(Prepare) }},
-	TypeReady:        {name: "ready", max: controlMax, channels: RPC, new: func() Message { return new(Ready) }},
-	TypeFileBegin:    {name: "file-begin", max: smallMax, channels: RPC, new: func() Message { return new(FileBegin) }},
-	TypeFileData:     {name: "file-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileData) }},
-	TypeFileEnd:      {name: "file-end", max: smallMax, channels: RPC, new: func() Message { return new(FileEnd) }},
-	TypeRestore:      {name: "restore", max: smallMax, channels: RPC, new: func() Message { return new(Restore) }},
-	TypeRestored:     {name: "restored", max: controlMax, channels: RPC, new: func() Message { return new(Restored) }},
-	TypeCommit:       {name: "commit", max: smallMax, channels: RPC, new: func() Message { return new(Commit) }},
-	TypeCommitted:    {name: "committed", max: smallMax, channels: RPC, new: func() Message { return new(Committed) }},
-	TypeDone:         {name: "done", max: smallMax, channels: RPC | Query, new: func() Message { return new(Done) }},
-	TypeFail:         {name: "fail", max: controlMax, channels: RPC, new: func() Message { return new(Fail) }},
-	TypePing:         {name: "ping", max: smallMax, channels: RPC, new: func() Message { return new(Ping) }},
-	TypePong:         {name: "pong", max: smallMax, channels: RPC, new: func() Message { return new(Pong) }},
-	TypeResumed:      {name: "resumed", max: smallMax, channels: RPC, new: func() Message { return new(Resumed) }},
-	TypePagesIn:      {name: "pages-in", max: smallMax, channels: RPC, new: func() Message { return new(PagesIn) }},
-	TypeResume:       {name: "resume", max: smallMax, channels: RPC, new: func() Message { return new(Resume) }},
-	TypeSyncOpen:     {name: "sync-open", max: smallMax, channels: RPC, new: func() Message { return new(SyncOpen) }},
-	TypeSyncData:     {name: "sync-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(SyncData) }},
-	TypeFileDataZ:    {name: "file-data-z", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileDataZ) }},
-	TypeSyncEOF:      {name: "sync-eof", max: 0, channels: RPC, raw: true, new: func() Message { return new(SyncEOF) }},
-	TypeSyncDone:     {name: "sync-done", max: controlMax, channels: RPC, new: func() Message { return new(SyncDone) }},
-	TypePageData:     {name: "page-data", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageData) }},
-	TypePageEOF:      {name: "page-eof", max: 0, channels: Mem, raw: true, new: func() Message { return new(PageEOF) }},
-	TypePageDataZ:    {name: "page-data-z", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageDataZ) }},
-	TypePrecopyPages: {name: "precopy-pages", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PrecopyPages) }},
-	TypePageRefs:     {name: "page-refs", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageRefs) }},
-	TypeProbe:        {name: "probe", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(Probe) }},
-	TypeProbeEnd:     {name: "probe-end", max: 0, channels: Mem, raw: true, new: func() Message { return new(ProbeEnd) }},
-	TypeProbeAck:     {name: "probe-ack", max: smallMax, channels: RPC, new: func() Message { return new(ProbeAck) }},
-	TypeResolve:      {name: "resolve", max: smallMax, channels: Query, new: func() Message { return new(Resolve) }},
-	TypeOutcome:      {name: "outcome", max: smallMax, channels: Query, new: func() Message { return new(Outcome) }},
+	TypeHello:         {name: "hello", max: smallMax, channels: Handshake, new: func() Message { return new(Hello) }},
+	TypeHelloReply:    {name: "hello-reply", max: smallMax, channels: Handshake, new: func() Message { return new(HelloReply) }},
+	TypePrepare:       {name: "prepare", max: prepareMax, channels: RPC, new: func() Message { return new(Prepare) }},
+	TypeReady:         {name: "ready", max: controlMax, channels: RPC, new: func() Message { return new(Ready) }},
+	TypeFileBegin:     {name: "file-begin", max: smallMax, channels: RPC, new: func() Message { return new(FileBegin) }},
+	TypeFileData:      {name: "file-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileData) }},
+	TypeFileEnd:       {name: "file-end", max: smallMax, channels: RPC, new: func() Message { return new(FileEnd) }},
+	TypeRestore:       {name: "restore", max: smallMax, channels: RPC, new: func() Message { return new(Restore) }},
+	TypeRestored:      {name: "restored", max: controlMax, channels: RPC, new: func() Message { return new(Restored) }},
+	TypeCommit:        {name: "commit", max: smallMax, channels: RPC, new: func() Message { return new(Commit) }},
+	TypeCommitted:     {name: "committed", max: smallMax, channels: RPC, new: func() Message { return new(Committed) }},
+	TypeDone:          {name: "done", max: smallMax, channels: RPC | Query, new: func() Message { return new(Done) }},
+	TypeFail:          {name: "fail", max: controlMax, channels: RPC, new: func() Message { return new(Fail) }},
+	TypePing:          {name: "ping", max: smallMax, channels: RPC, new: func() Message { return new(Ping) }},
+	TypePong:          {name: "pong", max: smallMax, channels: RPC, new: func() Message { return new(Pong) }},
+	TypeResumed:       {name: "resumed", max: smallMax, channels: RPC, new: func() Message { return new(Resumed) }},
+	TypePagesIn:       {name: "pages-in", max: smallMax, channels: RPC, new: func() Message { return new(PagesIn) }},
+	TypeResume:        {name: "resume", max: smallMax, channels: RPC, new: func() Message { return new(Resume) }},
+	TypeSyncOpen:      {name: "sync-open", max: smallMax, channels: RPC, new: func() Message { return new(SyncOpen) }},
+	TypeSyncData:      {name: "sync-data", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(SyncData) }},
+	TypeFileDataZ:     {name: "file-data-z", max: MaxPayload, channels: RPC, raw: true, new: func() Message { return new(FileDataZ) }},
+	TypeSyncEOF:       {name: "sync-eof", max: 0, channels: RPC, raw: true, new: func() Message { return new(SyncEOF) }},
+	TypeSyncDone:      {name: "sync-done", max: controlMax, channels: RPC, new: func() Message { return new(SyncDone) }},
+	TypePageData:      {name: "page-data", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageData) }},
+	TypePageEOF:       {name: "page-eof", max: 0, channels: Mem, raw: true, new: func() Message { return new(PageEOF) }},
+	TypePageDataZ:     {name: "page-data-z", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageDataZ) }},
+	TypePrecopyPages:  {name: "precopy-pages", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PrecopyPages) }},
+	TypePrecopyPagesZ: {name: "precopy-pages-z", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PrecopyPagesZ) }},
+	TypePageRefs:      {name: "page-refs", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(PageRefs) }},
+	TypeProbe:         {name: "probe", max: MaxPayload, channels: Mem, raw: true, new: func() Message { return new(Probe) }},
+	TypeProbeEnd:      {name: "probe-end", max: 0, channels: Mem, raw: true, new: func() Message { return new(ProbeEnd) }},
+	TypeProbeAck:      {name: "probe-ack", max: smallMax, channels: RPC, new: func() Message { return new(ProbeAck) }},
+	TypeResolve:       {name: "resolve", max: smallMax, channels: Query, new: func() Message { return new(Resolve) }},
+	TypeOutcome:       {name: "outcome", max: smallMax, channels: Query, new: func() Message { return new(Outcome) }},
 }
 
 func (t Type) String() string {
@@ -599,6 +602,9 @@ type Ready struct {
 	// PrecopyCap is the most the destination holds of pages sent ahead
 	// (mode precopy; 0: no cap of its own).
 	PrecopyCap int64 `json:"precopy_cap,omitempty"`
+	// PrecopyCompress says the destination decodes PrecopyPagesZ (with
+	// Compress agreed).
+	PrecopyCompress bool `json:"precopy_compress,omitempty"`
 }
 
 // SyncOpen starts a pass of rsync over a container's root filesystem
@@ -766,6 +772,11 @@ type FileDataZ struct{ Data []byte }
 // until the freeze (pkg/precopy.Store).
 type PrecopyPages struct{ Data []byte }
 
+// PrecopyPagesZ is PrecopyPages with its pages compressed: the key as it
+// is, then one zstd frame that decodes to the pages (at most DataChunk
+// bytes). Only to a destination whose Ready says PrecopyCompress.
+type PrecopyPagesZ struct{ Data []byte }
+
 // PageRefs stands, in the page stream at the freeze, for pages the
 // destination holds as they were sent ahead: the first's key as in
 // PrecopyPages, then a 16-byte hash of each page's content.
@@ -812,62 +823,65 @@ type Outcome struct {
 
 // Type methods tie each struct to its number.
 
-func (*Hello) Type() Type        { return TypeHello }
-func (*HelloReply) Type() Type   { return TypeHelloReply }
-func (*Prepare) Type() Type      { return TypePrepare }
-func (*Ready) Type() Type        { return TypeReady }
-func (*FileBegin) Type() Type    { return TypeFileBegin }
-func (*FileData) Type() Type     { return TypeFileData }
-func (*FileEnd) Type() Type      { return TypeFileEnd }
-func (*Restore) Type() Type      { return TypeRestore }
-func (*Restored) Type() Type     { return TypeRestored }
-func (*Commit) Type() Type       { return TypeCommit }
-func (*Committed) Type() Type    { return TypeCommitted }
-func (*Done) Type() Type         { return TypeDone }
-func (*Fail) Type() Type         { return TypeFail }
-func (*Ping) Type() Type         { return TypePing }
-func (*Pong) Type() Type         { return TypePong }
-func (*Resumed) Type() Type      { return TypeResumed }
-func (*Resume) Type() Type       { return TypeResume }
-func (*SyncOpen) Type() Type     { return TypeSyncOpen }
-func (*SyncData) Type() Type     { return TypeSyncData }
-func (*SyncEOF) Type() Type      { return TypeSyncEOF }
-func (*SyncDone) Type() Type     { return TypeSyncDone }
-func (*PagesIn) Type() Type      { return TypePagesIn }
-func (*PageData) Type() Type     { return TypePageData }
-func (*PageEOF) Type() Type      { return TypePageEOF }
-func (*PageDataZ) Type() Type    { return TypePageDataZ }
-func (*FileDataZ) Type() Type    { return TypeFileDataZ }
-func (*PrecopyPages) Type() Type { return TypePrecopyPages }
-func (*PageRefs) Type() Type     { return TypePageRefs }
-func (*Probe) Type() Type        { return TypeProbe }
-func (*ProbeEnd) Type() Type     { return TypeProbeEnd }
-func (*ProbeAck) Type() Type     { return TypeProbeAck }
-func (*Resolve) Type() Type      { return TypeResolve }
-func (*Outcome) Type() Type      { return TypeOutcome }
+func (*Hello) Type() Type         { return TypeHello }
+func (*HelloReply) Type() Type    { return TypeHelloReply }
+func (*Prepare) Type() Type       { return TypePrepare }
+func (*Ready) Type() Type         { return TypeReady }
+func (*FileBegin) Type() Type     { return TypeFileBegin }
+func (*FileData) Type() Type      { return TypeFileData }
+func (*FileEnd) Type() Type       { return TypeFileEnd }
+func (*Restore) Type() Type       { return TypeRestore }
+func (*Restored) Type() Type      { return TypeRestored }
+func (*Commit) Type() Type        { return TypeCommit }
+func (*Committed) Type() Type     { return TypeCommitted }
+func (*Done) Type() Type          { return TypeDone }
+func (*Fail) Type() Type          { return TypeFail }
+func (*Ping) Type() Type          { return TypePing }
+func (*Pong) Type() Type          { return TypePong }
+func (*Resumed) Type() Type       { return TypeResumed }
+func (*Resume) Type() Type        { return TypeResume }
+func (*SyncOpen) Type() Type      { return TypeSyncOpen }
+func (*SyncData) Type() Type      { return TypeSyncData }
+func (*SyncEOF) Type() Type       { return TypeSyncEOF }
+func (*SyncDone) Type() Type      { return TypeSyncDone }
+func (*PagesIn) Type() Type       { return TypePagesIn }
+func (*PageData) Type() Type      { return TypePageData }
+func (*PageEOF) Type() Type       { return TypePageEOF }
+func (*PageDataZ) Type() Type     { return TypePageDataZ }
+func (*FileDataZ) Type() Type     { return TypeFileDataZ }
+func (*PrecopyPages) Type() Type  { return TypePrecopyPages }
+func (*PrecopyPagesZ) Type() Type { return TypePrecopyPagesZ }
+func (*PageRefs) Type() Type      { return TypePageRefs }
+func (*Probe) Type() Type         { return TypeProbe }
+func (*ProbeEnd) Type() Type      { return TypeProbeEnd }
+func (*ProbeAck) Type() Type      { return TypeProbeAck }
+func (*Resolve) Type() Type       { return TypeResolve }
+func (*Outcome) Type() Type       { return TypeOutcome }
 
-func (m *FileData) bytes() []byte         { return m.Data }
-func (m *FileData) setBytes(b []byte)     { m.Data = b }
-func (m *PageData) bytes() []byte         { return m.Data }
-func (m *PageData) setBytes(b []byte)     { m.Data = b }
-func (m *PageDataZ) bytes() []byte        { return m.Data }
-func (m *PageDataZ) setBytes(b []byte)    { m.Data = b }
-func (m *FileDataZ) bytes() []byte        { return m.Data }
-func (m *FileDataZ) setBytes(b []byte)    { m.Data = b }
-func (m *PrecopyPages) bytes() []byte     { return m.Data }
-func (m *PrecopyPages) setBytes(b []byte) { m.Data = b }
-func (m *PageRefs) bytes() []byte         { return m.Data }
-func (m *PageRefs) setBytes(b []byte)     { m.Data = b }
-func (m *Probe) bytes() []byte            { return m.Data }
-func (m *Probe) setBytes(b []byte)        { m.Data = b }
-func (m *ProbeEnd) bytes() []byte         { return nil }
-func (m *ProbeEnd) setBytes([]byte)       {}
-func (m *SyncData) bytes() []byte         { return m.Data }
-func (m *SyncData) setBytes(b []byte)     { m.Data = b }
-func (m *SyncEOF) bytes() []byte          { return nil }
-func (m *SyncEOF) setBytes([]byte)        {}
-func (m *PageEOF) bytes() []byte          { return nil }
-func (m *PageEOF) setBytes([]byte)        {}
+func (m *FileData) bytes() []byte          { return m.Data }
+func (m *FileData) setBytes(b []byte)      { m.Data = b }
+func (m *PageData) bytes() []byte          { return m.Data }
+func (m *PageData) setBytes(b []byte)      { m.Data = b }
+func (m *PageDataZ) bytes() []byte         { return m.Data }
+func (m *PageDataZ) setBytes(b []byte)     { m.Data = b }
+func (m *FileDataZ) bytes() []byte         { return m.Data }
+func (m *FileDataZ) setBytes(b []byte)     { m.Data = b }
+func (m *PrecopyPages) bytes() []byte      { return m.Data }
+func (m *PrecopyPages) setBytes(b []byte)  { m.Data = b }
+func (m *PrecopyPagesZ) bytes() []byte     { return m.Data }
+func (m *PrecopyPagesZ) setBytes(b []byte) { m.Data = b }
+func (m *PageRefs) bytes() []byte          { return m.Data }
+func (m *PageRefs) setBytes(b []byte)      { m.Data = b }
+func (m *Probe) bytes() []byte             { return m.Data }
+func (m *Probe) setBytes(b []byte)         { m.Data = b }
+func (m *ProbeEnd) bytes() []byte          { return nil }
+func (m *ProbeEnd) setBytes([]byte)        {}
+func (m *SyncData) bytes() []byte          { return m.Data }
+func (m *SyncData) setBytes(b []byte)      { m.Data = b }
+func (m *SyncEOF) bytes() []byte           { return nil }
+func (m *SyncEOF) setBytes([]byte)         {}
+func (m *PageEOF) bytes() []byte           { return nil }
+func (m *PageEOF) setBytes([]byte)         {}
 
 var fileName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
 

@@ -36,6 +36,7 @@ func sampleMessages() []Message {
 		&Pong{Seq: 9},
 		&PageData{Data: bytes.Repeat([]byte{0xaa}, 1000)},
 		&PrecopyPages{Data: bytes.Repeat([]byte{0xbb}, 16+4096)},
+		&PrecopyPagesZ{Data: bytes.Repeat([]byte{0xbd}, 16+100)},
 		&PageRefs{Data: bytes.Repeat([]byte{0xcc}, 16+32)},
 		&Probe{Data: make([]byte, 4096)},
 		&ProbeEnd{},

@@ -22,9 +22,9 @@ import (
 // A slow link: two network namespaces standing for two hosts, joined by a
 // veth pair shaped to 1 Gbit/s each way (tbf), a phauld in each (mutual
 // TLS). A workload holding compressible memory (every other page zeros,
-// the rest text; 1 MiB pseudo-random besides) moves from A to B in copy
-// and lazy mode, each without compression (the baseline) and with
-// --compress zstd. For each: the pause the process saw, the total, the
+// the rest text; 1 MiB pseudo-random besides) moves from A to B in copy,
+// lazy and pre-copy mode, each without compression (the baseline) and
+// with --compress zstd. For each: the pause the process saw, the total, the
 // bytes on the wire, and the CPU time both phauld spent.
 
 const (
@@ -41,6 +41,8 @@ var shapedModes = []shapedMode{
 	{"copy zstd", api.ModeCopy, api.CompressZstd},
 	{"lazy", api.ModeLazy, ""},
 	{"lazy zstd", api.ModeLazy, api.CompressZstd},
+	{"precopy", api.ModePrecopy, ""},
+	{"precopy zstd", api.ModePrecopy, api.CompressZstd},
 }
 
 type shapedRow struct {
