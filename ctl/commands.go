@@ -72,7 +72,7 @@ Exit status:
            only the pages that changed since move while it is frozen
            (phauld compares them by content: no kernel dirty tracking
            needed). For a slow link; the destination keeps what was sent
-           ahead (phauld --precopy-cap). Not for containers yet.
+           ahead (phauld --precopy-cap).
   auto     the best both hosts support: lazy, else precopy, else copy;
            but precopy where the link is slow for the memory: the
            source measures the link first (4 MiB), and auto takes
@@ -93,9 +93,9 @@ destination, which runc there lists as running; until the commit it stays
 paused here, and any failure resumes it. A root filesystem on storage
 both hosts share (at the same path) is not copied; otherwise it is synced
 with rsync over phaul's own link, once while the container runs and once
-while it is frozen. Containers move in copy or lazy mode, with their own
-network namespace; podman's are refused (podman cannot keep a container
-frozen until the commit).
+while it is frozen. Containers move in copy, lazy or precopy mode (auto:
+copy), with their own network namespace; podman's are refused (podman
+cannot keep a container frozen until the commit).
 
 On a terminal, a progress bar shows the phase, bytes and pages moved, the
 rate and an estimate; otherwise plain lines go to stderr.`,

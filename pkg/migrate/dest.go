@@ -492,10 +492,8 @@ func (m *dest) prepare(p *wire.Prepare) error {
 			m.log = m.log.With(zap.String("mode", m.mode))
 			m.ph.log = m.log
 		}
-		if m.mode != api.ModeCopy && m.mode != api.ModeLazy {
-			// phaul does not run runc's pre-dumps (which need soft-dirty
-			// tracking too).
-			return api.Errorf(api.CodePrecondition, "%s migration of a container is not built: use --mode copy or lazy", m.mode)
+		if m.mode != api.ModeCopy && m.mode != api.ModeLazy && m.mode != api.ModePrecopy {
+			return api.Errorf(api.CodePrecondition, "%s migration of a container is not built: use --mode copy, lazy or precopy", m.mode)
 		}
 		if n := p.Network; n != nil {
 			// Its namespace is made here from the links described.

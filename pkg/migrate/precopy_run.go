@@ -250,10 +250,3 @@ func (m *dest) dropPrecopyStore() {
 	m.store = nil
 }
 
-// precopyNotFor is why a tree cannot be pre-copied ("": it can).
-func precopyNotFor(c *Container) string {
-	if c != nil {
-		return "pre-copy does not move containers yet (runc's dump would name their tasks by their pids inside the container)"
-	}
-	return ""
-}

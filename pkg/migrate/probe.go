@@ -26,10 +26,10 @@ const maxProbeBytes = 16 << 20
 
 // probeFirst says whether the source probes the link before Prepare:
 // auto was asked, the destination answers probes, and pre-copy is one of
-// the choices.
+// the choices (not for a container, which auto moves in copy mode).
 func (m *source) probeFirst() bool {
 	return (m.p.Mode == api.ModeAuto || m.p.Mode == "") && m.p.PeerProbes &&
-		m.p.AsSource.Can(api.ModePrecopy) && precopyNotFor(m.p.Container) == ""
+		m.p.AsSource.Can(api.ModePrecopy) && m.p.Container == nil
 }
 
 // startProbe sends the probe; it is part of the prepare phase.

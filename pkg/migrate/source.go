@@ -381,12 +381,9 @@ func (m *source) begin() error {
 	}
 	var modes []string
 	for _, x := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
-		if m.p.AsSource.Can(x) && (x != api.ModePrecopy || precopyNotFor(m.p.Container) == "") {
+		if m.p.AsSource.Can(x) {
 			modes = append(modes, x)
 		}
-	}
-	if why := precopyNotFor(m.p.Container); m.p.Mode == api.ModePrecopy && why != "" {
-		return api.Errorf(api.CodePrecondition, "%s: use --mode copy or lazy", why)
 	}
 	detach := ""
 	if len(m.ttys) > 0 {
@@ -662,10 +659,16 @@ func (m *source) onRPC(msg wire.Message) error {
 					return
 				}
 				m.log.Info("root filesystem synced while it runs", zap.Int64("bytes", st.Bytes), zap.Duration("took", st.Took))
-				if m.state == srcPrepare {
-					if err := m.startDumpWhenFree(); err != nil {
-						m.abort(err)
-					}
+				if m.state != srcPrepare {
+					return
+				}
+				// Then its memory, in pre-copy mode, while it still runs.
+				start := m.startDumpWhenFree
+				if m.mode == api.ModePrecopy {
+					start = m.startPrecopy
+				}
+				if err := start(); err != nil {
+					m.abort(err)
 				}
 			})
 		}

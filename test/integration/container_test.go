@@ -156,7 +156,7 @@ func TestContainerMigrates(t *testing.T) {
 	for _, c := range []struct {
 		mode string
 		port int
-	}{{"copy", 18300}, {"lazy", 18400}} {
+	}{{"copy", 18300}, {"lazy", 18400}, {"precopy", 18600}} {
 		t.Run(c.mode, func(t *testing.T) { testContainerMigrates(t, c.mode, c.port) })
 	}
 }
@@ -176,6 +176,9 @@ func testContainerMigrates(t *testing.T, mode string, port int) {
 		t.Errorf("phaulctl said: %s", r.stdout)
 	}
 	t.Logf("A to B: %s", r.stdout)
+	if mode == "precopy" && (!strings.Contains(r.stdout, "pre-copy (by content)") || strings.Contains(r.stdout, "at the freeze 0 of")) {
+		t.Errorf("a pre-copy migration that reused no page sent ahead: %s", r.stdout)
+	}
 	st, err := l.state(l.rootB)
 	if err != nil || !strings.Contains(st, `"status": "running"`) {
 		t.Fatalf("runc on B: %v %s; want the container running", err, st)
@@ -294,7 +297,7 @@ func TestContainerRootfsSynced(t *testing.T) {
 	if _, err := exec.LookPath("rsync"); err != nil {
 		t.Fatal("rsync is missing (make deps installs it)")
 	}
-	for i, mode := range []string{"copy", "lazy"} {
+	for i, mode := range []string{"copy", "lazy", "precopy"} {
 		t.Run(mode, func(t *testing.T) { testContainerRootfsSynced(t, mode, 18330+100*i) })
 	}
 }
@@ -314,12 +317,17 @@ func testContainerRootfsSynced(t *testing.T, mode string, port int) {
 			FrozenBytes int64 `json:"frozen_bytes"`
 			FrozenMS    int64 `json:"frozen_ms"`
 		} `json:"rootfs"`
+		Precopy *api.Precopy `json:"precopy"`
 	}
 	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.Rootfs == nil {
 		t.Fatalf("the result has no rootfs sync: %v %s", err, r.stdout)
 	}
 	t.Logf("rootfs: %d bytes in %d ms while it ran, %d bytes in %d ms frozen; frozen %d ms in all",
 		res.Rootfs.Bytes, res.Rootfs.MS, res.Rootfs.FrozenBytes, res.Rootfs.FrozenMS, res.FrozenMS)
+	if mode == "precopy" && (res.Precopy == nil || len(res.Precopy.Rounds) == 0 || res.Precopy.ReusedPages == 0) {
+		// Its memory went ahead after the rootfs, while it still ran.
+		t.Errorf("pre-copy after the rootfs sync: %+v; want rounds, and pages reused at the freeze", res.Precopy)
+	}
 	if res.Rootfs.Bytes < int64(len(blob)) || res.Rootfs.FrozenBytes <= 0 || res.Rootfs.FrozenBytes >= res.Rootfs.Bytes {
 		t.Errorf("the passes moved %d and %d bytes: want the first at least the 4 MiB file, the frozen one less", res.Rootfs.Bytes, res.Rootfs.FrozenBytes)
 	}
