@@ -249,4 +249,3 @@ func (m *dest) dropPrecopyStore() {
 	}
 	m.store = nil
 }
-
