@@ -48,6 +48,7 @@ type Fetcher struct {
 	// Parsing lazy-pages' commands and the page server's answers.
 	lhdr  []byte
 	phdr  []byte
+	hdr   []byte // an answer's header, reused
 	pleft uint64 // page bytes left of the answer being read
 	pdone uint64 // of which already read
 
@@ -381,21 +382,27 @@ func (f *Fetcher) serve(r *request, sp *span, i uint64) {
 			break
 		}
 	}
-	out := Header{Cmd: FlagPresent<<CmdBits | CmdAddF, Pages: n, Addr: r.hdr.Addr, ID: r.hdr.ID}.Append(make([]byte, 0, HeaderLen+n*PageSize))
-	for k := i; k < i+n; k++ {
+	f.hdr = Header{Cmd: FlagPresent<<CmdBits | CmdAddF, Pages: n, Addr: r.hdr.Addr, ID: r.hdr.ID}.Append(f.hdr[:0])
+	f.toLocal(f.hdr)
+	// The pages go from the chunks as they are, a run of each chunk at
+	// a time (toLocal keeps nothing of them).
+	for k := i; k < i+n; {
 		id := sp.owner[k]
 		c := f.chunks[id]
-		off := (k - c.first) * PageSize
-		out = append(out, c.data[off:off+PageSize]...)
-		sp.owner[k] = taken
-		f.held -= PageSize
-		if c.left--; c.left == 0 {
+		j := k
+		for j < i+n && sp.owner[j] == id {
+			sp.owner[j] = taken
+			j++
+		}
+		f.toLocal(c.data[(k-c.first)*PageSize : (j-c.first)*PageSize])
+		f.held -= (j - k) * PageSize
+		if c.left -= j - k; c.left == 0 {
 			delete(f.chunks, id)
 			f.free = append(f.free, c.data)
 		}
+		k = j
 	}
 	f.Served += n
-	f.toLocal(out)
 }
 
 // buffer returns a buffer of n bytes, reusing a chunk's.
