@@ -52,8 +52,10 @@ type Fetcher struct {
 	pleft uint64 // page bytes left of the answer being read
 	pdone uint64 // of which already read
 
-	// ChunkPages is the size of a request fetching ahead; InFlight how
-	// many may be on their way at once; Window bounds what is held.
+	// ChunkPages is the size of a request fetching ahead (4 MiB: the
+	// most lazy-pages asks at once, and a page pipe of the source's);
+	// InFlight how many may be on their way at once (a page fault's
+	// request, passed on, waits behind them); Window bounds what is held.
 	ChunkPages uint64
 	InFlight   int
 	Window     uint64
@@ -109,7 +111,7 @@ type expected struct {
 // before Start.
 func NewFetcher(plan []Range, toPeer, toLocal func([]byte)) *Fetcher {
 	f := &Fetcher{toPeer: toPeer, toLocal: toLocal, chunks: map[int32]*chunk{},
-		ChunkPages: 256, InFlight: 4, Window: 64 << 20}
+		ChunkPages: 1024, InFlight: 2, Window: 64 << 20}
 	for _, r := range plan {
 		if r.Pages > 0 {
 			f.spans = append(f.spans, &span{Range: r, owner: make([]int32, r.Pages)})
