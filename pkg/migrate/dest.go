@@ -793,7 +793,8 @@ func (m *dest) onLazyPagesExit() {
 	}
 	m.pagesIn, m.lazyPages, m.tPagesIn = true, copied, time.Now()
 	fields := []zap.Field{zap.Uint64("lazy_pages", copied), zap.Uint64("of", total)}
-	if f := m.relay.Fetch; f != nil {
+	if m.relay != nil && m.relay.Fetch != nil {
+		f := m.relay.Fetch
 		fields = append(fields, zap.Uint64("fetched_ahead", f.Fetched), zap.Uint64("served_ahead", f.Served), zap.Uint64("passed_on", f.Passed))
 	}
 	m.log.Info("every page is in", fields...)

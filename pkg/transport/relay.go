@@ -362,7 +362,7 @@ func (r *Relay) FetchAhead(plan []pagestream.Range) {
 
 // StartFetching starts fetching ahead (if FetchAhead was called).
 func (r *Relay) StartFetching() {
-	if r.Fetch != nil && !r.closed {
+	if r != nil && r.Fetch != nil && !r.closed {
 		r.Fetch.Start()
 	}
 }
@@ -372,7 +372,10 @@ func (r *Relay) StartFetching() {
 func (r *Relay) fromPeer(b []byte) error {
 	r.received += int64(len(b))
 	if r.Fetch != nil {
-		return r.Fetch.Peer(b)
+		if err := r.Fetch.Peer(b); err != nil {
+			return fmt.Errorf("page stream: %w", err)
+		}
+		return nil
 	}
 	r.writeLocal(b)
 	return nil
