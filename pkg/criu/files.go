@@ -110,9 +110,24 @@ func PathFiles(dir string) ([]PathFile, error) {
 }
 
 // readEntries decodes every entry of a CRIU image, as readEntry does the
-// first, a bounded entry at a time: each length is checked before it is
-// used, and the entries are bounded in size and number.
+// first, a bounded entry at a time (eachEntry, with the bounds of the
+// file images).
 func readEntries(path string, primary, secondary uint32, newEntry func() proto.Message, each func(proto.Message)) error {
+	return eachEntry(path, primary, secondary, maxFileEntry, maxFileEntries, func(b []byte) error {
+		e := newEntry()
+		if err := proto.Unmarshal(b, e); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		each(e)
+		return nil
+	})
+}
+
+// eachEntry hands each entry's payload of a CRIU image (two magics, then
+// entries: a 4-byte size and the payload) to each, which keeps nothing of
+// it. Each length is checked before it is used; an entry over maxEntry
+// bytes, or more than maxEntries entries, is an error.
+func eachEntry(path string, primary, secondary uint32, maxEntry uint32, maxEntries int, each func([]byte) error) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -123,7 +138,7 @@ func readEntries(path string, primary, secondary uint32, newEntry func() proto.M
 	if _, err := io.ReadFull(r, head[:]); err != nil || binary.LittleEndian.Uint32(head[0:]) != primary || binary.LittleEndian.Uint32(head[4:]) != secondary {
 		return fmt.Errorf("%s: not the CRIU image expected", path)
 	}
-	buf := make([]byte, maxFileEntry)
+	buf := make([]byte, maxEntry)
 	for n := 0; ; n++ {
 		var size [4]byte
 		switch _, err := io.ReadFull(r, size[:]); {
@@ -132,20 +147,18 @@ func readEntries(path string, primary, secondary uint32, newEntry func() proto.M
 		case err != nil:
 			return fmt.Errorf("%s: truncated entry", path)
 		}
-		if n == maxFileEntries {
-			return fmt.Errorf("%s: over %d entries", path, maxFileEntries)
+		if n == maxEntries {
+			return fmt.Errorf("%s: over %d entries", path, maxEntries)
 		}
 		sz := binary.LittleEndian.Uint32(size[:])
-		if sz > maxFileEntry {
-			return fmt.Errorf("%s: entry of %d bytes, over the %d-byte limit", path, sz, maxFileEntry)
+		if sz > maxEntry {
+			return fmt.Errorf("%s: entry of %d bytes, over the %d-byte limit", path, sz, maxEntry)
 		}
 		if _, err := io.ReadFull(r, buf[:sz]); err != nil {
 			return fmt.Errorf("%s: entry of %d bytes exceeds the image", path, sz)
 		}
-		e := newEntry()
-		if err := proto.Unmarshal(buf[:sz], e); err != nil {
-			return fmt.Errorf("%s: %w", path, err)
+		if err := each(buf[:sz]); err != nil {
+			return err
 		}
-		each(e)
 	}
 }

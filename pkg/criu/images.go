@@ -5,7 +5,6 @@ package criu
 import (
 	"encoding/binary"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -89,9 +88,11 @@ func readEntry(path string, primary, secondary uint32, e proto.Message) error {
 // server (criu/include/pagemap.h PE_LAZY).
 const peLazy = 1 << 1
 
-// maxPagemap bounds a pagemap image: an entry (about 16 bytes) per run of
-// pages.
-const maxPagemap = 64 << 20
+// A pagemap image's bounds: an entry (about 20 bytes) per run of pages.
+const (
+	maxPagemapEntry   = 1 << 10
+	maxPagemapEntries = 4 << 20
+)
 
 // LazyRanges lists the runs of pages a lazy dump in dir left to its page
 // server: the lazy entries of each task's pagemap image, named as
@@ -135,43 +136,21 @@ type pagemapRun struct {
 // (nr_pages, 5, 64 bits) that go-criu's types do not have yet, and leaves
 // the old one (2, 32 bits) zero.
 func pagemapEntries(path string, primary, secondary uint32) ([]pagemapRun, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxPagemap+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(b) > maxPagemap {
-		return nil, fmt.Errorf("%s: over %d bytes", path, maxPagemap)
-	}
-	if len(b) < 8 || binary.LittleEndian.Uint32(b[0:]) != primary || binary.LittleEndian.Uint32(b[4:]) != secondary {
-		return nil, fmt.Errorf("%s: not a CRIU pagemap image", path)
-	}
-	b = b[8:]
 	var out []pagemapRun
-	for first := true; len(b) > 0; first = false {
-		if len(b) < 4 {
-			return nil, fmt.Errorf("%s: short entry", path)
+	head := true
+	err := eachEntry(path, primary, secondary, maxPagemapEntry, maxPagemapEntries, func(b []byte) error {
+		if head {
+			head = false // which pages image: not needed
+			return nil
 		}
-		n := binary.LittleEndian.Uint32(b)
-		if uint64(n) > uint64(len(b)-4) {
-			return nil, fmt.Errorf("%s: entry of %d bytes exceeds the image", path, n)
-		}
-		payload := b[4 : 4+n]
-		b = b[4+n:]
-		if first {
-			continue // the head: which pages image
-		}
-		r, err := decodePagemapEntry(payload)
+		r, err := decodePagemapEntry(b)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
+			return fmt.Errorf("%s: %w", path, err)
 		}
 		out = append(out, r)
-	}
-	return out, nil
+		return nil
+	})
+	return out, err
 }
 
 // decodePagemapEntry decodes a pagemap_entry (images/pagemap.proto):
