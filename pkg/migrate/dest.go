@@ -722,8 +722,7 @@ func (m *dest) startLazyPages() error {
 			m.log.Warn("the dump's page map names more memory than this host has; lazy-pages fetches every page itself",
 				zap.Uint64("pages", pages))
 		default:
-			m.relay.FetchAhead(plan)
-			m.relay.Fetch.Window = uint64(m.p.FetchAhead)
+			m.relay.FetchAhead(plan, uint64(m.p.FetchAhead))
 			m.log.Debug("lazy pages to fetch ahead once the tree runs", zap.Int("ranges", len(plan)), zap.Uint64("pages", pages))
 		}
 	}

@@ -231,17 +231,17 @@ type source struct {
 	// (the tree is then stopped here, by CRIU); pagesIn when the
 	// destination said every page is in, lazyPages how many came so and
 	// fetchedAhead how many of those its relay fetched ahead.
-	served, pagesIn bool
-	lazyPages       uint64
-	fetchedAhead    uint64
-	// precopyZ: pages sent ahead go compressed (PrecopyPagesZ).
-	precopyZ           bool
+	served, pagesIn    bool
+	lazyPages          uint64
+	fetchedAhead       uint64
 	tResumed, tPagesIn time.Time
 
-	// Pre-copy: the page-hash seed, the most the destination holds, and
-	// the rounds once they started.
+	// Pre-copy: the page-hash seed, the most the destination holds,
+	// whether the pages sent ahead go compressed (PrecopyPagesZ), and the
+	// rounds once they started.
 	seed       uint64
 	precopyCap int64
+	precopyZ   bool
 	rounds     *rounds
 	// auto: the Prepare held back while the link is probed, when the
 	// probe began, and the rate it measured (bytes a second).

@@ -152,10 +152,8 @@ func (f *Fetcher) find(id, addr uint64) (*span, uint64) {
 // Local takes what lazy-pages wrote: its commands.
 func (f *Fetcher) Local(b []byte) error {
 	for len(b) > 0 {
-		n := min(HeaderLen-len(f.lhdr), len(b))
-		f.lhdr = append(f.lhdr, b[:n]...)
-		b = b[n:]
-		if len(f.lhdr) < HeaderLen {
+		var whole bool
+		if f.lhdr, b, whole = Gather(f.lhdr, HeaderLen, b); !whole {
 			break
 		}
 		h := ParseHeader(f.lhdr)
@@ -263,11 +261,9 @@ func (f *Fetcher) Peer(b []byte) error {
 			return fmt.Errorf("the page server sent %d bytes nobody asked for", len(b))
 		}
 		e := f.asked[0]
+		var whole bool
 		if e.close {
-			n := min(StatusLen-len(f.phdr), len(b))
-			f.phdr = append(f.phdr, b[:n]...)
-			b = b[n:]
-			if len(f.phdr) == StatusLen {
+			if f.phdr, b, whole = Gather(f.phdr, StatusLen, b); whole {
 				f.toLocal(f.phdr)
 				f.phdr = f.phdr[:0]
 				f.asked = f.asked[1:]
@@ -275,10 +271,7 @@ func (f *Fetcher) Peer(b []byte) error {
 			continue
 		}
 		if len(f.phdr) < HeaderLen {
-			n := min(HeaderLen-len(f.phdr), len(b))
-			f.phdr = append(f.phdr, b[:n]...)
-			b = b[n:]
-			if len(f.phdr) < HeaderLen {
+			if f.phdr, b, whole = Gather(f.phdr, HeaderLen, b); !whole {
 				break
 			}
 			if err := f.begin(e, ParseHeader(f.phdr)); err != nil {

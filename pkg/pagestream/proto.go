@@ -74,3 +74,12 @@ func (h Header) Append(b []byte) []byte {
 	b = binary.LittleEndian.AppendUint64(b, h.Addr)
 	return binary.LittleEndian.AppendUint64(b, h.ID)
 }
+
+// Gather appends to buf from b until buf holds want bytes, for a command
+// or a page that comes in pieces: it returns buf, the rest of b, and
+// whether buf is whole.
+func Gather(buf []byte, want int, b []byte) ([]byte, []byte, bool) {
+	n := min(want-len(buf), len(b))
+	buf = append(buf, b[:n]...)
+	return buf, b[n:], len(buf) == want
+}

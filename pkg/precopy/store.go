@@ -12,8 +12,6 @@ import (
 // bytes, then pages (ahead) or hashes (references).
 const HeadLen = 16
 
-const headLen = HeadLen
-
 // AppendPages appends the payload of an ahead frame: n pages from addr
 // of the task id.
 func AppendPages(b []byte, id, addr uint64, pages []byte) []byte {
@@ -30,7 +28,7 @@ func AppendRefs(b []byte, id, addr uint64, hashes []byte) []byte {
 }
 
 func splitFrame(b []byte, unit int, what string) (id, addr uint64, rest []byte, err error) {
-	if len(b) <= headLen || (len(b)-headLen)%unit != 0 {
+	if len(b) <= HeadLen || (len(b)-HeadLen)%unit != 0 {
 		return 0, 0, nil, fmt.Errorf("%s frame of %d bytes: want a 16-byte key and whole %d-byte units", what, len(b), unit)
 	}
 	id = binary.LittleEndian.Uint64(b)
@@ -38,7 +36,7 @@ func splitFrame(b []byte, unit int, what string) (id, addr uint64, rest []byte, 
 	if addr%PageSize != 0 {
 		return 0, 0, nil, fmt.Errorf("%s frame at %#x: not page aligned", what, addr)
 	}
-	return id, addr, b[headLen:], nil
+	return id, addr, b[HeadLen:], nil
 }
 
 // Store is what the destination holds of the pages sent ahead: one file

@@ -126,10 +126,8 @@ func (d *Diff) Write(b []byte) error {
 			b = b[PageSize:]
 			continue
 		}
-		n := min(PageSize-len(d.page), len(b))
-		d.page = append(d.page, b[:n]...)
-		b = b[n:]
-		if len(d.page) == PageSize {
+		var whole bool
+		if d.page, b, whole = pagestream.Gather(d.page, PageSize, b); whole {
 			d.onPage(d.page)
 			d.page = d.page[:0]
 		}

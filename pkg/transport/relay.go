@@ -351,13 +351,14 @@ func (r *Relay) DiffAgainst(sent *precopy.Sent) {
 }
 
 // FetchAhead makes a lazy destination's relay fetch the lazy ranges of
-// plan ahead of CRIU's lazy-pages, once StartFetching is called (see
-// pagestream.Fetcher).
-func (r *Relay) FetchAhead(plan []pagestream.Range) {
+// plan ahead of CRIU's lazy-pages, once StartFetching is called, holding
+// at most window bytes of them (see pagestream.Fetcher).
+func (r *Relay) FetchAhead(plan []pagestream.Range, window uint64) {
 	r.Fetch = pagestream.NewFetcher(plan, func(b []byte) {
 		r.sentWire += int64(len(b))
 		r.mem.Send(&wire.PageData{Data: b})
 	}, r.writeLocal)
+	r.Fetch.Window = window
 }
 
 // StartFetching starts fetching ahead (if FetchAhead was called).
