@@ -27,9 +27,11 @@ func cpuTicks(t *testing.T, pid int) int64 {
 
 // TestCompressZstd moves a tree holding 32 MiB of compressible memory (half
 // zero pages, half text) and 8 MiB of pseudo-random memory with --compress
-// zstd, to B in copy mode and back in lazy mode, with real CRIU over
-// mutual TLS: both times it arrives intact, the result says zstd, and the
-// page stream crosses in well under half its size.
+// zstd, to B in copy mode, back in lazy mode and to B again in pre-copy
+// mode, with real CRIU over mutual TLS: each time it arrives intact, the
+// result says zstd, and the page stream crosses in well under half its
+// size (in pre-copy mode the pages sent ahead too: all that crossed is
+// under half of the memory).
 func TestCompressZstd(t *testing.T) {
 	integration(t)
 	a := startDaemon(t, "A", "127.0.0.1:17461", daemonOpts{})
@@ -40,7 +42,7 @@ func TestCompressZstd(t *testing.T) {
 		t.Fatal("the workload reports no compressible memory")
 	}
 	pid, from, to := w.pid, a, b
-	for _, mode := range []string{api.ModeCopy, api.ModeLazy} {
+	for _, mode := range []string{api.ModeCopy, api.ModeLazy, api.ModePrecopy} {
 		srcInfo, _ := proc.Stat(pid)
 		cpuFrom, cpuTo := cpuTicks(t, from.PID()), cpuTicks(t, to.PID())
 		res := from.migrateTo(t, pid, to.addr, "--mode", mode, "--compress", "zstd")
@@ -56,6 +58,9 @@ func TestCompressZstd(t *testing.T) {
 		}
 		if res.Bytes > (res.PageBytes+res.FileBytes)/2 {
 			t.Errorf("%s: %d bytes crossed for %d of pages and images", mode, res.Bytes, res.PageBytes+res.FileBytes)
+		}
+		if p := res.Precopy; mode == api.ModePrecopy && (p == nil || p.HeldBytes < 40<<20 || p.ReusedPages == 0) {
+			t.Errorf("precopy: %+v; want the 40 MiB sent ahead, and reused at the freeze", p)
 		}
 		waitRunning(t, res.DestPID)
 		checkIntact(t, mode, w.report(res.DestPID, w.status), before, w.memMiB, w.seed)
